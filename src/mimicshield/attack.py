@@ -1,0 +1,57 @@
+"""The projected sign-gradient loop, written once for every method (as torchattacks' PGD)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+
+def project_linf(x: Tensor, x0: Tensor, eps: float) -> Tensor:
+    """x <- clip(x0 + clip(x - x0, -eps, eps), -1, 1), in the [-1, 1] image range."""
+    return torch.clamp(x0 + torch.clamp(x - x0, -eps, eps), -1.0, 1.0)
+
+
+def projected_sign_steps(
+    x0: Tensor,
+    direction: Callable[[Tensor, int], Tensor],
+    *,
+    eps: float,
+    step_size: float,
+    steps: int,
+    start: Tensor | None = None,
+    callback: Callable[[int, Tensor], None] | None = None,
+) -> Tensor:
+    """Run ``steps`` steps of x <- project(x + step_size * sign(direction(x, i))).
+
+    Args:
+        x0: clean images in [-1, 1], shape (B, C, H, W).
+        direction: the method's step direction for the current ``x`` at step ``i``.
+        eps: the L-infinity budget in [-1, 1] units (twice the [0, 1] pixel-scale budget).
+        step_size: alpha, in [-1, 1] units.
+        steps: number of steps.
+        start: an initial perturbation (random start), or None to start at ``x0``.
+        callback: called as ``callback(i, x)`` after every step, for progress bars.
+    """
+    x0 = x0.detach()
+    x = x0.clone() if start is None else project_linf(x0 + start, x0, eps)
+    for i in range(steps):
+        step = direction(x, i).sign()
+        x = project_linf(x.detach() + step_size * step, x0, eps)
+        if callback is not None:
+            callback(i, x)
+    return x.detach()
+
+
+def quantize_within_budget(x: Tensor, x0: Tensor, eps: float, levels: int = 255) -> Tensor:
+    """Round [0, 1] images to ``levels`` steps, then re-project onto the budget around ``x0``.
+
+    Rounding alone can push a pixel half a level past eps (the reference truncated and reached
+    17/255 for eps = 16/255); clamping in integer units keeps the saved file within eps.
+    """
+    q = torch.round(x * levels)
+    q0 = torch.round(x0 * levels)
+    budget = torch.floor(torch.tensor(eps * levels + 1e-6))
+    q = torch.minimum(torch.maximum(q, q0 - budget), q0 + budget).clamp(0, levels)
+    return q / levels

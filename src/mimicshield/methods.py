@@ -1,0 +1,212 @@
+"""The protection methods of Xue et al. (ICLR 2024, arXiv 2311.12832) and its baselines.
+
+Each method is a pure function ``direction(model, x, inputs) -> Tensor``: the direction ``d`` of
+one projected-sign step, ``x <- x + alpha * sign(d)``. Ascent methods return a gradient,
+descent methods its negative, so the sign convention is visible in every function body.
+
+Notation (name here -> paper):
+    x             the image being optimised, in [-1, 1]
+    z = E(x)      ``model.encode(x, posterior_noise)``: scaling_factor * posterior sample
+    t, noise      a timestep t ~ U{0..T-1} and n ~ N(0, I), one of each per image and step
+    z_t           sqrt(abar_t) * E(x) + sqrt(1 - abar_t) * n
+    eps_hat       eps_theta(z_t, t, c), the UNet's noise prediction
+    L_S           mean((eps_hat - n)^2), the semantic loss (per image)
+    L_T           sum((E(x) - E(y))^2), the textural loss towards a target image y (per image)
+
+Losses are kept per image and summed over the batch, so a batch gives each image exactly the
+gradient it would get alone (a batch-wide mean would rescale L_S against L_T in ``mist``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+MIST_SEMANTIC_WEIGHT = 1e4
+SDST_DEFAULT_R = 5.0
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """Everything random or fixed that one step needs besides ``x``, made explicit for tests.
+
+    Attributes:
+        t: timesteps, shape (B,), integers in [0, T).
+        noise: n ~ N(0, I), shape of the latent (B, C, h, w).
+        cond: text embedding c, shape (B, tokens, dim).
+        posterior_noise: N(0, I) draw for the VAE posterior sample, or None for its mean.
+        target_latent: E(y) for the textural loss (photoguard, mist, sdst-), or None.
+        source_latent: E(x0) for the untargeted encoder attack, or None.
+    """
+
+    t: Tensor
+    noise: Tensor
+    cond: Tensor | None = None
+    posterior_noise: Tensor | None = None
+    target_latent: Tensor | None = None
+    source_latent: Tensor | None = None
+
+
+# --- pure maths -------------------------------------------------------------------------------
+
+
+def add_noise(z: Tensor, t: Tensor, noise: Tensor, alphas_cumprod: Tensor) -> Tensor:
+    """z_t = sqrt(abar_t) z + sqrt(1 - abar_t) n (DDPM forward process)."""
+    abar = alphas_cumprod[t].view(-1, 1, 1, 1)
+    return abar.sqrt() * z + (1 - abar).sqrt() * noise
+
+
+def semantic_loss(eps_hat: Tensor, noise: Tensor) -> Tensor:
+    """L_S = mean((eps_hat - n)^2) per image, shape (B,)."""
+    return (eps_hat - noise).pow(2).flatten(1).mean(1)
+
+
+def textural_loss(z: Tensor, z_target: Tensor) -> Tensor:
+    """L_T = sum((E(x) - E(y))^2) per image, shape (B,)."""
+    return (z - z_target).pow(2).flatten(1).sum(1)
+
+
+def _gradient(loss: Tensor, x: Tensor) -> Tensor:
+    return torch.autograd.grad(loss.sum(), x)[0]
+
+
+def _require(value: Tensor | None, what: str, method: str) -> Tensor:
+    if value is None:
+        raise ValueError(f"`{method}` needs `{what}` in its StepInputs.")
+    return value
+
+
+def _semantic_loss_with_grad(model, x: Tensor, inputs: StepInputs) -> Tensor:
+    """L_S with the graph through the UNet and the encoder (AdvDM and Mist)."""
+    z = model.encode(x, inputs.posterior_noise)
+    z_t = add_noise(z, inputs.t, inputs.noise, model.alphas_cumprod)
+    eps_hat = model.predict_noise(z_t, inputs.t, _require(inputs.cond, "cond", "semantic loss"))
+    return semantic_loss(eps_hat, inputs.noise)
+
+
+def _encoder_vjp(model, x: Tensor, inputs: StepInputs, latent_direction) -> Tensor:
+    """(dE/dx)^T v, with v = latent_direction(z) computed from a detached E(x)."""
+    z = model.encode(x, inputs.posterior_noise)
+    v = latent_direction(z.detach())
+    return torch.autograd.grad(z, x, grad_outputs=v)[0]
+
+
+def _sds_residual(model, z: Tensor, inputs: StepInputs) -> Tensor:
+    """eps_hat - n, with the UNet run without gradients (score distillation)."""
+    with torch.no_grad():
+        z_t = add_noise(z, inputs.t, inputs.noise, model.alphas_cumprod)
+        eps_hat = model.predict_noise(z_t, inputs.t, _require(inputs.cond, "cond", "sds"))
+    return eps_hat - inputs.noise
+
+
+# --- step directions --------------------------------------------------------------------------
+
+
+def advdm_plus(model, x: Tensor, inputs: StepInputs) -> Tensor:
+    """AdvDM: ascend L_S, backpropagating through the UNet and the encoder."""
+    x = x.detach().requires_grad_(True)
+    return _gradient(_semantic_loss_with_grad(model, x, inputs), x)
+
+
+def advdm_minus(model, x: Tensor, inputs: StepInputs) -> Tensor:
+    """AdvDM(-): descend L_S (Xue et al. Sec. 4.2)."""
+    x = x.detach().requires_grad_(True)
+    return -_gradient(_semantic_loss_with_grad(model, x, inputs), x)
+
+
+def photoguard(model, x: Tensor, inputs: StepInputs) -> Tensor:
+    """PhotoGuard encoder attack: descend L_T towards the target's latent."""
+    target = _require(inputs.target_latent, "target_latent", "photoguard")
+    x = x.detach().requires_grad_(True)
+    return -_gradient(textural_loss(model.encode(x, inputs.posterior_noise), target), x)
+
+
+def encoder_attack(model, x: Tensor, inputs: StepInputs) -> Tensor:
+    """Untargeted encoder attack: ascend sum((E(x) - E(x0))^2)."""
+    source = _require(inputs.source_latent, "source_latent", "encoder")
+    x = x.detach().requires_grad_(True)
+    return _gradient(textural_loss(model.encode(x, inputs.posterior_noise), source), x)
+
+
+def mist(model, x: Tensor, inputs: StepInputs) -> Tensor:
+    """Mist: descend L_T - 1e4 * L_S, i.e. pull E(x) to the target while raising L_S."""
+    target = _require(inputs.target_latent, "target_latent", "mist")
+    x = x.detach().requires_grad_(True)
+    z = model.encode(x, inputs.posterior_noise)
+    z_t = add_noise(z, inputs.t, inputs.noise, model.alphas_cumprod)
+    eps_hat = model.predict_noise(z_t, inputs.t, _require(inputs.cond, "cond", "mist"))
+    loss = textural_loss(z, target) - MIST_SEMANTIC_WEIGHT * semantic_loss(eps_hat, inputs.noise)
+    return -_gradient(loss, x)
+
+
+def sds_gradient(model, x: Tensor, inputs: StepInputs) -> Tensor:
+    """g = (dE/dx)^T (eps_hat - n): the SDS gradient of L_S, skipping the UNet Jacobian."""
+    x = x.detach().requires_grad_(True)
+    return _encoder_vjp(model, x, inputs, lambda z: _sds_residual(model, z, inputs))
+
+
+def sds_plus(model, x: Tensor, inputs: StepInputs) -> Tensor:
+    """SDS(+): x <- x + alpha * sign(g) (Xue et al. Eq. 5)."""
+    return sds_gradient(model, x, inputs)
+
+
+def sds_minus(model, x: Tensor, inputs: StepInputs) -> Tensor:
+    """SDS(-): x <- x - alpha * sign(g), the paper's recommended method."""
+    return -sds_gradient(model, x, inputs)
+
+
+def sdst_minus(model, x: Tensor, inputs: StepInputs, *, r: float = SDST_DEFAULT_R) -> Tensor:
+    """SDST(-): x <- x - alpha * sign(r * g + grad_x L_T), one shared encoder backward pass.
+
+    grad_x L_T = (dE/dx)^T 2 (E(x) - E(y)), so both terms are one vector-Jacobian product.
+    """
+    target = _require(inputs.target_latent, "target_latent", "sdst-")
+    x = x.detach().requires_grad_(True)
+
+    def latent_direction(z: Tensor) -> Tensor:
+        return r * _sds_residual(model, z, inputs) + 2 * (z - target)
+
+    return -_encoder_vjp(model, x, inputs, latent_direction)
+
+
+# --- registry ---------------------------------------------------------------------------------
+
+Direction = Callable[..., Tensor]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A protection method: its step direction and the defaults the paper uses with it."""
+
+    name: str
+    direction: Direction
+    summary: str
+    random_start: bool
+    needs_target: bool = False
+    needs_unet: bool = True
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in [
+        Method("advdm+", advdm_plus, "ascend L_S through UNet and encoder (AdvDM)", True),
+        Method("advdm-", advdm_minus, "descend L_S through UNet and encoder", True),
+        Method("photoguard", photoguard, "descend L_T: pull E(x) to a target", True, True, False),
+        Method("encoder", encoder_attack, "ascend ||E(x)-E(x0)||^2 (untargeted)", True, False, False),
+        Method("mist", mist, "descend L_T - 1e4 L_S (Mist)", True, True),
+        Method("sds+", sds_plus, "SDS gradient ascent, no UNet backward", False),
+        Method("sds-", sds_minus, "SDS gradient descent, no UNet backward (default)", False),
+        Method("sdst-", sdst_minus, "SDS(-) plus the textural loss, r=5", False, True),
+    ]
+}
+DEFAULT_METHOD = "sds-"
+
+
+def get_method(name: str) -> Method:
+    """Look a method up by name, with an error that lists the valid names."""
+    if name not in METHODS:
+        raise ValueError(f"Unknown method {name!r}; choose one of: {', '.join(METHODS)}.")
+    return METHODS[name]

@@ -1,0 +1,240 @@
+"""``Protector``: construct with parameters, call on images (the torchattacks calling convention)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .attack import projected_sign_steps, quantize_within_budget
+from .methods import DEFAULT_METHOD, SDST_DEFAULT_R, StepInputs, get_method
+from .targets import target_pattern
+
+DEFAULT_PROMPT = "a photo"
+CATEGORY_PROMPTS = {
+    "portrait": "a portrait photo",
+    "anime": "an anime picture",
+    "artwork": "an artwork painting",
+    "landscape": "a landscape photo",
+}
+
+
+@dataclass(frozen=True)
+class ProtectionConfig:
+    """Everything that defines the maths of a run; serialised into the manifest.
+
+    ``eps`` and ``step_size`` are on the [0, 1] pixel scale (16/255 means 16 grey levels).
+    """
+
+    method: str = DEFAULT_METHOD
+    eps: float = 16 / 255
+    step_size: float = 1 / 255
+    steps: int = 100
+    prompt: str = DEFAULT_PROMPT
+    random_start: bool | None = None
+    posterior: Literal["sample", "mean"] = "sample"
+    r: float = SDST_DEFAULT_R
+    seed: int = 0
+    quantize_levels: int | None = 255
+
+    def __post_init__(self) -> None:
+        get_method(self.method)
+        if not 0 < self.eps <= 1:
+            raise ValueError(f"`eps` must be in (0, 1] on the [0, 1] pixel scale; got {self.eps}.")
+        if not 0 < self.step_size <= 1:
+            raise ValueError(f"`step_size` must be in (0, 1]; got {self.step_size}.")
+        if self.steps < 0:
+            raise ValueError(f"`steps` must be >= 0; got {self.steps}.")
+        if self.posterior not in ("sample", "mean"):
+            raise ValueError(f"`posterior` must be 'sample' or 'mean'; got {self.posterior!r}.")
+
+    @property
+    def uses_random_start(self) -> bool:
+        if self.random_start is None:
+            return get_method(self.method).random_start
+        return self.random_start
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ProtectionOutput:
+    """Protected images in [0, 1] and the per-image L-infinity distance in 1/255 units."""
+
+    images: Tensor
+    linf_255: Tensor = field(default_factory=lambda: torch.empty(0))
+
+
+class Protector:
+    """Protect images against diffusion mimicry (Xue et al., ICLR 2024, arXiv 2311.12832).
+
+    Distance measure: L-infinity.
+
+    Arguments:
+        model: a :class:`~mimicshield.models.LatentDiffusion` (or any object with ``encode``,
+            ``predict_noise``, ``alphas_cumprod``, ``embed_prompt`` and ``latent_shape``).
+        method: one of :data:`mimicshield.methods.METHODS`. (Default: ``"sds-"``)
+        target: the target image for photoguard, mist and sdst-: a (3, H, W) tensor in [0, 1]
+            or a PIL image, resized to each input; None uses the built-in pattern.
+        **config: the fields of :class:`ProtectionConfig` (eps, step_size, steps, prompt, ...).
+
+    Shape:
+        images: (N, 3, H, W) in [0, 1], or PIL images; the output has the same type and size.
+
+    Examples::
+        >>> protector = Protector(model, method="sds-", eps=16/255, steps=100)
+        >>> protected = protector(images)
+    """
+
+    def __init__(self, model, method: str = DEFAULT_METHOD, *, target=None, **config) -> None:
+        self.model = model
+        self.config = ProtectionConfig(method=method, **config)
+        self.method = get_method(method)
+        self.target = _as_tensor01(target) if target is not None else None
+        self._latent_cache: dict[tuple[int, int], Tensor] = {}
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.config.to_dict().items())
+        return f"Protector({fields})"
+
+    def __call__(self, images, **kwargs):
+        """Protect ``images``; returns the same type (tensor or PIL) that came in."""
+        if isinstance(images, Tensor):
+            return self.protect(images, **kwargs).images
+        from PIL import Image
+
+        single = isinstance(images, Image.Image)
+        pil_images = [images] if single else list(images)
+        outputs = [self.protect(_pil_to_tensor(im)[None], **kwargs).images[0] for im in pil_images]
+        results = [_tensor_to_pil(out) for out in outputs]
+        return results[0] if single else results
+
+    def protect(
+        self,
+        images: Tensor,
+        *,
+        seeds: Sequence[int] | None = None,
+        callback: Callable[[int, int], None] | None = None,
+    ) -> ProtectionOutput:
+        """Protect a batch of same-size images in [0, 1].
+
+        Args:
+            images: (N, 3, H, W) in [0, 1].
+            seeds: one seed per image (default: the config's seed for all). Each image draws
+                from its own generator, so its result does not depend on the batch around it.
+            callback: ``callback(step, total_steps)`` after every step, for progress bars.
+        """
+        _check_images(images)
+        cfg = self.config
+        device = self.model.device
+        batch, _, height, width = images.shape
+        seeds = [cfg.seed] * batch if seeds is None else list(seeds)
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+        x0 = images.to(device=device, dtype=torch.float32) * 2 - 1
+        latent_shape = self.model.latent_shape(height, width)
+        eps, alpha = 2 * cfg.eps, 2 * cfg.step_size  # [0, 1] scale -> [-1, 1] scale
+        fixed = self._fixed_inputs(x0)
+        direction_fn = self.method.direction
+        if cfg.method == "sdst-":
+            direction_fn = partial(direction_fn, r=cfg.r)
+
+        start = None
+        if cfg.uses_random_start:
+            start = _stack(lambda g: torch.rand(x0.shape[1:], generator=g) * 2 - 1, generators)
+            start = start.to(device) * eps
+
+        def direction(x: Tensor, step: int) -> Tensor:
+            inputs = StepInputs(**self._draw_random_inputs(generators, latent_shape), **fixed)
+            return direction_fn(self.model, x, inputs)
+
+        def on_step(step: int, _x: Tensor) -> None:
+            if callback is not None:
+                callback(step + 1, cfg.steps)
+
+        x_adv = projected_sign_steps(
+            x0, direction, eps=eps, step_size=alpha, steps=cfg.steps, start=start, callback=on_step
+        )
+        protected = (x_adv + 1) / 2
+        clean = images.to(device=device, dtype=torch.float32)
+        if cfg.quantize_levels:
+            protected = quantize_within_budget(protected, clean, cfg.eps, cfg.quantize_levels)
+        linf = (protected - clean).abs().flatten(1).amax(1) * 255
+        return ProtectionOutput(images=protected.cpu(), linf_255=linf.cpu())
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    def _fixed_inputs(self, x0: Tensor) -> dict:
+        """The inputs that stay fixed over the run: computed once, not every step."""
+        batch, _, height, width = x0.shape
+        fixed: dict = {}
+        if self.method.needs_unet:
+            fixed["cond"] = self.model.embed_prompt(self.config.prompt).expand(batch, -1, -1)
+        with torch.no_grad():
+            if self.method.needs_target:
+                fixed["target_latent"] = self._target_latent(height, width).expand(batch, -1, -1, -1)
+            if self.config.method == "encoder":
+                fixed["source_latent"] = self.model.encode(x0)
+        return fixed
+
+    def _target_latent(self, height: int, width: int) -> Tensor:
+        """E(y) (the posterior mean) for the target resized to this size, cached per size."""
+        key = (height, width)
+        if key not in self._latent_cache:
+            if self.target is None:
+                target = target_pattern(height, width)[None]
+            else:
+                target = F.interpolate(
+                    self.target[None], size=key, mode="bilinear", antialias=True, align_corners=False
+                ).clamp(0, 1)
+            self._latent_cache[key] = self.model.encode(target.to(self.model.device) * 2 - 1)
+        return self._latent_cache[key]
+
+    def _draw_random_inputs(self, generators, latent_shape) -> dict:
+        """One timestep, one noise and (when sampling) one posterior draw per image."""
+        device = self.model.device
+        steps = self.model.num_train_timesteps
+        t = torch.cat([torch.randint(0, steps, (1,), generator=g) for g in generators])
+        noise = _stack(lambda g: torch.randn(latent_shape, generator=g), generators)
+        posterior = None
+        if self.config.posterior == "sample":
+            posterior = _stack(lambda g: torch.randn(latent_shape, generator=g), generators)
+            posterior = posterior.to(device)
+        return {"t": t.to(device), "noise": noise.to(device), "posterior_noise": posterior}
+
+
+def _stack(draw: Callable[[torch.Generator], Tensor], generators) -> Tensor:
+    return torch.stack([draw(g) for g in generators])
+
+
+def _check_images(images: Tensor) -> None:
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"`images` must have shape (N, 3, H, W); got {tuple(images.shape)}.")
+    if images.min() < 0 or images.max() > 1:
+        raise ValueError("`images` must be in [0, 1] (use PIL images or divide uint8 by 255).")
+
+
+def _as_tensor01(image) -> Tensor:
+    if isinstance(image, Tensor):
+        return image.float()
+    return _pil_to_tensor(image)
+
+
+def _pil_to_tensor(image) -> Tensor:
+    import numpy as np
+
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def _tensor_to_pil(image: Tensor):
+    from PIL import Image
+
+    array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(array)

@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny random Stable Diffusion models and the real assets in ../shared."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ASSETS = REPO_ROOT.parent / "shared" / "assets"
+IMAGES = ASSETS / "images"
+WEIGHTS = ASSETS / "weights"
+
+requires_assets = pytest.mark.skipif(
+    not ASSETS.is_dir(), reason=f"real test assets not found at {ASSETS} (../shared/assets)"
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny SD-1.x-shaped model saved with ``save_pretrained``, as a user's folder would be."""
+    from mimicshield.testing import save_tiny_stable_diffusion
+
+    return save_tiny_stable_diffusion(tmp_path_factory.mktemp("tiny-sd"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir):
+    """The tiny model loaded through the real loader, on the CPU in fp32."""
+    from mimicshield.models import load_models
+
+    return load_models(str(tiny_model_dir), device="cpu", dtype="fp32")
+
+
+@pytest.fixture
+def images_8bit() -> torch.Tensor:
+    """Two 32x32 images on the 8-bit grid, in [0, 1], as decoded image files are."""
+    generator = torch.Generator().manual_seed(1234)
+    return torch.randint(0, 256, (2, 3, 32, 32), generator=generator).float() / 255
