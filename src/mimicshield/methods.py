@@ -198,7 +198,7 @@ METHODS: dict[str, Method] = {
         Method("encoder", encoder_attack, "ascend ||E(x)-E(x0)||^2 (untargeted)", True, False, False),
         Method("mist", mist, "descend L_T - 1e4 L_S (Mist)", True, True),
         Method("sds+", sds_plus, "SDS gradient ascent, no UNet backward", False),
-        Method("sds-", sds_minus, "SDS gradient descent, no UNet backward (default)", False),
+        Method("sds-", sds_minus, "SDS gradient descent, no UNet backward (recommended)", False),
         Method("sdst-", sdst_minus, "SDS(-) plus the textural loss, r=5", False, True),
     ]
 }

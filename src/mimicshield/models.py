@@ -9,6 +9,7 @@ Every diffusers object stays behind :class:`LatentDiffusion` (in the spirit of k
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -181,25 +182,31 @@ def load_models(
         local_files_only = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false")
 
     path = Path(source).expanduser()
-    if path.suffix in SINGLE_FILE_SUFFIXES:
-        if not path.is_file():
-            raise ModelLoadError(f"{source}: no such checkpoint file.")
-        components = _load_single_file(path, single_file_config, local_files_only)
-    else:
-        components = _load_diffusers_folder(source, local_files_only)
-    vae, unet, text_encoder, tokenizer, scheduler = components
+    looks_like_path = source.startswith((".", "/", "~")) or path.suffix in SINGLE_FILE_SUFFIXES
+    if looks_like_path and not path.exists():
+        raise ModelLoadError(f"{source}: no such model folder or checkpoint file.")
+    with _quiet_loading():
+        if path.suffix in SINGLE_FILE_SUFFIXES:
+            components = _load_single_file(path, single_file_config, local_files_only)
+        else:
+            components = _load_diffusers_folder(source, local_files_only)
+        vae, unet, text_encoder, tokenizer, scheduler = components
 
-    prediction_type = scheduler.config.get("prediction_type", "epsilon")
-    _check_supported(prediction_type, source)
-    if not with_decoder:
-        vae.decoder = None  # the methods only encode; this saves a third of the VAE's memory
-        vae.post_quant_conv = None
+        prediction_type = scheduler.config.get("prediction_type", "epsilon")
+        _check_supported(prediction_type, source)
+        if not with_decoder:
+            vae.decoder = None  # the methods only encode; this saves a third of the VAE's memory
+            vae.post_quant_conv = None
 
-    vae_dtype = vae_dtype_for(torch_dtype, bool(vae.config.get("force_upcast", False)))
-    for module, module_dtype in ((vae, vae_dtype), (unet, torch_dtype), (text_encoder, torch_dtype)):
-        module.to(device=torch_device, dtype=module_dtype)
-        module.requires_grad_(False)
-        module.eval()
+        vae_dtype = vae_dtype_for(torch_dtype, bool(vae.config.get("force_upcast", False)))
+        for module, module_dtype in (
+            (vae, vae_dtype),
+            (unet, torch_dtype),
+            (text_encoder, torch_dtype),
+        ):
+            module.to(device=torch_device, dtype=module_dtype)
+            module.requires_grad_(False)
+            module.eval()
 
     return LatentDiffusion(
         vae=vae,
@@ -214,6 +221,26 @@ def load_models(
         dtype=torch_dtype,
         vae_dtype=vae_dtype,
     )
+
+
+@contextmanager
+def _quiet_loading():
+    """Silence per-weight progress bars and dtype notices while loading; errors still raise."""
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import logging as hub_logging
+    from transformers.utils import logging as transformers_logging
+
+    loggers = (diffusers_logging, transformers_logging, hub_logging)
+    levels = [logger.get_verbosity() for logger in loggers]
+    for logger in loggers:
+        logger.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.set_verbosity(level)
+        transformers_logging.enable_progress_bar()
 
 
 def _load_diffusers_folder(source: str, local_files_only: bool):

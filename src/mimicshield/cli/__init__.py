@@ -1,0 +1,1 @@
+"""The ``mimicshield`` command line: one module per subcommand group, thin over the library."""

@@ -1,0 +1,48 @@
+"""Entry point: registers the subcommands and turns known errors into one-line messages."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from . import methods as methods_command
+from . import protect as protect_command
+
+app = typer.Typer(
+    name="mimicshield",
+    help="Protect images against diffusion-based mimicry (Xue et al., ICLR 2024).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("protect")(protect_command.protect)
+app.command("methods")(methods_command.methods)
+
+
+class CLIError(Exception):
+    """An error whose message is complete for the user: printed as one line, no traceback."""
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from ..images import ImageFileError
+    from ..models import ModelLoadError
+
+    return (CLIError, ImageFileError, ModelLoadError, FileNotFoundError, ValueError)
+
+
+def main() -> None:
+    """Run the app; known errors print ``Error: ...`` on stderr and exit 1."""
+    try:
+        app()
+    except _known_errors() as error:
+        if os.environ.get("MIMICSHIELD_DEBUG"):
+            raise
+        print(f"Error: {error}", file=sys.stderr)
+        print("(set MIMICSHIELD_DEBUG=1 for a full traceback)", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

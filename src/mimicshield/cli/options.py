@@ -1,0 +1,30 @@
+"""Options shared by several commands, declared once (as the ``hf`` CLI does)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from ..methods import DEFAULT_METHOD
+from ..models import DEFAULT_MODEL
+
+ModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--model", help="hub id, local diffusers folder, or a .safetensors/.ckpt file"
+    ),
+]
+ModelConfigOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model-config",
+        help="for a single-file model: a diffusers folder of the same family (works offline)",
+    ),
+]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cuda, mps or cpu")]
+DtypeOpt = Annotated[str, typer.Option(help="auto, fp32, fp16 or bf16")]
+SeedOpt = Annotated[int, typer.Option(help="random seed: same seed, inputs and device, same bytes")]
+MethodOpt = Annotated[str, typer.Option(help="protection method (see `mimicshield methods`)")]
+
+DEFAULTS = {"model": DEFAULT_MODEL, "method": DEFAULT_METHOD}

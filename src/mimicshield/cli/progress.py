@@ -1,0 +1,89 @@
+"""Rich progress bars (per image and overall, with ETA) and the end-of-run table."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from ..runner import FileResult, RunReport
+
+
+class ProtectProgress:
+    """Two bars on stderr: the current image (or batch) and the whole run, both with ETA."""
+
+    def __init__(self, total_images: int, steps: int, console: Console) -> None:
+        self.steps = max(steps, 1)
+        self.progress = Progress(
+            TextColumn("{task.description}", justify="left"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+        self.overall = self.progress.add_task("all images", total=total_images * self.steps)
+        self.current = self.progress.add_task("", total=self.steps, visible=False)
+        self.done_steps = 0
+        self.batch = 1
+
+    def __enter__(self) -> ProtectProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def image_started(self, item, batch: int) -> None:
+        label = item.path.name if batch == 1 else f"{item.path.name} (+{batch - 1})"
+        self.batch = batch
+        self.progress.reset(self.current, total=self.steps, description=label, visible=True)
+
+    def step(self, step: int, total: int) -> None:
+        self.progress.update(self.current, completed=step)
+        self.progress.update(self.overall, advance=self.batch)
+
+    def image_done(self, result: FileResult) -> None:
+        if result.status != "protected":
+            self.progress.update(self.overall, advance=self.steps)
+        if result.status == "failed":
+            self.progress.console.print(f"[red]failed[/red] {result.error}")
+
+
+def print_results(report: RunReport, seconds: float, console: Console | None = None) -> None:
+    """The end-of-run table: file, PSNR, SSIM, achieved L-infinity and seconds; then failures."""
+    console = console or Console()
+    table = Table(title=f"mimicshield: {len(report.results)} file(s) in {seconds:.1f} s")
+    for column in ("file", "status", "PSNR (dB)", "SSIM", "L∞ (/255)", "seconds"):
+        table.add_column(column, justify="left" if column in ("file", "status") else "right")
+    for r in report.results:
+        table.add_row(
+            r.input,
+            r.status,
+            _number(r.psnr, "{:.2f}"),
+            _number(r.ssim, "{:.4f}"),
+            _number(r.linf_255, "{:.0f}"),
+            _number(r.seconds, "{:.2f}"),
+        )
+    console.print(table)
+    if report.failures:
+        console.print(f"[red]{len(report.failures)} file(s) failed:[/red]")
+        for failure in report.failures:
+            console.print(f"  {failure.error}")
+
+
+def _number(value: float | None, template: str) -> str:
+    if value is None:
+        return "-"
+    if value == float("inf"):
+        return "inf"
+    return template.format(value)

@@ -1,0 +1,168 @@
+"""Image-quality metrics between clean and protected images: PSNR, SSIM, L-inf and LPIPS.
+
+Every function takes two batches ``a`` and ``b`` of shape (N, 3, H, W) with values in [0, 1] and
+returns one value per image, shape (N,), so callers can report per-image tables and aggregate as
+they like.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "LPIPS",
+    "LPIPS_WEIGHTS_ENV",
+    "default_lpips_path",
+    "linf_255",
+    "psnr",
+    "ssim",
+]
+
+LPIPS_WEIGHTS_ENV = "MIMICSHIELD_LPIPS_WEIGHTS"
+
+
+def _check_pair(a: Tensor, b: Tensor) -> None:
+    if a.ndim != 4 or a.shape != b.shape:
+        raise ValueError(
+            f"expected two (N, C, H, W) batches of equal shape, got {a.shape}, {b.shape}"
+        )
+
+
+def psnr(a: Tensor, b: Tensor) -> Tensor:
+    """Peak signal-to-noise ratio in dB with data range 1; identical images give +inf.
+
+    Computed in float64 so that tiny perturbations (a few 1/255 steps) are not lost to rounding.
+    """
+    _check_pair(a, b)
+    mse = (a.double() - b.double()).pow(2).flatten(1).mean(dim=1)
+    # -10 log10(0) = +inf, which is the honest answer for identical images.
+    return (-10 * torch.log10(mse)).to(a.dtype)
+
+
+def ssim(a: Tensor, b: Tensor) -> Tensor:
+    """Structural similarity (11x11 Gaussian window, sigma 1.5, data range 1) per image."""
+    # The image subpackage: importing torchmetrics.functional itself emits FutureWarnings.
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    _check_pair(a, b)
+    return structural_similarity_index_measure(a, b, data_range=1.0, reduction="none")
+
+
+def linf_255(a: Tensor, b: Tensor) -> Tensor:
+    """Largest absolute pixel difference in 1/255 units, the usual budget unit (e.g. 8/255 -> 8)."""
+    _check_pair(a, b)
+    return (a - b).abs().flatten(1).amax(dim=1) * 255
+
+
+# --- LPIPS v0.1 (AlexNet) --------------------------------------------------------------------
+# Written here rather than taken from torchmetrics: torchmetrics' LPIPS needs torchvision and
+# downloads the backbone at first use, while this one runs fully offline from one safetensors
+# file (AlexNet conv weights + the LPIPS v0.1 linear heads).
+
+# ScalingLayer constants of LPIPS: inputs in [-1, 1] are standardised with these per channel.
+_LPIPS_SHIFT = (-0.030, -0.088, -0.188)
+_LPIPS_SCALE = (0.458, 0.448, 0.450)
+_ALEX_CHANNELS = (64, 192, 384, 256, 256)
+_ALEX_TAPS = (1, 4, 7, 9, 11)  # indices of the ReLUs whose outputs LPIPS compares
+
+
+def _alexnet_features() -> nn.Sequential:
+    """AlexNet's conv trunk, indexed like torchvision's ``features`` so the weights load by name."""
+    return nn.Sequential(
+        nn.Conv2d(3, 64, 11, stride=4, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(3, stride=2),
+        nn.Conv2d(64, 192, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(3, stride=2),
+        nn.Conv2d(192, 384, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(384, 256, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(256, 256, 3, padding=1),
+        nn.ReLU(),
+    )
+
+
+class _LinearHead(nn.Module):
+    """Non-negative 1x1 channel weighting of one tap; ``model.1`` matches the official key names."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        # Index 0 is dropout in the official model (training only), so an Identity here.
+        self.model = nn.Sequential(nn.Identity(), nn.Conv2d(channels, 1, 1, bias=False))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+
+def _unit_normalize(f: Tensor, eps: float = 1e-10) -> Tensor:
+    """Scale every spatial feature vector to unit length along channels."""
+    return f / (f.pow(2).sum(dim=1, keepdim=True).sqrt() + eps)
+
+
+def default_lpips_path() -> Path:
+    """The LPIPS weights file named by ``$MIMICSHIELD_LPIPS_WEIGHTS``; a clear error otherwise."""
+    value = os.environ.get(LPIPS_WEIGHTS_ENV)
+    if not value:
+        raise FileNotFoundError(
+            "No LPIPS weights given. Pass the path to lpips_alexnet.safetensors (AlexNet conv "
+            f"weights + LPIPS v0.1 heads), or set {LPIPS_WEIGHTS_ENV} to it."
+        )
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{LPIPS_WEIGHTS_ENV}={value!r} does not point to a file.")
+    return path
+
+
+class LPIPS(nn.Module):
+    """LPIPS v0.1 with the AlexNet backbone; images in [0, 1], distance per image, shape (N,).
+
+    d(a, b) = sum_l mean_hw( w_l . (n_l(a) - n_l(b))^2 ), where n_l are the channel-unit-normalised
+    ReLU outputs of AlexNet's five conv layers and w_l the learned non-negative head weights.
+    Parameters are frozen, but gradients flow to the inputs, so it also works as a loss.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("shift", torch.tensor(_LPIPS_SHIFT).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("scale", torch.tensor(_LPIPS_SCALE).view(1, 3, 1, 1), persistent=False)
+        self.features = _alexnet_features()
+        for i, channels in enumerate(_ALEX_CHANNELS):
+            self.add_module(f"lin{i}", _LinearHead(channels))
+
+    @classmethod
+    def from_file(cls, path: str | Path | None = None, device: str | torch.device = "cpu") -> LPIPS:
+        """Load ``lpips_alexnet.safetensors`` strictly; ``None`` uses :func:`default_lpips_path`."""
+        from safetensors.torch import load_file
+
+        path = default_lpips_path() if path is None else Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"LPIPS weights not found: {path}")
+        model = cls()
+        model.load_state_dict(load_file(str(path)), strict=True)
+        return model.to(device).eval().requires_grad_(False)
+
+    def _taps(self, x: Tensor) -> list[Tensor]:
+        taps = []
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i in _ALEX_TAPS:
+                taps.append(_unit_normalize(x))
+        return taps
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        _check_pair(a, b)
+        n = a.shape[0]
+        # One pass over both batches: [0, 1] -> [-1, 1] -> LPIPS ScalingLayer.
+        x = torch.cat([a, b]).to(self.shift) * 2 - 1
+        x = (x - self.shift) / self.scale
+        heads = [getattr(self, f"lin{i}") for i in range(len(_ALEX_CHANNELS))]
+        total = x.new_zeros(n)
+        for head, f in zip(heads, self._taps(x), strict=True):
+            total = total + head((f[:n] - f[n:]).pow(2)).mean(dim=(1, 2, 3))
+        return total
