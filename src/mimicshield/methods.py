@@ -34,16 +34,16 @@ class StepInputs:
     """Everything random or fixed that one step needs besides ``x``, made explicit for tests.
 
     Attributes:
-        t: timesteps, shape (B,), integers in [0, T).
-        noise: n ~ N(0, I), shape of the latent (B, C, h, w).
+        t: timesteps, shape (B,), integers in [0, T); only the semantic methods use it.
+        noise: n ~ N(0, I), shape of the latent (B, C, h, w); with ``t``.
         cond: text embedding c, shape (B, tokens, dim).
         posterior_noise: N(0, I) draw for the VAE posterior sample, or None for its mean.
         target_latent: E(y) for the textural loss (photoguard, mist, sdst-), or None.
         source_latent: E(x0) for the untargeted encoder attack, or None.
     """
 
-    t: Tensor
-    noise: Tensor
+    t: Tensor | None = None
+    noise: Tensor | None = None
     cond: Tensor | None = None
     posterior_noise: Tensor | None = None
     target_latent: Tensor | None = None
@@ -82,9 +82,16 @@ def _require(value: Tensor | None, what: str, method: str) -> Tensor:
 def _semantic_loss_with_grad(model, x: Tensor, inputs: StepInputs) -> Tensor:
     """L_S with the graph through the UNet and the encoder (AdvDM and Mist)."""
     z = model.encode(x, inputs.posterior_noise)
-    z_t = add_noise(z, inputs.t, inputs.noise, model.alphas_cumprod)
-    eps_hat = model.predict_noise(z_t, inputs.t, _require(inputs.cond, "cond", "semantic loss"))
-    return semantic_loss(eps_hat, inputs.noise)
+    return _semantic_loss(model, z, inputs)
+
+
+def _semantic_loss(model, z: Tensor, inputs: StepInputs) -> Tensor:
+    """L_S at E(x) = z for the step's t and n."""
+    t = _require(inputs.t, "t", "semantic loss")
+    noise = _require(inputs.noise, "noise", "semantic loss")
+    z_t = add_noise(z, t, noise, model.alphas_cumprod)
+    eps_hat = model.predict_noise(z_t, t, _require(inputs.cond, "cond", "semantic loss"))
+    return semantic_loss(eps_hat, noise)
 
 
 def _encoder_vjp(model, x: Tensor, inputs: StepInputs, latent_direction) -> Tensor:
@@ -96,10 +103,12 @@ def _encoder_vjp(model, x: Tensor, inputs: StepInputs, latent_direction) -> Tens
 
 def _sds_residual(model, z: Tensor, inputs: StepInputs) -> Tensor:
     """eps_hat - n, with the UNet run without gradients (score distillation)."""
+    t = _require(inputs.t, "t", "sds")
+    noise = _require(inputs.noise, "noise", "sds")
     with torch.no_grad():
-        z_t = add_noise(z, inputs.t, inputs.noise, model.alphas_cumprod)
-        eps_hat = model.predict_noise(z_t, inputs.t, _require(inputs.cond, "cond", "sds"))
-    return eps_hat - inputs.noise
+        z_t = add_noise(z, t, noise, model.alphas_cumprod)
+        eps_hat = model.predict_noise(z_t, t, _require(inputs.cond, "cond", "sds"))
+    return eps_hat - noise
 
 
 # --- step directions --------------------------------------------------------------------------
@@ -136,9 +145,7 @@ def mist(model, x: Tensor, inputs: StepInputs) -> Tensor:
     target = _require(inputs.target_latent, "target_latent", "mist")
     x = x.detach().requires_grad_(True)
     z = model.encode(x, inputs.posterior_noise)
-    z_t = add_noise(z, inputs.t, inputs.noise, model.alphas_cumprod)
-    eps_hat = model.predict_noise(z_t, inputs.t, _require(inputs.cond, "cond", "mist"))
-    loss = textural_loss(z, target) - MIST_SEMANTIC_WEIGHT * semantic_loss(eps_hat, inputs.noise)
+    loss = textural_loss(z, target) - MIST_SEMANTIC_WEIGHT * _semantic_loss(model, z, inputs)
     return -_gradient(loss, x)
 
 

@@ -197,16 +197,22 @@ class Protector:
         return self._latent_cache[key]
 
     def _draw_random_inputs(self, generators, latent_shape) -> dict:
-        """One timestep, one noise and (when sampling) one posterior draw per image."""
+        """One timestep and noise (semantic methods) and one posterior draw per image.
+
+        Drawn on the CPU from each image's own generator, so results do not depend on the
+        batch an image is in, and the random streams are the same on every device.
+        """
         device = self.model.device
-        steps = self.model.num_train_timesteps
-        t = torch.cat([torch.randint(0, steps, (1,), generator=g) for g in generators])
-        noise = _stack(lambda g: torch.randn(latent_shape, generator=g), generators)
-        posterior = None
+        drawn: dict = {}
+        if self.method.needs_unet:
+            steps = self.model.num_train_timesteps
+            t = torch.cat([torch.randint(0, steps, (1,), generator=g) for g in generators])
+            noise = _stack(lambda g: torch.randn(latent_shape, generator=g), generators)
+            drawn.update(t=t.to(device), noise=noise.to(device))
         if self.config.posterior == "sample":
             posterior = _stack(lambda g: torch.randn(latent_shape, generator=g), generators)
-            posterior = posterior.to(device)
-        return {"t": t.to(device), "noise": noise.to(device), "posterior_noise": posterior}
+            drawn["posterior_noise"] = posterior.to(device)
+        return drawn
 
 
 def _stack(draw: Callable[[torch.Generator], Tensor], generators) -> Tensor:

@@ -1,0 +1,83 @@
+"""The command line end to end: a folder in, a folder out, a manifest, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from mimicshield.cli.main import app
+from mimicshield.methods import METHODS
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def input_folder(tmp_path):
+    folder = tmp_path / "in"
+    (folder / "nested").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (32, 40, 3), dtype=np.uint8)).save(folder / "a.png")
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+        folder / "nested" / "b.png"
+    )
+    return folder
+
+
+def test_methods_lists_eight_methods_one_line_each():
+    result = runner.invoke(app, ["methods"])
+    assert result.exit_code == 0
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == len(METHODS) == 8
+    assert [line.split()[0] for line in lines] == list(METHODS)
+
+
+def test_protect_folder_writes_outputs_and_manifest(tiny_model_dir, input_folder, tmp_path):
+    out = tmp_path / "out"
+    args = ["protect", str(input_folder), "-o", str(out), "--model", str(tiny_model_dir)]
+    options = ["--steps", "2", "--eps", "8", "--seed", "3"]
+    result = runner.invoke(app, [*args, *options], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert (out / "a.png").is_file() and (out / "nested" / "b.png").is_file()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"] == str(tiny_model_dir)
+    assert manifest["parameters"]["method"] == "sds-"
+    assert manifest["parameters"]["steps"] == 2 and manifest["seed"] == 3
+    assert manifest["mimicshield_version"]
+    entries = {e["output"]: e for e in manifest["images"]}
+    assert set(entries) == {"a.png", "nested/b.png"}  # relative to OUT
+    for entry in entries.values():
+        assert entry["status"] == "protected"
+        assert entry["linf_255"] <= 8 and entry["psnr"] > 30
+    clean = np.asarray(Image.open(input_folder / "a.png")).astype(int)
+    protected = np.asarray(Image.open(out / "a.png")).astype(int)
+    assert protected.shape == clean.shape
+    assert np.abs(protected - clean).max() <= 8
+    assert "PSNR" in result.stdout and "a.png" in result.stdout
+
+
+def test_flag_conflicts_give_one_line_errors(tiny_model_dir, input_folder, tmp_path):
+    base = [sys.executable, "-m", "mimicshield.cli.main", "protect", str(input_folder)]
+    base += ["-o", str(tmp_path / "o"), "--model", str(tiny_model_dir)]
+    both = subprocess.run([*base, "--prompt", "x", "--category", "anime"], capture_output=True)
+    assert both.returncode == 1
+    assert b"Give --prompt or --category, not both." in both.stderr
+    assert b"Traceback" not in both.stderr
+    target = subprocess.run([*base, "--target", str(input_folder / "a.png")], capture_output=True)
+    assert target.returncode == 1 and b"--target is only used by" in target.stderr
+
+
+def test_missing_model_is_one_clear_line(input_folder, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "mimicshield.cli.main", "protect", str(input_folder), "-o",
+         str(tmp_path / "o"), "--model", str(tmp_path / "no-such-model")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1
+    assert "no such model folder" in result.stderr and "Traceback" not in result.stderr
