@@ -33,6 +33,14 @@ def tiny_model(tiny_model_dir):
     return load_models(str(tiny_model_dir), device="cpu", dtype="fp32")
 
 
+@pytest.fixture(scope="session")
+def tiny_model_with_decoder(tiny_model_dir):
+    """The tiny model with its VAE decoder, as the mimicry simulations need it."""
+    from mimicshield.models import load_models
+
+    return load_models(str(tiny_model_dir), device="cpu", dtype="fp32", with_decoder=True)
+
+
 @pytest.fixture
 def images_8bit() -> torch.Tensor:
     """Two 32x32 images on the 8-bit grid, in [0, 1], as decoded image files are."""

@@ -40,7 +40,7 @@ def test_methods_lists_eight_methods_one_line_each():
 def test_protect_folder_writes_outputs_and_manifest(tiny_model_dir, input_folder, tmp_path):
     out = tmp_path / "out"
     args = ["protect", str(input_folder), "-o", str(out), "--model", str(tiny_model_dir)]
-    options = ["--steps", "2", "--eps", "8", "--seed", "3"]
+    options = ["--steps", "2", "--eps", "8", "--seed", "3", "--work-size", "native"]
     result = runner.invoke(app, [*args, *options], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert (out / "a.png").is_file() and (out / "nested" / "b.png").is_file()
@@ -74,8 +74,17 @@ def test_flag_conflicts_give_one_line_errors(tiny_model_dir, input_folder, tmp_p
 
 def test_missing_model_is_one_clear_line(input_folder, tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "mimicshield.cli.main", "protect", str(input_folder), "-o",
-         str(tmp_path / "o"), "--model", str(tmp_path / "no-such-model")],
+        [
+            sys.executable,
+            "-m",
+            "mimicshield.cli.main",
+            "protect",
+            str(input_folder),
+            "-o",
+            str(tmp_path / "o"),
+            "--model",
+            str(tmp_path / "no-such-model"),
+        ],
         capture_output=True,
         text=True,
     )

@@ -168,12 +168,11 @@ def test_single_file_without_config_offline_uses_a_cached_config(
     model = load_models(str(single_files[".safetensors"]), **CPU)
     _assert_same_model(model, reference)
 
-    # a guessed config that says v-prediction (as SD 2.x's does) points at --model-config
+    # the cached config decides the prediction type (SD 2.x's says v-prediction)
     snapshot = repo / "snapshots" / commit
     copy_tiny_model(snapshot, snapshot, scheduler={"prediction_type": "v_prediction"})
-    with pytest.raises(UnsupportedModelError) as error:
-        load_models(str(single_files[".safetensors"]), **CPU)
-    _assert_one_line(error, "v_prediction", "--model-config")
+    model = load_models(str(single_files[".safetensors"]), **CPU)
+    assert model.prediction_type == "v_prediction"
 
 
 def test_single_file_config_folder_must_exist(single_files):
@@ -209,9 +208,14 @@ def test_single_file_prediction_type_comes_from_the_config(single_files, config_
     v_config = copy_tiny_model(
         config_dir, tmp_path / "v", weights=False, scheduler={"prediction_type": "v_prediction"}
     )
+    model = load_models(str(single_files[".safetensors"]), single_file_config=str(v_config), **CPU)
+    assert model.prediction_type == "v_prediction"
+    x_config = copy_tiny_model(
+        config_dir, tmp_path / "x0", weights=False, scheduler={"prediction_type": "sample"}
+    )
     with pytest.raises(UnsupportedModelError) as error:
-        load_models(str(single_files[".safetensors"]), single_file_config=str(v_config), **CPU)
-    _assert_one_line(error, "v_prediction")
+        load_models(str(single_files[".safetensors"]), single_file_config=str(x_config), **CPU)
+    _assert_one_line(error, "sample")
 
 
 # ------------------------------------------------------------------ the checkpoint's own configs
@@ -248,8 +252,8 @@ def test_schedule_follows_num_train_timesteps(custom_model_dir, reference):
     )
 
 
-@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
-def test_non_epsilon_models_are_refused(prediction_type, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("prediction_type", ["sample", "x0"])
+def test_unknown_prediction_types_are_refused(prediction_type, tiny_model_dir, tmp_path):
     folder = copy_tiny_model(
         tiny_model_dir, tmp_path / "sd", scheduler={"prediction_type": prediction_type}
     )

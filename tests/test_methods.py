@@ -126,7 +126,9 @@ def test_batched_direction_equals_per_image_direction(tiny_model, setup, name):
     )
     batched = METHODS[name].direction(tiny_model, x2, batch_inputs)
     single = METHODS[name].direction(tiny_model, s["x"], i)
-    torch.testing.assert_close(batched[:1], single, rtol=1e-3, atol=1e-4 * single.abs().max().item())
+    torch.testing.assert_close(
+        batched[:1], single, rtol=1e-3, atol=1e-4 * single.abs().max().item()
+    )
 
 
 def test_projected_step_formula():

@@ -62,7 +62,7 @@ def test_twenty_steps_move_the_objective_the_intended_way(tiny_model, fixed, nam
     method = METHODS[name]
     start = None
     if method.random_start:
-        start = (torch.rand(fixed["x0"].shape, generator=torch.Generator().manual_seed(1)) * 2 - 1)
+        start = torch.rand(fixed["x0"].shape, generator=torch.Generator().manual_seed(1)) * 2 - 1
         start = start * EPS
     x = projected_sign_steps(
         fixed["x0"],

@@ -19,9 +19,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import IMAGES, WEIGHTS, requires_assets
 from PIL import Image
 
-from conftest import IMAGES, WEIGHTS, requires_assets
 from mimicshield.metrics import psnr
 from mimicshield.protector import Protector
 

@@ -21,9 +21,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from .models import Conditioning
 
 MIST_SEMANTIC_WEIGHT = 1e4
 SDST_DEFAULT_R = 5.0
@@ -36,7 +40,8 @@ class StepInputs:
     Attributes:
         t: timesteps, shape (B,), integers in [0, T); only the semantic methods use it.
         noise: n ~ N(0, I), shape of the latent (B, C, h, w); with ``t``.
-        cond: text embedding c, shape (B, tokens, dim).
+        cond: text conditioning c, from ``model.condition``; only handed to
+            ``model.predict_noise`` (SDXL's also carries a pooled embedding and time ids).
         posterior_noise: N(0, I) draw for the VAE posterior sample, or None for its mean.
         target_latent: E(y) for the textural loss (photoguard, mist, sdst-), or None.
         source_latent: E(x0) for the untargeted encoder attack, or None.
@@ -44,7 +49,7 @@ class StepInputs:
 
     t: Tensor | None = None
     noise: Tensor | None = None
-    cond: Tensor | None = None
+    cond: Tensor | Conditioning | None = None
     posterior_noise: Tensor | None = None
     target_latent: Tensor | None = None
     source_latent: Tensor | None = None
@@ -57,6 +62,16 @@ def add_noise(z: Tensor, t: Tensor, noise: Tensor, alphas_cumprod: Tensor) -> Te
     """z_t = sqrt(abar_t) z + sqrt(1 - abar_t) n (DDPM forward process)."""
     abar = alphas_cumprod[t].view(-1, 1, 1, 1)
     return abar.sqrt() * z + (1 - abar).sqrt() * noise
+
+
+def eps_from_v_prediction(v_hat: Tensor, z_t: Tensor, t: Tensor, alphas_cumprod: Tensor) -> Tensor:
+    """eps_hat = sqrt(abar_t) v_hat + sqrt(1 - abar_t) z_t, for v-prediction models (SD 2.x-v).
+
+    With v = sqrt(abar) n - sqrt(1 - abar) z and z_t = sqrt(abar) z + sqrt(1 - abar) n, this
+    recovers n exactly, so L_S and the SDS residual are computed on the same epsilon.
+    """
+    abar = alphas_cumprod[t].view(-1, 1, 1, 1)
+    return abar.sqrt() * v_hat + (1 - abar).sqrt() * z_t
 
 
 def semantic_loss(eps_hat: Tensor, noise: Tensor) -> Tensor:
@@ -202,7 +217,9 @@ METHODS: dict[str, Method] = {
         Method("advdm+", advdm_plus, "ascend L_S through UNet and encoder (AdvDM)", True),
         Method("advdm-", advdm_minus, "descend L_S through UNet and encoder", True),
         Method("photoguard", photoguard, "descend L_T: pull E(x) to a target", True, True, False),
-        Method("encoder", encoder_attack, "ascend ||E(x)-E(x0)||^2 (untargeted)", True, False, False),
+        Method(
+            "encoder", encoder_attack, "ascend ||E(x)-E(x0)||^2 (untargeted)", True, False, False
+        ),
         Method("mist", mist, "descend L_T - 1e4 L_S (Mist)", True, True),
         Method("sds+", sds_plus, "SDS gradient ascent, no UNet backward", False),
         Method("sds-", sds_minus, "SDS gradient descent, no UNet backward (recommended)", False),

@@ -8,8 +8,10 @@ Every diffusers object stays behind :class:`LatentDiffusion` (in the spirit of k
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,9 +19,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .methods import eps_from_v_prediction
 from .mps import check_mps_dtype
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
+SUPPORTED_PREDICTION_TYPES = ("epsilon", "v_prediction")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 
@@ -102,12 +106,52 @@ def vae_dtype_for(dtype: torch.dtype, force_upcast: bool) -> torch.dtype:
     return dtype
 
 
+@dataclass(frozen=True)
+class Conditioning:
+    """The text conditioning c of one prompt, in the form the UNet takes it.
+
+    SD 1.x/2.x only use ``hidden_states``. SDXL also needs the pooled embedding of its second
+    text encoder and six size "time ids" (orig_h, orig_w, crop_top, crop_left, target_h,
+    target_w), which reach the UNet as ``added_cond_kwargs``.
+    """
+
+    hidden_states: Tensor
+    pooled: Tensor | None = None
+    time_ids: Tensor | None = None
+
+    def expand(self, batch: int) -> Conditioning:
+        """The same conditioning for every image of a batch (a view, no copy)."""
+        return Conditioning(
+            self.hidden_states.expand(batch, -1, -1),
+            None if self.pooled is None else self.pooled.expand(batch, -1),
+            None if self.time_ids is None else self.time_ids.expand(batch, -1),
+        )
+
+    def added_cond_kwargs(self, dtype: torch.dtype) -> dict[str, Tensor] | None:
+        """SDXL's ``{"text_embeds", "time_ids"}`` for the UNet; None for SD 1.x/2.x."""
+        if self.pooled is None or self.time_ids is None:
+            return None
+        return {"text_embeds": self.pooled.to(dtype), "time_ids": self.time_ids.to(dtype)}
+
+
+def sdxl_time_ids(height: int, width: int) -> Tensor:
+    """(orig_h, orig_w, crop_top, crop_left, target_h, target_w) for an uncropped image.
+
+    SDXL pipelines default to exactly this for a ``height`` x ``width`` image, which is what a
+    mimic's img2img run on the protected image at its own size conditions on.
+    """
+    return torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32)
+
+
 @dataclass
 class LatentDiffusion:
     """The VAE encoder, UNet, text encoder and noise schedule of one latent diffusion model.
 
     Notation (name here -> paper): ``encode(x)`` -> E(x), ``predict_noise`` -> eps_theta,
     ``alphas_cumprod[t]`` -> abar_t.
+
+    SDXL (``family="sdxl"``) adds ``text_encoder_2``/``tokenizer_2``; its conditioning comes
+    from :meth:`condition`, which every family supports.
     """
 
     vae: torch.nn.Module
@@ -121,15 +165,34 @@ class LatentDiffusion:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
     vae_dtype: torch.dtype = torch.float32
-    _prompt_cache: dict[str, Tensor] = field(default_factory=dict, repr=False)
+    text_encoder_2: torch.nn.Module | None = None
+    tokenizer_2: object | None = None
+    family: str = "sd1"
+    _prompt_cache: dict[str, Conditioning] = field(default_factory=dict, repr=False)
 
     @property
     def num_train_timesteps(self) -> int:
         return int(self.alphas_cumprod.shape[0])
 
+    @property
+    def is_xl(self) -> bool:
+        return self.family == "sdxl"
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def native_size(self) -> int | None:
+        """The pixel size the model was trained at (512, 768 for 2.x-v, 1024 for SDXL)."""
+        if self.unet is None:
+            return None
+        size = self.unet.config.sample_size
+        return int(max(size) if isinstance(size, list | tuple) else size) * self.vae_scale_factor
+
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """Shape of E(x) for an image of ``height`` x ``width`` pixels."""
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        factor = self.vae_scale_factor
         return (self.vae.config.latent_channels, height // factor, width // factor)
 
     def encode(self, x: Tensor, posterior_noise: Tensor | None = None) -> Tensor:
@@ -141,36 +204,83 @@ class LatentDiffusion:
         latent = dist.mean if posterior_noise is None else dist.mean + dist.std * posterior_noise
         return self.scaling_factor * latent.float()
 
-    def predict_noise(self, z_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
-        """eps_theta(z_t, t, c) in fp32; v-prediction models are refused at load time."""
+    def predict_noise(self, z_t: Tensor, t: Tensor, cond: Tensor | Conditioning) -> Tensor:
+        """eps_theta(z_t, t, c) in fp32, whatever the UNet predicts.
+
+        A v-prediction UNet's output is turned into epsilon here, so L_S and the SDS residual
+        are both computed on the same eps_hat. ``cond`` is a :class:`Conditioning`, or for
+        SD 1.x/2.x also the bare (B, tokens, dim) text embedding.
+        """
         if self.unet is None:
             raise RuntimeError("This model was loaded without a UNet; semantic methods need one.")
-        out = self.unet(z_t.to(self.dtype), t, encoder_hidden_states=cond.to(self.dtype)).sample
-        return out.float()
+        if not isinstance(cond, Conditioning):
+            cond = Conditioning(cond)
+        added = cond.added_cond_kwargs(self.dtype)
+        if added is None and self.is_xl:
+            raise ValueError("SDXL needs its pooled embedding and time ids: use model.condition().")
+        out = self.unet(
+            z_t.to(self.dtype),
+            t,
+            encoder_hidden_states=cond.hidden_states.to(self.dtype),
+            added_cond_kwargs=added,
+        ).sample.float()
+        if self.prediction_type == "v_prediction":
+            return eps_from_v_prediction(out, z_t.float(), t, self.alphas_cumprod)
+        return out
+
+    def condition(self, prompt: str, batch: int, height: int, width: int) -> Conditioning:
+        """c for ``batch`` images of ``height`` x ``width`` pixels, as ``predict_noise`` takes it.
+
+        The size only matters to SDXL, whose time ids say the image is uncropped at that size.
+        """
+        self.embed_prompt(prompt)
+        cond = self._prompt_cache[prompt]
+        if self.is_xl:
+            time_ids = sdxl_time_ids(height, width).to(self.device)
+            cond = Conditioning(cond.hidden_states, cond.pooled, time_ids)
+        return cond.expand(batch)
 
     @torch.no_grad()
     def embed_prompt(self, prompt: str) -> Tensor:
-        """c = text_encoder(tokenize(prompt)), computed once per prompt and cached."""
+        """c = text_encoder(tokenize(prompt)), computed once per prompt and cached.
+
+        SDXL: both encoders' penultimate hidden states, concatenated (the pooled embedding is
+        cached alongside for :meth:`condition`), exactly as diffusers' SDXL pipeline does.
+        """
         if prompt in self._prompt_cache:
-            return self._prompt_cache[prompt]
+            return self._prompt_cache[prompt].hidden_states
         if self.text_encoder is None or self.tokenizer is None:
             raise RuntimeError(
                 "The text encoder was released; embed every prompt before releasing."
             )
-        tokens = self.tokenizer(
+        if not self.is_xl:
+            embedding = self.text_encoder(self._tokens(self.tokenizer, prompt))[0]
+            self._prompt_cache[prompt] = Conditioning(embedding.to(self.dtype))
+            return self._prompt_cache[prompt].hidden_states
+        if self.text_encoder_2 is None or self.tokenizer_2 is None:
+            raise RuntimeError("This SDXL model has no second text encoder.")
+        first = self.text_encoder(self._tokens(self.tokenizer, prompt), output_hidden_states=True)
+        second = self.text_encoder_2(
+            self._tokens(self.tokenizer_2, prompt), output_hidden_states=True
+        )
+        hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+        pooled = second[0]  # CLIPTextModelWithProjection's text_embeds
+        self._prompt_cache[prompt] = Conditioning(hidden.to(self.dtype), pooled.to(self.dtype))
+        return self._prompt_cache[prompt].hidden_states
+
+    def _tokens(self, tokenizer, prompt: str) -> Tensor:
+        return tokenizer(
             prompt,
             padding="max_length",
-            max_length=self.tokenizer.model_max_length,
+            max_length=tokenizer.model_max_length,
             truncation=True,
             return_tensors="pt",
         ).input_ids.to(self.device)
-        embedding = self.text_encoder(tokens)[0].to(self.dtype)
-        self._prompt_cache[prompt] = embedding
-        return embedding
 
     def release_text_encoder(self) -> None:
-        """Free the text encoder's memory once every prompt is embedded."""
+        """Free the text encoders' memory once every prompt is embedded."""
         self.text_encoder = None
+        self.text_encoder_2 = None
 
 
 _LOCAL_PATH_HINT = "pass a local diffusers folder or a .safetensors/.ckpt file with --model PATH"
@@ -196,14 +306,15 @@ def _load_error(source: str, cause: Exception, local_files_only: bool) -> ModelL
 
 
 def _check_supported(prediction_type: str, source: str, hint: str = "") -> None:
-    """Refuse what the maths does not cover: every method here assumes eps_theta.
+    """Refuse what the maths does not cover: every method needs eps_theta.
 
-    A v- or x0-prediction UNet would need its output converted to eps first (planned, not done).
+    Epsilon models give it directly and v-prediction models through ``eps_from_v_prediction``;
+    any other parametrisation (e.g. x0, "sample") is refused rather than silently misread.
     """
-    if prediction_type != "epsilon":
+    if prediction_type not in SUPPORTED_PREDICTION_TYPES:
         raise UnsupportedModelError(
             f"Model {source!r} uses prediction_type={prediction_type!r}; this version supports "
-            f"epsilon-prediction checkpoints (SD 1.x, SD 2.x-base) only.{hint}"
+            f"epsilon and v_prediction checkpoints (SD 1.x, SD 2.x, SDXL) only.{hint}"
         )
 
 
@@ -215,6 +326,7 @@ def load_models(
     with_decoder: bool = False,
     single_file_config: str | None = None,
     local_files_only: bool | None = None,
+    family: str | None = None,
 ) -> LatentDiffusion:
     """Load what the protection methods need: the VAE encoder, UNet, text encoder and schedule.
 
@@ -225,9 +337,11 @@ def load_models(
         with_decoder: keep the VAE decoder (for mimicry simulations); dropped otherwise.
         single_file_config: for a single file, a diffusers folder (or hub id) whose configs and
             tokenizer describe the checkpoint's architecture, VAE scale and scheduler. Without it
-            diffusers infers the family from the keys and fetches its configs (offline: only
-            from the local hub cache).
+            the configs of the family's reference model are used (offline: only from the local
+            hub cache).
         local_files_only: never touch the network; defaults to ``HF_HUB_OFFLINE``.
+        family: ``sd1``, ``sd2-base``, ``sd2-v`` or ``sdxl`` (see :mod:`mimicshield.families`);
+            None detects it from the files. ``sd2-base``/``sd2-v`` also set the prediction type.
     """
     torch_device = resolve_device(device)
     torch_dtype = check_mps_dtype(resolve_dtype(dtype, torch_device), torch_device)
@@ -236,6 +350,10 @@ def load_models(
         offline = os.environ.get("HF_HUB_OFFLINE", "").strip().upper()
         local_files_only = offline in ("1", "ON", "YES", "TRUE")
 
+    if family is not None:
+        from .families import get_family
+
+        get_family(family)  # an unknown name fails before anything loads
     source = str(source)
     path = Path(source).expanduser()
     if not path.exists() and _looks_like_path(source):
@@ -247,19 +365,15 @@ def load_models(
         )
     with _quiet_loading():
         if path.is_file():
-            components = _load_single_file(path, single_file_config, local_files_only)
+            parts, chosen = _load_single_file(path, single_file_config, local_files_only, family)
         else:
-            components = _load_diffusers_folder(source, local_files_only)
-        vae, unet, text_encoder, tokenizer, scheduler = components
+            parts, chosen = _load_diffusers_folder(source, local_files_only, family)
+        vae, unet, scheduler = parts["vae"], parts["unet"], parts["scheduler"]
+        text_encoder, text_encoder_2 = parts["text_encoder"], parts.get("text_encoder_2")
 
-        prediction_type = scheduler.config.get("prediction_type", "epsilon")
-        hint = ""
-        if path.is_file() and single_file_config is None:
-            hint = (
-                " The scheduler config was guessed from the checkpoint's keys; if it is an "
-                "epsilon model (e.g. SD 2.x-base), pass --model-config with its diffusers config."
-            )
-        _check_supported(prediction_type, source, hint)
+        configured = scheduler.config.get("prediction_type", "epsilon")
+        prediction_type = chosen.prediction_type or configured
+        _check_supported(prediction_type, source)
         if not with_decoder:
             vae.decoder = None  # the methods only encode; this saves a third of the VAE's memory
             vae.post_quant_conv = None
@@ -269,7 +383,10 @@ def load_models(
             (vae, vae_dtype),
             (unet, torch_dtype),
             (text_encoder, torch_dtype),
+            (text_encoder_2, torch_dtype),
         ):
+            if module is None:
+                continue
             module.to(device=torch_device, dtype=module_dtype)
             module.requires_grad_(False)
             module.eval()
@@ -281,7 +398,7 @@ def load_models(
         vae=vae,
         unet=unet,
         text_encoder=text_encoder,
-        tokenizer=tokenizer,
+        tokenizer=parts["tokenizer"],
         alphas_cumprod=scheduler.alphas_cumprod.to(device=torch_device, dtype=torch.float32),
         scaling_factor=float(vae.config.scaling_factor),
         prediction_type=prediction_type,
@@ -289,6 +406,9 @@ def load_models(
         device=torch_device,
         dtype=torch_dtype,
         vae_dtype=vae_dtype,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=parts.get("tokenizer_2"),
+        family=chosen.name,
     )
 
 
@@ -334,37 +454,36 @@ def _looks_like_path(source: str) -> bool:
     )
 
 
-def _load_diffusers_folder(source: str, local_files_only: bool):
+def _load_diffusers_folder(source: str, local_files_only: bool, family: str | None):
     """Load each component on its own, so the safety checker and feature extractor never load.
 
-    For a hub id only these five subfolders are downloaded, never the safety checker's weights.
+    For a hub id only the subfolders the family needs are downloaded (and ``model_index.json``,
+    which names the pipeline), never the safety checker's weights. Returns the components by
+    name and the :class:`~mimicshield.families.Family` they were loaded as.
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from .families import (
+        FAMILIES,
+        check_architecture,
+        check_pipeline_supported,
+        folder_family,
+        get_family,
+    )
 
     folder = Path(source).expanduser()
     is_local = folder.is_dir()
     if is_local:
-        missing = [name for name in _COMPONENTS if not (folder / name).is_dir()]
-        if missing:
-            raise ModelLoadError(
-                f"{source}: not a Stable Diffusion diffusers folder (no {', '.join(missing)} "
-                "subfolder); pass one saved with save_pretrained, or a .safetensors/.ckpt file."
-            )
         source = str(folder)
-    loaders = {
-        "scheduler": DDPMScheduler,
-        "vae": AutoencoderKL,
-        "unet": UNet2DConditionModel,
-        "text_encoder": CLIPTextModel,
-        "tokenizer": CLIPTokenizer,
-    }
-    loaded = {}
-    for name, cls in loaders.items():
+    model_index = _model_index(source, folder if is_local else None, local_files_only)
+    check_pipeline_supported(model_index, source)
+    if is_local:
+        _require_subfolders(folder, _COMPONENTS, source)
+
+    def load(name: str, cls):
         try:
-            loaded[name] = cls.from_pretrained(
-                source, subfolder=name, local_files_only=local_files_only
-            )
+            return cls.from_pretrained(source, subfolder=name, local_files_only=local_files_only)
         except (OSError, ValueError) as error:
             if is_local:
                 raise ModelLoadError(
@@ -372,49 +491,164 @@ def _load_diffusers_folder(source: str, local_files_only: bool):
                     f"{_one_line(error)})."
                 ) from error
             raise _load_error(source, error, local_files_only) from error
-    return tuple(loaded[name] for name in ("vae", "unet", "text_encoder", "tokenizer", "scheduler"))
+
+    parts = {
+        "scheduler": load("scheduler", DDPMScheduler),
+        "vae": load("vae", AutoencoderKL),
+        "unet": load("unet", UNet2DConditionModel),
+    }
+    configured = parts["scheduler"].config.get("prediction_type", "epsilon")
+    detected = folder_family(model_index, parts["unet"].config, configured)
+    chosen = FAMILIES[detected] if family is None else get_family(family)
+    check_architecture(chosen, detected, source)
+    text = {"text_encoder": CLIPTextModel, "tokenizer": CLIPTokenizer}
+    if chosen.is_xl:
+        text.update(text_encoder_2=CLIPTextModelWithProjection, tokenizer_2=CLIPTokenizer)
+        if is_local:
+            _require_subfolders(folder, ("text_encoder_2", "tokenizer_2"), source)
+    parts.update({name: load(name, cls) for name, cls in text.items()})
+    return parts, chosen
 
 
-def _load_single_file(path: Path, config: str | None, local_files_only: bool):
-    """Load an original-format (CompVis/LDM) checkpoint through diffusers' own converter.
+def _model_index(source: str, folder: Path | None, local_files_only: bool) -> dict:
+    """The pipeline's ``model_index.json``; from a local folder without one, its subfolders.
+
+    A hub repo or cache without the file gives {}: the components then decide on their own.
+    """
+    if folder is not None:
+        index = folder / "model_index.json"
+        if index.is_file():
+            return json.loads(index.read_text())
+        return {sub.name: [None, None] for sub in folder.iterdir() if sub.is_dir()}
+
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        path = hf_hub_download(source, "model_index.json", local_files_only=local_files_only)
+    except EntryNotFoundError:  # also "not in the offline cache": the components will say
+        return {}
+    except (OSError, ValueError) as error:
+        raise _load_error(source, error, local_files_only) from error
+    return json.loads(Path(path).read_text())
+
+
+def _require_subfolders(folder: Path, names: tuple[str, ...], source: str) -> None:
+    missing = [name for name in names if not (folder / name).is_dir()]
+    if missing:
+        raise ModelLoadError(
+            f"{source}: not a Stable Diffusion diffusers folder (no {', '.join(missing)} "
+            "subfolder); pass one saved with save_pretrained, or a .safetensors/.ckpt file."
+        )
+
+
+def _load_single_file(path: Path, config: str | None, local_files_only: bool, family: str | None):
+    """Load an original-format (CompVis/LDM/SGM) checkpoint through diffusers' own converter.
 
     The file holds weights only. The architecture, the VAE's ``scaling_factor`` and
-    ``force_upcast``, the tokenizer and the scheduler (so ``prediction_type``) come from
-    ``config``, a diffusers folder or hub id. Without one diffusers guesses a hub id from the keys
-    (SD 2.x maps to the v-prediction 2.1) and downloads its configs: impossible offline.
+    ``force_upcast``, the tokenizers and the scheduler (so ``prediction_type``) come from
+    ``config``, a diffusers folder or hub id; without one, from the hub configs of the family's
+    reference model (offline: only from the local hub cache). The family comes from ``family``,
+    else from ``config``, else from the file's key names.
     """
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    import diffusers
+    from diffusers import DDPMScheduler
 
-    config = _single_file_config(path, config, local_files_only)
+    from .families import check_architecture, checkpoint_family, get_family
+
+    overridden = get_family(family) if family is not None else None
+    detected = checkpoint_family(_checkpoint_keys(path), path.name)
+    config_dir = config_family = None
+    if config is not None:
+        guess = overridden or get_family(detected)  # only names the family in error messages
+        config_dir = _single_file_config(path, config, local_files_only, guess)
+        config_family = _config_family(Path(config_dir))
+    chosen = overridden or get_family(config_family or detected)
+    check_architecture(chosen, detected, path.name)
+    if config_dir is None:
+        if overridden is None and detected == "sd2-v":
+            warnings.warn(
+                f"{path.name}: an SD 2.x file does not say whether it is 768-v or 512-base; "
+                "assuming 768-v (v-prediction) as diffusers does. For a 512-base fine-tune pass "
+                "--family sd2-base.",
+                stacklevel=3,
+            )
+        config_dir = _single_file_config(path, None, local_files_only, chosen)
+    extra = {"image_encoder": None, "feature_extractor": None}
+    if chosen.is_xl:
+        extra["add_watermarker"] = False
+    else:
+        extra.update(safety_checker=None, requires_safety_checker=False)
     try:
-        pipe = StableDiffusionPipeline.from_single_file(
-            str(path),
-            config=config,
-            local_files_only=local_files_only,
-            safety_checker=None,
-            feature_extractor=None,
-            image_encoder=None,
-            requires_safety_checker=False,
+        pipe = getattr(diffusers, chosen.pipeline).from_single_file(
+            str(path), config=config_dir, local_files_only=local_files_only, **extra
         )
     except _single_file_errors() as error:
         if config is None:
-            advice = "without --model-config DIR its configs come from the hub; pass DIR,"
+            advice = (
+                f"its configs came from {chosen.config_repo} ({chosen.title}); if that is the "
+                "wrong family pass --family, or --model-config DIR,"
+            )
         else:
-            advice = "it must be a complete SD 1.x/2.x checkpoint, and --model-config DIR"
+            advice = "it must be a complete SD 1.x/2.x/SDXL checkpoint, and --model-config DIR"
         raise ModelLoadError(
             f"{path}: could not load this checkpoint ({type(error).__name__}: {_one_line(error)}); "
             f"{advice} a diffusers folder (or hub id) of the same model family."
         ) from error
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    return pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer, scheduler
+    parts = {
+        "vae": pipe.vae,
+        "unet": pipe.unet,
+        "text_encoder": pipe.text_encoder,
+        "tokenizer": pipe.tokenizer,
+        "scheduler": DDPMScheduler.from_config(pipe.scheduler.config),
+    }
+    if chosen.is_xl:
+        parts.update(text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2)
+    return parts, chosen
 
 
-def _single_file_config(path: Path, config: str | None, local_files_only: bool) -> str | None:
-    """Where diffusers should read a single file's configs from; offline, always a local folder.
+def _checkpoint_keys(path: Path) -> list[str]:
+    """A single file's state-dict keys, without reading its tensors where the format allows."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as handle:
+                return list(handle.keys())
+        try:
+            checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError:  # a legacy (non-zip) torch file cannot be memory-mapped
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except _single_file_errors() as error:
+        raise ModelLoadError(
+            f"{path}: could not read this checkpoint ({type(error).__name__}: {_one_line(error)})."
+        ) from error
+    while isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
+        checkpoint = checkpoint["state_dict"]
+    return list(checkpoint) if isinstance(checkpoint, dict) else []
+
+
+def _config_family(folder: Path) -> str | None:
+    """The family a ``--model-config`` folder describes; None when it is not a local folder."""
+    from .families import check_pipeline_supported, folder_family
+
+    unet_config = folder / "unet" / "config.json"
+    if not unet_config.is_file():
+        return None
+    model_index = _model_index(str(folder), folder, local_files_only=True)
+    check_pipeline_supported(model_index, f"--model-config {folder}")
+    scheduler_config = folder / "scheduler" / "scheduler_config.json"
+    scheduler = json.loads(scheduler_config.read_text()) if scheduler_config.is_file() else {}
+    unet = json.loads(unet_config.read_text())
+    return folder_family(model_index, unet, scheduler.get("prediction_type", "epsilon"))
+
+
+def _single_file_config(path: Path, config: str | None, local_files_only: bool, family) -> str:
+    """The local folder diffusers should read a single file's configs from.
 
     diffusers' ``from_single_file``, told ``local_files_only`` but finding no cached config,
     retries *online*. Resolving the folder here keeps offline runs off the network and turns a
-    missing config into one clear line.
+    missing config into one clear line. Only configs and tokenizer files are fetched.
     """
     if config is not None:
         folder = Path(config).expanduser()
@@ -422,42 +656,26 @@ def _single_file_config(path: Path, config: str | None, local_files_only: bool) 
             return str(folder)
         if _looks_like_path(config):
             raise ModelLoadError(f"--model-config {config}: no such folder.")
-        if not local_files_only:
-            return config
         repo_id = config
-    elif not local_files_only:
-        return None  # diffusers infers the family from the keys and downloads its configs
     else:
-        repo_id = _inferred_config_repo(path)
+        repo_id = family.config_repo
 
     from huggingface_hub import snapshot_download
 
     try:
-        return snapshot_download(repo_id, allow_patterns=_CONFIG_PATTERNS, local_files_only=True)
+        return snapshot_download(
+            repo_id, allow_patterns=_CONFIG_PATTERNS, local_files_only=local_files_only
+        )
     except (OSError, ValueError) as error:
+        if local_files_only:
+            reason = "offline, and the configs of {!r} that describe its architecture are not in "
+            reason = reason.format(repo_id) + "the local hub cache"
+        else:
+            reason = f"could not get the configs of {repo_id!r} that describe its architecture "
+            reason += f"({type(error).__name__}: {_one_line(error)})"
         raise ModelLoadError(
-            f"{path.name}: offline, and the configs of {repo_id!r} that describe its architecture "
-            "are not in the local hub cache; pass --model-config DIR, a diffusers folder of the "
-            "same model family (e.g. a saved stable-diffusion-v1-5)."
-        ) from error
-
-
-def _inferred_config_repo(path: Path) -> str:
-    """The hub id whose configs diffusers would use for this checkpoint, read from its keys.
-
-    This reads the file once more than loading does; it only happens offline without a config.
-    """
-    from diffusers.loaders.single_file_utils import (
-        fetch_diffusers_config,
-        load_single_file_checkpoint,
-    )
-
-    try:
-        checkpoint = load_single_file_checkpoint(str(path), local_files_only=True)
-        return fetch_diffusers_config(checkpoint)["pretrained_model_name_or_path"]
-    except _single_file_errors() as error:
-        raise ModelLoadError(
-            f"{path}: could not read this checkpoint ({type(error).__name__}: {_one_line(error)})."
+            f"{path.name}: {reason}; pass --model-config DIR, a diffusers folder of the same model "
+            f"family ({family.title}), or --family if {family.title} is the wrong guess."
         ) from error
 
 

@@ -1,4 +1,4 @@
-"""``Protector``: construct with parameters, call on images (the torchattacks calling convention)."""
+"""``Protector``: construct with parameters, call on images (torchattacks' convention)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .attack import projected_sign_steps, quantize_within_budget
+from .ensemble import members, weighted_direction
 from .methods import DEFAULT_METHOD, SDST_DEFAULT_R, StepInputs, get_method
+from .robust import EOT, parse_robust
 from .targets import target_pattern
 
 DEFAULT_PROMPT = "a photo"
@@ -29,6 +31,7 @@ class ProtectionConfig:
     """Everything that defines the maths of a run; serialised into the manifest.
 
     ``eps`` and ``step_size`` are on the [0, 1] pixel scale (16/255 means 16 grey levels).
+    ``robust`` names the transforms of :mod:`mimicshield.robust` to optimise over (EOT).
     """
 
     method: str = DEFAULT_METHOD
@@ -41,9 +44,11 @@ class ProtectionConfig:
     r: float = SDST_DEFAULT_R
     seed: int = 0
     quantize_levels: int | None = 255
+    robust: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         get_method(self.method)
+        object.__setattr__(self, "robust", parse_robust(self.robust))
         if not 0 < self.eps <= 1:
             raise ValueError(f"`eps` must be in (0, 1] on the [0, 1] pixel scale; got {self.eps}.")
         if not 0 < self.step_size <= 1:
@@ -78,7 +83,9 @@ class Protector:
 
     Arguments:
         model: a :class:`~mimicshield.models.LatentDiffusion` (or any object with ``encode``,
-            ``predict_noise``, ``alphas_cumprod``, ``embed_prompt`` and ``latent_shape``).
+            ``predict_noise``, ``alphas_cumprod``, ``condition`` and ``latent_shape``), or an
+            :class:`~mimicshield.ensemble.Ensemble` of them: each step then follows the
+            weighted sum of the models' directions, each with its own draws and conditioning.
         method: one of :data:`mimicshield.methods.METHODS`. (Default: ``"sds-"``)
         target: the target image for photoguard, mist and sdst-: a (3, H, W) tensor in [0, 1]
             or a PIL image, resized to each input; None uses the built-in pattern.
@@ -97,7 +104,7 @@ class Protector:
         self.config = ProtectionConfig(method=method, **config)
         self.method = get_method(method)
         self.target = _as_tensor01(target) if target is not None else None
-        self._latent_cache: dict[tuple[int, int], Tensor] = {}
+        self._latent_cache: dict[tuple[int, int, int], Tensor] = {}
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in self.config.to_dict().items())
@@ -138,9 +145,10 @@ class Protector:
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
 
         x0 = images.to(device=device, dtype=torch.float32) * 2 - 1
-        latent_shape = self.model.latent_shape(height, width)
+        models = members(self.model)  # [(model, weight)]; one model has weight 1
+        latent_shapes = [model.latent_shape(height, width) for model, _ in models]
         eps, alpha = 2 * cfg.eps, 2 * cfg.step_size  # [0, 1] scale -> [-1, 1] scale
-        fixed = self._fixed_inputs(x0)
+        fixed = [self._fixed_inputs(k, model, x0) for k, (model, _) in enumerate(models)]
         direction_fn = self.method.direction
         if cfg.method == "sdst-":
             direction_fn = partial(direction_fn, r=cfg.r)
@@ -150,9 +158,15 @@ class Protector:
             start = _stack(lambda g: torch.rand(x0.shape[1:], generator=g) * 2 - 1, generators)
             start = start.to(device) * eps
 
+        eot = EOT(cfg.robust, seeds) if cfg.robust else None
+
         def direction(x: Tensor, step: int) -> Tensor:
-            inputs = StepInputs(**self._draw_random_inputs(generators, latent_shape), **fixed)
-            return direction_fn(self.model, x, inputs)
+            terms = []
+            for (model, weight), shape, fixed_k in zip(models, latent_shapes, fixed, strict=True):
+                inputs = StepInputs(**self._draw_random_inputs(model, generators, shape), **fixed_k)
+                model = model if eot is None else eot.wrap(model, x.shape[1:])
+                terms.append((model, weight, inputs))
+            return weighted_direction(direction_fn, terms, x)
 
         def on_step(step: int, _x: Tensor) -> None:
             if callback is not None:
@@ -170,42 +184,52 @@ class Protector:
 
     # --- helpers ----------------------------------------------------------------------------
 
-    def _fixed_inputs(self, x0: Tensor) -> dict:
-        """The inputs that stay fixed over the run: computed once, not every step."""
+    def _fixed_inputs(self, index: int, model, x0: Tensor) -> dict:
+        """The inputs that stay fixed over the run: computed once, not every step.
+
+        ``model`` is member ``index`` of the ensemble (0 for a single model).
+        """
         batch, _, height, width = x0.shape
         fixed: dict = {}
         if self.method.needs_unet:
-            fixed["cond"] = self.model.embed_prompt(self.config.prompt).expand(batch, -1, -1)
+            fixed["cond"] = model.condition(self.config.prompt, batch, height, width)
         with torch.no_grad():
             if self.method.needs_target:
-                fixed["target_latent"] = self._target_latent(height, width).expand(batch, -1, -1, -1)
+                target = self._target_latent(index, model, height, width)
+                fixed["target_latent"] = target.expand(batch, -1, -1, -1)
             if self.config.method == "encoder":
-                fixed["source_latent"] = self.model.encode(x0)
+                fixed["source_latent"] = model.encode(x0)
         return fixed
 
-    def _target_latent(self, height: int, width: int) -> Tensor:
+    def _target_latent(self, index: int, model, height: int, width: int) -> Tensor:
         """E(y) (the posterior mean) for the target resized to this size, cached per size."""
-        key = (height, width)
+        key = (index, height, width)
+        size = (height, width)
         if key not in self._latent_cache:
             if self.target is None:
                 target = target_pattern(height, width)[None]
             else:
                 target = F.interpolate(
-                    self.target[None], size=key, mode="bilinear", antialias=True, align_corners=False
+                    self.target[None],
+                    size=size,
+                    mode="bilinear",
+                    antialias=True,
+                    align_corners=False,
                 ).clamp(0, 1)
-            self._latent_cache[key] = self.model.encode(target.to(self.model.device) * 2 - 1)
+            self._latent_cache[key] = model.encode(target.to(model.device) * 2 - 1)
         return self._latent_cache[key]
 
-    def _draw_random_inputs(self, generators, latent_shape) -> dict:
+    def _draw_random_inputs(self, model, generators, latent_shape) -> dict:
         """One timestep and noise (semantic methods) and one posterior draw per image.
 
         Drawn on the CPU from each image's own generator, so results do not depend on the
-        batch an image is in, and the random streams are the same on every device.
+        batch an image is in, and the random streams are the same on every device. An
+        ensemble's models draw in turn from the same generators: each gets its own t and n.
         """
-        device = self.model.device
+        device = model.device
         drawn: dict = {}
         if self.method.needs_unet:
-            steps = self.model.num_train_timesteps
+            steps = model.num_train_timesteps
             t = torch.cat([torch.randint(0, steps, (1,), generator=g) for g in generators])
             noise = _stack(lambda g: torch.randn(latent_shape, generator=g), generators)
             drawn.update(t=t.to(device), noise=noise.to(device))

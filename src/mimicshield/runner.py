@@ -1,26 +1,57 @@
-"""Protecting files: collecting inputs, batching by size, saving, and the run manifest.
+"""Protecting files: collecting inputs, batching by working size, saving, and the run manifest.
 
 The engine (:class:`~mimicshield.protector.Protector`) only sees tensors; this module is the
 edge that turns paths into tensors and results into files. It never raises on a bad image:
-the failure is recorded and the batch goes on.
+the failure is recorded with one line naming the file, and the batch goes on.
+
+Resuming: ``OUT/manifest.json`` is rewritten after every image, and every output is written
+atomically, so after Ctrl-C or a crash the same command continues where it stopped. An output
+counts as complete only if the manifest records it with the same settings and the same input
+and output bytes (sha256); anything else is redone with ``overwrite`` or refused without it.
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
+import itertools
 import json
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
+from torch import Tensor
 
 from . import __version__
-from .images import IMAGE_SUFFIXES, ImageFileError, LoadedImage, load_image, save_atomically, to_pil
+from .attack import quantize_within_budget
+from .images import (
+    IMAGE_SUFFIXES,
+    ImageFileError,
+    ImageHeader,
+    LoadedImage,
+    OutputPlan,
+    load_image,
+    plan_output,
+    probe_image,
+    remove_partial_files,
+    save_image,
+    to_array,
+    write_atomically,
+)
 from .metrics import psnr, ssim
 from .protector import Protector
+from .resolution import (
+    DEFAULT_TILE_SIZE,
+    DEFAULT_WORK_SIZE,
+    padded_shape,
+    protect_at_work_size,
+    work_shape,
+)
 
 MANIFEST_NAME = "manifest.json"
 
@@ -33,18 +64,40 @@ class InputFile:
     relative: Path
 
 
+@dataclass(frozen=True)
+class OutputOptions:
+    """How files are protected and written; a resumed run must use the same ones to skip."""
+
+    work_size: int | None = DEFAULT_WORK_SIZE  # None: native resolution
+    tile_size: int = DEFAULT_TILE_SIZE
+    file_format: str = "png"  # "png" or "jpeg"
+    quality: int = 95  # JPEG only
+    provenance: bool = True  # write the "no AI/ML training" XMP
+
+
 @dataclass
 class FileResult:
     input: str
-    output: str | None
+    output: str | None  # relative to the output folder
     status: str  # "protected", "skipped" or "failed"
     error: str | None = None
+    relative: str | None = None
     width: int | None = None
     height: int | None = None
+    bits: int | None = None
     psnr: float | None = None
     ssim: float | None = None
     linf_255: float | None = None
     seconds: float | None = None
+    note: str | None = None
+    settings: str | None = None
+    input_sha256: str | None = None
+    output_sha256: str | None = None
+
+    @classmethod
+    def from_dict(cls, entry: dict) -> FileResult:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in entry.items() if k in names})
 
 
 @dataclass
@@ -56,59 +109,127 @@ class RunReport:
         return [r for r in self.results if r.status == "failed"]
 
 
-def collect_inputs(arguments: Iterable[str]) -> tuple[list[InputFile], list[FileResult]]:
+@dataclass
+class _Job:
+    item: InputFile
+    header: ImageHeader
+    plan: OutputPlan
+    destination: Path
+    output: str
+
+
+def collect_inputs(
+    arguments: Iterable[str], exclude: Path | None = None
+) -> tuple[list[InputFile], list[FileResult]]:
     """Expand files, folders (recursively) and glob patterns into image files.
 
+    Files under ``exclude`` (the output folder) are left out when it lies inside a folder or
+    pattern being read, so a rerun into ``photos/protected`` does not protect its own outputs.
     Returns the files found, and a failed result for each argument that matched nothing.
     """
+    excluded = exclude.expanduser().resolve() if exclude is not None else None
+
+    def wanted(file: Path, root: Path) -> bool:
+        """Not in the output folder, unless the user pointed at that folder itself."""
+        if excluded is None or root.resolve().is_relative_to(excluded):
+            return True
+        return not file.resolve().is_relative_to(excluded)
+
     found: dict[Path, InputFile] = {}
     missing: list[FileResult] = []
     for argument in arguments:
         path = Path(argument).expanduser()
         if path.is_dir():
             for file in sorted(p for p in path.rglob("*") if p.is_file()):
-                if file.suffix.lower() in IMAGE_SUFFIXES and not file.name.startswith("."):
+                hidden = any(part.startswith(".") for part in file.relative_to(path).parts)
+                if file.suffix.lower() in IMAGE_SUFFIXES and not hidden and wanted(file, path):
                     found.setdefault(file.resolve(), InputFile(file, file.relative_to(path)))
         elif path.is_file():
             found.setdefault(path.resolve(), InputFile(path, Path(path.name)))
-        elif matches := sorted(glob.glob(argument, recursive=True)):
+        elif matches := sorted(glob.glob(str(path), recursive=True)):
+            root = Path(*itertools.takewhile(_is_literal, path.parts))  # the part before * or ?
             for match in map(Path, matches):
-                if match.is_file():
+                if match.is_file() and wanted(match, root):
                     found.setdefault(match.resolve(), InputFile(match, Path(match.name)))
         else:
             missing.append(FileResult(argument, None, "failed", f"{argument}: no such file."))
     return list(found.values()), missing
 
 
-def output_path_for(item: InputFile, out_dir: Path) -> Path:
-    """OUT/<relative path>.png: names kept, folders mirrored, always lossless PNG."""
-    return out_dir / item.relative.with_suffix(".png")
+def _is_literal(part: str) -> bool:
+    return not glob.has_magic(part)
 
 
 def load_manifest(out_dir: Path) -> dict:
-    path = out_dir / MANIFEST_NAME
+    path = Path(out_dir) / MANIFEST_NAME
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
         return {}
+    return manifest if isinstance(manifest, dict) else {}
 
 
-def write_manifest(out_dir: Path, header: dict, report: RunReport) -> Path:
-    """OUT/manifest.json: version, model, method, parameters, seed and per-image results."""
-    manifest = {
-        "mimicshield_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        **header,
-        "images": [asdict(r) for r in report.results],
+class Manifest:
+    """``OUT/manifest.json``: this run's header, and one entry per input (earlier runs kept).
+
+    Entries are keyed by the input's path relative to its folder, which is also where its
+    output lives, so a run over part of a folder keeps the entries of the rest.
+    """
+
+    def __init__(self, out_dir: Path, header: dict | None) -> None:
+        self.out_dir = out_dir
+        self.header = header
+        self.entries: dict[str, dict] = {}
+        for entry in load_manifest(out_dir).get("images", []):
+            if isinstance(entry, dict) and entry.get("relative"):
+                self.entries[entry["relative"]] = entry
+
+    def previous(self, relative: str) -> FileResult | None:
+        entry = self.entries.get(relative)
+        return FileResult.from_dict(entry) if entry else None
+
+    def record(self, result: FileResult) -> None:
+        if result.relative is None:
+            return
+        self.entries[result.relative] = asdict(result)
+        if self.header is not None:
+            self.write()
+
+    def write(self) -> Path:
+        manifest = {
+            "mimicshield_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **(self.header or {}),
+            "images": list(self.entries.values()),
+        }
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / MANIFEST_NAME
+        text = json.dumps(manifest, indent=2)
+        write_atomically(path, lambda temporary: temporary.write_text(text))
+        return path
+
+
+def settings_id(protector: Protector, options: OutputOptions, header: dict | None) -> str:
+    """A short fingerprint of everything that shapes an output (not the device it ran on)."""
+    header = header or {}
+    settings = {
+        "model": header.get("model"),
+        "parameters": header.get("parameters"),
+        "config": protector.config.to_dict(),
+        "options": asdict(options),
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / MANIFEST_NAME
-    temporary = path.with_suffix(".json.part")
-    temporary.write_text(json.dumps(manifest, indent=2))
-    temporary.replace(path)
-    return path
+    text = json.dumps(settings, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def protect_files(
@@ -116,6 +237,7 @@ def protect_files(
     out_dir: Path,
     protector: Protector,
     *,
+    options: OutputOptions | None = None,
     batch_size: int = 1,
     overwrite: bool = False,
     manifest_header: dict | None = None,
@@ -123,84 +245,219 @@ def protect_files(
     on_step: Callable[[int, int], None] | None = None,
     on_image_done: Callable[[FileResult], None] | None = None,
 ) -> RunReport:
-    """Protect ``files`` into ``out_dir``, grouping same-size images into batches.
+    """Protect ``files`` into ``out_dir``, grouping images of equal working size into batches.
 
-    Completed outputs recorded in an earlier manifest are skipped unless ``overwrite``. The
-    manifest is rewritten after every image, so an interrupted run resumes where it stopped.
+    Completed outputs recorded in an earlier manifest (same settings, same bytes) are skipped
+    unless ``overwrite``. The manifest is rewritten after every image, so an interrupted run
+    resumes where it stopped. Temporary files a killed run left behind are removed first.
     """
+    options = options or OutputOptions()
+    out_dir = Path(out_dir)
+    remove_partial_files(out_dir)
+    settings = settings_id(protector, options, manifest_header)
+    header = None
+    if manifest_header is not None:
+        header = {**manifest_header, "settings": settings, "options": asdict(options)}
+    manifest = Manifest(out_dir, header)
     report = RunReport()
 
     def record(result: FileResult) -> None:
         report.results.append(result)
-        if manifest_header is not None:
-            write_manifest(out_dir, manifest_header, report)
+        manifest.record(result)
         if on_image_done is not None:
             on_image_done(result)
 
-    previous = {
-        entry["output"]: entry
-        for entry in load_manifest(out_dir).get("images", [])
-        if entry.get("status") in ("protected", "skipped") and entry.get("output")
-    }
     inputs = {item.path.resolve() for item in files}
-
-    pending: list[tuple[InputFile, LoadedImage, Path]] = []
+    claimed: dict[Path, Path] = {}
+    groups: dict[tuple[int, int], list[_Job]] = {}
     for item in files:
-        destination = output_path_for(item, out_dir)
-        if destination.resolve() in inputs:
-            error = f"{item.path}: output {destination} would overwrite an input; choose another -o."
-            record(FileResult(str(item.path), None, "failed", error))
-            continue
-        if not overwrite and str(destination) in previous and destination.is_file():
-            kept = {**previous[str(destination)], "status": "skipped", "input": str(item.path)}
+        relative = item.relative.as_posix()
+        previous = manifest.previous(relative)
+        if not overwrite and _is_complete(previous, item, out_dir, settings):
+            kept = {**asdict(previous), "status": "skipped", "input": str(item.path)}
+            claimed[(out_dir / previous.output).resolve()] = item.path
             record(FileResult(**kept))
             continue
         try:
-            loaded = load_image(item.path)
+            job = _plan(item, out_dir, options, inputs, claimed, overwrite, previous, settings)
         except ImageFileError as error:
-            record(FileResult(str(item.path), None, "failed", str(error)))
+            record(FileResult(str(item.path), None, "failed", str(error), relative=relative))
             continue
-        pending.append((item, loaded, destination))
+        claimed[job.destination.resolve()] = item.path
+        key = padded_shape(*work_shape(job.header.height, job.header.width, options.work_size))
+        groups.setdefault(key, []).append(job)
 
-    by_size: dict[tuple[int, int], list] = {}
-    for entry in pending:
-        by_size.setdefault(entry[1].size, []).append(entry)
-    for group in by_size.values():
-        for start in range(0, len(group), batch_size):
-            batch = group[start : start + batch_size]
-            for result in _protect_batch(batch, protector, on_image_start, on_step):
-                record(result)
+    for jobs in groups.values():
+        for start in range(0, len(jobs), batch_size):
+            batch = jobs[start : start + batch_size]
+            _protect_batch(
+                batch, protector, options, batch_size, settings, record, on_image_start, on_step
+            )
     return report
 
 
-def _protect_batch(batch, protector: Protector, on_image_start, on_step) -> list[FileResult]:
-    if on_image_start is not None:
-        on_image_start(batch[0][0], len(batch))
-    started = time.perf_counter()
-    clean = torch.stack([loaded.rgb for _, loaded, _ in batch])
-    output = protector.protect(clean, callback=on_step)
-    seconds = (time.perf_counter() - started) / len(batch)
-    quality_psnr, quality_ssim = psnr(output.images, clean), ssim(output.images, clean)
+def _is_complete(
+    previous: FileResult | None, item: InputFile, out_dir: Path, settings: str
+) -> bool:
+    """Recorded as done with these settings, and neither file has changed since."""
+    if previous is None or previous.status not in ("protected", "skipped"):
+        return False
+    if previous.settings != settings or not previous.output:
+        return False
+    output = out_dir / previous.output
+    if not output.is_file() or not item.path.is_file():
+        return False
+    return (
+        sha256_file(output) == previous.output_sha256
+        and sha256_file(item.path) == previous.input_sha256
+    )
 
-    results = []
-    for i, (item, loaded, destination) in enumerate(batch):
-        try:
-            save_atomically(to_pil(output.images[i], loaded.alpha), destination)
-        except OSError as error:
-            message = f"{item.path}: could not write {destination} ({error})."
-            results.append(FileResult(str(item.path), None, "failed", message))
-            continue
-        results.append(
-            FileResult(
-                input=str(item.path),
-                output=str(destination),
-                status="protected",
-                width=loaded.size[0],
-                height=loaded.size[1],
-                psnr=float(quality_psnr[i]),
-                ssim=float(quality_ssim[i]),
-                linf_255=float(output.linf_255[i]),
-                seconds=round(seconds, 3),
-            )
+
+def _plan(
+    item: InputFile,
+    out_dir: Path,
+    options: OutputOptions,
+    inputs: set[Path],
+    claimed: dict[Path, Path],
+    overwrite: bool,
+    previous: FileResult | None,
+    settings: str,
+) -> _Job:
+    """Read the header and decide the output path; refuse anything that would lose a file."""
+    header = probe_image(item.path)
+    plan = plan_output(header, options.file_format)
+    output = item.relative.with_suffix(plan.suffix)
+    destination = out_dir / output
+    resolved = destination.resolve()
+    if resolved in inputs:
+        raise ImageFileError(
+            f"{item.path}: its output {destination} would overwrite an input; choose another -o."
         )
-    return results
+    if resolved in claimed:
+        raise ImageFileError(
+            f"{item.path}: same output name {destination} as {claimed[resolved]}; rename one."
+        )
+    if destination.exists() and not overwrite:
+        why = "is not recorded in the manifest"
+        if previous is not None and previous.settings not in (None, settings):
+            why = "was protected with different settings"
+        elif previous is not None:
+            why = "does not match the manifest (the input or the output changed since)"
+        raise ImageFileError(
+            f"{item.path}: output {destination} already exists and {why}; "
+            "pass --overwrite to replace it."
+        )
+    return _Job(item, header, plan, destination, output.as_posix())
+
+
+def _protect_batch(
+    batch: list[_Job],
+    protector: Protector,
+    options: OutputOptions,
+    batch_size: int,
+    settings: str,
+    record: Callable[[FileResult], None],
+    on_image_start,
+    on_step,
+) -> None:
+    loaded: list[tuple[_Job, LoadedImage]] = []
+    for job in batch:
+        try:
+            loaded.append((job, load_image(job.item.path)))
+        except ImageFileError as error:
+            record(_failure(job, str(error)))
+    if not loaded:
+        return
+    if on_image_start is not None:
+        on_image_start(loaded[0][0].item, len(loaded))
+
+    started = time.perf_counter()
+    try:
+        protected = protect_at_work_size(
+            protector,
+            [image.rgb for _, image in loaded],
+            work_size=options.work_size,
+            tile_size=options.tile_size,
+            batch_size=batch_size,
+            callback=on_step,
+        )
+    except (RuntimeError, ValueError, MemoryError) as error:
+        hint = " (out of memory: try a smaller --tile-size)" if "memory" in str(error) else ""
+        for job, _ in loaded:
+            record(_failure(job, f"{job.item.path}: protection failed: {error}{hint}"))
+        return
+    seconds = (time.perf_counter() - started) / len(loaded)
+
+    for (job, image), adversarial in zip(loaded, protected, strict=True):
+        record(_save(job, image, adversarial, protector.config.eps, options, settings, seconds))
+
+
+def _save(
+    job: _Job,
+    image: LoadedImage,
+    adversarial: Tensor,
+    eps: float,
+    options: OutputOptions,
+    settings: str,
+    seconds: float,
+) -> FileResult:
+    final = to_file_grid(adversarial, image.rgb, eps, job.plan.levels, image.grey)
+    try:
+        array = to_array(final, image, job.plan.levels)
+        save_image(
+            array,
+            image,
+            job.destination,
+            job.plan,
+            quality=options.quality,
+            provenance=options.provenance,
+        )
+    except OSError as error:
+        return _failure(job, f"{job.item.path}: could not write {job.destination} ({error}).")
+
+    notes = [*image.notes, *([job.plan.note] if job.plan.note else [])]
+    if job.plan.format == "JPEG":  # measure what the lossy file really holds
+        final = _decode_saved(job.destination, image.grey)
+    clean = image.rgb
+    return FileResult(
+        input=str(job.item.path),
+        output=job.output,
+        status="protected",
+        relative=job.item.relative.as_posix(),
+        width=image.size[0],
+        height=image.size[1],
+        bits=8 if job.plan.levels == 255 else 16,
+        psnr=float(psnr(final[None], clean[None])[0]),
+        ssim=float(ssim(final[None], clean[None])[0]),
+        linf_255=float((final - clean).abs().max() * 255),
+        seconds=round(seconds, 3),
+        note="; ".join(notes) or None,
+        settings=settings,
+        input_sha256=sha256_file(job.item.path),
+        output_sha256=sha256_file(job.destination),
+    )
+
+
+def to_file_grid(adversarial: Tensor, clean: Tensor, eps: float, levels: int, grey: bool) -> Tensor:
+    """Round to the file's ``levels`` within ``eps`` of ``clean``; grey images stay grey.
+
+    For grey images the three channel perturbations are averaged into one (an average of values
+    within eps is within eps), since the file stores a single channel.
+    """
+    if grey:
+        delta = (adversarial - clean).mean(dim=0, keepdim=True)
+        adversarial = (clean[:1] + delta).clamp(0, 1).expand_as(clean)
+    return quantize_within_budget(adversarial, clean, eps, levels)
+
+
+def _decode_saved(path: Path, grey: bool) -> Tensor:
+    with Image.open(path) as saved:
+        array = np.asarray(saved.convert("L" if grey else "RGB"), dtype=np.float32) / 255
+    tensor = torch.from_numpy(array)
+    return tensor.expand(3, -1, -1) if grey else tensor.permute(2, 0, 1)
+
+
+def _failure(job: _Job, message: str) -> FileResult:
+    return FileResult(
+        str(job.item.path), None, "failed", message, relative=job.item.relative.as_posix()
+    )

@@ -14,7 +14,7 @@ from torch import Tensor
 
 
 def target_pattern(height: int, width: int) -> Tensor:
-    """A (3, height, width) tensor in [0, 1]: checkerboard x rings x diagonal stripes, per channel."""
+    """A (3, height, width) image in [0, 1]: checkerboard x rings x stripes, per channel."""
     y = torch.arange(height, dtype=torch.float32).view(-1, 1)
     x = torch.arange(width, dtype=torch.float32).view(1, -1)
     checker = torch.sign(torch.sin(2 * math.pi * x / 32) * torch.sin(2 * math.pi * y / 32))

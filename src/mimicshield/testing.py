@@ -55,6 +55,33 @@ SD1_SCHEDULER = {
     "prediction_type": "epsilon",
     "timestep_spacing": "leading",
 }
+# SD 2.x: OpenCLIP-H text encoder (gelu), linear attention projections in the UNet
+TINY_SD2_UNET = {**TINY_UNET, "attention_head_dim": (2, 4), "use_linear_projection": True}
+TINY_SD2_TEXT = {**TINY_TEXT, "hidden_act": "gelu"}
+# SDXL: CLIP-L + OpenCLIP-bigG (different widths, as in the real model: the single-file
+# converter tells the two apart by width), cross-attention on both concatenated (32 + 48), and
+# added conditioning of 6 time ids x 8 + the 48-wide pooled embedding
+TINY_SDXL_TEXT_2 = {
+    **TINY_TEXT,
+    "hidden_size": 48,
+    "intermediate_size": 96,
+    "projection_dim": 48,
+    "hidden_act": "gelu",
+}
+TINY_SDXL_UNET = {
+    **TINY_UNET,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    "attention_head_dim": (2, 4),
+    "use_linear_projection": True,
+    "transformer_layers_per_block": (1, 2),
+    "cross_attention_dim": 32 + 48,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 6 * 8 + 48,
+}
+TINY_SDXL_VAE = {**TINY_VAE, "scaling_factor": 0.13025}
+SDXL_SCHEDULER = {**SD1_SCHEDULER, "interpolation_type": "linear", "use_karras_sigmas": False}
 
 
 def write_tiny_tokenizer(folder: Path) -> None:
@@ -148,9 +175,11 @@ def copy_tiny_model(
 def save_tiny_single_file(diffusers_folder: str | Path, path: str | Path) -> Path:
     """Re-save a diffusers folder as one original-layout (CompVis/LDM) ``.safetensors``/``.ckpt``.
 
-    This is the inverse of diffusers' single-file converter for the layers the tiny SD-1.x config
-    has, so the single-file loading path is tested on the key layout real checkpoints use. A
+    This is the inverse of diffusers' single-file converter for the layers the tiny configs
+    have, so the single-file loading path is tested on the key layout real checkpoints use. A
     ``.ckpt`` is written as ``torch.save({"state_dict": ...})``, like the original releases.
+    The text encoders follow the family: CLIP for SD 1.x, OpenCLIP (``cond_stage_model.model``)
+    for SD 2.x, and SDXL's ``conditioner.embedders`` pair.
     """
     from safetensors.torch import load_file, save_file
 
@@ -160,6 +189,7 @@ def save_tiny_single_file(diffusers_folder: str | Path, path: str | Path) -> Pat
     unet = load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
     vae = load_file(folder / "vae" / "diffusion_pytorch_model.safetensors")
     text = load_file(folder / "text_encoder" / "model.safetensors")
+    text_config = json.loads((folder / "text_encoder" / "config.json").read_text())
 
     state_dict = {}
     for key, value in unet.items():
@@ -169,10 +199,14 @@ def save_tiny_single_file(diffusers_folder: str | Path, path: str | Path) -> Pat
         if ".mid.attn_1." in ldm_key and ldm_key.endswith("weight") and value.ndim == 2:
             value = value[:, :, None, None]  # the LDM VAE's attention projections are 1x1 convs
         state_dict["first_stage_model." + ldm_key] = value
-    for key, value in text.items():
-        # transformers >= 5.6 saves CLIPTextModel without its ``text_model.`` wrapper
-        key = key if key.startswith("text_model.") else "text_model." + key
-        state_dict["cond_stage_model.transformer." + key] = value
+    if (folder / "text_encoder_2").is_dir():  # SDXL: CLIP-L as is, OpenCLIP-bigG converted
+        text_2 = load_file(folder / "text_encoder_2" / "model.safetensors")
+        state_dict.update(_clip_to_ldm(text, "conditioner.embedders.0.transformer."))
+        state_dict.update(_open_clip_to_ldm(text_2, "conditioner.embedders.1.model."))
+    elif text_config.get("hidden_act") == "gelu":  # SD 2.x: an OpenCLIP model
+        state_dict.update(_open_clip_to_ldm(text, "cond_stage_model.model."))
+    else:
+        state_dict.update(_clip_to_ldm(text, "cond_stage_model.transformer."))
 
     state_dict = {key: value.contiguous().clone() for key, value in state_dict.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -197,6 +231,8 @@ _LDM_UNET_TOP = {
     "conv_in": "input_blocks.0.0",
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
+    "add_embedding.linear_1": "label_emb.0.0",  # SDXL's pooled-text and time-id embedding
+    "add_embedding.linear_2": "label_emb.0.2",
 }
 _LDM_VAE_ATTENTION = {
     "group_norm": "norm",
@@ -273,3 +309,118 @@ def _vae_key_to_ldm(key: str, num_blocks: int) -> str:
     if re.fullmatch(r"(post_)?quant_conv\.\w+", key):
         return key
     raise KeyError(f"no original-layout name for VAE key {key!r} (extend _vae_key_to_ldm)")
+
+
+def _clip_to_ldm(text: dict, prefix: str) -> dict:
+    """transformers CLIP text weights under ``prefix``, always inside ``text_model.``.
+
+    transformers >= 5.6 saves CLIPTextModel without its ``text_model.`` wrapper.
+    """
+    return {
+        prefix + (key if key.startswith("text_model.") else "text_model." + key): value
+        for key, value in text.items()
+    }
+
+
+_OPEN_CLIP_LAYER = {
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+    "self_attn.out_proj": "attn.out_proj",
+}
+
+
+def _open_clip_to_ldm(text: dict, prefix: str) -> dict:
+    """transformers CLIP text weights in the OpenCLIP layout SD 2.x and SDXL files use.
+
+    OpenCLIP keeps q, k and v in one ``in_proj`` matrix and stores the projection transposed.
+    """
+    out, qkv = {}, {}
+    for key, value in text.items():
+        key = key.removeprefix("text_model.")
+        if key == "embeddings.position_ids":
+            continue
+        if key == "embeddings.token_embedding.weight":
+            out["token_embedding.weight"] = value
+        elif key == "embeddings.position_embedding.weight":
+            out["positional_embedding"] = value
+        elif key.startswith("final_layer_norm."):
+            out["ln_final." + key.rpartition(".")[2]] = value
+        elif key == "text_projection.weight":
+            out["text_projection"] = value.T
+        elif match := re.fullmatch(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(\w+)", key):
+            qkv.setdefault((match[1], match[3]), {})[match[2]] = value
+        elif match := re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.(\w+)", key):
+            out[f"transformer.resblocks.{match[1]}.{_OPEN_CLIP_LAYER[match[2]]}.{match[3]}"] = value
+        else:
+            raise KeyError(f"no OpenCLIP name for text encoder key {key!r}")
+    for (layer, param), parts in qkv.items():
+        in_proj = torch.cat([parts["q"], parts["k"], parts["v"]])
+        out[f"transformer.resblocks.{layer}.attn.in_proj_{param}"] = in_proj
+    return {prefix + key: value for key, value in out.items()}
+
+
+def save_tiny_family_model(
+    folder: str | Path, family: str, *, seed: int = 0, prediction_type: str | None = None
+) -> Path:
+    """A tiny model of ``family`` (``sd1``, ``sd2-base``, ``sd2-v``, ``sdxl``), saved as a pipeline.
+
+    The configs are the real ones with small widths: SD 2.x's OpenCLIP text encoder and linear
+    attention projections, SDXL's two text encoders, added conditioning, 0.13025 VAE scale and
+    Euler scheduler. ``sd2-v`` defaults to v-prediction; ``prediction_type`` overrides.
+    """
+    from diffusers import (
+        AutoencoderKL,
+        DDPMScheduler,
+        EulerDiscreteScheduler,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    if family == "sd1":
+        return save_tiny_stable_diffusion(
+            folder, seed=seed, prediction_type=prediction_type or "epsilon"
+        )
+    folder = Path(folder)
+    xl = family == "sdxl"
+    prediction_type = prediction_type or ("v_prediction" if family == "sd2-v" else "epsilon")
+    torch.manual_seed(seed)
+    UNet2DConditionModel(**(TINY_SDXL_UNET if xl else TINY_SD2_UNET)).save_pretrained(
+        folder / "unet"
+    )
+    AutoencoderKL(**(TINY_SDXL_VAE if xl else TINY_VAE)).save_pretrained(folder / "vae")
+    encoders = [("", CLIPTextModel, TINY_TEXT if xl else TINY_SD2_TEXT)]
+    if xl:
+        encoders.append(("_2", CLIPTextModelWithProjection, TINY_SDXL_TEXT_2))
+    for suffix, cls, config in encoders:
+        write_tiny_tokenizer(folder / f"tokenizer{suffix}")
+        vocab_size = len(json.loads((folder / f"tokenizer{suffix}" / "vocab.json").read_text()))
+        special = {"bos_token_id": vocab_size - 2, "eos_token_id": vocab_size - 1}
+        text_config = CLIPTextConfig(vocab_size=vocab_size, pad_token_id=1, **special, **config)
+        cls(text_config).save_pretrained(folder / f"text_encoder{suffix}")
+    if xl:  # the real SDXL's second tokenizer pads with "!", not with the end token
+        path = folder / "tokenizer_2" / "tokenizer_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "pad_token": "!"}))
+    scheduler_cls = EulerDiscreteScheduler if xl else DDPMScheduler
+    scheduler_config = {
+        **(SDXL_SCHEDULER if xl else SD1_SCHEDULER),
+        "prediction_type": prediction_type,
+    }
+    scheduler_cls.from_config(scheduler_config).save_pretrained(folder / "scheduler")
+    index = {
+        "_class_name": "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline",
+        "vae": ["diffusers", "AutoencoderKL"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", scheduler_cls.__name__],
+    }
+    if xl:
+        index["text_encoder_2"] = ["transformers", "CLIPTextModelWithProjection"]
+        index["tokenizer_2"] = ["transformers", "CLIPTokenizer"]
+        index["force_zeros_for_empty_prompt"] = True
+    else:
+        index.update(safety_checker=[None, None], feature_extractor=[None, None])
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder

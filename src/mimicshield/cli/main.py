@@ -7,8 +7,14 @@ import sys
 
 import typer
 
+from . import bench as bench_command
+from . import evaluate as evaluate_command
 from . import methods as methods_command
+from . import mimic as mimic_command
 from . import protect as protect_command
+from . import purify as purify_command
+from . import ui as ui_command
+from .errors import CLIError
 
 app = typer.Typer(
     name="mimicshield",
@@ -19,10 +25,11 @@ app = typer.Typer(
 )
 app.command("protect")(protect_command.protect)
 app.command("methods")(methods_command.methods)
-
-
-class CLIError(Exception):
-    """An error whose message is complete for the user: printed as one line, no traceback."""
+app.command("bench")(bench_command.bench)
+app.command("mimic")(mimic_command.mimic)
+app.command("evaluate")(evaluate_command.evaluate)
+app.command("purify")(purify_command.purify)
+app.command("ui")(ui_command.ui)
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:

@@ -22,6 +22,39 @@ ModelConfigOpt = Annotated[
         help="for a single-file model: a diffusers folder of the same family (works offline)",
     ),
 ]
+# protect: repeatable, one value per --model for an ensemble
+ModelsOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--model",
+        help="hub id, local diffusers folder, or a .safetensors/.ckpt file; repeat it to protect "
+        f"against several models at once (default {DEFAULT_MODEL})",
+    ),
+]
+ModelWeightOpt = Annotated[
+    list[float] | None,
+    typer.Option(
+        "--model-weight",
+        help="weight of each --model in the ensemble, in order (default equal); only the ratios "
+        "matter",
+    ),
+]
+ModelConfigsOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--model-config",
+        help="for a single-file model: a diffusers folder of the same family (works offline); "
+        "with several --model, one per model in order, 'auto' for none",
+    ),
+]
+FamilyOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--family",
+        help="sd1, sd2-base, sd2-v, sdxl or auto (default: detected from the files); with "
+        "several --model, one per model in order",
+    ),
+]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cuda, mps or cpu")]
 DtypeOpt = Annotated[str, typer.Option(help="auto, fp32, fp16 or bf16")]
 SeedOpt = Annotated[int, typer.Option(help="random seed: same seed, inputs and device, same bytes")]

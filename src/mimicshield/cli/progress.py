@@ -49,14 +49,17 @@ class ProtectProgress:
         self.progress.reset(self.current, total=self.steps, description=label, visible=True)
 
     def step(self, step: int, total: int) -> None:
-        self.progress.update(self.current, completed=step)
-        self.progress.update(self.overall, advance=self.batch)
+        # ``total`` exceeds the step count when a large image is protected tile by tile.
+        self.progress.update(self.current, completed=step, total=total)
+        self.progress.update(self.overall, advance=self.batch * self.steps / max(total, 1))
 
     def image_done(self, result: FileResult) -> None:
         if result.status != "protected":
             self.progress.update(self.overall, advance=self.steps)
         if result.status == "failed":
             self.progress.console.print(f"[red]failed[/red] {result.error}")
+        elif result.status == "protected" and result.note:
+            self.progress.console.print(f"[yellow]note[/yellow] {result.input}: {result.note}")
 
 
 def print_results(report: RunReport, seconds: float, console: Console | None = None) -> None:

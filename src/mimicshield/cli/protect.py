@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -11,14 +12,29 @@ import typer
 
 from ..methods import DEFAULT_METHOD
 from ..models import DEFAULT_MODEL as DEFAULT_MODEL_ID
-from .options import DeviceOpt, DtypeOpt, MethodOpt, ModelConfigOpt, ModelOpt, SeedOpt
+from ..resolution import DEFAULT_TILE_SIZE, DEFAULT_WORK_SIZE
+from .options import (
+    DeviceOpt,
+    DtypeOpt,
+    FamilyOpt,
+    MethodOpt,
+    ModelConfigsOpt,
+    ModelsOpt,
+    ModelWeightOpt,
+    SeedOpt,
+)
 
 EXAMPLES = """
 Examples:
   mimicshield protect art.png -o protected/
   mimicshield protect portfolio/ -o protected/ --category artwork --eps 8
   mimicshield protect "shots/*.jpg" -o out/ --model ./my-sd15-folder --method sdst-
+  mimicshield protect art.png -o out/ --model ./sd15 --model ./sdxl.safetensors --model-weight 1 2
 """
+
+
+LOW_MEMORY_HELP = "less GPU memory (gradient checkpointing, text encoder unloaded), a bit slower"
+COMPILE_HELP = "torch.compile the networks: faster steps after a slow first step per image size"
 
 
 class Category(str, Enum):
@@ -26,6 +42,11 @@ class Category(str, Enum):
     anime = "anime"
     artwork = "artwork"
     landscape = "landscape"
+
+
+class FileFormat(str, Enum):
+    png = "png"
+    jpeg = "jpeg"
 
 
 class Posterior(str, Enum):
@@ -45,8 +66,10 @@ def protect(
     target: Annotated[
         Path | None, typer.Option(help="target image for photoguard, mist and sdst-")
     ] = None,
-    model: ModelOpt = DEFAULT_MODEL_ID,
-    model_config: ModelConfigOpt = None,
+    model: ModelsOpt = None,
+    model_weight: ModelWeightOpt = None,
+    model_config: ModelConfigsOpt = None,
+    family: FamilyOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     seed: SeedOpt = 0,
@@ -55,17 +78,57 @@ def protect(
         Posterior.sample
     ),
     sdst_r: Annotated[float, typer.Option(help="weight r of the SDS term in sdst-")] = 5.0,
+    robust: Annotated[
+        str | None,
+        typer.Option(
+            help="harden against purification (EOT): comma-separated jpeg, resize, blur, noise, "
+            "none; one is drawn each step (extra cost per step: see README)"
+        ),
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="redo outputs that already exist")] = False,
+    low_memory: Annotated[bool, typer.Option("--low-memory", help=LOW_MEMORY_HELP)] = False,
+    compile_networks: Annotated[bool, typer.Option("--compile", help=COMPILE_HELP)] = False,
+    work_size: Annotated[
+        str | None,
+        typer.Option(
+            help="'native' (full resolution), or N: compute the perturbation with the shorter "
+            "side at N and resize it back onto the original (default measured, see README; "
+            "raised to the model's own size: 768 for SD 2.x-v, 1024 for SDXL)"
+        ),
+    ] = None,
+    tile_size: Annotated[
+        int, typer.Option(help="largest side protected in one piece; larger go in tiles")
+    ] = DEFAULT_TILE_SIZE,
+    file_format: Annotated[
+        FileFormat, typer.Option("--format", help="png (lossless) or jpeg (lossy, weaker)")
+    ] = FileFormat.png,
+    quality: Annotated[
+        int | None, typer.Option(help="JPEG quality 1-100, with --format jpeg (default 95)")
+    ] = None,
+    metadata: Annotated[
+        bool,
+        typer.Option(
+            "--metadata/--no-metadata",
+            help="write the XMP 'no AI/ML training' notice (input EXIF/ICC/XMP are kept)",
+        ),
+    ] = True,
 ) -> None:
-    """Protect images against diffusion mimicry; writes PNGs and OUT/manifest.json."""
+    """Protect images against diffusion mimicry; writes PNGs and OUT/manifest.json.
+
+    Outputs keep the input's pixel size, mode, ICC profile, EXIF (minus orientation) and XMP.
+    Rerun the same command after an interruption to continue where it stopped.
+    """
     from rich.console import Console
 
+    from ..ensemble import Ensemble
+    from ..families import FAMILIES, default_work_size
     from ..images import ImageFileError, load_image
     from ..methods import get_method
     from ..models import load_models
     from ..protector import CATEGORY_PROMPTS, DEFAULT_PROMPT, Protector
-    from ..runner import collect_inputs, protect_files
-    from .main import CLIError
+    from ..resolution import parse_work_size
+    from ..runner import OutputOptions, collect_inputs, protect_files
+    from .errors import CLIError
     from .progress import ProtectProgress, print_results
 
     chosen = get_method(method)
@@ -75,7 +138,36 @@ def protect(
         raise CLIError(f"--target is only used by photoguard, mist and sdst-, not {method}.")
     if batch_size < 1:
         raise CLIError(f"--batch-size must be at least 1; got {batch_size}.")
-    files, missing = collect_inputs(inputs)
+    if quality is not None and file_format is not FileFormat.jpeg:
+        raise CLIError("--quality only applies to --format jpeg.")
+    if quality is not None and not 1 <= quality <= 100:
+        raise CLIError(f"--quality must be between 1 and 100; got {quality}.")
+    if tile_size < 64:
+        raise CLIError(f"--tile-size must be at least 64; got {tile_size}.")
+    sources = model or [DEFAULT_MODEL_ID]
+    configs = _per_model(model_config, sources, "--model-config", CLIError)
+    families = _per_model(family, sources, "--family", CLIError)
+    for name in families:
+        if name is not None and name not in FAMILIES:
+            raise CLIError(f"--family must be one of auto, {', '.join(FAMILIES)}; got {name!r}.")
+    if model_weight is not None and len(model_weight) != len(sources):
+        raise CLIError(
+            f"--model-weight: give one weight per --model ({len(sources)}); "
+            f"got {len(model_weight)}."
+        )
+    if model_weight is not None and not all(w > 0 for w in model_weight):
+        raise CLIError(f"--model-weight: weights must be positive; got {model_weight}.")
+    try:
+        options = OutputOptions(
+            work_size=parse_work_size(work_size or str(DEFAULT_WORK_SIZE or "native")),
+            tile_size=tile_size,
+            file_format=file_format.value,
+            quality=95 if quality is None else quality,
+            provenance=metadata,
+        )
+    except ValueError as error:
+        raise CLIError(f"--work-size: {error}") from error
+    files, missing = collect_inputs(inputs, exclude=out)
     if not files:
         raise CLIError(f"No image files found in: {' '.join(inputs)}.")
 
@@ -87,15 +179,33 @@ def protect(
             raise CLIError(f"--target {error}") from error
 
     err = Console(stderr=True)
-    with err.status(f"Loading {model} ..."):
-        loaded = load_models(
-            model, device=device, dtype=dtype, single_file_config=model_config
+    if file_format is FileFormat.jpeg:
+        err.print(
+            "[yellow]warning:[/yellow] JPEG is lossy: its compression removes part of the "
+            "perturbation and weakens the protection; PNG keeps all of it."
         )
+    loaded_models = []
+    for source, config, family_name in zip(sources, configs, families, strict=True):
+        with err.status(f"Loading {source} ..."):
+            loaded_models.append(
+                load_models(
+                    source,
+                    device=device,
+                    dtype=dtype,
+                    single_file_config=config,
+                    family=family_name,
+                )
+            )
+    loaded = loaded_models[0]
+    engine = loaded if len(loaded_models) == 1 else Ensemble(loaded_models, model_weight)
+    if work_size is None:
+        sizes = [m.native_size for m in loaded_models]
+        options = replace(options, work_size=default_work_size(options.work_size, sizes))
     chosen_prompt = (
         CATEGORY_PROMPTS[category.value] if category else (prompt or DEFAULT_PROMPT)
     )
     protector = Protector(
-        loaded,
+        engine,
         method,
         target=target_image,
         eps=eps / 255,
@@ -105,31 +215,64 @@ def protect(
         posterior=posterior.value,
         r=sdst_r,
         seed=seed,
+        robust=robust.split(",") if robust else (),
     )
+    if low_memory or compile_networks:
+        from ..performance import apply_performance_options
+
+        for each in loaded_models:
+            console = err if each is loaded else None  # say it once
+            apply_performance_options(each, [chosen_prompt], low_memory, compile_networks, console)
+    single = len(sources) == 1
     header = {
-        "model": model,
+        "model": sources[0] if single else sources,
+        "family": loaded.family if single else [m.family for m in loaded_models],
+        **({} if single else {"model_weights": engine.weights}),
         "device": str(loaded.device),
         "dtype": str(loaded.dtype).removeprefix("torch."),
         "parameters": {**protector.config.to_dict(), "target": str(target) if target else None},
         "seed": seed,
     }
     started = time.perf_counter()
-    with ProtectProgress(len(files), steps, console=err) as progress:
-        report = protect_files(
-            files,
-            out,
-            protector,
-            batch_size=batch_size,
-            overwrite=overwrite,
-            manifest_header=header,
-            on_image_start=progress.image_started,
-            on_step=progress.step,
-            on_image_done=progress.image_done,
+    try:
+        with ProtectProgress(len(files), steps, console=err) as progress:
+            report = protect_files(
+                files,
+                out,
+                protector,
+                options=options,
+                batch_size=batch_size,
+                overwrite=overwrite,
+                manifest_header=header,
+                on_image_start=progress.image_started,
+                on_step=progress.step,
+                on_image_done=progress.image_done,
+            )
+    except KeyboardInterrupt:
+        err.print(
+            f"Interrupted. Finished images are saved and listed in {out / 'manifest.json'}; "
+            "run the same command again to continue."
         )
+        raise typer.Exit(code=130) from None
     report.results.extend(missing)
     print_results(report, time.perf_counter() - started)
     if report.failures:
         raise typer.Exit(code=1)
+
+
+def _per_model(values: list[str] | None, sources: list[str], option: str, error) -> list:
+    """One value per --model: none given, one for a single model, or one each in order.
+
+    ``auto`` stands for "not given" at its position (detect the family, use default configs).
+    """
+    if not values:
+        return [None] * len(sources)
+    if len(values) != len(sources):
+        raise error(
+            f"{option}: give one value per --model ({len(sources)}, 'auto' for the default); "
+            f"got {len(values)}."
+        )
+    return [None if value.strip().lower() == "auto" else value for value in values]
 
 
 protect.__doc__ = (protect.__doc__ or "") + "\n" + EXAMPLES

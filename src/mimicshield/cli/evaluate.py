@@ -1,0 +1,217 @@
+"""``mimicshield evaluate CLEAN_DIR PROTECTED_DIR... -o OUT``: numbers and pictures."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..models import DEFAULT_MODEL as DEFAULT_MODEL_ID
+from .mimic import (
+    IMG2IMG_DEFAULT,
+    SDEDIT_DEFAULT,
+    GuidanceOpt,
+    Img2ImgStrengthsOpt,
+    InpaintKeepOpt,
+    InpaintModelOpt,
+    LoraLrOpt,
+    LoraRankOpt,
+    LoraStepsOpt,
+    MaskOpt,
+    NumSamplesOpt,
+    PromptOpt,
+    ResolutionOpt,
+    SampleStepsOpt,
+    ScenariosOpt,
+    SdeditStepsOpt,
+    StrengthsOpt,
+    TiLrOpt,
+    TiStepsOpt,
+)
+from .options import DeviceOpt, DtypeOpt, ModelConfigOpt, ModelOpt, SeedOpt
+
+EXAMPLES = """
+Examples:
+  mimicshield evaluate photos/ protected/ -o eval/ --lpips-weights lpips_alexnet.safetensors
+  mimicshield evaluate photos/ out-sds/ out-mist/ out-photoguard/ -o eval/ --scenarios all \\
+      --clip openai/clip-vit-large-patch14 --fid-weights inception-2015-12-05.pt
+"""
+
+
+def evaluate(
+    clean_dir: Annotated[Path, typer.Argument(help="folder of the original images")],
+    protected_dirs: Annotated[
+        list[Path], typer.Argument(help="one folder of protected PNGs per method")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder")],
+    lpips_weights: Annotated[
+        Path | None,
+        typer.Option(
+            help="lpips_alexnet.safetensors (default: $MIMICSHIELD_LPIPS_WEIGHTS, else "
+            "downloaded once to ~/.cache/mimicshield)",
+        ),
+    ] = None,
+    clip: Annotated[
+        str | None, typer.Option(help="CLIP model (hub id or folder) for CLIP image similarity")
+    ] = None,
+    fid_weights: Annotated[
+        Path | None,
+        typer.Option(help="TorchScript Inception features (inception-2015-12-05.pt) for FID"),
+    ] = None,
+    scenarios: ScenariosOpt = ["sdedit"],  # noqa: B006 - typer needs a list default
+    strengths: StrengthsOpt = SDEDIT_DEFAULT,
+    img2img_strengths: Img2ImgStrengthsOpt = IMG2IMG_DEFAULT,
+    prompt: PromptOpt = "a photo",
+    guidance: GuidanceOpt = 7.5,
+    sample_steps: SampleStepsOpt = 50,
+    sdedit_steps: SdeditStepsOpt = 100,
+    resolution: ResolutionOpt = 512,
+    mask: MaskOpt = None,
+    inpaint_keep: InpaintKeepOpt = 0.6,
+    inpaint_model: InpaintModelOpt = None,
+    num_samples: NumSamplesOpt = 4,
+    ti_steps: TiStepsOpt = 300,
+    ti_lr: TiLrOpt = 5e-3,
+    lora_steps: LoraStepsOpt = 200,
+    lora_lr: LoraLrOpt = 1e-4,
+    lora_rank: LoraRankOpt = 4,
+    report_scenario: Annotated[
+        str | None,
+        typer.Option(help="scenario shown in the image rows, e.g. sdedit-ddim@0.3 (default)"),
+    ] = None,
+    thumbnail_size: Annotated[int, typer.Option(help="longest side of report images")] = 256,
+    purify: Annotated[
+        str | None,
+        typer.Option(
+            help="also evaluate after these purifications, e.g. jpeg75,blur or all (see "
+            "`mimicshield purify`): protection metrics and surviving latent distortion"
+        ),
+    ] = None,
+    model: ModelOpt = DEFAULT_MODEL_ID,
+    model_config: ModelConfigOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    seed: SeedOpt = 0,
+) -> None:
+    """Run mimicry on clean and protected images; writes report.html, metrics.csv/.json."""
+    from rich.console import Console
+
+    from ..evaluation import (
+        ClipImageEmbedder,
+        InceptionFeatures,
+        MetricSuite,
+        resolve_lpips_weights,
+        write_metrics,
+    )
+    from ..evaluation import evaluate as run_evaluation
+    from ..metrics import LPIPS
+    from ..report import write_report
+    from .errors import CLIError
+    from .mimic import RichProgress, load_mimicry, make_settings
+    from .purify import add_surviving_distortion, parse_purify_option, write_purified_folders
+
+    settings = make_settings(
+        scenarios=scenarios,
+        strengths=strengths,
+        img2img_strengths=img2img_strengths,
+        prompt=prompt,
+        guidance_scale=guidance,
+        sample_steps=sample_steps,
+        sdedit_steps=sdedit_steps,
+        resolution=resolution,
+        mask=mask,
+        inpaint_keep=inpaint_keep,
+        num_samples=num_samples,
+        ti_steps=ti_steps,
+        ti_learning_rate=ti_lr,
+        lora_steps=lora_steps,
+        lora_learning_rate=lora_lr,
+        lora_rank=lora_rank,
+        seed=seed,
+    )
+    headline = None
+    if report_scenario is not None:
+        matches = [v for v in settings.variants() if v.key == report_scenario and v.paired]
+        if not matches:
+            keys = ", ".join(v.key for v in settings.variants() if v.paired)
+            raise CLIError(f"--report-scenario {report_scenario}: choose one of: {keys}.")
+        headline = matches[0]
+    for folder in (clean_dir, *protected_dirs):
+        if not folder.is_dir():
+            raise CLIError(f"{folder}: no such folder.")
+    if thumbnail_size < 16:
+        raise CLIError("--thumbnail-size must be at least 16.")
+
+    purifications = parse_purify_option(purify)
+    mimicry = load_mimicry(settings, model, model_config, device, dtype, inpaint_model)
+    purified_dirs = write_purified_folders(
+        clean_dir, protected_dirs, purifications, out, mimicry.model
+    )
+    err = Console(stderr=True)
+    with err.status("Loading metric models ..."):
+        lpips = LPIPS.from_file(resolve_lpips_weights(lpips_weights), mimicry.model.device)
+        clip_model = ClipImageEmbedder.from_pretrained(clip, mimicry.model.device) if clip else None
+        inception = (
+            InceptionFeatures.from_file(fid_weights, mimicry.model.device) if fid_weights else None
+        )
+    suite = MetricSuite(lpips, clip=clip_model, inception=inception)
+
+    started = time.perf_counter()
+    with RichProgress(err) as progress:
+        result = run_evaluation(
+            clean_dir,
+            [*protected_dirs, *purified_dirs],
+            mimicry,
+            suite,
+            out_dir=out,
+            headline=headline,
+            thumbnail_size=thumbnail_size,
+            progress=progress,
+        )
+    result.settings["model"] = model
+    add_surviving_distortion(
+        result, clean_dir, protected_dirs, purifications, mimicry.model, resolution
+    )
+    csv_path, json_path = write_metrics(result, out)
+    report_path = write_report(result, out / "report.html")
+    print_summary(result, err)
+    for warning in result.warnings:
+        err.print(f"[yellow]warning[/yellow] {warning}")
+    err.print(
+        f"Done in {time.perf_counter() - started:.1f} s: {report_path}, {csv_path}, {json_path}"
+    )
+
+
+def print_summary(result, console) -> None:
+    """Mean imperceptibility and headline-scenario numbers per method, as a rich table."""
+    from rich.table import Table
+
+    from ..evaluation import CLEAN, METRICS, summarize
+    from ..report import format_value
+
+    index = {(s.source, s.scenario, s.strength, s.metric): s for s in summarize(result.records)}
+    columns = [("imperceptibility", None, m) for m in ("psnr", "ssim", "lpips")]
+    if result.headline is not None:
+        h = result.headline
+        columns += [
+            (h.scenario, h.strength, m)
+            for m in ("lpips_vs_clean", "lpips_vs_clean_mimicry", "fd_lpips_alexnet")
+        ]
+    table = Table(title="mimicshield evaluate: means per method")
+    table.add_column("method")
+    for scenario, strength, metric in columns:
+        where = "" if strength is None and scenario == "imperceptibility" else f" {scenario}"
+        where += "" if strength is None else f"@{strength:g}"
+        table.add_column(f"{METRICS[metric].label}{where}", justify="right")
+    for source in result.source_names:
+        cells = []
+        for scenario, strength, metric in columns:
+            s = index.get((source, scenario, strength, metric))
+            cells.append("–" if s is None else format_value(s.mean, metric, s.n_inf, s.n))
+        table.add_row("clean (no protection)" if source == CLEAN else source, *cells)
+    console.print(table)
+
+
+evaluate.__doc__ = (evaluate.__doc__ or "") + "\n" + EXAMPLES

@@ -1,0 +1,295 @@
+"""``mimicshield mimic INPUTS... -o OUT``: run the mimicry scenarios an attacker would run.
+
+The options that describe the simulations are declared here once and shared with
+``mimicshield evaluate``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..models import DEFAULT_MODEL as DEFAULT_MODEL_ID
+from .options import DeviceOpt, DtypeOpt, ModelConfigOpt, ModelOpt, SeedOpt
+
+EXAMPLES = """
+Examples:
+  mimicshield mimic protected/ -o mimicked/ --scenarios sdedit
+  mimicshield mimic art.png -o out/ -s img2img --prompt "a painting" --img2img-strengths 0.5
+  mimicshield mimic portfolio/ -o out/ --scenarios lora,ti --lora-steps 400 --num-samples 8
+"""
+
+ScenariosOpt = Annotated[
+    list[str],
+    typer.Option(
+        "--scenarios",
+        "-s",
+        help="comma-separated or repeated: sdedit (= sdedit-onestep,sdedit-ddim), sdedit-onestep, "
+        "sdedit-ddim, img2img, inpaint, textual-inversion (ti), lora, all",
+    ),
+]
+StrengthsOpt = Annotated[
+    str, typer.Option("--strengths", help="SDEdit strengths, comma-separated (paper: 0.01-0.3)")
+]
+Img2ImgStrengthsOpt = Annotated[
+    str, typer.Option("--img2img-strengths", help="img2img strengths, comma-separated")
+]
+PromptOpt = Annotated[str, typer.Option(help="prompt for img2img and inpainting")]
+GuidanceOpt = Annotated[float, typer.Option("--guidance", help="classifier-free guidance scale")]
+SampleStepsOpt = Annotated[
+    int, typer.Option(help="denoising steps of the img2img, inpainting and sampling pipelines")
+]
+SdeditStepsOpt = Annotated[int, typer.Option(help="length of SDEdit's DDIM schedule")]
+ResolutionOpt = Annotated[
+    int,
+    typer.Option(help="square size images are resized and cropped to; 0 keeps the native size"),
+]
+MaskOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="inpainting mask (white = regenerate): one file, or a folder matched by name; "
+        "default: keep a centred ellipse"
+    ),
+]
+InpaintKeepOpt = Annotated[
+    float, typer.Option(help="automatic mask: the kept ellipse spans this fraction of each side")
+]
+InpaintModelOpt = Annotated[
+    str | None,
+    typer.Option(help="an inpainting checkpoint (9-channel UNet); default: --model itself"),
+]
+NumSamplesOpt = Annotated[int, typer.Option(help="images generated after TI / LoRA training")]
+TiStepsOpt = Annotated[int, typer.Option(help="textual-inversion training steps")]
+TiLrOpt = Annotated[float, typer.Option("--ti-lr", help="textual-inversion learning rate")]
+LoraStepsOpt = Annotated[int, typer.Option(help="DreamBooth-LoRA training steps")]
+LoraLrOpt = Annotated[float, typer.Option("--lora-lr", help="DreamBooth-LoRA learning rate")]
+LoraRankOpt = Annotated[int, typer.Option(help="LoRA rank")]
+
+SDEDIT_DEFAULT = "0.01,0.05,0.1,0.2,0.3"
+IMG2IMG_DEFAULT = "0.3,0.5,0.7"
+
+
+def parse_floats(text: str, option: str) -> tuple[float, ...]:
+    """``"0.1, 0.2"`` -> (0.1, 0.2), strengths in (0, 1]; a CLIError names the option otherwise."""
+    from ..mimicry import strength_grid
+    from .errors import CLIError
+
+    try:
+        return strength_grid(float(part) for part in text.split(",") if part.strip())
+    except ValueError as error:
+        raise CLIError(f"{option}: {error}") from error
+
+
+def make_settings(**options) -> object:
+    """Build :class:`~mimicshield.mimicry.MimicrySettings` from the shared CLI options."""
+    from ..mimicry import MimicrySettings, parse_scenarios
+    from .errors import CLIError
+
+    try:
+        scenarios = parse_scenarios(options.pop("scenarios"))
+    except ValueError as error:
+        raise CLIError(f"--scenarios: {error}") from error
+    options["sdedit_strengths"] = parse_floats(options.pop("strengths"), "--strengths")
+    options["img2img_strengths"] = parse_floats(
+        options.pop("img2img_strengths"), "--img2img-strengths"
+    )
+    if options["resolution"] < 0:
+        raise CLIError("--resolution must be 0 (native size) or a positive size.")
+    for name in ("sample_steps", "sdedit_steps", "num_samples"):
+        if options[name] < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be at least 1.")
+    if (
+        "img2img" in scenarios
+        and int(options["sample_steps"] * min(options["img2img_strengths"])) < 1
+    ):
+        raise CLIError("--sample-steps x the smallest img2img strength must be at least 1 step.")
+    if options["mask"] is not None and not options["mask"].exists():
+        raise CLIError(f"--mask {options['mask']}: no such file or folder.")
+    return MimicrySettings(scenarios=scenarios, **options)
+
+
+def load_mimicry(settings, model: str, model_config, device: str, dtype: str, inpaint_model):
+    """Load the model (with its VAE decoder) and, when given, the inpainting model."""
+    from rich.console import Console
+
+    from ..mimicry import Mimicry
+    from ..models import load_models
+
+    err = Console(stderr=True)
+    with err.status(f"Loading {model} ..."):
+        loaded = load_models(
+            model, device=device, dtype=dtype, with_decoder=True, single_file_config=model_config
+        )
+    inpainter = None
+    if inpaint_model is not None and "inpaint" in settings.scenarios:
+        with err.status(f"Loading {inpaint_model} ..."):
+            inpainter = load_models(inpaint_model, device=device, dtype=dtype, with_decoder=True)
+    return Mimicry(loaded, settings, inpaint_model=inpainter)
+
+
+class RichProgress:
+    """One bar with ETA for the loop that is running; a log line for each finished loop."""
+
+    def __init__(self, console) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+        )
+        self.task = None
+        self.description = ""
+        self.started = 0.0
+
+    def __enter__(self) -> RichProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._finish()
+        self.progress.stop()
+
+    def _finish(self) -> None:
+        if self.task is not None:
+            seconds = time.perf_counter() - self.started
+            self.progress.console.log(f"{self.description}: {seconds:.1f} s")
+
+    def start(self, description: str, total: int) -> None:
+        self._finish()
+        self.description, self.started = description, time.perf_counter()
+        if self.task is None:
+            self.task = self.progress.add_task(description, total=total)
+        else:
+            self.progress.reset(self.task, total=total, description=description)
+
+    def advance(self, steps: int = 1) -> None:
+        self.progress.update(self.task, advance=steps)
+
+
+def mimic(
+    inputs: Annotated[list[str], typer.Argument(help="image files, folders or glob patterns")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder")],
+    scenarios: ScenariosOpt = ["sdedit"],  # noqa: B006 - typer needs a list default
+    strengths: StrengthsOpt = SDEDIT_DEFAULT,
+    img2img_strengths: Img2ImgStrengthsOpt = IMG2IMG_DEFAULT,
+    prompt: PromptOpt = "a photo",
+    guidance: GuidanceOpt = 7.5,
+    sample_steps: SampleStepsOpt = 50,
+    sdedit_steps: SdeditStepsOpt = 100,
+    resolution: ResolutionOpt = 512,
+    mask: MaskOpt = None,
+    inpaint_keep: InpaintKeepOpt = 0.6,
+    inpaint_model: InpaintModelOpt = None,
+    num_samples: NumSamplesOpt = 4,
+    ti_steps: TiStepsOpt = 300,
+    ti_lr: TiLrOpt = 5e-3,
+    lora_steps: LoraStepsOpt = 200,
+    lora_lr: LoraLrOpt = 1e-4,
+    lora_rank: LoraRankOpt = 4,
+    model: ModelOpt = DEFAULT_MODEL_ID,
+    model_config: ModelConfigOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    seed: SeedOpt = 0,
+) -> None:
+    """Simulate mimicry on images; writes OUT/<scenario>/... PNGs and OUT/mimic.json."""
+    import torch
+    from rich.console import Console
+
+    from ..images import ImageFileError, load_image
+    from ..mimicry import fit_image, save_png
+    from ..runner import collect_inputs
+    from .errors import CLIError
+
+    settings = make_settings(
+        scenarios=scenarios,
+        strengths=strengths,
+        img2img_strengths=img2img_strengths,
+        prompt=prompt,
+        guidance_scale=guidance,
+        sample_steps=sample_steps,
+        sdedit_steps=sdedit_steps,
+        resolution=resolution,
+        mask=mask,
+        inpaint_keep=inpaint_keep,
+        num_samples=num_samples,
+        ti_steps=ti_steps,
+        ti_learning_rate=ti_lr,
+        lora_steps=lora_steps,
+        lora_learning_rate=lora_lr,
+        lora_rank=lora_rank,
+        seed=seed,
+    )
+    files, missing = collect_inputs(inputs)
+    if missing:
+        raise CLIError("; ".join(m.error for m in missing))
+    if not files:
+        raise CLIError(f"No image files found in: {' '.join(inputs)}.")
+    images = {}
+    for item in files:
+        try:
+            images[item.relative.with_suffix("").as_posix()] = fit_image(
+                load_image(item.path).rgb, settings.resolution
+            )
+        except ImageFileError as error:
+            raise CLIError(str(error)) from error
+
+    mimicry = load_mimicry(settings, model, model_config, device, dtype, inpaint_model)
+    err = Console(stderr=True)
+    outputs: list[str] = []
+    with RichProgress(err) as progress:
+        for variant in settings.variants():
+            folder = out / variant.key
+            steps = mimicry.steps(variant)
+            if variant.paired:
+                progress.start(variant.label, len(images) * steps)
+                for name, image in images.items():
+                    result = mimicry.run(variant, image, name, lambda s, t: progress.advance())
+                    save_png(result, folder / f"{name}.png")
+                    outputs.append(str(folder / f"{name}.png"))
+                continue
+            if len({tuple(image.shape) for image in images.values()}) > 1:
+                raise CLIError(f"{variant.scenario} needs images of one size: use --resolution N.")
+            progress.start(variant.label, steps)
+            batch = torch.stack(list(images.values()))
+            samples, weights = mimicry.run_set(variant, batch, lambda s, t: progress.advance())
+            for i, sample in enumerate(samples):
+                save_png(sample, folder / f"sample_{i:03d}.png")
+                outputs.append(str(folder / f"sample_{i:03d}.png"))
+            from safetensors.torch import save_file
+
+            weights_file = folder / f"{variant.scenario}_weights.safetensors"
+            save_file({k: v.contiguous() for k, v in weights.items()}, str(weights_file))
+            outputs.append(str(weights_file))
+
+    from .. import __version__
+
+    record = {
+        "mimicshield_version": __version__,
+        "model": model,
+        "inputs": [str(item.path) for item in files],
+        "settings": settings.to_dict(),
+        "outputs": outputs,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "mimic.json").write_text(json.dumps(record, indent=2))
+    err.print(f"{len(outputs)} file(s) written to {out}")
+
+
+mimic.__doc__ = (mimic.__doc__ or "") + "\n" + EXAMPLES

@@ -1,0 +1,97 @@
+"""``mimicshield ui``: the local web app (Gradio) for people who do not use terminals."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..models import DEFAULT_MODEL as DEFAULT_MODEL_ID
+from .options import DeviceOpt, DtypeOpt, ModelConfigOpt, ModelOpt
+
+EXAMPLES = """
+Examples:
+  mimicshield ui                                   # http://127.0.0.1:7860, this computer only
+  mimicshield ui --model ./stable-diffusion-v1-5 --open
+  mimicshield ui --host 0.0.0.0 --port 8080        # reachable from your network: think first
+"""
+
+
+def ui(
+    model: ModelOpt = DEFAULT_MODEL_ID,
+    model_config: ModelConfigOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    host: Annotated[
+        str, typer.Option(help="address to listen on; anything but 127.0.0.1 exposes the app")
+    ] = "127.0.0.1",
+    port: Annotated[
+        int | None, typer.Option(help="port (default: the first free one from 7860)")
+    ] = None,
+    share: Annotated[
+        bool, typer.Option("--share", help="also publish a public gradio.live link (72 h)")
+    ] = False,
+    max_images: Annotated[int, typer.Option(help="most images per job")] = 50,
+    max_file_mb: Annotated[float, typer.Option(help="largest upload, in MB")] = 50,
+    max_megapixels: Annotated[float, typer.Option(help="largest image, in megapixels")] = 50,
+    lpips_weights: Annotated[
+        Path | None,
+        typer.Option(
+            help="lpips_alexnet.safetensors for 'Check protection' (default: "
+            "$MIMICSHIELD_LPIPS_WEIGHTS, else downloaded once to the cache)"
+        ),
+    ] = None,
+    open_browser: Annotated[bool, typer.Option("--open", help="open it in the browser")] = False,
+) -> None:
+    """Start the web app: drag and drop images, protect them, download the results.
+
+    It listens on 127.0.0.1 (this computer only) unless --host or --share says otherwise.
+    Several browser tabs share one queue: one job runs at a time. Temporary files are deleted
+    when the app stops.
+    """
+    import signal
+    import sys
+
+    from rich.console import Console
+
+    from ..models import resolve_device
+    from .errors import CLIError
+
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise CLIError('The web app needs Gradio: pip install "mimicshield[ui]".') from None
+    from ..webapp import ProtectionService, ProtectSettings, UploadLimits, is_loopback, launch
+
+    if min(max_images, max_file_mb, max_megapixels) <= 0:
+        raise CLIError("--max-images, --max-file-mb and --max-megapixels must be positive.")
+    resolve_device(device)  # fail now, not at the first job
+    exposed = share or not is_loopback(host)
+    err = Console(stderr=True)
+    if exposed:
+        err.print(
+            "[yellow]warning:[/yellow] the app is reachable from other computers "
+            f"({'a public share link' if share else host}). Anyone who can reach it can upload "
+            "images and use this machine's GPU; there is no login. The model is fixed to "
+            f"{model}."
+        )
+    service = ProtectionService(
+        ProtectSettings(model=model, model_config=model_config, device=device, dtype=dtype),
+        limits=UploadLimits(
+            max_images=max_images,
+            max_file_bytes=int(max_file_mb * 2**20),
+            max_pixels=int(max_megapixels * 1e6),
+        ),
+        allow_model_choice=not exposed,
+        lpips_weights=lpips_weights,
+    )
+    # `kill` (SIGTERM) ends the app like Ctrl-C, so its temporary files are removed too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    err.print(f"Temporary files: {service.work_root} (deleted when the app stops; Ctrl-C)")
+    launch(service, host=host, port=port, share=share, open_browser=open_browser)
+
+
+# cleandoc first: appended unindented lines would stop the help text from being dedented
+ui.__doc__ = inspect.cleandoc(ui.__doc__ or "") + "\n" + EXAMPLES

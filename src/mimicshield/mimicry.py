@@ -1,0 +1,852 @@
+"""Mimicry simulations: what an attacker does with an image, run on clean and protected copies.
+
+Five scenarios, all from the paper's evaluation (Xue et al., ICLR 2024, arXiv 2311.12832):
+
+* ``sdedit-onestep`` / ``sdedit-ddim``: SDEdit without guidance. Noise the latent at one
+  timestep of a 100-step DDIM schedule (eta 0), then predict x̂0 in one step or run DDIM down to
+  0. Denoising starts at the timestep the noise was added at (the reference implementation
+  starts one DDIM step later, which mismatches noise level and timestep).
+* ``img2img``: diffusers' ``StableDiffusionImg2ImgPipeline`` with a prompt and guidance 7.5.
+* ``inpaint``: diffusers' ``StableDiffusionInpaintPipeline`` with a given mask, or a centred
+  ellipse that keeps the subject and regenerates the rest.
+* ``textual-inversion`` and ``lora``: learn a token embedding, or DreamBooth-LoRA weights (peft),
+  from the whole image set, then generate new images with the learned concept.
+
+The maths of SDEdit is in small pure functions (``add_noise``, ``predict_x0``, ``ddim_step``,
+``sdedit_timesteps``) so each can be checked against its formula. Images are (N, 3, H, W) in
+[0, 1] everywhere; every stochastic step draws from a generator seeded per image, so clean and
+protected copies of an image see the same noise.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .models import LatentDiffusion
+
+__all__ = [
+    "IMG2IMG_STRENGTHS",
+    "SCENARIOS",
+    "SDEDIT_STRENGTHS",
+    "MimicrySettings",
+    "Mimicry",
+    "Variant",
+    "add_noise",
+    "centered_ellipse_mask",
+    "ddim_step",
+    "ddim_timesteps",
+    "decode",
+    "fit_image",
+    "generate",
+    "img2img",
+    "inpaint",
+    "lora_mimicry",
+    "parse_scenarios",
+    "predict_x0",
+    "sdedit",
+    "sdedit_latents",
+    "save_png",
+    "sdedit_timesteps",
+    "textual_inversion_mimicry",
+]
+
+SDEDIT_STRENGTHS = (0.01, 0.05, 0.1, 0.2, 0.3)
+IMG2IMG_STRENGTHS = (0.3, 0.5, 0.7)
+DDIM_STEPS = 100
+
+StepCallback = Callable[[int, int], None]
+
+
+# --- SDEdit maths ------------------------------------------------------------------------------
+
+
+def add_noise(z0: Tensor, noise: Tensor, abar_t: Tensor | float) -> Tensor:
+    """z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) n (the forward process in closed form)."""
+    abar_t = torch.as_tensor(abar_t, dtype=z0.dtype, device=z0.device)
+    return abar_t.sqrt() * z0 + (1 - abar_t).sqrt() * noise
+
+
+def predict_x0(z_t: Tensor, eps: Tensor, abar_t: Tensor | float) -> Tensor:
+    """x̂0 = (z_t - sqrt(1 - abar_t) eps) / sqrt(abar_t): the one-step denoised estimate."""
+    abar_t = torch.as_tensor(abar_t, dtype=z_t.dtype, device=z_t.device)
+    return (z_t - (1 - abar_t).sqrt() * eps) / abar_t.sqrt()
+
+
+def ddim_step(
+    z_t: Tensor, eps: Tensor, abar_t: Tensor | float, abar_prev: Tensor | float
+) -> Tensor:
+    """Deterministic DDIM (eta 0): z_prev = sqrt(abar_prev) x̂0 + sqrt(1 - abar_prev) eps."""
+    abar_prev = torch.as_tensor(abar_prev, dtype=z_t.dtype, device=z_t.device)
+    return abar_prev.sqrt() * predict_x0(z_t, eps, abar_t) + (1 - abar_prev).sqrt() * eps
+
+
+def ddim_timesteps(
+    num_steps: int = DDIM_STEPS, num_train_timesteps: int = 1000, steps_offset: int = 1
+) -> list[int]:
+    """The "leading" DDIM schedule of SD 1.x/2.x, ascending: [1, 11, ..., 991] for 100 steps."""
+    ratio = num_train_timesteps // num_steps
+    return [i * ratio + steps_offset for i in range(num_steps)]
+
+
+def sdedit_timesteps(
+    strength: float,
+    num_steps: int = DDIM_STEPS,
+    num_train_timesteps: int = 1000,
+    steps_offset: int = 1,
+) -> list[int]:
+    """The timesteps SDEdit visits, descending. The first is where the noise is added.
+
+    ``strength`` is the fraction of the DDIM schedule that is run: 0.1 of 100 steps noises at
+    t = 91 and denoises at 91, 81, ..., 1 (ten UNet calls), then steps to x̂0.
+    """
+    if not 0 < strength <= 1:
+        raise ValueError(f"SDEdit `strength` must be in (0, 1]; got {strength}.")
+    count = max(1, min(num_steps, round(strength * num_steps)))
+    schedule = ddim_timesteps(num_steps, num_train_timesteps, steps_offset)
+    return schedule[:count][::-1]
+
+
+@torch.no_grad()
+def sdedit_latents(
+    model: LatentDiffusion,
+    z0: Tensor,
+    noise: Tensor,
+    cond: Tensor,
+    timesteps: Sequence[int],
+    *,
+    multistep: bool = True,
+    callback: StepCallback | None = None,
+) -> Tensor:
+    """Noise ``z0`` at ``timesteps[0]`` and denoise from that same timestep.
+
+    One-step: return x̂0 predicted at ``timesteps[0]``. Multi-step: DDIM through every timestep;
+    the last step goes to abar = 1, i.e. returns x̂0 of the last timestep.
+    """
+    abar = model.alphas_cumprod
+    z = add_noise(z0, noise, abar[timesteps[0]])
+    visited = timesteps if multistep else timesteps[:1]
+    for i, t in enumerate(visited):
+        t_batch = torch.full((z.shape[0],), t, device=z.device, dtype=torch.long)
+        eps = model.predict_noise(z, t_batch, cond)
+        abar_prev = abar[visited[i + 1]] if i + 1 < len(visited) else 1.0
+        z = ddim_step(z, eps, abar[t], abar_prev)
+        if callback is not None:
+            callback(i + 1, len(visited))
+    return z
+
+
+def decode(model: LatentDiffusion, latents: Tensor) -> Tensor:
+    """D(z / scaling_factor), mapped from [-1, 1] to [0, 1] and clamped."""
+    _require_decoder(model)
+    with torch.no_grad():
+        x = model.vae.decode((latents / model.scaling_factor).to(model.vae_dtype)).sample
+    return ((x.float() + 1) / 2).clamp(0, 1)
+
+
+def _require_decoder(model: LatentDiffusion) -> None:
+    if getattr(model.vae, "decoder", None) is None:
+        raise ValueError("Mimicry needs the VAE decoder: load the model with with_decoder=True.")
+
+
+def _per_image_noise(shape: Sequence[int], batch: int, seed: int, device) -> Tensor:
+    """One draw per image from its own generator, so a result does not depend on the batch."""
+    draws = [
+        torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed))
+        for _ in range(batch)
+    ]
+    return torch.stack(draws).to(device)
+
+
+def sdedit(
+    model: LatentDiffusion,
+    images: Tensor,
+    strength: float,
+    *,
+    multistep: bool = True,
+    num_steps: int = DDIM_STEPS,
+    prompt: str = "",
+    seed: int = 0,
+    steps_offset: int = 1,
+    callback: StepCallback | None = None,
+) -> Tensor:
+    """SDEdit as in the paper: no guidance, the empty prompt, E(x) the posterior mean."""
+    _require_decoder(model)
+    x = images.to(model.device, torch.float32) * 2 - 1
+    with torch.no_grad():
+        z0 = model.encode(x)
+    noise = _per_image_noise(z0.shape[1:], z0.shape[0], seed, z0.device)
+    cond = model.embed_prompt(prompt).expand(z0.shape[0], -1, -1)
+    timesteps = sdedit_timesteps(strength, num_steps, model.num_train_timesteps, steps_offset)
+    z = sdedit_latents(model, z0, noise, cond, timesteps, multistep=multistep, callback=callback)
+    return decode(model, z).cpu()
+
+
+# --- diffusers pipelines -----------------------------------------------------------------------
+
+
+def betas_from_alphas_cumprod(alphas_cumprod: Tensor) -> Tensor:
+    """beta_t = 1 - abar_t / abar_{t-1}: rebuild a scheduler from the schedule the model carries."""
+    abar = alphas_cumprod.double().cpu()
+    previous = torch.cat([abar.new_ones(1), abar[:-1]])
+    return (1 - abar / previous).float()
+
+
+def ddim_scheduler(model: LatentDiffusion, steps_offset: int = 1):
+    """A DDIM scheduler with exactly the model's noise schedule (SD 1.x/2.x conventions)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        num_train_timesteps=model.num_train_timesteps,
+        trained_betas=betas_from_alphas_cumprod(model.alphas_cumprod).numpy(),
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=steps_offset,
+        prediction_type="epsilon",
+        timestep_spacing="leading",
+    )
+
+
+def build_pipeline(cls, model: LatentDiffusion, *, unet=None, text_encoder=None, tokenizer=None):
+    """A diffusers pipeline over the already-loaded modules (no safety checker, no reload)."""
+    _require_decoder(model)
+    if model.vae_dtype != model.dtype:
+        raise ValueError(
+            f"The diffusers pipelines need one dtype for the VAE and the UNet; this model runs the "
+            f"VAE in {model.vae_dtype} and the UNet in {model.dtype}. Use --dtype bf16 or fp32."
+        )
+    text_encoder = text_encoder if text_encoder is not None else model.text_encoder
+    if text_encoder is None:
+        raise ValueError("The text encoder was released; the pipelines need it.")
+    pipe = cls(
+        vae=model.vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer if tokenizer is not None else model.tokenizer,
+        unet=unet if unet is not None else model.unet,
+        scheduler=ddim_scheduler(model),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _step_end(callback: StepCallback | None, total: int):
+    """Adapt ``callback(step, total)`` to diffusers' ``callback_on_step_end`` signature."""
+    if callback is None:
+        return None
+
+    def on_step_end(pipe, step: int, timestep, kwargs: dict) -> dict:
+        callback(step + 1, total)
+        return kwargs
+
+    return on_step_end
+
+
+def img2img(
+    model: LatentDiffusion,
+    images: Tensor,
+    strength: float = 0.5,
+    *,
+    prompt: str = "a photo",
+    guidance_scale: float = 7.5,
+    num_inference_steps: int = 50,
+    seed: int = 0,
+    callback: StepCallback | None = None,
+) -> Tensor:
+    """img2img as attackers run it: ``StableDiffusionImg2ImgPipeline``, one image at a time."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    pipe = build_pipeline(StableDiffusionImg2ImgPipeline, model)
+    total = max(1, int(num_inference_steps * strength))
+    outputs = []
+    for image in images:
+        result = pipe(
+            prompt=prompt,
+            image=image[None].to(model.device, model.dtype),
+            strength=strength,
+            guidance_scale=guidance_scale,
+            num_inference_steps=num_inference_steps,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="pt",
+            callback_on_step_end=_step_end(callback, total),
+        )
+        outputs.append(result.images[0].float().cpu())
+    return torch.stack(outputs)
+
+
+def centered_ellipse_mask(height: int, width: int, keep: float = 0.6) -> Tensor:
+    """(1, H, W) mask, 1 = regenerate: everything outside a centred ellipse spanning ``keep``.
+
+    A deliberately simple stand-in for subject detection: most portraits and artworks put the
+    subject in the middle, and the ellipse keeps ``keep`` of each dimension around the centre.
+    """
+    if not 0 < keep <= 1:
+        raise ValueError(f"`keep` must be in (0, 1]; got {keep}.")
+    ys = (torch.arange(height) + 0.5 - height / 2) / (keep * height / 2)
+    xs = (torch.arange(width) + 0.5 - width / 2) / (keep * width / 2)
+    inside = ys[:, None] ** 2 + xs[None, :] ** 2 <= 1
+    return (~inside).float()[None]
+
+
+def inpaint(
+    model: LatentDiffusion,
+    images: Tensor,
+    masks: Tensor | None = None,
+    *,
+    prompt: str = "a photo",
+    keep: float = 0.6,
+    guidance_scale: float = 7.5,
+    num_inference_steps: int = 50,
+    seed: int = 0,
+    callback: StepCallback | None = None,
+) -> Tensor:
+    """Regenerate the masked region (mask 1 = regenerate) with ``StableDiffusionInpaintPipeline``.
+
+    ``model`` may be an inpainting checkpoint (a 9-channel UNet) or a plain one, which diffusers
+    handles by blending the known region back in at every step. ``masks``: (N, 1, H, W) in
+    [0, 1]; None uses :func:`centered_ellipse_mask`.
+    """
+    from diffusers import StableDiffusionInpaintPipeline
+
+    pipe = build_pipeline(StableDiffusionInpaintPipeline, model)
+    _, _, height, width = images.shape
+    outputs = []
+    for i, image in enumerate(images):
+        mask = centered_ellipse_mask(height, width, keep) if masks is None else masks[i]
+        result = pipe(
+            prompt=prompt,
+            image=image[None].to(model.device, model.dtype),
+            mask_image=mask[None].to(model.device, model.dtype),
+            height=height,
+            width=width,
+            strength=1.0,
+            guidance_scale=guidance_scale,
+            num_inference_steps=num_inference_steps,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="pt",
+            callback_on_step_end=_step_end(callback, num_inference_steps),
+        )
+        outputs.append(result.images[0].float().cpu())
+    return torch.stack(outputs)
+
+
+def generate(
+    model: LatentDiffusion,
+    prompt: str,
+    num_images: int,
+    height: int,
+    width: int,
+    *,
+    guidance_scale: float = 7.5,
+    num_inference_steps: int = 50,
+    seed: int = 0,
+    unet=None,
+    text_encoder=None,
+    tokenizer=None,
+    callback: StepCallback | None = None,
+) -> Tensor:
+    """Text-to-image samples; sample i uses seed ``seed + i`` whatever the concept learned."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = build_pipeline(
+        StableDiffusionPipeline, model, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer
+    )
+    outputs = []
+    for i in range(num_images):
+        result = pipe(
+            prompt=prompt,
+            height=height,
+            width=width,
+            guidance_scale=guidance_scale,
+            num_inference_steps=num_inference_steps,
+            generator=torch.Generator().manual_seed(seed + i),
+            output_type="pt",
+            callback_on_step_end=_step_end(callback, num_inference_steps),
+        )
+        outputs.append(result.images[0].float().cpu())
+    return torch.stack(outputs)
+
+
+# --- learning a concept: textual inversion and DreamBooth-LoRA ---------------------------------
+
+
+def _denoising_loss(
+    model: LatentDiffusion, images: Tensor, cond: Tensor, generator: torch.Generator
+) -> Tensor:
+    """The training loss of the model: || eps_theta(z_t, t, c) - n ||^2, t uniform, z from E(x)."""
+    device = model.device
+    x = images.to(device, torch.float32) * 2 - 1
+    batch = x.shape[0]
+    latent_shape = (batch, *model.latent_shape(x.shape[2], x.shape[3]))
+    posterior = torch.randn(latent_shape, generator=generator).to(device)
+    with torch.no_grad():
+        z0 = model.encode(x, posterior_noise=posterior)
+    t = torch.randint(0, model.num_train_timesteps, (batch,), generator=generator).to(device)
+    noise = torch.randn(latent_shape, generator=generator).to(device)
+    z_t = add_noise(z0, noise, model.alphas_cumprod[t].view(-1, 1, 1, 1))
+    eps = model.unet(z_t.to(model.dtype), t, encoder_hidden_states=cond.to(model.dtype)).sample
+    return F.mse_loss(eps.float(), noise)
+
+
+def _batches(count: int, batch_size: int, steps: int, generator: torch.Generator):
+    """Image indices for each step: shuffled epochs, so every image is seen equally often."""
+    order: list[int] = []
+    for _ in range(steps):
+        if len(order) < batch_size:
+            order += torch.randperm(count, generator=generator).tolist()
+        yield order[:batch_size]
+        order = order[batch_size:]
+
+
+@dataclass(frozen=True)
+class TrainingSchedule:
+    """A short fine-tuning schedule; defaults are the usual community settings, scaled down."""
+
+    steps: int = 300
+    learning_rate: float = 5e-3
+    batch_size: int = 1
+    seed: int = 0
+
+
+def textual_inversion_mimicry(
+    model: LatentDiffusion,
+    images: Tensor,
+    schedule: TrainingSchedule = TrainingSchedule(),
+    *,
+    token: str = "<mimicshield>",
+    initializer: str = "art",
+    template: str = "an image in the style of {}",
+    num_samples: int = 4,
+    guidance_scale: float = 7.5,
+    num_inference_steps: int = 50,
+    callback: StepCallback | None = None,
+    sample_callback: StepCallback | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Learn one token embedding on ``images``, then generate ``num_samples`` images with it.
+
+    Works on copies of the tokenizer and text encoder, so the loaded model is left as it was.
+    Returns the samples and the learned embedding (shape (hidden,)).
+    """
+    if model.text_encoder is None or model.tokenizer is None:
+        raise ValueError("Textual inversion needs the text encoder and tokenizer.")
+    tokenizer = copy.deepcopy(model.tokenizer)
+    text_encoder = copy.deepcopy(model.text_encoder).float()
+    if tokenizer.add_tokens([token]) != 1:
+        raise ValueError(f"The token {token!r} is already in the vocabulary; choose another.")
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    weight = text_encoder.get_input_embeddings().weight
+    init_ids = tokenizer(initializer, add_special_tokens=False).input_ids
+    with torch.no_grad():
+        weight[token_id] = weight[init_ids].mean(dim=0)
+    original = weight.detach().clone()
+    frozen = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
+    frozen[token_id] = False
+
+    prompt = template.format(token)
+    ids = tokenizer(
+        prompt,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids.to(model.device)
+    weight.requires_grad_(True)
+    optimizer = torch.optim.AdamW([weight], lr=schedule.learning_rate, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(schedule.seed)
+    for step, batch in enumerate(
+        _batches(len(images), schedule.batch_size, schedule.steps, generator)
+    ):
+        cond = text_encoder(ids)[0].expand(len(batch), -1, -1)
+        loss = _denoising_loss(model, images[batch], cond, generator)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():  # only the new token's row learns
+            weight[frozen] = original[frozen]
+        if callback is not None:
+            callback(step + 1, schedule.steps)
+    weight.requires_grad_(False)
+    learned = weight[token_id].detach().clone()
+
+    text_encoder.to(model.dtype)
+    samples = generate(
+        model,
+        prompt,
+        num_samples,
+        images.shape[2],
+        images.shape[3],
+        guidance_scale=guidance_scale,
+        num_inference_steps=num_inference_steps,
+        seed=schedule.seed,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        callback=sample_callback,
+    )
+    return samples, learned.float().cpu()
+
+
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def lora_mimicry(
+    model: LatentDiffusion,
+    images: Tensor,
+    schedule: TrainingSchedule = TrainingSchedule(steps=200, learning_rate=1e-4),
+    *,
+    rank: int = 4,
+    prompt: str = "an image in the style of sks",
+    num_samples: int = 4,
+    guidance_scale: float = 7.5,
+    num_inference_steps: int = 50,
+    callback: StepCallback | None = None,
+    sample_callback: StepCallback | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """DreamBooth-LoRA (no prior preservation) on ``images``, then ``num_samples`` samples.
+
+    The adapter is added to the loaded UNet for the run and unloaded afterwards, so the model
+    is unchanged. Returns the samples and the adapter's weights (peft state-dict names).
+    """
+    try:
+        from peft import LoraConfig
+        from peft.utils import get_peft_model_state_dict
+    except ImportError as error:
+        raise ImportError(
+            "LoRA mimicry needs peft: pip install 'mimicshield[evaluate]' (or pip install peft)."
+        ) from error
+
+    unet = model.unet
+    name = "mimicshield_lora"
+    config = LoraConfig(
+        r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(LORA_TARGETS)
+    )
+    unet.add_adapter(config, adapter_name=name)
+    try:
+        params = [p for p in unet.parameters() if p.requires_grad]
+        for p in params:  # train the adapter in fp32 even when the UNet runs in half precision
+            p.data = p.data.float()
+        cond = model.embed_prompt(prompt)
+        optimizer = torch.optim.AdamW(params, lr=schedule.learning_rate, weight_decay=1e-2)
+        generator = torch.Generator().manual_seed(schedule.seed)
+        batches = _batches(len(images), schedule.batch_size, schedule.steps, generator)
+        for step, batch in enumerate(batches):
+            loss = _denoising_loss(model, images[batch], cond.expand(len(batch), -1, -1), generator)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if callback is not None:
+                callback(step + 1, schedule.steps)
+        for p in params:
+            p.requires_grad_(False)
+        weights = {
+            k: v.detach().cpu().clone()
+            for k, v in get_peft_model_state_dict(unet, adapter_name=name).items()
+        }
+        samples = generate(
+            model,
+            prompt,
+            num_samples,
+            images.shape[2],
+            images.shape[3],
+            guidance_scale=guidance_scale,
+            num_inference_steps=num_inference_steps,
+            seed=schedule.seed,
+            callback=sample_callback,
+        )
+    finally:
+        unet.unload_lora()  # removes the peft wrappers too: the UNet is the module it was
+    return samples, weights
+
+
+# --- scenarios ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    paired: bool  # one output per input image (else: a set of samples from a learned concept)
+    description: str
+
+
+SCENARIOS = {
+    s.name: s
+    for s in (
+        Scenario("sdedit-onestep", True, "SDEdit, one-step x̂0 prediction, no guidance"),
+        Scenario("sdedit-ddim", True, "SDEdit, 100-step DDIM schedule, eta 0, no guidance"),
+        Scenario("img2img", True, "diffusers img2img pipeline, guidance 7.5, a prompt"),
+        Scenario("inpaint", True, "diffusers inpainting pipeline, given or centred-ellipse mask"),
+        Scenario("textual-inversion", False, "learn a token on the set, then generate"),
+        Scenario("lora", False, "DreamBooth-LoRA (peft) on the set, then generate"),
+    )
+}
+SCENARIO_ALIASES = {
+    "sdedit": ("sdedit-onestep", "sdedit-ddim"),
+    "ti": ("textual-inversion",),
+    "all": tuple(SCENARIOS),
+}
+
+
+def parse_scenarios(names: Sequence[str]) -> list[str]:
+    """Expand comma-separated names and aliases (``sdedit``, ``ti``, ``all``), keeping order."""
+    chosen: list[str] = []
+    for part in (p.strip() for name in names for p in name.split(",")):
+        if not part:
+            continue
+        expanded = SCENARIO_ALIASES.get(part, (part,))
+        for scenario in expanded:
+            if scenario not in SCENARIOS:
+                known = ", ".join([*SCENARIOS, *SCENARIO_ALIASES])
+                raise ValueError(f"Unknown scenario {part!r}; choose from: {known}.")
+            if scenario not in chosen:
+                chosen.append(scenario)
+    if not chosen:
+        raise ValueError("No scenario chosen.")
+    return chosen
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One scenario at one strength: the unit that gets its own outputs and metrics."""
+
+    scenario: str
+    strength: float | None = None
+
+    @property
+    def paired(self) -> bool:
+        return SCENARIOS[self.scenario].paired
+
+    @property
+    def key(self) -> str:
+        return self.scenario if self.strength is None else f"{self.scenario}@{self.strength:g}"
+
+    @property
+    def label(self) -> str:
+        return self.scenario if self.strength is None else f"{self.scenario} s={self.strength:g}"
+
+
+@dataclass
+class MimicrySettings:
+    """Every knob of the simulations, with the paper's defaults; serialised into the results."""
+
+    prompt: str = "a photo"
+    seed: int = 0
+    resolution: int = 512
+    sdedit_strengths: tuple[float, ...] = SDEDIT_STRENGTHS
+    sdedit_steps: int = DDIM_STEPS
+    img2img_strengths: tuple[float, ...] = IMG2IMG_STRENGTHS
+    guidance_scale: float = 7.5
+    sample_steps: int = 50
+    inpaint_keep: float = 0.6
+    mask: Path | None = None
+    num_samples: int = 4
+    ti_steps: int = 300
+    ti_learning_rate: float = 5e-3
+    lora_steps: int = 200
+    lora_learning_rate: float = 1e-4
+    lora_rank: int = 4
+    scenarios: list[str] = field(default_factory=lambda: ["sdedit-onestep", "sdedit-ddim"])
+
+    def variants(self) -> list[Variant]:
+        strengths = {
+            "sdedit-onestep": self.sdedit_strengths,
+            "sdedit-ddim": self.sdedit_strengths,
+            "img2img": self.img2img_strengths,
+        }
+        return [Variant(name, s) for name in self.scenarios for s in strengths.get(name, (None,))]
+
+    def to_dict(self) -> dict:
+        values = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        values["mask"] = str(self.mask) if self.mask else None
+        return values
+
+
+def fit_image(image: Tensor, resolution: int, multiple: int = 8) -> Tensor:
+    """(3, H, W) -> the square ``resolution`` crop an attacker would use (shorter side resized).
+
+    ``resolution`` 0 keeps the native size, centre-cropped to a multiple of ``multiple``.
+    """
+    _, height, width = image.shape
+    if resolution:
+        scale = resolution / min(height, width)
+        size = (max(resolution, round(height * scale)), max(resolution, round(width * scale)))
+        if size != (height, width):
+            image = F.interpolate(
+                image[None], size=size, mode="bicubic", antialias=True, align_corners=False
+            )[0].clamp(0, 1)
+        crop_h = crop_w = resolution
+    else:
+        crop_h, crop_w = height // multiple * multiple, width // multiple * multiple
+        if crop_h == 0 or crop_w == 0:
+            raise ValueError(f"Image of {width}x{height} is smaller than {multiple} pixels.")
+    top = (image.shape[1] - crop_h) // 2
+    left = (image.shape[2] - crop_w) // 2
+    return image[:, top : top + crop_h, left : left + crop_w].contiguous()
+
+
+def to_pil(image: Tensor):
+    """(3, H, W) in [0, 1] -> an 8-bit RGB PIL image."""
+    from PIL import Image
+
+    array = (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+    return Image.fromarray(array.permute(1, 2, 0).numpy())
+
+
+def save_png(image: Tensor, path: Path) -> Path:
+    """Save a (3, H, W) image in [0, 1] as an 8-bit PNG, creating folders as needed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    to_pil(image).save(path, format="PNG")
+    return path
+
+
+def load_mask(path: Path, height: int, width: int) -> Tensor:
+    """A mask image as (1, H, W) in {0, 1}, 1 = regenerate (white), resized with nearest."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as opened:
+        gray = opened.convert("L").resize((width, height), Image.NEAREST)
+    array = np.asarray(gray, dtype=np.float32) / 255.0
+    return (torch.from_numpy(array) > 0.5).float()[None]
+
+
+class Mimicry:
+    """Runs the chosen scenarios with fixed settings: one call per image (or image set).
+
+    ``inpaint_model`` is an inpainting checkpoint for the ``inpaint`` scenario; without one the
+    main model inpaints (diffusers blends the kept region back at each step).
+    """
+
+    def __init__(
+        self,
+        model: LatentDiffusion,
+        settings: MimicrySettings | None = None,
+        *,
+        inpaint_model: LatentDiffusion | None = None,
+    ) -> None:
+        self.model = model
+        self.settings = settings or MimicrySettings()
+        self.inpaint_model = inpaint_model
+
+    def steps(self, variant: Variant) -> int:
+        """UNet calls per image (paired) or training + sampling steps (sets), for progress."""
+        s = self.settings
+        if variant.scenario == "sdedit-onestep":
+            return 1
+        if variant.scenario == "sdedit-ddim":
+            train_steps = self.model.num_train_timesteps
+            return len(sdedit_timesteps(variant.strength, s.sdedit_steps, train_steps))
+        if variant.scenario == "img2img":
+            return max(1, int(s.sample_steps * variant.strength))
+        if variant.scenario == "inpaint":
+            return s.sample_steps
+        train = s.ti_steps if variant.scenario == "textual-inversion" else s.lora_steps
+        return train + s.num_samples * s.sample_steps
+
+    def mask_for(self, name: str | None, height: int, width: int) -> Tensor:
+        """The given mask (a file, or a folder matched by path or stem), else the ellipse."""
+        mask = self.settings.mask
+        if mask is None:
+            return centered_ellipse_mask(height, width, self.settings.inpaint_keep)
+        if mask.is_file():
+            return load_mask(mask, height, width)
+        if name is not None:
+            relative = Path(name)
+            candidates = [mask / relative, *sorted(mask.glob(f"{relative.stem}.*"))]
+            for candidate in candidates:
+                if candidate.is_file():
+                    return load_mask(candidate, height, width)
+        raise FileNotFoundError(f"No mask for {name} in {mask}.")
+
+    def run(
+        self, variant: Variant, image: Tensor, name: str | None = None, callback=None
+    ) -> Tensor:
+        """Mimic one (3, H, W) image in [0, 1] with a paired scenario; returns (3, H, W)."""
+        s, batch = self.settings, image[None]
+        common = {"seed": s.seed, "callback": callback}
+        if variant.scenario in ("sdedit-onestep", "sdedit-ddim"):
+            multistep = variant.scenario == "sdedit-ddim"
+            out = sdedit(
+                self.model,
+                batch,
+                variant.strength,
+                multistep=multistep,
+                num_steps=s.sdedit_steps,
+                **common,
+            )
+        elif variant.scenario == "img2img":
+            out = img2img(
+                self.model,
+                batch,
+                variant.strength,
+                prompt=s.prompt,
+                guidance_scale=s.guidance_scale,
+                num_inference_steps=s.sample_steps,
+                **common,
+            )
+        elif variant.scenario == "inpaint":
+            mask = self.mask_for(name, image.shape[1], image.shape[2])[None]
+            out = inpaint(
+                self.inpaint_model or self.model,
+                batch,
+                mask,
+                prompt=s.prompt,
+                guidance_scale=s.guidance_scale,
+                num_inference_steps=s.sample_steps,
+                **common,
+            )
+        else:
+            raise ValueError(f"{variant.scenario} learns from a set of images; use run_set.")
+        return out[0]
+
+    def run_set(
+        self, variant: Variant, images: Tensor, callback=None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Learn a concept from (N, 3, H, W) images and sample; returns samples and weights."""
+        s = self.settings
+        steps_done = 0
+        total = self.steps(variant)
+
+        def train_cb(step: int, _total: int) -> None:
+            if callback is not None:
+                callback(step, total)
+
+        def sample_cb(_step: int, _total: int) -> None:
+            nonlocal steps_done
+            steps_done += 1
+            if callback is not None:
+                train = s.ti_steps if variant.scenario == "textual-inversion" else s.lora_steps
+                callback(train + steps_done, total)
+
+        common = {
+            "num_samples": s.num_samples,
+            "guidance_scale": s.guidance_scale,
+            "num_inference_steps": s.sample_steps,
+            "callback": train_cb,
+            "sample_callback": sample_cb,
+        }
+        if variant.scenario == "textual-inversion":
+            schedule = TrainingSchedule(s.ti_steps, s.ti_learning_rate, seed=s.seed)
+            samples, embedding = textual_inversion_mimicry(self.model, images, schedule, **common)
+            return samples, {"learned_embedding": embedding}
+        if variant.scenario == "lora":
+            schedule = TrainingSchedule(s.lora_steps, s.lora_learning_rate, seed=s.seed)
+            return lora_mimicry(self.model, images, schedule, rank=s.lora_rank, **common)
+        raise ValueError(f"{variant.scenario} works image by image; use run.")
+
+
+def strength_grid(values: Sequence[float]) -> tuple[float, ...]:
+    """Validate a list of strengths in (0, 1], sorted and deduplicated."""
+    grid = tuple(sorted({float(v) for v in values}))
+    if not grid or any(not (0 < v <= 1) or math.isnan(v) for v in grid):
+        raise ValueError(f"Strengths must be in (0, 1]; got {list(values)}.")
+    return grid

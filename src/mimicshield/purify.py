@@ -1,0 +1,348 @@
+"""Purifications: what an attacker may do to a protected image before mimicking it.
+
+Every purification is a deterministic, size-preserving function on (N, 3, H, W) batches in
+[0, 1]. The cheap ones (JPEG, resizing, cropping, blur, noise, an AdverseCleaner-style filter)
+need nothing else; the VAE round trip and SDEdit take the model whose encoder was attacked.
+
+:func:`surviving_distortion` measures how much of the perturbation's effect on the latent is
+left after a purification: ``||E(p(x_adv)) - E(p(x0))|| / ||E(x_adv) - E(x0)||``. 1 means the
+purification left the latent shift intact, 0 that it removed it completely.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "PURIFICATIONS",
+    "NotApplicableError",
+    "Purification",
+    "adverse_cleaner",
+    "crop_resize",
+    "gaussian_blur",
+    "gaussian_noise",
+    "get_purification",
+    "guided_filter",
+    "jpeg",
+    "latent_distance",
+    "parse_purifications",
+    "rescale",
+    "resize",
+    "resize_to_work_size",
+    "sdedit_purify",
+    "surviving_distortion",
+    "vae_roundtrip",
+]
+
+WORK_SIZE = 512  # SD 1.x's training resolution: what a mimic resizes to first
+NOISE_SIGMA = 4 / 255
+SDEDIT_STRENGTH = 0.1
+LATENT_MULTIPLE = 8
+
+
+class NotApplicableError(ValueError):
+    """A purification that cannot run with the given model (e.g. SDEdit without a UNet)."""
+
+
+# --- resampling and filtering -------------------------------------------------------------------
+
+
+def resize(images: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bicubic resize to ``size`` = (H, W), antialiased when shrinking (as PIL); differentiable."""
+    if tuple(images.shape[-2:]) == tuple(size):
+        return images
+    return F.interpolate(images, size=size, mode="bicubic", antialias=True, align_corners=False)
+
+
+def rescale(images: Tensor, scale: float) -> Tensor:
+    """Downscale by ``scale`` and back up: the fine detail the perturbation lives in is lost."""
+    height, width = images.shape[-2:]
+    small = (max(1, round(height * scale)), max(1, round(width * scale)))
+    return resize(resize(images, small), (height, width)).clamp(0, 1)
+
+
+def resize_to_work_size(images: Tensor, work_size: int = WORK_SIZE) -> Tensor:
+    """Resize the shorter side to the model's working size (aspect kept), then back."""
+    height, width = images.shape[-2:]
+    scale = work_size / min(height, width)
+    return rescale(images, scale)
+
+
+def crop_resize(images: Tensor, fraction: float = 0.2) -> Tensor:
+    """Cut ``fraction`` of each side's length (half on each border), then resize back.
+
+    Cropping shifts the 8-pixel latent grid against the perturbation and rescales it.
+    """
+    height, width = images.shape[-2:]
+    top, left = round(height * fraction / 2), round(width * fraction / 2)
+    keep_h, keep_w = max(1, height - 2 * top), max(1, width - 2 * left)
+    crop = images[..., top : top + keep_h, left : left + keep_w]
+    return resize(crop, (height, width)).clamp(0, 1)
+
+
+def gaussian_kernel(sigma: float, radius: int | None = None) -> Tensor:
+    """Normalised 1-D Gaussian, radius ceil(3 sigma) by default (as OpenCV picks for 8-bit)."""
+    radius = max(1, math.ceil(3 * sigma)) if radius is None else radius
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
+    return kernel / kernel.sum()
+
+
+def gaussian_blur(images: Tensor, sigma: float = 1.0) -> Tensor:
+    """Separable Gaussian blur with mirrored borders; differentiable, so EOT reuses it."""
+    kernel = gaussian_kernel(sigma).to(images)
+    radius = kernel.numel() // 2
+    channels = images.shape[1]
+    mode = "reflect" if min(images.shape[-2:]) > radius else "replicate"
+    x = F.pad(images, (radius, radius, radius, radius), mode=mode)
+    x = F.conv2d(x, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
+    return F.conv2d(x, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
+
+
+def gaussian_noise(images: Tensor, sigma: float = NOISE_SIGMA, seed: int = 0) -> Tensor:
+    """Add N(0, sigma^2) noise, clamped to [0, 1]; each image draws from its own seeded generator.
+
+    The same seed for every image keeps a result independent of the batch it is in.
+    """
+    noise = torch.stack(
+        [
+            torch.randn(images.shape[1:], generator=torch.Generator().manual_seed(seed))
+            for _ in range(images.shape[0])
+        ]
+    )
+    return (images + sigma * noise.to(images)).clamp(0, 1)
+
+
+def _to_uint8(image: Tensor) -> np.ndarray:
+    """(3, H, W) in [0, 1] -> (H, W, 3) uint8, rounded as an image file stores it."""
+    return (image.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def _from_array(array: np.ndarray, like: Tensor) -> Tensor:
+    """(H, W, 3) uint8 or float in [0, 1] -> (3, H, W) tensor with the dtype/device of ``like``."""
+    tensor = torch.from_numpy(np.array(array, copy=True)).permute(2, 0, 1)
+    if tensor.dtype == torch.uint8:
+        tensor = tensor.float() / 255
+    return tensor.to(like)
+
+
+def jpeg(images: Tensor, quality: int = 75) -> Tensor:
+    """Encode and decode with Pillow's JPEG (libjpeg, 4:2:0 chroma), as a re-upload would."""
+    from PIL import Image
+
+    out = []
+    for image in images:
+        buffer = io.BytesIO()
+        Image.fromarray(_to_uint8(image)).save(buffer, format="JPEG", quality=quality)
+        buffer.seek(0)
+        out.append(_from_array(np.asarray(Image.open(buffer).convert("RGB")), images))
+    return torch.stack(out)
+
+
+# --- AdverseCleaner-style filtering -------------------------------------------------------------
+
+
+def guided_filter(guide: np.ndarray, source: np.ndarray, radius: int, eps: float) -> np.ndarray:
+    """He et al.'s guided filter, per channel: q = mean(a) * I + mean(b) over (2r+1)^2 boxes.
+
+    a = cov(I, p) / (var(I) + eps), b = mean(p) - a mean(I). Where the guide has edges
+    (var(I) >> eps) the output follows the guide; in flat regions it follows the smoothed source.
+    Arrays are float32 (H, W, C); ``eps`` is in squared pixel units of those arrays.
+    """
+    import cv2
+
+    def box(x: np.ndarray) -> np.ndarray:
+        return cv2.boxFilter(x, -1, (2 * radius + 1, 2 * radius + 1), normalize=True)
+
+    mean_i, mean_p = box(guide), box(source)
+    cov_ip = box(guide * source) - mean_i * mean_p
+    var_i = box(guide * guide) - mean_i * mean_i
+    a = cov_ip / (var_i + eps)
+    b = mean_p - a * mean_i
+    return box(a) * guide + box(b)
+
+
+def adverse_cleaner(
+    images: Tensor,
+    *,
+    bilateral_passes: int = 64,
+    diameter: int = 5,
+    sigma_color: float = 8.0,
+    sigma_space: float = 8.0,
+    guided_passes: int = 4,
+    guided_radius: int = 4,
+    guided_eps: float = 16.0,
+) -> Tensor:
+    """Many small edge-preserving bilateral passes, then guided filters steered by the input.
+
+    The bilateral passes wash out pixel-level noise but also soften texture; the guided filter,
+    with the unfiltered image as guide, puts the input's edges back onto the smoothed result.
+    Sigmas and ``guided_eps`` are on the 0-255 scale (``guided_eps`` squared, as a variance).
+    """
+    import cv2
+
+    out = []
+    for image in images:
+        original = _to_uint8(image).astype(np.float32)
+        smoothed = original
+        for _ in range(bilateral_passes):
+            smoothed = cv2.bilateralFilter(smoothed, diameter, sigma_color, sigma_space)
+        for _ in range(guided_passes):
+            smoothed = guided_filter(original, smoothed, guided_radius, guided_eps**2)
+        out.append(_from_array(np.clip(smoothed / 255, 0, 1).astype(np.float32), images))
+    return torch.stack(out)
+
+
+# --- model-based purifications ------------------------------------------------------------------
+
+
+def _pad_to_multiple(images: Tensor, multiple: int = LATENT_MULTIPLE) -> Tensor:
+    """Mirror-pad bottom/right so the VAE sees whole latent cells; the caller crops back."""
+    height, width = images.shape[-2:]
+    pad_h, pad_w = -height % multiple, -width % multiple
+    if not pad_h and not pad_w:
+        return images
+    mode = "reflect" if pad_h < height and pad_w < width else "replicate"
+    return F.pad(images, (0, pad_w, 0, pad_h), mode=mode)
+
+
+def has_decoder(model) -> bool:
+    """Whether ``model`` can decode: TAEF2's adapter, or an SD model loaded ``with_decoder``."""
+    if callable(getattr(model, "decode", None)):
+        return True
+    vae = getattr(model, "vae", None)
+    return vae is not None and getattr(vae, "decoder", None) is not None
+
+
+def _decode01(model, latents: Tensor) -> Tensor:
+    """D(z) in [0, 1] for either adapter (TAEF2 has ``decode``; SD goes through its VAE)."""
+    if callable(getattr(model, "decode", None)):
+        return ((model.decode(latents) + 1) / 2).clamp(0, 1)
+    sample = model.vae.decode((latents / model.scaling_factor).to(model.vae_dtype)).sample
+    return ((sample.float() + 1) / 2).clamp(0, 1)
+
+
+@torch.no_grad()
+def vae_roundtrip(images: Tensor, model) -> Tensor:
+    """D(E(x)) with the posterior mean: what every latent-diffusion edit starts from."""
+    if model is None or not has_decoder(model):
+        raise NotApplicableError("The VAE round trip needs a model loaded with its decoder.")
+    height, width = images.shape[-2:]
+    x = _pad_to_multiple(images.to(model.device, torch.float32)) * 2 - 1
+    out = _decode01(model, model.encode(x))
+    return out[..., :height, :width].to(images)
+
+
+def sdedit_purify(
+    images: Tensor, model, strength: float = SDEDIT_STRENGTH, seed: int = 0
+) -> Tensor:
+    """DiffPure-style SDEdit at t = strength (DDIM, no guidance) with the attacked model."""
+    if model is None or getattr(model, "unet", None) is None or not has_decoder(model):
+        raise NotApplicableError(
+            "SDEdit needs a latent diffusion model with a UNet and a decoder (not TAEF2)."
+        )
+    from .mimicry import sdedit
+
+    height, width = images.shape[-2:]
+    out = sdedit(model, _pad_to_multiple(images), strength, multistep=True, seed=seed)
+    return out[..., :height, :width].to(images)
+
+
+# --- registry -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Purification:
+    """A named purification; ``needs`` says what model part it uses (None, "decoder", "unet")."""
+
+    name: str
+    fn: Callable[..., Tensor]
+    summary: str
+    needs: str | None = None
+
+    def __call__(self, images: Tensor, model=None) -> Tensor:
+        if self.needs is None:
+            return self.fn(images)
+        return self.fn(images, model)
+
+    def applicable(self, model) -> bool:
+        """Whether this purification can run with ``model`` (None: no model at hand)."""
+        if self.needs is None:
+            return True
+        if model is None or not has_decoder(model):
+            return False
+        return self.needs == "decoder" or getattr(model, "unet", None) is not None
+
+
+PURIFICATIONS: dict[str, Purification] = {
+    p.name: p
+    for p in [
+        *(
+            Purification(f"jpeg{q}", partial(jpeg, quality=q), f"JPEG, quality {q}")
+            for q in (95, 85, 75, 65)
+        ),
+        Purification("down0.5", partial(rescale, scale=0.5), "downscale to 0.5x, then back up"),
+        Purification("down0.75", partial(rescale, scale=0.75), "downscale to 0.75x, then back"),
+        Purification("resize512", resize_to_work_size, "shorter side to 512 px, then back"),
+        Purification("crop20", crop_resize, "cut 20% of each side's length, resize back"),
+        Purification("blur", gaussian_blur, "Gaussian blur, sigma 1"),
+        Purification("noise", gaussian_noise, "Gaussian noise, sigma 4/255 (seed 0)"),
+        Purification("cleaner", adverse_cleaner, "AdverseCleaner-style bilateral+guided filter"),
+        Purification("vae", vae_roundtrip, "VAE encode-decode round trip", needs="decoder"),
+        Purification("sdedit", sdedit_purify, "SDEdit at t=0.1 with the same model", needs="unet"),
+    ]
+}
+
+
+def get_purification(name: str) -> Purification:
+    """Look a purification up by name, with an error that lists the valid names."""
+    if name not in PURIFICATIONS:
+        raise ValueError(f"Unknown purification {name!r}; choose from: {', '.join(PURIFICATIONS)}.")
+    return PURIFICATIONS[name]
+
+
+def parse_purifications(spec: str | Sequence[str]) -> list[Purification]:
+    """``"jpeg75,blur"`` -> purifications; ``"all"`` is every one, in registry order."""
+    names = spec.split(",") if isinstance(spec, str) else list(spec)
+    names = [n.strip() for n in names if n.strip()]
+    if names == ["all"]:
+        return list(PURIFICATIONS.values())
+    if not names:
+        raise ValueError("No purification given; e.g. jpeg75,blur or all.")
+    return [get_purification(n) for n in dict.fromkeys(names)]
+
+
+# --- the surviving latent distortion ------------------------------------------------------------
+
+
+@torch.no_grad()
+def latent_distance(model, a: Tensor, b: Tensor) -> Tensor:
+    """||E(a) - E(b)|| per image (posterior means, [0, 1] inputs), shape (N,)."""
+    za = model.encode(a.to(model.device, torch.float32) * 2 - 1)
+    zb = model.encode(b.to(model.device, torch.float32) * 2 - 1)
+    return (za - zb).flatten(1).norm(dim=1).cpu()
+
+
+def surviving_distortion(
+    model, purification: Purification | Callable[[Tensor], Tensor], protected: Tensor, clean: Tensor
+) -> Tensor:
+    """||E(p(x_adv)) - E(p(x0))|| / ||E(x_adv) - E(x0)|| per image, shape (N,).
+
+    The same purification is applied to both images, so what is measured is how much of the
+    latent shift the perturbation caused survives ``p``, not how much ``p`` itself moves E(x).
+    A :class:`Purification` that needs a model (VAE round trip, SDEdit) uses ``model`` itself.
+    """
+    if isinstance(purification, Purification):
+        purification = partial(purification, model=model)
+    before = latent_distance(model, protected, clean)
+    after = latent_distance(model, purification(protected), purification(clean))
+    return after / before.clamp_min(1e-12)

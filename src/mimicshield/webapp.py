@@ -1,0 +1,1479 @@
+"""``mimicshield ui``: a local web app, for the artists and photographers who do not use terminals.
+
+Why Gradio: it is what the ML ecosystem ships demos and local tools with (Mist's WebUI too), it
+gives drag-and-drop uploads, downloads and a job queue shared by all browser tabs out of the box,
+and it runs from ``pip install`` with no Node toolchain. Its queue matters most here: several
+tabs must wait for the one GPU, not fight over it.
+
+The module has two halves:
+
+- :class:`ProtectionService` knows nothing about Gradio. It validates uploads, keeps one model
+  loaded, runs one job at a time through the same :func:`~mimicshield.runner.protect_files` the
+  CLI uses (so outputs carry the same metadata and ``manifest.json``), reports progress, stops
+  at the next step when cancelled, runs the SDEdit check, and owns every temporary file.
+- :func:`build_app` lays out the page and wires its events to the service; :func:`launch` serves
+  it on 127.0.0.1 unless told otherwise.
+"""
+
+# No `from __future__ import annotations`: Gradio reads the `gr.Request` annotations of the
+# event handlers at runtime to inject the request, and string annotations hide them.
+import html
+import math
+import os
+import re
+import secrets
+import shutil
+import tempfile
+import threading
+import time
+import zipfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+
+from .images import IMAGE_SUFFIXES, ImageFileError, load_image, probe_image
+from .methods import DEFAULT_METHOD, METHODS, get_method
+from .models import DEFAULT_MODEL
+from .protector import CATEGORY_PROMPTS, DEFAULT_PROMPT
+from .resolution import DEFAULT_TILE_SIZE, DEFAULT_WORK_SIZE, parse_work_size
+from .robust import ROBUST_TRANSFORMS
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+# Pillow's names for the formats the CLI reads (MPO: the multi-picture JPEG of many phones).
+ALLOWED_FORMATS = {"PNG", "JPEG", "MPO", "WEBP", "TIFF", "BMP"}
+ALLOWED_FORMATS_TEXT = "PNG, JPEG, WebP, TIFF or BMP"
+PRESETS = {"light": 8, "standard": 16}  # name -> eps in 1/255 units
+CHECK_STRENGTH = 0.3  # SDEdit strength of "Check protection"
+PREVIEW_SIZE = 1024  # longest side of the pictures shown in the page
+ZIP_NAME = "mimicshield-protected.zip"
+STALE_SECONDS = 2 * 3600  # session folders older than this, without a live tab, are removed
+
+
+class JobCancelled(Exception):
+    """Raised inside a job at its next step once the user pressed Cancel.
+
+    Deliberately not a RuntimeError: the runner records those as one failed image and goes
+    on, and Cancel must stop the whole job.
+    """
+
+
+# --- uploads ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UploadLimits:
+    """What one job may upload; everything beyond is refused with a message naming the file."""
+
+    max_images: int = 50
+    max_file_bytes: int = 50 * 2**20
+    max_pixels: int = 50_000_000
+
+
+@dataclass(frozen=True)
+class Upload:
+    """An uploaded file that passed validation; ``name`` is the name the user gave it."""
+
+    path: Path
+    name: str
+    width: int
+    height: int
+
+
+def _megapixels(pixels: int) -> str:
+    return f"{pixels / 1e6:.2f} MP"
+
+
+def _check_upload(path: Path, name: str, limits: UploadLimits) -> Upload:
+    """One file: its size, then what its *content* is (never its name), then its pixel count."""
+    try:
+        size = path.stat().st_size
+    except OSError as error:
+        raise ImageFileError(f"{name}: could not be read ({error.strerror}).") from None
+    if size > limits.max_file_bytes:
+        raise ImageFileError(
+            f"{name}: {size / 2**20:.1f} MB is more than this app's limit of "
+            f"{limits.max_file_bytes / 2**20:.0f} MB per file."
+        )
+    try:
+        with Image.open(path) as opened:
+            file_format = opened.format
+    except UnidentifiedImageError:
+        raise ImageFileError(
+            f"{name}: not an image. Its content is not {ALLOWED_FORMATS_TEXT}, whatever its "
+            "name says."
+        ) from None
+    except Image.DecompressionBombError:
+        raise ImageFileError(
+            f"{name}: too many pixels (more than {_megapixels(limits.max_pixels)})."
+        ) from None
+    except OSError as error:
+        raise ImageFileError(f"{name}: corrupt or unreadable image ({error}).") from None
+    if file_format not in ALLOWED_FORMATS:
+        raise ImageFileError(f"{name}: a {file_format} file; use {ALLOWED_FORMATS_TEXT}.")
+    try:
+        header = probe_image(path)
+    except ImageFileError as error:  # the message names the temporary path: show the name
+        raise ImageFileError(str(error).replace(str(path), name)) from None
+    pixels = header.width * header.height
+    if pixels > limits.max_pixels:
+        raise ImageFileError(
+            f"{name}: {header.width} × {header.height} pixels ({_megapixels(pixels)}) is more "
+            f"than this app's limit of {_megapixels(limits.max_pixels)}; make it smaller first."
+        )
+    return Upload(path, name, header.width, header.height)
+
+
+def validate_uploads(
+    paths: Iterable[str | Path], limits: UploadLimits
+) -> tuple[list[Upload], list[str]]:
+    """The uploads to protect, and one message per file refused (or left over the count limit)."""
+    accepted: list[Upload] = []
+    problems: list[str] = []
+    paths = [Path(p) for p in paths]
+    for path in paths[: limits.max_images]:
+        try:
+            accepted.append(_check_upload(path, path.name, limits))
+        except ImageFileError as error:
+            problems.append(str(error))
+    if len(paths) > limits.max_images:
+        problems.append(
+            f"{len(paths)} files uploaded; this app takes at most {limits.max_images} per job, "
+            f"so the last {len(paths) - limits.max_images} were left out."
+        )
+    return accepted, problems
+
+
+def _unique_names(names: Sequence[str]) -> list[str]:
+    """File names whose stems are unique, because every output is saved as ``STEM.png``."""
+    taken: set[str] = set()
+    unique = []
+    for name in names:
+        stem, suffix = Path(name).stem or "image", Path(name).suffix
+        candidate, n = stem, 2
+        while candidate.lower() in taken:
+            candidate, n = f"{stem}-{n}", n + 1
+        taken.add(candidate.lower())
+        unique.append(candidate + suffix)
+    return unique
+
+
+# --- settings --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProtectSettings:
+    """Every option of ``mimicshield protect``, with its defaults, as the page submits them.
+
+    ``eps`` and ``step_size`` are in 1/255 units, as on the command line. ``overwrite`` has no
+    counterpart: every job writes into a fresh folder.
+    """
+
+    model: str = DEFAULT_MODEL
+    model_config: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    method: str = DEFAULT_METHOD
+    eps: float = 16
+    steps: int = 100
+    step_size: float = 1
+    prompt: str | None = None
+    category: str | None = None
+    target: str | None = None  # an uploaded image path (photoguard, mist, sdst-)
+    seed: int = 0
+    batch_size: int = 1
+    posterior: str = "sample"
+    sdst_r: float = 5.0
+    robust: tuple[str, ...] = ()
+    low_memory: bool = False
+    compile: bool = False
+    work_size: str = str(DEFAULT_WORK_SIZE or "native")
+    tile_size: int = DEFAULT_TILE_SIZE
+    file_format: str = "png"
+    quality: int = 95
+    metadata: bool = True
+
+    def __post_init__(self) -> None:
+        """The checks ``mimicshield protect`` makes, with the same messages where they apply."""
+        method = get_method(self.method)
+        if self.prompt and self.category:
+            raise ValueError("Give a prompt or a category, not both.")
+        if self.category and self.category not in CATEGORY_PROMPTS:
+            raise ValueError(f"Unknown category {self.category!r}.")
+        if self.target and not method.needs_target:
+            raise ValueError(
+                f"A target image is only used by photoguard, mist and sdst-, not {self.method}."
+            )
+        if not 0 < self.eps <= 255:
+            raise ValueError(f"ε must be between 1 and 255 (in 1/255 units); got {self.eps:g}.")
+        if self.steps < 0 or self.batch_size < 1:
+            raise ValueError("Steps must be at least 0 and the batch size at least 1.")
+        if self.tile_size < 64:
+            raise ValueError(f"The tile size must be at least 64; got {self.tile_size}.")
+        if self.file_format not in ("png", "jpeg"):
+            raise ValueError(f"The format must be png or jpeg; got {self.file_format!r}.")
+        if not 1 <= self.quality <= 100:
+            raise ValueError(f"JPEG quality must be between 1 and 100; got {self.quality}.")
+        if self.posterior not in ("sample", "mean"):
+            raise ValueError(f"The posterior must be sample or mean; got {self.posterior!r}.")
+        try:
+            parse_work_size(self.work_size)
+        except ValueError as error:
+            raise ValueError(f"Work size: {error}") from None
+
+    @property
+    def chosen_prompt(self) -> str:
+        if self.category:
+            return CATEGORY_PROMPTS[self.category]
+        return self.prompt or DEFAULT_PROMPT
+
+    @property
+    def model_key(self) -> tuple:
+        """What makes a loaded model reusable: the performance options change it in place."""
+        return (
+            self.model,
+            self.model_config,
+            self.device,
+            self.dtype,
+            self.low_memory,
+            self.compile,
+        )
+
+    def output_options(self):
+        from .runner import OutputOptions
+
+        return OutputOptions(
+            work_size=parse_work_size(self.work_size),
+            tile_size=self.tile_size,
+            file_format=self.file_format,
+            quality=self.quality,
+            provenance=self.metadata,
+        )
+
+    def protector(self, model, target: Tensor | None = None):
+        from .protector import Protector
+
+        return Protector(
+            model,
+            self.method,
+            target=target,
+            eps=self.eps / 255,
+            step_size=self.step_size / 255,
+            steps=self.steps,
+            prompt=self.chosen_prompt,
+            posterior=self.posterior,
+            r=self.sdst_r,
+            seed=self.seed,
+            robust=self.robust,
+        )
+
+
+# --- progress --------------------------------------------------------------------------------
+
+
+def format_seconds(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "–"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+
+
+@dataclass
+class JobProgress:
+    """Where a job stands, written by the worker thread and read by the page every half second.
+
+    ETAs are linear extrapolations: per image from its own steps so far, overall from the
+    fraction of all images done (finished images plus the current one's share).
+    """
+
+    phase: str = "Starting"
+    total_images: int = 0
+    done_images: int = 0
+    current: str = ""
+    batch: int = 1
+    step: int = 0
+    total_steps: int = 0
+    image_started: float | None = None
+    run_started: float | None = None
+    cancel_requested: bool = False
+
+    def start_run(self, total_images: int) -> None:
+        self.total_images, self.done_images = total_images, 0
+        self.run_started = time.perf_counter()
+
+    def start_image(self, name: str, batch: int = 1) -> None:
+        self.current, self.batch, self.step = name, batch, 0
+        self.image_started = time.perf_counter()
+
+    def on_step(self, step: int, total: int) -> None:
+        self.step, self.total_steps = step, total
+
+    @property
+    def image_fraction(self) -> float:
+        return self.step / self.total_steps if self.total_steps else 0.0
+
+    @property
+    def overall_fraction(self) -> float:
+        if not self.total_images:
+            return 0.0
+        done = self.done_images + min(self.batch * self.image_fraction, self.batch)
+        return min(done / self.total_images, 1.0)
+
+    def image_eta(self) -> float | None:
+        return _eta(self.image_started, self.image_fraction)
+
+    def overall_eta(self) -> float | None:
+        return _eta(self.run_started, self.overall_fraction)
+
+
+def _eta(started: float | None, fraction: float) -> float | None:
+    if started is None or fraction <= 0:
+        return None
+    elapsed = time.perf_counter() - started
+    return elapsed * (1 - fraction) / fraction
+
+
+# --- results ---------------------------------------------------------------------------------
+
+
+@dataclass
+class ImageResult:
+    """One image of a job, with the pictures the page shows for it."""
+
+    name: str
+    input: Path
+    output: Path | None = None
+    status: str = "pending"
+    error: str | None = None
+    psnr: float | None = None
+    ssim: float | None = None
+    linf_255: float | None = None
+    seconds: float | None = None
+    note: str | None = None
+    before: Path | None = None
+    after: Path | None = None
+    perturbation: Path | None = None
+
+
+@dataclass
+class Job:
+    """A finished (or cancelled) protection job; kept per browser tab for previews and checks."""
+
+    id: str
+    folder: Path
+    settings: ProtectSettings
+    images: list[ImageResult] = field(default_factory=list)
+    zip_path: Path | None = None
+    cancelled: bool = False
+    seconds: float = 0.0
+    device: str = ""
+
+    @property
+    def protected(self) -> list[ImageResult]:
+        return [image for image in self.images if image.status == "protected"]
+
+    def image(self, name: str | None) -> ImageResult | None:
+        return next((image for image in self.protected if image.name == name), None)
+
+
+@dataclass
+class CheckResult:
+    """SDEdit at strength 0.3, same seed, on the clean and the protected image."""
+
+    clean_mimicry: Path
+    protected_mimicry: Path
+    resolution: int
+    lpips_clean: float | None = None  # LPIPS(mimicry of clean, clean image)
+    lpips_protected: float | None = None  # LPIPS(mimicry of protected, clean image)
+    lpips_between: float | None = None  # LPIPS(mimicry of protected, mimicry of clean)
+    lpips_note: str | None = None
+
+
+def _save_preview(image: Tensor, path: Path, mode: str = "area") -> Path:
+    """(3, H, W) in [0, 1] -> an 8-bit PNG whose longest side is at most ``PREVIEW_SIZE``."""
+    height, width = image.shape[-2:]
+    scale = PREVIEW_SIZE / max(height, width)
+    if scale < 1:
+        size = (max(1, round(height * scale)), max(1, round(width * scale)))
+        image = F.interpolate(image[None], size=size, mode=mode)[0]
+    array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path, format="PNG")
+    return path
+
+
+def amplify(protected: Tensor, clean: Tensor, eps: float) -> Tensor:
+    """The perturbation made visible: grey is unchanged, black and white are -eps and +eps."""
+    return (0.5 + (protected - clean) / (2 * eps)).clamp(0, 1)
+
+
+# --- the service -----------------------------------------------------------------------------
+
+
+def _session_folder_name(session: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", session)[:64] or "anonymous"
+
+
+class ProtectionService:
+    """Everything the page does, without Gradio: one model, one job at a time, temp files.
+
+    Args:
+        settings: the defaults shown in the page (the ``mimicshield ui`` options).
+        limits: upload limits.
+        allow_model_choice: whether the page may load another model than ``settings.model``.
+            Off when the app is exposed beyond this computer: a path typed in a browser must not
+            make the server read arbitrary local files.
+        lpips_weights: ``lpips_alexnet.safetensors`` for the check (default: the same lookup
+            as ``mimicshield evaluate``).
+        work_root: where jobs and Gradio's upload cache live; a fresh temporary folder by
+            default, removed by :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        settings: ProtectSettings | None = None,
+        *,
+        limits: UploadLimits | None = None,
+        allow_model_choice: bool = True,
+        lpips_weights: str | Path | None = None,
+        work_root: str | Path | None = None,
+    ) -> None:
+        self.defaults = settings or ProtectSettings()
+        self.limits = limits or UploadLimits()
+        self.allow_model_choice = allow_model_choice
+        self.lpips_weights = lpips_weights
+        self._owns_root = work_root is None
+        root = tempfile.mkdtemp(prefix="mimicshield-ui-") if work_root is None else work_root
+        self.work_root = Path(root)
+        self.work_root.mkdir(parents=True, exist_ok=True)
+        self.cache_dir = self.work_root / "uploads"
+        self.sessions_dir = self.work_root / "sessions"
+        self._gpu = threading.Lock()  # held while a job computes: one at a time
+        self._model_lock = threading.Lock()
+        self._model = None
+        self._model_key: tuple | None = None
+        self._lpips = None
+        self._cancel: dict[str, threading.Event] = {}
+        self._active: set[str] = set()  # sessions with a job running
+        self._ended: set[str] = set()  # closed tabs whose job is still stopping
+        self.busy = False
+        self.closed = False
+
+    # -- devices and models
+
+    def device_label(self, device: str | None = None) -> str:
+        """``cuda (NVIDIA H100 80GB HBM3)``, ``mps`` or ``cpu``: what a job would run on."""
+        from .models import resolve_device
+
+        try:
+            chosen = resolve_device(device or self.defaults.device)
+        except ValueError as error:
+            return str(error)
+        if chosen.type == "cuda":
+            return f"{chosen} ({torch.cuda.get_device_name(chosen)})"
+        return str(chosen)
+
+    def available_devices(self) -> list[str]:
+        from .models import _mps_available
+
+        devices = ["auto", "cpu"]
+        if torch.cuda.is_available():
+            devices += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        if _mps_available():
+            devices.append("mps")
+        return devices
+
+    def model_for(self, settings: ProtectSettings):
+        """The loaded model (with its decoder, for the check), reloaded only when it must be."""
+        if not self.allow_model_choice and (
+            settings.model != self.defaults.model
+            or settings.model_config != self.defaults.model_config
+        ):
+            raise ValueError(
+                "This app is reachable from other computers, so its model is fixed to "
+                f"{self.defaults.model!r}; restart `mimicshield ui --model ...` to change it."
+            )
+        with self._model_lock:
+            if self._model is not None and self._model_key == settings.model_key:
+                try:  # low-memory models released their text encoder: new prompts need a reload
+                    for prompt in (settings.chosen_prompt, ""):
+                        self._model.embed_prompt(prompt)
+                    return self._model
+                except RuntimeError:
+                    pass
+            self._model, self._model_key = None, None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            from .models import load_models
+
+            model = load_models(
+                settings.model,
+                device=settings.device,
+                dtype=settings.dtype,
+                with_decoder=True,
+                single_file_config=settings.model_config or None,
+            )
+            if settings.low_memory or settings.compile:
+                from .performance import apply_performance_options
+
+                prompts = [settings.chosen_prompt, ""]  # "" for the SDEdit check
+                apply_performance_options(model, prompts, settings.low_memory, settings.compile)
+            self._model, self._model_key = model, settings.model_key
+            return model
+
+    def _lpips_model(self):
+        """LPIPS on the CPU (fast enough at 512 px), loaded once."""
+        from .evaluation import resolve_lpips_weights
+        from .metrics import LPIPS
+
+        if self._lpips is None:
+            self._lpips = LPIPS.from_file(resolve_lpips_weights(self.lpips_weights))
+        return self._lpips
+
+    # -- sessions and cancellation
+
+    def arm(self, session: str) -> None:
+        """Called when the user presses a run button, before the job waits in the queue."""
+        self._cancel.setdefault(session, threading.Event()).clear()
+
+    def cancel(self, session: str) -> None:
+        self._cancel.setdefault(session, threading.Event()).set()
+
+    def cancel_requested(self, session: str) -> bool:
+        event = self._cancel.get(session)
+        return event is not None and event.is_set()
+
+    def _raise_if_cancelled(self, session: str) -> None:
+        if self.cancel_requested(session) or self.closed:
+            raise JobCancelled()
+
+    def session_folder(self, session: str) -> Path:
+        return self.sessions_dir / _session_folder_name(session)
+
+    def end_session(self, session: str) -> None:
+        """The tab was closed: stop its job and delete its files (once the job has stopped)."""
+        self.cancel(session)
+        if session in self._active:
+            self._ended.add(session)
+        else:
+            self._forget(session)
+
+    def _forget(self, session: str) -> None:
+        shutil.rmtree(self.session_folder(session), ignore_errors=True)
+        self._cancel.pop(session, None)
+        self._ended.discard(session)
+
+    def _leave(self, session: str) -> None:
+        """A job of ``session`` is over."""
+        self._active.discard(session)
+        if session in self._ended:
+            self._forget(session)
+
+    def _sweep(self) -> None:
+        """Remove the folders of sessions whose tabs went away without saying so."""
+        if not self.sessions_dir.is_dir():
+            return
+        live = {_session_folder_name(s) for s in self._active}
+        now = time.time()
+        for folder in self.sessions_dir.iterdir():
+            if folder.name not in live and now - folder.stat().st_mtime > STALE_SECONDS:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    # -- validation
+
+    def validate(self, paths: Iterable[str | Path]) -> tuple[list[Upload], list[str]]:
+        return validate_uploads(paths, self.limits)
+
+    def validate_target(self, path: str | Path | None) -> str | None:
+        if not path:
+            return None
+        return str(_check_upload(Path(path), Path(path).name, self.limits).path)
+
+    # -- protection
+
+    def protect(
+        self,
+        session: str,
+        uploads: Sequence[Upload],
+        settings: ProtectSettings,
+        progress: JobProgress | None = None,
+    ) -> Job:
+        """Protect ``uploads`` with ``settings`` into a fresh folder of this session.
+
+        Blocks until done; raises :class:`JobCancelled` if cancelled before any image finished,
+        otherwise returns the job with ``cancelled`` set and the finished images kept.
+        """
+        from .runner import InputFile
+
+        progress = progress or JobProgress()
+        if not uploads:
+            raise ValueError("No images to protect.")
+        self._active.add(session)
+        try:
+            self._sweep()
+            folder = self.session_folder(session)
+            shutil.rmtree(folder, ignore_errors=True)  # the previous job of this tab
+            job = Job(secrets.token_hex(4), folder / secrets.token_hex(4), settings)
+            inputs_dir, out_dir = job.folder / "inputs", job.folder / "protected"
+            inputs_dir.mkdir(parents=True)
+            files: list[InputFile] = []
+            by_path: dict[str, ImageResult] = {}
+            for upload, name in zip(uploads, _unique_names([u.name for u in uploads]), strict=True):
+                path = inputs_dir / name
+                shutil.copyfile(upload.path, path)
+                files.append(InputFile(path, Path(name)))
+                by_path[str(path)] = ImageResult(name, path)
+                job.images.append(by_path[str(path)])
+            target = None
+            if settings.target:
+                target = load_image(self.validate_target(settings.target)).rgb
+
+            progress.phase = "Waiting for the previous job to stop"
+            with self._gpu:
+                self.busy = True
+                try:
+                    self._raise_if_cancelled(session)
+                    progress.phase = f"Loading {settings.model}"
+                    model = self.model_for(settings)
+                    job.device = f"{self.device_label(str(model.device))} · " + str(
+                        model.dtype
+                    ).removeprefix("torch.")
+                    self._raise_if_cancelled(session)
+                    self._run(session, job, files, by_path, out_dir, model, target, progress)
+                finally:
+                    self.busy = False
+            return job
+        finally:
+            self._leave(session)
+
+    def _run(self, session, job, files, by_path, out_dir, model, target, progress) -> None:
+        from .runner import protect_files
+
+        settings = job.settings
+        protector = settings.protector(model, target)
+        header = {  # the same manifest header as `mimicshield protect`
+            "model": settings.model,
+            "device": str(model.device),
+            "dtype": str(model.dtype).removeprefix("torch."),
+            "parameters": {
+                **protector.config.to_dict(),
+                "target": Path(settings.target).name if settings.target else None,
+            },
+            "seed": settings.seed,
+        }
+
+        def image_started(item, batch: int) -> None:
+            self._raise_if_cancelled(session)
+            progress.start_image(item.relative.as_posix(), batch)
+
+        def step(done: int, total: int) -> None:
+            progress.on_step(done, total)
+            self._raise_if_cancelled(session)
+
+        def image_done(result) -> None:
+            image = by_path[result.input]
+            image.status, image.error, image.note = result.status, result.error, result.note
+            image.psnr, image.ssim = result.psnr, result.ssim
+            image.linf_255, image.seconds = result.linf_255, result.seconds
+            if result.output:
+                image.output = out_dir / result.output
+            progress.done_images += 1
+
+        progress.phase = "Protecting"
+        progress.start_run(len(files))
+        started = time.perf_counter()
+        try:
+            protect_files(
+                files,
+                out_dir,
+                protector,
+                options=settings.output_options(),
+                batch_size=settings.batch_size,
+                manifest_header=header,
+                on_image_start=image_started,
+                on_step=step,
+                on_image_done=image_done,
+            )
+        except JobCancelled:
+            job.cancelled = True
+            if not job.protected:
+                raise
+        job.seconds = time.perf_counter() - started
+        for image in job.images:
+            if image.status == "pending":
+                image.status = "cancelled"
+        progress.phase = "Preparing previews"
+        for image in job.protected:
+            self._previews(job, image)
+        job.zip_path = self._zip(job, out_dir)
+
+    def _previews(self, job: Job, image: ImageResult) -> None:
+        clean = load_image(image.input).rgb
+        protected = load_image(image.output).rgb
+        previews = job.folder / "previews" / Path(image.name).stem
+        image.before = _save_preview(clean, previews / "before.png")
+        image.after = _save_preview(protected, previews / "after.png")
+        # nearest, not area: averaging would wash the perturbation out to grey
+        difference = amplify(protected, clean, job.settings.eps / 255)
+        image.perturbation = _save_preview(difference, previews / "perturbation.png", "nearest")
+
+    def _zip(self, job: Job, out_dir: Path) -> Path | None:
+        """Every protected file and the manifest, stored as they are (PNG is compressed)."""
+        if not job.protected:
+            return None
+        path = job.folder / ZIP_NAME
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+            for image in job.protected:
+                archive.write(image.output, image.output.relative_to(out_dir).as_posix())
+            manifest = out_dir / "manifest.json"
+            if manifest.is_file():
+                archive.write(manifest, manifest.name)
+        return path
+
+    # -- the check
+
+    def check(
+        self, session: str, job: Job, name: str, progress: JobProgress | None = None
+    ) -> CheckResult:
+        """SDEdit (strength 0.3, the job's seed) of the clean and the protected image, at the
+        model's native resolution (the square crop an attacker feeds it), with LPIPS."""
+        from .mimicry import fit_image, save_png, sdedit
+
+        progress = progress or JobProgress()
+        image = job.image(name)
+        if image is None:
+            raise ValueError("Choose a protected image first.")
+        self._active.add(session)
+        try:
+            progress.phase = "Waiting for the previous job to stop"
+            with self._gpu:
+                self.busy = True
+                try:
+                    self._raise_if_cancelled(session)
+                    progress.phase = f"Loading {job.settings.model}"
+                    model = self.model_for(job.settings)
+                    resolution = model.native_size or 512
+                    clean = fit_image(load_image(image.input).rgb, resolution)
+                    protected = fit_image(load_image(image.output).rgb, resolution)
+                    progress.phase = "Check: SDEdit of the clean and the protected image"
+                    progress.start_run(1)
+                    progress.start_image(image.name, 1)
+
+                    def step(done: int, total: int) -> None:
+                        progress.on_step(done, total)
+                        self._raise_if_cancelled(session)
+
+                    outputs = sdedit(
+                        model,
+                        torch.stack([clean, protected]),
+                        CHECK_STRENGTH,
+                        seed=job.settings.seed,
+                        callback=step,
+                    )
+                finally:
+                    self.busy = False
+        finally:
+            self._leave(session)
+        folder = job.folder / "check" / Path(image.name).stem
+        result = CheckResult(
+            save_png(outputs[0], folder / "sdedit-clean.png"),
+            save_png(outputs[1], folder / "sdedit-protected.png"),
+            resolution,
+        )
+        try:
+            lpips = self._lpips_model()
+            with torch.no_grad():
+                scores = lpips(outputs, torch.stack([clean, clean]))
+                between = lpips(outputs[1:], outputs[:1])
+            result.lpips_clean, result.lpips_protected = float(scores[0]), float(scores[1])
+            result.lpips_between = float(between[0])
+        except (FileNotFoundError, OSError, RuntimeError) as error:
+            result.lpips_note = f"LPIPS unavailable: {error}"
+        return result
+
+    def close(self) -> None:
+        """Stop every job and delete every temporary file this app made."""
+        self.closed = True
+        for event in self._cancel.values():
+            event.set()
+        if self._owns_root:
+            shutil.rmtree(self.work_root, ignore_errors=True)
+        else:
+            shutil.rmtree(self.sessions_dir, ignore_errors=True)
+            shutil.rmtree(self.cache_dir, ignore_errors=True)
+
+
+# --- running a job beside the page ----------------------------------------------------------
+
+
+class _Worker(threading.Thread):
+    """Runs ``fn`` and keeps its result or its exception for the thread that polls it."""
+
+    def __init__(self, fn: Callable[[], object]) -> None:
+        super().__init__(daemon=True, name="mimicshield-job")
+        self.fn = fn
+        self.result: object = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.result = self.fn()
+        except BaseException as error:  # reported to the page, never raised in the server
+            self.error = error
+
+
+def run_beside(
+    service: ProtectionService,
+    session: str,
+    fn: Callable[[JobProgress], object],
+    interval: float = 0.5,
+) -> Iterator[tuple[JobProgress, _Worker]]:
+    """Run ``fn(progress)`` in a thread; yield its progress every ``interval`` s, then once more
+    when it has finished. If the page goes away mid-job, the job is cancelled."""
+    progress = JobProgress()
+    worker = _Worker(lambda: fn(progress))
+    worker.start()
+    try:
+        while worker.is_alive():
+            progress.cancel_requested = service.cancel_requested(session)
+            yield progress, worker
+            worker.join(interval)
+        yield progress, worker
+    finally:
+        if worker.is_alive():
+            service.cancel(session)
+
+
+# --- rendering -------------------------------------------------------------------------------
+
+
+def _bar(fraction: float, label: str, elem_id: str) -> str:
+    percent = f"{100 * max(0.0, min(fraction, 1.0)):.1f}%"
+    return (
+        f'<div id="{elem_id}" style="margin:6px 0">'
+        '<div style="height:10px;border-radius:5px;background:rgba(128,128,128,.25)">'
+        f'<div style="height:10px;border-radius:5px;width:{percent};'
+        'background:var(--color-accent, #f97316)"></div></div>'
+        f'<div style="font-size:.9em;opacity:.85">{html.escape(label)}</div></div>'
+    )
+
+
+def render_progress(progress: JobProgress) -> str:
+    """Two bars, this image and all images, each with its ETA."""
+    phase = progress.phase
+    if progress.cancel_requested:
+        phase = "Cancelling: stopping at the next step…"
+    parts = [f'<div id="ms-progress"><b>{html.escape(phase)}</b>']
+    if progress.run_started is not None and progress.total_images:
+        name = progress.current + (f" (+{progress.batch - 1})" if progress.batch > 1 else "")
+        parts.append(
+            _bar(
+                progress.image_fraction,
+                f"This image: {name} · step {progress.step}/{progress.total_steps or '?'}"
+                f" · ETA {format_seconds(progress.image_eta())}",
+                "ms-image-bar",
+            )
+        )
+        parts.append(
+            _bar(
+                progress.overall_fraction,
+                f"All images: {progress.done_images}/{progress.total_images} done"
+                f" · ETA {format_seconds(progress.overall_eta())}",
+                "ms-overall-bar",
+            )
+        )
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def message_html(text: str, kind: str = "info", elem_id: str = "ms-message") -> str:
+    colours = {"info": "inherit", "error": "#dc2626", "ok": "#16a34a", "warning": "#d97706"}
+    return (
+        f'<div id="{elem_id}" class="ms-{kind}" style="color:{colours[kind]}">'
+        f"{html.escape(text)}</div>"
+    )
+
+
+def messages_html(lines: Sequence[str], kind: str, elem_id: str) -> str:
+    items = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
+    colour = "#dc2626" if kind == "error" else "inherit"
+    return f'<div id="{elem_id}" class="ms-{kind}" style="color:{colour}"><ul>{items}</ul></div>'
+
+
+def _number(value: float | None, template: str) -> str:
+    if value is None:
+        return "–"
+    return "∞" if math.isinf(value) else template.format(value)
+
+
+def results_table(job: Job) -> list[list[str]]:
+    return [
+        [
+            image.name,
+            image.status,
+            _number(image.psnr, "{:.2f}"),
+            _number(image.ssim, "{:.4f}"),
+            _number(image.linf_255, "{:.0f}"),
+            _number(image.seconds, "{:.2f}"),
+            image.error or image.note or "",
+        ]
+        for image in job.images
+    ]
+
+
+def image_summary(job: Job, image: ImageResult | None) -> str:
+    if image is None:
+        return ""
+    text = (
+        f"{image.name}: PSNR {_number(image.psnr, '{:.2f}')} dB · SSIM "
+        f"{_number(image.ssim, '{:.4f}')} · L∞ {_number(image.linf_255, '{:.0f}')}/255 "
+        f"(budget {job.settings.eps:g}/255)"
+    )
+    return message_html(text, "info", "ms-image-metrics")
+
+
+def check_summary(result: CheckResult) -> str:
+    if result.lpips_clean is None:
+        lines = [result.lpips_note or "LPIPS unavailable."]
+    else:
+        lines = [
+            f"LPIPS to the clean image — mimicry of the clean image: {result.lpips_clean:.4f}; "
+            f"mimicry of the protected image: {result.lpips_protected:.4f}.",
+            f"LPIPS between the two mimicries: {result.lpips_between:.4f}. Higher means the "
+            "protection pushed the mimicry further from your image.",
+        ]
+    lines.append(
+        f"SDEdit strength {CHECK_STRENGTH}, same seed, at {result.resolution} px (the square crop "
+        "an attacker would use)."
+    )
+    return messages_html(lines, "info", "ms-check-result")
+
+
+# --- the page --------------------------------------------------------------------------------
+
+ADVANCED = [  # (name, label): the advanced options, in the order of `mimicshield protect --help`
+    ("method", "Method"),
+    ("steps", "Steps"),
+    ("step_size", "Step size α (in 1/255)"),
+    ("category", "Category (uses the paper's prompt)"),
+    ("prompt", "Prompt c (empty: 'a photo')"),
+    ("target", "Target image (photoguard, mist, sdst-)"),
+    ("seed", "Seed"),
+    ("batch_size", "Batch size (images of equal size)"),
+    ("posterior", "E(x): posterior sample or mean"),
+    ("sdst_r", "sdst- weight r"),
+    ("robust", "Harden against purification (EOT)"),
+    ("work_size", "Work size ('native' or pixels of the shorter side)"),
+    ("tile_size", "Tile size"),
+    ("file_format", "Output format"),
+    ("quality", "JPEG quality"),
+    ("metadata", "Write the 'no AI/ML training' XMP notice"),
+    ("low_memory", "Low memory (slower)"),
+    ("compile", "torch.compile (slow first step, faster later)"),
+    ("device", "Device"),
+    ("dtype", "Precision"),
+    ("model_config", "Config folder for a single-file model"),
+]
+NO_CATEGORY = "none"
+
+
+def _settings_from_page(
+    service: ProtectionService, values: dict[str, object], preset: str, custom_eps: float
+) -> ProtectSettings:
+    eps = PRESETS.get(preset, custom_eps)
+    model = str(values.get("model") or service.defaults.model).strip()
+    target = values.get("target")
+    category = values.get("category")
+    return replace(
+        service.defaults,
+        model=model,
+        model_config=(str(values.get("model_config") or "").strip() or None),
+        device=str(values["device"]),
+        dtype=str(values["dtype"]),
+        method=str(values["method"]),
+        eps=float(eps),
+        steps=int(values["steps"]),
+        step_size=float(values["step_size"]),
+        prompt=(str(values.get("prompt") or "").strip() or None),
+        category=None if category in (None, NO_CATEGORY) else str(category),
+        target=service.validate_target(target) if target else None,
+        seed=int(values["seed"]),
+        batch_size=int(values["batch_size"]),
+        posterior=str(values["posterior"]),
+        sdst_r=float(values["sdst_r"]),
+        robust=tuple(values.get("robust") or ()),
+        low_memory=bool(values["low_memory"]),
+        compile=bool(values["compile"]),
+        work_size=str(values["work_size"]).strip(),
+        tile_size=int(values["tile_size"]),
+        file_format=str(values["file_format"]),
+        quality=int(values["quality"]),
+        metadata=bool(values["metadata"]),
+    )
+
+
+def build_app(service: ProtectionService):
+    """The Gradio page. Call after :func:`use_work_root` so uploads land in the service's folder."""
+    import gradio as gr
+
+    defaults = service.defaults
+    preset_choices = [
+        ("Light (ε = 8/255)", "light"),
+        ("Standard (ε = 16/255, the paper's)", "standard"),
+        ("Custom", "custom"),
+    ]
+    default_preset = next((k for k, v in PRESETS.items() if v == defaults.eps), "custom")
+    picture = {"type": "filepath", "interactive": False, "height": 320}
+
+    with gr.Blocks(
+        title="mimicshield",
+        analytics_enabled=False,
+        delete_cache=(1800, STALE_SECONDS),
+    ) as demo:
+        gr.Markdown(
+            "# mimicshield\nProtect your images against diffusion-model mimicry (img2img, "
+            "inpainting, fine-tuning) with a nearly invisible perturbation "
+            "(Xue et al., ICLR 2024). Your images stay on this computer."
+        )
+        device_info = gr.HTML(
+            message_html(
+                f"Model: {defaults.model} · device: {service.device_label()}", "info", "ms-device"
+            )
+        )
+        job_state = gr.State(None)
+        with gr.Row():
+            with gr.Column(scale=2):
+                files = gr.File(
+                    label="Images: drag and drop one or many",
+                    file_count="multiple",
+                    file_types=sorted(IMAGE_SUFFIXES),
+                    elem_id="ms-upload",
+                )
+                upload_status = gr.HTML(elem_id="ms-upload-status")
+                preset = gr.Radio(
+                    preset_choices, value=default_preset, label="Strength", elem_id="ms-preset"
+                )
+                custom_eps = gr.Slider(
+                    1,
+                    64,
+                    value=defaults.eps,
+                    step=1,
+                    label="Custom budget ε (in 1/255)",
+                    visible=default_preset == "custom",
+                    elem_id="ms-eps",
+                )
+                model = gr.Textbox(
+                    value=defaults.model,
+                    label="Model: hub id, local diffusers folder or .safetensors file",
+                    interactive=service.allow_model_choice,
+                    elem_id="ms-model",
+                )
+                with gr.Row():
+                    protect_button = gr.Button("Protect", variant="primary", elem_id="ms-protect")
+                    cancel_button = gr.Button("Cancel", variant="stop", elem_id="ms-cancel")
+                with gr.Accordion("Advanced: every command-line option", open=False):
+                    labels = dict(ADVANCED)
+
+                    def opt(name: str) -> dict:
+                        return {"label": labels[name], "elem_id": "ms-" + name.replace("_", "-")}
+
+                    advanced = {
+                        "method": gr.Dropdown(
+                            list(METHODS), value=defaults.method, **opt("method")
+                        ),
+                        "steps": gr.Number(
+                            value=defaults.steps, precision=0, minimum=0, **opt("steps")
+                        ),
+                        "step_size": gr.Number(
+                            value=defaults.step_size, minimum=0.01, **opt("step_size")
+                        ),
+                        "category": gr.Dropdown(
+                            [NO_CATEGORY, *CATEGORY_PROMPTS],
+                            value=defaults.category or NO_CATEGORY,
+                            **opt("category"),
+                        ),
+                        "prompt": gr.Textbox(value=defaults.prompt or "", **opt("prompt")),
+                        "target": gr.File(file_types=sorted(IMAGE_SUFFIXES), **opt("target")),
+                        "seed": gr.Number(value=defaults.seed, precision=0, **opt("seed")),
+                        "batch_size": gr.Number(
+                            value=defaults.batch_size, precision=0, minimum=1, **opt("batch_size")
+                        ),
+                        "posterior": gr.Radio(
+                            ["sample", "mean"], value=defaults.posterior, **opt("posterior")
+                        ),
+                        "sdst_r": gr.Number(value=defaults.sdst_r, **opt("sdst_r")),
+                        "robust": gr.CheckboxGroup(
+                            list(ROBUST_TRANSFORMS), value=list(defaults.robust), **opt("robust")
+                        ),
+                        "work_size": gr.Textbox(value=defaults.work_size, **opt("work_size")),
+                        "tile_size": gr.Number(
+                            value=defaults.tile_size, precision=0, minimum=64, **opt("tile_size")
+                        ),
+                        "file_format": gr.Radio(
+                            ["png", "jpeg"], value=defaults.file_format, **opt("file_format")
+                        ),
+                        "quality": gr.Slider(
+                            1, 100, value=defaults.quality, step=1, **opt("quality")
+                        ),
+                        "metadata": gr.Checkbox(value=defaults.metadata, **opt("metadata")),
+                        "low_memory": gr.Checkbox(value=defaults.low_memory, **opt("low_memory")),
+                        "compile": gr.Checkbox(value=defaults.compile, **opt("compile")),
+                        "device": gr.Dropdown(
+                            service.available_devices(), value=defaults.device, **opt("device")
+                        ),
+                        "dtype": gr.Dropdown(
+                            ["auto", "fp32", "fp16", "bf16"], value=defaults.dtype, **opt("dtype")
+                        ),
+                        "model_config": gr.Textbox(
+                            value=defaults.model_config or "",
+                            interactive=service.allow_model_choice,
+                            **opt("model_config"),
+                        ),
+                    }
+            with gr.Column(scale=3):
+                progress_html = gr.HTML(elem_id="ms-progress-box")
+                table = gr.Dataframe(
+                    headers=["file", "status", "PSNR (dB)", "SSIM", "L∞ (/255)", "seconds", "note"],
+                    interactive=False,
+                    label="Results",
+                    elem_id="ms-results",
+                )
+                downloads = gr.File(
+                    label="Protected files: click one to download it",
+                    file_count="multiple",
+                    interactive=False,
+                    elem_id="ms-downloads",
+                )
+                zip_button = gr.DownloadButton(
+                    "Download all (.zip)", visible=False, elem_id="ms-zip"
+                )
+                chosen = gr.Dropdown([], label="Show", elem_id="ms-chosen")
+                with gr.Row():
+                    before = gr.Image(label="Before", **picture)
+                    after = gr.Image(label="After (protected)", **picture)
+                    perturbation = gr.Image(
+                        label="Perturbation, amplified (grey = unchanged)", **picture
+                    )
+                image_metrics = gr.HTML()
+                check_button = gr.Button(
+                    "Check protection (SDEdit, strength 0.3)", elem_id="ms-check"
+                )
+                with gr.Row():
+                    mimic_clean = gr.Image(label="Mimicry of the clean image", **picture)
+                    mimic_protected = gr.Image(label="Mimicry of the protected image", **picture)
+                check_html = gr.HTML()
+
+        options = {"model": model, **advanced}
+        page_inputs = {files, preset, custom_eps, *options.values()}
+
+        # -- strength presets: choosing a preset sets ε; moving the slider means Custom
+
+        def on_preset(choice: str):
+            if choice in PRESETS:
+                return gr.update(value=PRESETS[choice], visible=False)
+            return gr.update(visible=True)
+
+        preset.change(on_preset, preset, custom_eps, queue=False, show_progress="hidden")
+
+        # -- uploads are checked as they arrive, and again when the job starts
+
+        def on_upload(paths: list[str] | None):
+            if not paths:
+                return ""
+            accepted, problems = service.validate(paths)
+            parts = []
+            if accepted:
+                ok = f"{len(accepted)} image(s) ready: " + ", ".join(u.name for u in accepted)
+                parts.append(message_html(ok, "ok", "ms-upload-ok"))
+            if problems:
+                parts.append(messages_html(problems, "error", "ms-upload-errors"))
+            return "".join(parts)
+
+        files.change(
+            on_upload, files, upload_status, concurrency_limit=None, show_progress="hidden"
+        )
+
+        # -- protect (one job at a time across all tabs) and cancel
+
+        def arm(request: gr.Request):
+            service.arm(request.session_hash)
+            if service.busy:
+                return message_html(
+                    "Queued: another job is running (maybe in another tab); yours starts next.",
+                    "warning",
+                    "ms-queued",
+                )
+            return message_html("Starting…", "info", "ms-starting")
+
+        def run_protect(data: dict, request: gr.Request):
+            session = request.session_hash
+            cleared = {
+                table: None,
+                downloads: None,
+                zip_button: gr.update(visible=False),
+                chosen: gr.update(choices=[], value=None),
+                before: None,
+                after: None,
+                perturbation: None,
+                image_metrics: "",
+                mimic_clean: None,
+                mimic_protected: None,
+                check_html: "",
+            }
+            if service.cancel_requested(session):
+                yield {**cleared, progress_html: message_html("Cancelled.", "warning")}
+                return
+            uploads, problems = service.validate(data[files] or [])
+            if not uploads:
+                text = problems or ["Add one or more images first (drag them onto the box)."]
+                yield {**cleared, progress_html: messages_html(text, "error", "ms-message")}
+                return
+            try:
+                values = {name: data[component] for name, component in options.items()}
+                settings = _settings_from_page(service, values, data[preset], data[custom_eps])
+            except (ValueError, TypeError, ImageFileError) as error:
+                yield {**cleared, progress_html: message_html(str(error), "error")}
+                return
+            yield {**cleared, progress_html: message_html("Starting…", "info")}
+
+            def work(progress: JobProgress) -> Job:
+                return service.protect(session, uploads, settings, progress)
+
+            for progress, worker in run_beside(service, session, work):
+                if worker.is_alive():
+                    yield {progress_html: render_progress(progress)}
+            if worker.error is not None:
+                if isinstance(worker.error, JobCancelled):
+                    text, kind = "Cancelled: the job stopped; nothing was finished.", "warning"
+                else:
+                    text, kind = f"Protection failed: {_one_line(worker.error)}", "error"
+                yield {progress_html: message_html(text, kind)}
+                return
+            job: Job = worker.result
+            yield _job_outputs(job, problems)
+
+        def _job_outputs(job: Job, problems: list[str]) -> dict:
+            protected = job.protected
+            failed = [i for i in job.images if i.status == "failed"]
+            summary = f"Done: {len(protected)} protected"
+            if failed:
+                summary += f", {len(failed)} failed"
+            if job.cancelled:
+                summary = f"Cancelled after {len(protected)} image(s); those are kept"
+            summary += f" in {format_seconds(job.seconds)}."
+            lines = [summary] + [i.error for i in failed if i.error] + problems
+            first = protected[0] if protected else None
+            return {
+                job_state: job,
+                device_info: message_html(
+                    f"Model: {job.settings.model} · device: {job.device}", "info", "ms-device"
+                ),
+                progress_html: messages_html(
+                    lines, "warning" if failed or job.cancelled else "ok", "ms-done"
+                ),
+                table: results_table(job),
+                downloads: [str(i.output) for i in protected] or None,
+                zip_button: gr.update(value=str(job.zip_path), visible=bool(job.zip_path)),
+                chosen: gr.update(
+                    choices=[i.name for i in protected], value=first.name if first else None
+                ),
+                before: str(first.before) if first else None,
+                after: str(first.after) if first else None,
+                perturbation: str(first.perturbation) if first else None,
+                image_metrics: image_summary(job, first),
+            }
+
+        outputs = [
+            job_state,
+            device_info,
+            progress_html,
+            table,
+            downloads,
+            zip_button,
+            chosen,
+            before,
+            after,
+            perturbation,
+            image_metrics,
+            mimic_clean,
+            mimic_protected,
+            check_html,
+        ]
+        protect_button.click(
+            arm, None, progress_html, concurrency_limit=None, show_progress="hidden"
+        ).then(
+            run_protect,
+            page_inputs,
+            outputs,
+            concurrency_limit=1,
+            concurrency_id="gpu",
+            show_progress="minimal",
+            show_progress_on=[progress_html],
+        )
+
+        def on_cancel(request: gr.Request):
+            service.cancel(request.session_hash)
+
+        cancel_button.click(on_cancel, None, None, concurrency_limit=None, show_progress="hidden")
+
+        # -- one image: before / after / perturbation
+
+        def on_choose(job: Job | None, name: str | None):
+            image = job.image(name) if job else None
+            if image is None:
+                return None, None, None, "", None, None, ""
+            paths = (str(image.before), str(image.after), str(image.perturbation))
+            return (*paths, image_summary(job, image), None, None, "")
+
+        chosen.input(
+            on_choose,
+            [job_state, chosen],
+            [before, after, perturbation, image_metrics, mimic_clean, mimic_protected, check_html],
+            concurrency_limit=None,
+            show_progress="hidden",
+        )
+
+        # -- the check, queued with the protection jobs
+
+        def run_check(job: Job | None, name: str | None, request: gr.Request):
+            session = request.session_hash
+            if job is None or job.image(name) is None:
+                yield message_html("Protect an image first, then check it.", "error"), None, None
+                return
+
+            def work(progress: JobProgress) -> CheckResult:
+                return service.check(session, job, name, progress)
+
+            for progress, worker in run_beside(service, session, work):
+                if worker.is_alive():
+                    yield render_progress(progress), gr.update(), gr.update()
+            if worker.error is not None:
+                if isinstance(worker.error, JobCancelled):
+                    yield message_html("Check cancelled.", "warning"), None, None
+                else:
+                    text = f"Check failed: {_one_line(worker.error)}"
+                    yield message_html(text, "error"), None, None
+                return
+            result: CheckResult = worker.result
+            yield (
+                check_summary(result),
+                str(result.clean_mimicry),
+                str(result.protected_mimicry),
+            )
+
+        check_button.click(
+            arm, None, check_html, concurrency_limit=None, show_progress="hidden"
+        ).then(
+            run_check,
+            [job_state, chosen],
+            [check_html, mimic_clean, mimic_protected],
+            concurrency_limit=1,
+            concurrency_id="gpu",
+            show_progress="minimal",
+            show_progress_on=[check_html],
+        )
+
+        def on_unload(request: gr.Request):
+            service.end_session(request.session_hash)
+
+        demo.unload(on_unload)
+    demo.queue(default_concurrency_limit=1)
+    return demo
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return (text[0] if text else type(error).__name__)[:300]
+
+
+# --- serving ---------------------------------------------------------------------------------
+
+
+def is_loopback(host: str) -> bool:
+    return host in LOOPBACK_HOSTS
+
+
+@dataclass
+class RunningApp:
+    """A launched app: its URL, and :meth:`close` to stop it and remove its files."""
+
+    url: str
+    demo: object
+    service: ProtectionService
+    _previous_temp: str | None = None
+
+    def close(self) -> None:
+        try:
+            self.demo.close()
+        finally:
+            self.service.close()
+            _restore_env("GRADIO_TEMP_DIR", self._previous_temp)
+
+
+def _restore_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
+def _private_launch_options() -> dict:
+    """Gradio 6 keeps a run history (inputs and outputs) in the browser: not for private art."""
+    import inspect
+
+    import gradio as gr
+
+    parameters = inspect.signature(gr.Blocks.launch).parameters
+    return {"run_history": False} if "run_history" in parameters else {}
+
+
+def launch(
+    service: ProtectionService,
+    *,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    share: bool = False,
+    open_browser: bool = False,
+    block: bool = True,
+    quiet: bool = False,
+) -> RunningApp:
+    """Serve the page. ``block=False`` returns at once (tests); otherwise it returns on Ctrl-C.
+
+    Gradio's upload cache is pointed into the service's folder (``GRADIO_TEMP_DIR``), so
+    :meth:`RunningApp.close` removes uploads too; ``max_file_size`` makes Gradio refuse
+    oversized uploads before they are written.
+    """
+    previous = os.environ.get("GRADIO_TEMP_DIR")
+    os.environ["GRADIO_TEMP_DIR"] = str(service.cache_dir)
+    running = None
+    try:
+        demo = build_app(service)
+        _, url, _ = demo.launch(
+            server_name=host,
+            server_port=port,
+            share=share,
+            inbrowser=open_browser,
+            prevent_thread_lock=True,
+            max_file_size=service.limits.max_file_bytes,
+            allowed_paths=[str(service.work_root)],
+            show_error=False,
+            quiet=quiet,
+            ssr_mode=False,
+            **_private_launch_options(),
+        )
+        running = RunningApp(url or f"http://{host}:{demo.server_port}/", demo, service, previous)
+        if block:
+            demo.block_thread()
+    finally:
+        if running is None:
+            service.close()
+            _restore_env("GRADIO_TEMP_DIR", previous)
+        elif block:
+            running.close()
+    return running

@@ -1,0 +1,108 @@
+"""``mimicshield protect`` end to end: options, failures and exit codes, warnings, provenance."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+from image_cases import bad_files, noise
+from PIL import Image
+from typer.testing import CliRunner
+
+from mimicshield.cli.main import CLIError, app
+from mimicshield.metadata import DMI_PROHIBITED_AIML
+
+# tiny inputs would be upscaled to the default work size 512: protect them natively instead
+FAST = ["--method", "encoder", "--steps", "1", "--step-size", "4", "--eps", "8"]
+FAST += ["--work-size", "native"]
+CPU = ["--device", "cpu", "--dtype", "fp32"]
+
+
+@pytest.fixture
+def folder(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(noise(24, 32, seed=1)).save(folder / "art.png")
+    Image.fromarray(noise(29, 37, seed=2)).save(folder / "photo.jpg")
+    return folder
+
+
+@pytest.fixture
+def preloaded(monkeypatch, tiny_model):
+    """Skip reloading the tiny model in every CLI call (loading has its own tests)."""
+    monkeypatch.setattr("mimicshield.models.load_models", lambda *args, **kwargs: tiny_model)
+
+
+def invoke(*args: str):
+    # wide enough that rich does not wrap a failure line in the middle
+    return CliRunner(env={"COLUMNS": "300"}).invoke(app, ["protect", *FAST, *CPU, *args])
+
+
+def test_a_bad_file_fails_alone_exits_non_zero_and_rerun_resumes(tmp_path, folder, tiny_model_dir):
+    shutil.copy(bad_files(tmp_path / "bad")["corrupt"], folder / "broken.png")
+    out = tmp_path / "out"
+    args = [str(folder), "-o", str(out), "--model", str(tiny_model_dir)]
+    result = invoke(*args)
+    assert result.exit_code == 1, result.output
+    assert "broken.png: not an image" in result.output  # the failure list of the end table
+    assert sorted(p.name for p in out.iterdir()) == ["art.png", "manifest.json", "photo.png"]
+    assert Image.open(out / "photo.png").size == (37, 29)
+
+    again = invoke(*args)
+    assert again.exit_code == 1
+    entries = json.loads((out / "manifest.json").read_text())["images"]
+    statuses = {entry["relative"]: entry["status"] for entry in entries}
+    assert statuses == {"art.png": "skipped", "photo.jpg": "skipped", "broken.png": "failed"}
+
+
+@pytest.mark.skipif(shutil.which("exiftool") is None, reason="exiftool not installed")
+def test_outputs_carry_the_provenance_xmp_unless_no_metadata(tmp_path, folder, preloaded):
+    def data_mining(path) -> str | None:
+        command = ["exiftool", "-j", "-n", "-XMP-plus:DataMining", str(path)]
+        tags = json.loads(subprocess.run(command, capture_output=True, check=True).stdout)[0]
+        return tags.get("DataMining")
+
+    assert invoke(str(folder / "art.png"), "-o", str(tmp_path / "a")).exit_code == 0
+    assert data_mining(tmp_path / "a" / "art.png") == DMI_PROHIBITED_AIML
+    bare = invoke(str(folder / "art.png"), "-o", str(tmp_path / "b"), "--no-metadata")
+    assert bare.exit_code == 0 and data_mining(tmp_path / "b" / "art.png") is None
+
+
+def test_jpeg_output_warns_once_that_it_weakens_protection(tmp_path, folder, preloaded):
+    result = invoke(str(folder), "-o", str(tmp_path / "out"), "--format", "jpeg", "--quality", "90")
+    assert result.exit_code == 0, result.output
+    assert result.output.count("JPEG is lossy") == 1
+    assert sorted(p.suffix for p in (tmp_path / "out").glob("*.jp*")) == [".jpg", ".jpg"]
+
+
+def test_work_size_option_reaches_the_manifest(tmp_path, folder, preloaded):
+    result = invoke(str(folder / "photo.jpg"), "-o", str(tmp_path / "out"), "--work-size", "16")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["options"]["work_size"] == 16
+    assert Image.open(tmp_path / "out" / "photo.png").size == (37, 29)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--quality", "80"], "--quality only applies to --format jpeg"),
+        (["--format", "jpeg", "--quality", "0"], "between 1 and 100"),
+        (["--work-size", "huge"], "native"),
+        (["--tile-size", "8"], "--tile-size"),
+    ],
+)
+def test_bad_options_are_one_line_errors(tmp_path, folder, options, message):
+    result = invoke(str(folder), "-o", str(tmp_path / "out"), *options)
+    assert isinstance(result.exception, CLIError) and message in str(result.exception)
+
+
+def test_ctrl_c_says_how_to_resume(tmp_path, folder, preloaded, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("mimicshield.runner.protect_files", interrupted)
+    result = invoke(str(folder), "-o", str(tmp_path / "out"))
+    assert result.exit_code == 130 and "run the same command again" in result.output

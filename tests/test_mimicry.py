@@ -1,0 +1,226 @@
+"""Mimicry simulations: SDEdit maths (and its off-by-one fix), pipelines and concept learning.
+
+The tiny random model proves plumbing (shapes, files, seeds), never mimicry quality.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mimicshield import mimicry as M
+from mimicshield.cli.main import app
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a small shared CPU, oversubscribed threads are ~100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _sd_alphas_cumprod() -> torch.Tensor:
+    """The SD 1.x "scaled_linear" schedule: betas linear in sqrt space, 0.00085 -> 0.012."""
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, dim=0).float()
+
+
+@dataclass
+class OracleModel:
+    """Predicts the true noise whatever it is asked, and records the timesteps it is asked at."""
+
+    noise: torch.Tensor
+    alphas_cumprod: torch.Tensor = field(default_factory=_sd_alphas_cumprod)
+    seen: list[int] = field(default_factory=list)
+
+    def predict_noise(self, z_t, t, cond):
+        self.seen.append(int(t[0]))
+        return self.noise
+
+
+# --- maths -------------------------------------------------------------------------------------
+
+
+def test_ddim_schedule_is_the_leading_sd_schedule():
+    steps = M.ddim_timesteps(100)
+    assert steps[:3] == [1, 11, 21] and steps[-1] == 991 and len(steps) == 100
+    assert M.sdedit_timesteps(0.1) == [91, 81, 71, 61, 51, 41, 31, 21, 11, 1]
+    assert M.sdedit_timesteps(0.01) == [1]
+    assert M.sdedit_timesteps(0.3)[0] == 291 and len(M.sdedit_timesteps(0.3)) == 30
+    with pytest.raises(ValueError):
+        M.sdedit_timesteps(0.0)
+
+
+def test_predict_x0_inverts_add_noise_and_ddim_to_one_is_x0():
+    generator = torch.Generator().manual_seed(0)
+    z0, noise = torch.randn(2, 4, 3, 3, generator=generator), torch.randn(2, 4, 3, 3)
+    z_t = M.add_noise(z0, noise, 0.3)
+    torch.testing.assert_close(M.predict_x0(z_t, noise, 0.3), z0)
+    torch.testing.assert_close(M.ddim_step(z_t, noise, 0.3, 1.0), z0)
+    # with the true noise, DDIM stays on the trajectory: z at abar_prev
+    torch.testing.assert_close(M.ddim_step(z_t, noise, 0.3, 0.7), M.add_noise(z0, noise, 0.7))
+
+
+@pytest.mark.parametrize("multistep", [False, True])
+def test_sdedit_denoises_from_the_timestep_the_noise_was_added_at(multistep):
+    """The reference adds noise at t_k and starts denoising at t_(k-1); we start at t_k.
+
+    Proof by oracle: a model that returns the exact noise recovers z0 only if the first UNet
+    call sees the timestep (so abar) at which the noise was added.
+    """
+    generator = torch.Generator().manual_seed(1)
+    z0, noise = torch.randn(1, 4, 4, 4, generator=generator), torch.randn(1, 4, 4, 4)
+    model = OracleModel(noise)
+    timesteps = M.sdedit_timesteps(0.2)
+    out = M.sdedit_latents(model, z0, noise, None, timesteps, multistep=multistep)
+
+    assert model.seen[0] == timesteps[0] == 191
+    assert model.seen == (timesteps if multistep else timesteps[:1])
+    torch.testing.assert_close(out, z0, atol=1e-4, rtol=1e-4)
+
+    # The off-by-one (noise at 191, first denoising step at 181) does not recover z0.
+    z_t = M.add_noise(z0, noise, model.alphas_cumprod[191])
+    shifted = M.predict_x0(z_t, noise, model.alphas_cumprod[181])
+    assert (shifted - z0).abs().max() > 1e-3
+
+
+def test_centered_ellipse_mask_keeps_the_centre():
+    mask = M.centered_ellipse_mask(32, 48, keep=0.5)
+    assert mask.shape == (1, 32, 48)
+    assert mask[0, 16, 24] == 0 and mask[0, 0, 0] == 1 and mask[0, 16, 0] == 1
+    assert 0.75 < mask.mean() < 0.85  # 1 - pi/4 * 0.5 * 0.5 = 0.80
+
+
+def test_fit_image_and_scenario_parsing():
+    image = torch.rand(3, 40, 60)
+    assert M.fit_image(image, 32).shape == (3, 32, 32)
+    assert M.fit_image(image, 0).shape == (3, 40, 56)
+    assert M.parse_scenarios(["sdedit", "ti,lora"]) == [
+        "sdedit-onestep",
+        "sdedit-ddim",
+        "textual-inversion",
+        "lora",
+    ]
+    with pytest.raises(ValueError, match="Unknown scenario"):
+        M.parse_scenarios(["sdedit,nope"])
+    settings = M.MimicrySettings(scenarios=["sdedit-ddim", "inpaint"], sdedit_strengths=(0.05, 0.1))
+    assert [v.key for v in settings.variants()] == [
+        "sdedit-ddim@0.05",
+        "sdedit-ddim@0.1",
+        "inpaint",
+    ]
+
+
+def test_betas_round_trip_the_schedule():
+    abar = _sd_alphas_cumprod()
+    betas = M.betas_from_alphas_cumprod(abar)
+    torch.testing.assert_close(torch.cumprod(1 - betas.double(), 0).float(), abar)
+
+
+# --- the tiny model ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    generator = torch.Generator().manual_seed(3)
+    return torch.rand(2, 3, 32, 32, generator=generator)
+
+
+def test_sdedit_on_the_tiny_model_is_seeded(tiny_model_with_decoder, images):
+    model = tiny_model_with_decoder
+    calls = []
+    out = M.sdedit(model, images, 0.05, seed=7, callback=lambda s, t: calls.append((s, t)))
+    assert out.shape == images.shape and out.min() >= 0 and out.max() <= 1
+    assert calls == [(i, 5) for i in range(1, 6)]
+    # same seed, same result; and each image has its own generator, so the batch around it
+    # does not matter
+    torch.testing.assert_close(M.sdedit(model, images[1:], 0.05, seed=7), out[1:])
+    one_step = M.sdedit(model, images, 0.05, multistep=False, seed=7)
+    assert one_step.shape == images.shape and not torch.equal(one_step, out)
+    other_seed = M.sdedit(model, images, 0.05, multistep=False, seed=8)
+    assert not torch.equal(other_seed, one_step)
+
+
+def test_mimicry_needs_the_decoder(tiny_model, images):
+    with pytest.raises(ValueError, match="with_decoder=True"):
+        M.sdedit(tiny_model, images, 0.1)
+
+
+def test_img2img_and_inpaint_pipelines(tiny_model_with_decoder, tmp_path, images):
+    from mimicshield.models import load_models
+    from mimicshield.testing import save_tiny_inpainting_model
+
+    model = tiny_model_with_decoder
+    out = M.img2img(model, images, 0.5, num_inference_steps=2, seed=1)
+    assert out.shape == images.shape
+    torch.testing.assert_close(M.img2img(model, images, 0.5, num_inference_steps=2, seed=1), out)
+
+    inpainter = load_models(
+        str(save_tiny_inpainting_model(tmp_path / "inpaint")),
+        device="cpu",
+        dtype="fp32",
+        with_decoder=True,
+    )
+    assert inpainter.unet.config.in_channels == 9
+    painted = M.inpaint(inpainter, images[:1], num_inference_steps=2)
+    assert painted.shape == (1, 3, 32, 32)
+    legacy = M.inpaint(model, images[:1], num_inference_steps=2)  # a 4-channel UNet works too
+    assert legacy.shape == (1, 3, 32, 32)
+
+
+def test_textual_inversion_and_lora_leave_the_model_unchanged(tiny_model_with_decoder, images):
+    model = tiny_model_with_decoder
+    vocabulary = len(model.tokenizer)
+    unet_before = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    schedule = M.TrainingSchedule(steps=2, learning_rate=1e-2)
+
+    steps = []
+    samples, embedding = M.textual_inversion_mimicry(
+        model,
+        images,
+        schedule,
+        num_samples=2,
+        num_inference_steps=2,
+        callback=lambda s, t: steps.append(s),
+    )
+    assert samples.shape == (2, 3, 32, 32) and embedding.shape == (32,)
+    assert steps == [1, 2]
+    assert len(model.tokenizer) == vocabulary
+
+    samples, weights = M.lora_mimicry(
+        model, images, schedule, rank=2, num_samples=1, num_inference_steps=2
+    )
+    assert samples.shape == (1, 3, 32, 32)
+    assert weights and all("lora" in name for name in weights)
+    assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)  # it learned
+    after = model.unet.state_dict()
+    assert after.keys() == unet_before.keys()
+    assert all(torch.equal(after[k], unet_before[k]) for k in after)
+
+
+def test_mimic_cli_writes_outputs(tiny_model_dir, tmp_path):
+    from PIL import Image
+
+    inputs = tmp_path / "in"
+    (inputs / "sub").mkdir(parents=True)
+    for name in ("a.png", "sub/b.jpg"):
+        Image.new("RGB", (40, 32), (200, 80, 30)).save(inputs / name)
+    out = tmp_path / "out"
+    args = ["mimic", str(inputs), "-o", str(out), "--model", str(tiny_model_dir)]
+    args += ["--device", "cpu", "--dtype", "fp32", "-s", "sdedit-ddim", "--strengths", "0.02"]
+    args += ["--resolution", "32"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert Image.open(out / "sdedit-ddim@0.02" / "a.png").size == (32, 32)
+    assert (out / "sdedit-ddim@0.02" / "sub" / "b.png").is_file()
+    record = json.loads((out / "mimic.json").read_text())
+    assert record["settings"]["scenarios"] == ["sdedit-ddim"] and len(record["outputs"]) == 2
+
+    bad = CliRunner().invoke(app, [*args[:3], "-s", "nope"])
+    assert bad.exit_code != 0

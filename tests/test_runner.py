@@ -1,0 +1,283 @@
+"""Protecting files: modes and sizes kept, bad files isolated, resume, no file ever lost."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from conftest import IMAGES, requires_assets
+from fake_engines import NoiseEngine
+from image_cases import MAKE, bad_files, edge_case_folder, noise
+from PIL import Image
+
+from mimicshield.images import load_image
+from mimicshield.protector import Protector
+from mimicshield.runner import (
+    MANIFEST_NAME,
+    OutputOptions,
+    collect_inputs,
+    load_manifest,
+    protect_files,
+)
+
+EPS = 8 / 255
+NATIVE = OutputOptions(work_size=None)
+HEADER = {"model": "tiny"}
+
+
+@pytest.fixture
+def engine() -> NoiseEngine:
+    """A free stand-in engine (+-eps noise): these tests are about files, not the attack."""
+    return NoiseEngine(eps=EPS)
+
+
+@pytest.fixture(scope="module")
+def protector(tiny_model) -> Protector:
+    """The encoder attack on the tiny VAE: the cheapest real engine, two steps."""
+    return Protector(tiny_model, "encoder", eps=EPS, step_size=4 / 255, steps=2)
+
+
+def run(folder, out, engine, **kwargs):
+    files, missing = collect_inputs([str(folder)], exclude=out)
+    kwargs.setdefault("options", NATIVE)
+    report = protect_files(files, out, engine, manifest_header=HEADER, **kwargs)
+    return report, {r.relative: r for r in report.results}
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path)).astype(np.int64)
+
+
+def linf_levels(before, after) -> int:
+    return int(np.abs(before.astype(np.int64) - after.astype(np.int64)).max())
+
+
+def test_every_mode_comes_out_with_its_size_mode_alpha_and_profile(tmp_path, engine):
+    import tifffile
+
+    cases = edge_case_folder(tmp_path / "in")
+    report, by_name = run(tmp_path / "in", tmp_path / "out", engine)
+    assert not report.failures, [r.error for r in report.failures]
+    out = tmp_path / "out"
+    budget_8, budget_16 = int(EPS * 255), int(EPS * 65535)
+
+    rgb = Image.open(out / "odd_37x29.png")
+    assert (rgb.mode, rgb.size) == ("RGB", (37, 29))  # native, odd size: padded and cropped back
+    assert rgb.info["icc_profile"] == Image.open(cases["rgb"]).info["icc_profile"]
+    assert 0 < linf_levels(pixels(cases["rgb"]), np.asarray(rgb)) <= budget_8
+
+    for name, mode in (("rgba", "RGBA"), ("grey_alpha", "LA"), ("palette", "RGBA")):
+        saved = Image.open(out / cases[name].name)
+        assert saved.mode == mode, name
+        source = Image.open(cases[name]).convert(mode)
+        assert np.array_equal(np.asarray(saved)[..., -1], np.asarray(source)[..., -1]), name
+        assert linf_levels(np.asarray(source), np.asarray(saved)) <= budget_8
+
+    grey = Image.open(out / "scan.png")
+    assert grey.mode == "L" and linf_levels(pixels(cases["grey"]), pixels(out / "scan.png")) > 0
+
+    grey16 = Image.open(out / "grey16.png")
+    assert grey16.mode == "I;16" and by_name["grey16.png"].bits == 16
+    assert 0 < linf_levels(pixels(cases["grey16"]), np.asarray(grey16)) <= budget_16
+
+    deep = tifffile.imread(out / "deep.tif")  # 16-bit colour: a 16-bit TIFF, not an 8-bit PNG
+    assert deep.dtype == np.uint16 and deep.shape == (24, 32, 3)
+    assert linf_levels(tifffile.imread(cases["rgb48"]), deep) <= budget_16
+    assert by_name["deep.tif"].output == "deep.tif"
+
+    phone = Image.open(out / "phone.png")  # JPEG in, PNG out, upright, EXIF kept
+    assert phone.size == (24, 40) and phone.getexif()[MAKE] == "TestCam"
+    assert 0x0112 not in phone.getexif()
+
+    printed = Image.open(out / "print.png")
+    assert printed.mode == "RGB" and "CMYK" in by_name["print.jpg"].note
+
+    for result in report.results:
+        assert result.status == "protected" and result.linf_255 <= 8 + 1e-4
+    entries = load_manifest(out)["images"]
+    assert {e["relative"] for e in entries} == {p.name for p in cases.values()}
+
+
+def test_bad_files_each_fail_with_one_line_and_the_rest_is_protected(tmp_path, engine):
+    bad = bad_files(tmp_path / "in")
+    Image.fromarray(noise(24, 32)).save(tmp_path / "in" / "good.png")
+    report, by_name = run(tmp_path / "in", tmp_path / "out", engine)
+    assert by_name["good.png"].status == "protected"
+    assert {r.relative for r in report.failures} == {p.name for p in bad.values()}
+    for failure in report.failures:
+        assert failure.error.startswith(str(tmp_path / "in")) and "\n" not in failure.error
+    assert (tmp_path / "out" / "good.png").is_file()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.png", MANIFEST_NAME]
+
+
+def test_odd_size_at_a_small_work_size_keeps_the_full_resolution(tmp_path, engine):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    original = noise(389, 517, seed=11)
+    Image.fromarray(original).save(folder / "photo.jpg", quality=100)
+    options = OutputOptions(work_size=32)
+    report, by_name = run(folder, tmp_path / "out", engine, options=options)
+    saved = np.asarray(Image.open(tmp_path / "out" / "photo.png"))
+    decoded = np.asarray(Image.open(folder / "photo.jpg"))
+    assert saved.shape == (389, 517, 3)
+    assert 0 < linf_levels(decoded, saved) <= 8
+    assert by_name["photo.jpg"].width == 517 and by_name["photo.jpg"].height == 389
+
+
+class Interrupt:
+    """Presses Ctrl-C during the engine steps of the ``at``-th batch."""
+
+    def __init__(self, at: int) -> None:
+        self.at, self.batches = at, 0
+
+    def start(self, item, count) -> None:
+        self.batches += 1
+
+    def step(self, step, total) -> None:
+        if self.batches == self.at:
+            raise KeyboardInterrupt
+
+
+def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, engine):
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray(noise(24, 32, seed=20 + i)).save(folder / f"img{i}.png")
+    interrupt = Interrupt(at=2)
+    with pytest.raises(KeyboardInterrupt):
+        run(folder, out, engine, batch_size=2, on_image_start=interrupt.start,
+            on_step=interrupt.step)  # fmt: skip
+    done = sorted(p.name for p in out.iterdir())
+    assert done == ["img0.png", "img1.png", MANIFEST_NAME]  # the first batch, whole
+    first = {name: (out / name).read_bytes() for name in done[:2]}
+    (out / ".img2.png.deadbeef.part").write_bytes(b"left by a killed run")
+
+    report, by_name = run(folder, out, engine, batch_size=2)
+    assert [by_name[f"img{i}.png"].status for i in range(4)] == ["skipped"] * 2 + ["protected"] * 2
+    assert all((out / name).read_bytes() == data for name, data in first.items())
+    assert not list(out.glob("*.part")) and not list(out.glob(".*.part"))
+    entries = {e["relative"]: e for e in load_manifest(out)["images"]}
+    assert set(entries) == {f"img{i}.png" for i in range(4)}
+
+
+def test_the_manifest_keeps_earlier_files_and_notices_changes(tmp_path, engine):
+    folder, out = tmp_path / "in", tmp_path / "out"
+    (folder / "a").mkdir(parents=True)
+    (folder / "b").mkdir()
+    Image.fromarray(noise(24, 32, seed=30)).save(folder / "a" / "x.png")
+    Image.fromarray(noise(24, 32, seed=31)).save(folder / "b" / "y.png")
+    protect_files(collect_inputs([str(folder)])[0][:1], out, engine, options=NATIVE,
+                  manifest_header=HEADER)  # fmt: skip
+    run(folder, out, engine)
+    manifest = load_manifest(out)
+    assert {e["relative"] for e in manifest["images"]} == {"a/x.png", "b/y.png"}
+    assert (out / "a" / "x.png").is_file() and (out / "b" / "y.png").is_file()  # mirrored
+
+    # an edited input is not skipped: its old output is stale
+    Image.fromarray(noise(24, 32, seed=32)).save(folder / "a" / "x.png")
+    _, by_name = run(folder, out, engine, overwrite=False)
+    assert by_name["a/x.png"].status == "failed" and "--overwrite" in by_name["a/x.png"].error
+    assert by_name["b/y.png"].status == "skipped"
+
+    # other settings: refused without --overwrite, redone with it
+    stronger = NoiseEngine(eps=16 / 255)
+    _, by_name = run(folder, out, stronger)
+    assert "different settings" in by_name["b/y.png"].error
+    _, by_name = run(folder, out, stronger, overwrite=True)
+    assert {r.status for r in by_name.values()} == {"protected"}
+
+
+def test_never_overwrites_an_input(tmp_path, engine):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(noise(24, 32)).save(folder / "art.png")
+    before = (folder / "art.png").read_bytes()
+    files, _ = collect_inputs([str(folder)])
+    report = protect_files(files, folder, engine, options=NATIVE)
+    assert "would overwrite an input" in report.failures[0].error
+    assert (folder / "art.png").read_bytes() == before
+
+
+def test_two_inputs_with_one_output_name_do_not_overwrite_each_other(tmp_path, engine):
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        Image.fromarray(noise(24, 32)).save(tmp_path / sub / "same.png")
+    files, _ = collect_inputs([str(tmp_path / "a" / "same.png"), str(tmp_path / "b" / "same.png")])
+    report = protect_files(files, tmp_path / "out", engine, options=NATIVE)
+    assert len(report.failures) == 1 and "same output name" in report.failures[0].error
+
+
+def test_equal_working_sizes_share_batches(tmp_path, engine):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i, (height, width) in enumerate([(24, 32), (29, 37), (24, 32), (24, 32)]):
+        Image.fromarray(noise(height, width, seed=40 + i)).save(folder / f"img{i}.png")
+    batches = []
+    run(folder, tmp_path / "out", engine, batch_size=2,
+        on_image_start=lambda item, count: batches.append((item.path.name, count)))  # fmt: skip
+    assert batches == [("img0.png", 2), ("img3.png", 1), ("img1.png", 1)]
+
+
+def test_jpeg_output_is_lossy_and_measured_on_the_decoded_file(tmp_path, engine):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(noise(24, 32)).save(folder / "photo.png")
+    Image.fromarray(noise(24, 32, 4)).save(folder / "sticker.png")
+    options = OutputOptions(work_size=None, file_format="jpeg", quality=90)
+    report, by_name = run(folder, tmp_path / "out", engine, options=options)
+    assert Image.open(tmp_path / "out" / "photo.jpg").format == "JPEG"
+    decoded = pixels(tmp_path / "out" / "photo.jpg")
+    measured = linf_levels(pixels(folder / "photo.png"), decoded)
+    assert by_name["photo.png"].linf_255 == pytest.approx(measured)
+    assert "transparency" in by_name["sticker.png"].error
+
+
+def test_folders_are_read_recursively_without_the_output_or_hidden_files(tmp_path):
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    (folder / ".cache").mkdir()
+    for path in (folder / "a.png", folder / "sub" / "b.jpg", folder / ".cache" / "c.png"):
+        Image.fromarray(noise(8, 8)).save(path)
+    (folder / "protected").mkdir()
+    Image.fromarray(noise(8, 8)).save(folder / "protected" / "a.png")
+    (folder / "notes.txt").write_text("not an image")
+    arguments = [str(folder), str(tmp_path / "nope*.png")]
+    files, missing = collect_inputs(arguments, exclude=folder / "protected")
+    assert sorted(f.relative.as_posix() for f in files) == ["a.png", "sub/b.jpg"]
+    assert len(missing) == 1 and "no such file" in missing[0].error
+    pattern = str(folder / "**" / "*.png")
+    assert len(collect_inputs([pattern], exclude=folder / "protected")[0]) == 1
+    # -o pointing at the input folder itself: the inputs are still found (and then protected
+    # beside themselves only where that overwrites nothing)
+    assert len(collect_inputs([str(folder)], exclude=folder)[0]) == 3
+
+
+@requires_assets
+def test_real_images_keep_size_alpha_grey_and_profile(tmp_path, protector):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    names = {
+        "artwork/monet_woman_with_parasol_rgba.png": "RGBA",
+        "portrait/camera_gray.png": "L",
+        "landscape/forest_path.png": "RGB",
+        "landscape/lake_boats_evening_glow.jpg": "RGB",
+    }
+    for name in names:
+        shutil.copy(IMAGES / name, folder / name.split("/")[1])
+    report, by_name = run(folder, tmp_path / "out", protector, options=OutputOptions(work_size=32))
+    assert not report.failures
+    for name, mode in names.items():
+        source = IMAGES / name
+        output = tmp_path / "out" / by_name[source.name].output
+        saved, original = Image.open(output), Image.open(source)
+        assert saved.size == original.size and saved.mode == mode
+        assert saved.info.get("icc_profile") == original.info.get("icc_profile")
+        assert 0 < linf_levels(np.asarray(original), np.asarray(saved)) <= 8
+        if mode == "RGBA":
+            assert np.array_equal(np.asarray(saved)[..., 3], np.asarray(original)[..., 3])
+    loaded = load_image(tmp_path / "out" / "camera_gray.png")
+    assert loaded.grey
+    manifest = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())
+    assert manifest["options"]["work_size"] == 32 and manifest["settings"]

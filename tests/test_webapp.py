@@ -1,0 +1,418 @@
+"""``mimicshield ui``: uploads, jobs, cancel, queue and clean-up; then the real app in Chromium.
+
+The service tests call :class:`ProtectionService` directly (no browser); the last test starts
+``mimicshield ui`` as a user would, with the tiny model, and drives it from headless Chromium.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import IMAGES, REPO_ROOT, WEIGHTS, requires_assets
+from image_cases import noise
+from PIL import Image
+from typer.testing import CliRunner
+
+pytest.importorskip("gradio", reason="the web app needs gradio (pip install -e '.[ui]')")
+
+from mimicshield.cli.main import app as cli_app  # noqa: E402
+from mimicshield.metadata import DMI_PROHIBITED_AIML  # noqa: E402
+from mimicshield.webapp import (  # noqa: E402
+    JobCancelled,
+    JobProgress,
+    ProtectionService,
+    ProtectSettings,
+    UploadLimits,
+    _unique_names,
+    build_app,
+    format_seconds,
+    validate_uploads,
+)
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
+LPIPS_FILE = WEIGHTS / "lpips_alexnet.safetensors"
+# fast settings: one step at a 32-pixel work size (the tiny model's native size)
+FAST = {"device": "cpu", "dtype": "fp32", "steps": 1, "work_size": "32"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run much faster on one thread on a shared CPU."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def service(tmp_path, tiny_model_dir):
+    settings = ProtectSettings(model=str(tiny_model_dir), **FAST)
+    service = ProtectionService(settings, work_root=tmp_path / "work", lpips_weights=LPIPS_FILE)
+    yield service
+    service.close()
+
+
+def _png(path: Path, height: int = 24, width: int = 32, seed: int = 0) -> Path:
+    Image.fromarray(noise(height, width, seed=seed)).save(path)
+    return path
+
+
+def _uploads(service: ProtectionService, *paths: Path):
+    accepted, problems = service.validate(paths)
+    assert not problems, problems
+    return accepted
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+# --- uploads, settings, progress (no model) ---------------------------------------------------
+
+
+def test_uploads_are_checked_by_content_size_pixels_and_count(tmp_path):
+    good = _png(tmp_path / "good.png")
+    renamed_text = tmp_path / "notes.png"
+    renamed_text.write_text("not an image at all\n")
+    gif = tmp_path / "anim.png"
+    Image.fromarray(noise(8, 8)).convert("P").save(gif, format="GIF")
+    wide = tmp_path / "wide.png"
+    Image.new("RGB", (200, 100)).save(wide)
+    heavy = tmp_path / "heavy.png"
+    _png(heavy, 64, 64)
+    limits = UploadLimits(max_images=4, max_file_bytes=4000, max_pixels=10_000)
+
+    accepted, problems = validate_uploads([good, renamed_text, gif, wide, heavy], limits)
+
+    assert [u.name for u in accepted] == ["good.png"]
+    assert (accepted[0].width, accepted[0].height) == (32, 24)
+    text = "\n".join(problems)
+    assert "notes.png: not an image" in text and "whatever its name says" in text
+    assert "anim.png: a GIF file" in text
+    assert "wide.png: 200 × 100 pixels (0.02 MP) is more than this app's limit" in text
+    assert "5 files uploaded; this app takes at most 4" in text  # heavy.png left out
+    assert str(tmp_path) not in text  # messages name the file, never a server path
+    _, problems = validate_uploads([heavy], limits)
+    assert "heavy.png:" in problems[0] and "MB per file" in problems[0]
+
+
+def test_settings_make_the_same_checks_as_the_cli():
+    assert ProtectSettings().method == "sds-" and ProtectSettings().eps == 16
+    with pytest.raises(ValueError, match="not both"):
+        ProtectSettings(prompt="a cat", category="anime")
+    with pytest.raises(ValueError, match="only used by photoguard"):
+        ProtectSettings(target="t.png")
+    with pytest.raises(ValueError, match="Work size"):
+        ProtectSettings(work_size="big")
+    with pytest.raises(ValueError, match="Unknown method"):
+        ProtectSettings(method="nope")
+    assert ProtectSettings(category="anime").chosen_prompt == "an anime picture"
+
+
+def test_output_names_stay_unique_and_etas_extrapolate(monkeypatch):
+    assert _unique_names(["a.png", "a.jpg", "A.tif", "b.png"]) == [
+        "a.png",
+        "a-2.jpg",
+        "A-3.tif",
+        "b.png",
+    ]
+    clock = [100.0]
+    monkeypatch.setattr("mimicshield.webapp.time.perf_counter", lambda: clock[0])
+    progress = JobProgress()
+    progress.start_run(4)
+    progress.done_images = 1
+    progress.start_image("b.png")
+    clock[0] += 10
+    progress.on_step(25, 100)
+    assert progress.image_eta() == pytest.approx(30)  # 10 s for a quarter of the steps
+    assert progress.overall_fraction == pytest.approx(1.25 / 4)
+    assert progress.overall_eta() == pytest.approx(10 * (4 - 1.25) / 1.25)
+    assert format_seconds(3725) == "1:02:05" and format_seconds(None) == "–"
+
+
+# --- the service with the tiny model ---------------------------------------------------------
+
+
+def test_a_job_writes_what_the_cli_writes(service, tmp_path, tiny_model_dir, monkeypatch):
+    art = _png(tmp_path / "art.png", seed=3)
+    job = service.protect("tab-1", _uploads(service, art), service.defaults)
+
+    [image] = job.protected
+    assert image.output.name == "art.png" and image.linf_255 <= service.defaults.eps
+    assert Image.open(image.output).size == (32, 24)
+    assert image.before.is_file() and image.after.is_file() and image.perturbation.is_file()
+    with zipfile.ZipFile(job.zip_path) as archive:
+        assert sorted(archive.namelist()) == ["art.png", "manifest.json"]
+        manifest = json.loads(archive.read("manifest.json"))
+    assert manifest["parameters"]["method"] == "sds-" and manifest["images"][0]["linf_255"] <= 16
+
+    # The same options on the command line give the same bytes: same metadata, same pixels.
+    out = tmp_path / "cli"
+    args = ["protect", str(art), "-o", str(out), "--model", str(tiny_model_dir)]
+    args += ["--device", "cpu", "--dtype", "fp32", "--steps", "1", "--work-size", "32"]
+    result = CliRunner().invoke(cli_app, args)
+    assert result.exit_code == 0, result.output
+    assert _sha256(out / "art.png") == _sha256(image.output)
+    assert DMI_PROHIBITED_AIML in Image.open(image.output).text["XML:com.adobe.xmp"]
+
+
+def test_cancel_stops_a_job_at_its_next_step(service, tmp_path):
+    art = _png(tmp_path / "art.png")
+    settings = ProtectSettings(**{**service.defaults.__dict__, "steps": 100_000})
+    progress = JobProgress()
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            service.protect("tab-1", _uploads(service, art), settings, progress)
+            outcome.append(None)
+        except BaseException as error:
+            outcome.append(error)
+
+    worker = threading.Thread(target=run)
+    service.arm("tab-1")
+    worker.start()
+    deadline = time.monotonic() + 120
+    while progress.step < 2 and worker.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    service.cancel("tab-2")  # another tab's Cancel does not touch this job
+    time.sleep(0.3)
+    assert worker.is_alive() and progress.step >= 2
+    service.cancel("tab-1")
+    worker.join(30)
+    assert not worker.is_alive(), "the job did not stop"
+    assert isinstance(outcome[0], JobCancelled)
+    assert progress.step < 1000  # stopped within a step or two, not at the end
+    assert not list(service.session_folder("tab-1").rglob("protected/*.png"))
+
+
+def test_jobs_of_several_tabs_run_one_at_a_time(service, tmp_path):
+    art = _png(tmp_path / "art.png")
+    spans: dict[str, list[float]] = {}
+    real_run = service._run
+
+    def timed_run(session, *args):
+        spans[session] = [time.monotonic()]
+        real_run(session, *args)
+        spans[session].append(time.monotonic())
+
+    service._run = timed_run
+    threads = [
+        threading.Thread(
+            target=service.protect, args=(f"tab-{i}", _uploads(service, art), service.defaults)
+        )
+        for i in range(2)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    (a_start, a_end), (b_start, b_end) = sorted(spans.values())
+    assert a_end <= b_start, "two jobs ran at the same time"
+
+    # In the page, protection and the check share one queue slot; Cancel skips the queue.
+    demo = build_app(service)
+    limits = {fn.name: (fn.concurrency_id, fn.concurrency_limit) for fn in demo.fns.values()}
+    assert limits["run_protect"][1] == 1 and limits["run_check"][1] == 1
+    assert limits["run_protect"][0] == limits["run_check"][0]
+    assert limits["on_cancel"][1] is None
+
+
+def test_temporary_files_go_with_the_tab_and_the_app(tmp_path, tiny_model_dir):
+    service = ProtectionService(ProtectSettings(model=str(tiny_model_dir), **FAST))
+    root = service.work_root
+    assert root.is_dir() and root.name.startswith("mimicshield-ui-")
+    job = service.protect("tab-1", _uploads(service, _png(tmp_path / "a.png")), service.defaults)
+    assert job.folder.is_dir()
+    service.end_session("tab-1")  # the tab was closed
+    assert not service.session_folder("tab-1").exists()
+    service.close()
+    assert not root.exists()
+
+
+def test_a_remote_page_cannot_choose_another_model(tmp_path, tiny_model_dir):
+    settings = ProtectSettings(model=str(tiny_model_dir), **FAST)
+    service = ProtectionService(settings, allow_model_choice=False, work_root=tmp_path / "w")
+    other = ProtectSettings(model=str(tmp_path), **FAST)
+    with pytest.raises(ValueError, match="model is fixed"):
+        service.protect("tab", _uploads(service, _png(tmp_path / "a.png")), other)
+    service.close()
+
+
+# --- the real app in headless Chromium -------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def running_app(tmp_path, tiny_model_dir):
+    """``mimicshield ui`` in a subprocess, on a free port, with small limits for the bad uploads."""
+    port = _free_port()
+    env = {**os.environ, "COLUMNS": "400", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env["PYTHONUNBUFFERED"] = "1"  # the URL line must reach the log while the app runs
+    command = [sys.executable, "-m", "mimicshield.cli.main", "ui", "--model", str(tiny_model_dir)]
+    command += ["--device", "cpu", "--dtype", "fp32", "--port", str(port)]
+    command += [
+        "--max-megapixels",
+        "0.3",
+        "--max-file-mb",
+        "0.6",
+        "--lpips-weights",
+        str(LPIPS_FILE),
+    ]
+    log = tmp_path / "server.log"
+    with open(log, "w") as stream:
+        server = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and server.poll() is None:
+        if url in log.read_text():
+            break
+        time.sleep(0.5)
+    else:
+        server.kill()
+        pytest.fail(f"the app did not start:\n{log.read_text()}")
+    try:
+        yield url + "/", server, log
+    finally:
+        if server.poll() is None:
+            server.terminate()
+            server.wait(30)
+
+
+def _artifacts() -> Path:
+    folder = Path(os.environ.get("MIMICSHIELD_TEST_ARTIFACTS", REPO_ROOT / "test-artifacts"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _upload(page, *paths: Path) -> None:
+    page.set_input_files("#ms-upload input[type=file]", [str(p) for p in paths])
+
+
+def _fast_options(page, steps: int) -> None:
+    if not page.locator("#ms-steps").is_visible():
+        page.get_by_text("Advanced: every command-line option").click()
+    page.locator("#ms-steps input").fill(str(steps))
+    page.locator("#ms-work-size textarea, #ms-work-size input").first.fill("32")
+
+
+@requires_assets
+def test_the_app_in_headless_chromium(running_app, tmp_path):
+    """Bad uploads, two tabs sharing the queue, Cancel, protect, download, check, screenshot."""
+    if CHROMIUM is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="the playwright Python package is not installed"
+    )
+    url, server, log = running_app
+    artwork = IMAGES / "artwork" / "vangogh_sunflowers_1888.png"  # 512 x 512, 519 KB
+    notes = tmp_path / "notes.png"
+    notes.write_text("a text file with an image's name\n")
+    huge = tmp_path / "huge.png"
+    Image.new("RGB", (600, 600), "white").save(huge)  # small file, 0.36 MP > 0.3 MP
+    heavy = tmp_path / "heavy.png"
+    _png(heavy, 500, 500)  # 0.25 MP, but 750 KB > 0.6 MB
+    screenshot = _artifacts() / "webapp.png"
+
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            first = browser.new_context(viewport={"width": 1400, "height": 1400}).new_page()
+            first.goto(url, wait_until="load")
+            first.wait_for_selector("#ms-protect")
+            assert "device: cpu" in first.inner_text("#ms-device")
+
+            # Bad uploads: a clear message each, in the page.
+            _upload(first, notes, huge)
+            first.wait_for_selector("#ms-upload-errors")
+            errors = first.inner_text("#ms-upload-errors")
+            assert "notes.png: not an image" in errors
+            assert "huge.png: 600 × 600 pixels (0.36 MP) is more than this app's limit" in errors
+            _upload(first, heavy)  # refused by Gradio before it is stored
+            first.get_by_text("exceed the maximum allowed size").first.wait_for()
+
+            # Tab 1 starts a long job; tab 2 queues behind it; Cancel really stops tab 1's job.
+            _upload(first, artwork)
+            first.wait_for_selector("#ms-upload-ok")
+            _fast_options(first, 100_000)
+            first.click("#ms-protect")
+            first.get_by_text(re.compile(r"step \d+/\d+ · ETA")).wait_for(timeout=60_000)
+            assert "All images: 0/1 done · ETA" in first.inner_text("#ms-progress")
+
+            page = browser.new_context(
+                viewport={"width": 1400, "height": 1400}, accept_downloads=True
+            ).new_page()
+            page.goto(url, wait_until="load")
+            page.wait_for_selector("#ms-protect")
+            _upload(page, artwork)
+            page.wait_for_selector("#ms-upload-ok")
+            page.get_by_label("Light (ε = 8/255)").check()
+            _fast_options(page, 2)
+            page.click("#ms-protect")
+            page.wait_for_selector("#ms-queued")
+
+            first.click("#ms-cancel")
+            first.get_by_text("Cancelled: the job stopped").wait_for(timeout=30_000)
+
+            # Tab 2's job runs next.
+            page.wait_for_selector("#ms-done", timeout=60_000)
+            assert "Done: 1 protected" in page.inner_text("#ms-done")
+            with page.expect_download() as download:
+                page.locator("#ms-downloads a").first.click()
+            saved = tmp_path / "downloaded.png"
+            download.value.save_as(saved)
+            with page.expect_download() as download:
+                page.click("#ms-zip")
+            archive = zipfile.ZipFile(io.BytesIO(Path(download.value.path()).read_bytes()))
+
+            page.click("#ms-check")
+            page.wait_for_selector("#ms-check-result", timeout=90_000)
+            check = page.inner_text("#ms-check-result")
+            page.screenshot(path=str(screenshot), full_page=True)
+        finally:
+            browser.close()
+    print(f"\nscreenshot of the web app: {screenshot}")
+
+    clean = np.asarray(Image.open(artwork).convert("RGB"), dtype=np.int16)
+    with Image.open(saved) as protected:
+        assert protected.size == (512, 512)
+        assert DMI_PROHIBITED_AIML in protected.text["XML:com.adobe.xmp"]
+        pixels = np.asarray(protected.convert("RGB"), dtype=np.int16)
+    assert 0 < np.abs(pixels - clean).max() <= 8  # the Light preset
+    assert sorted(archive.namelist()) == ["manifest.json", "vangogh_sunflowers_1888.png"]
+    assert json.loads(archive.read("manifest.json"))["parameters"]["eps"] == pytest.approx(8 / 255)
+    assert "mimicry of the protected image: 0." in check and "strength 0.3" in check
+
+    # Stopping the app removes its temporary files (uploads, jobs, Gradio's cache).
+    work_root = Path(re.search(r"Temporary files: (\S+)", log.read_text())[1])
+    assert work_root.is_dir()
+    server.terminate()
+    server.wait(30)
+    assert not work_root.exists()
