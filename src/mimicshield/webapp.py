@@ -641,9 +641,8 @@ class ProtectionService:
                     self._raise_if_cancelled(session)
                     progress.phase = f"Loading {settings.model}"
                     model = self.model_for(settings)
-                    job.device = f"{self.device_label(str(model.device))} · " + str(
-                        model.dtype
-                    ).removeprefix("torch.")
+                    dtype = str(model.dtype).removeprefix("torch.")
+                    job.device = f"{self.device_label(str(model.device))} · {dtype}"
                     self._raise_if_cancelled(session)
                     self._run(session, job, files, by_path, out_dir, model, target, progress)
                 finally:
@@ -1205,7 +1204,7 @@ def build_app(service: ProtectionService):
             service.arm(request.session_hash)
             if service.busy:
                 return message_html(
-                    "Queued: another job is running (maybe in another tab); yours starts next.",
+                    "Queued: another job is running (maybe in another tab); yours waits its turn.",
                     "warning",
                     "ms-queued",
                 )
