@@ -44,6 +44,15 @@ def step_seconds(model, x: torch.Tensor, eot: EOT | None) -> float:
     return time.perf_counter() - started
 
 
+def transform_seconds(x: torch.Tensor, eot: EOT) -> float:
+    """The transform alone: forward and backward of sum(T(x)^2) w.r.t. x."""
+    transform = eot.draw(x.shape[1:])
+    x = x.detach().requires_grad_(True)
+    started = time.perf_counter()
+    torch.autograd.grad(transform(x).pow(2).sum(), x)
+    return time.perf_counter() - started
+
+
 def forward_flops(module, size: int) -> int:
     with torch.device("meta"), FlopCounterMode(display=False) as counter:
         module(torch.empty(1, 3, size, size))
@@ -67,11 +76,18 @@ def main() -> None:
     for _ in range(args.repeats):
         for name, eot in eots.items():
             times[name].append(step_seconds(model, x, eot))
+    alone = {
+        n: statistics.median(transform_seconds(x, eots[n]) for _ in range(args.repeats))
+        for n in names
+    }
     base = statistics.median(times[None])
     print(f"TAEF2 encoder step at {args.size}x{args.size}: {base:.2f} s (median)")
     for name in names:
         extra = statistics.median(times[name]) - base
-        print(f"  --robust {name}: {extra:+.2f} s ({100 * extra / base:+.0f}%)")
+        print(
+            f"  --robust {name}: step {extra:+.2f} s ({100 * extra / base:+.0f}%); transform "
+            f"alone {alone[name]:.3f} s ({100 * alone[name] / base:.0f}% of a TAEF2 step)"
+        )
 
     from diffusers import AutoencoderKL
 

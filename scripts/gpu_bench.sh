@@ -47,6 +47,10 @@ group() {
 }
 
 log "python3 $(python3 -c 'import sys; print(sys.version.split()[0])')"
+if ! python3 -c "import diffusers, mimicshield" >>"$LOG" 2>&1; then
+  log "cannot import diffusers or mimicshield: is .whl/ (the diffusers wheel) carried along?"
+  exit 1
+fi
 python3 - >>"$LOG" 2>&1 <<'EOF'
 import diffusers, torch, transformers
 print("torch", torch.__version__, "cuda", torch.version.cuda, "diffusers", diffusers.__version__,

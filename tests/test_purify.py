@@ -123,7 +123,8 @@ def test_purify_command_writes_one_folder_per_purification(tmp_path):
     from PIL import Image
     from typer.testing import CliRunner
 
-    from mimicshield.cli.main import CLIError, app
+    from mimicshield.cli.errors import CLIError
+    from mimicshield.cli.main import app
 
     folder = tmp_path / "in"
     (folder / "nested").mkdir(parents=True)

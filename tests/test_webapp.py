@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import zipfile
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,11 +34,13 @@ pytest.importorskip("gradio", reason="the web app needs gradio (pip install -e '
 from mimicshield.cli.main import app as cli_app  # noqa: E402
 from mimicshield.metadata import DMI_PROHIBITED_AIML  # noqa: E402
 from mimicshield.webapp import (  # noqa: E402
+    ADVANCED,
     JobCancelled,
     JobProgress,
     ProtectionService,
     ProtectSettings,
     UploadLimits,
+    _settings_from_page,
     _unique_names,
     build_app,
     format_seconds,
@@ -131,6 +134,34 @@ def test_settings_make_the_same_checks_as_the_cli():
     assert ProtectSettings(category="anime").chosen_prompt == "an anime picture"
 
 
+def test_the_page_offers_every_cli_option_and_the_presets_set_eps():
+    import inspect
+
+    from mimicshield.cli.protect import protect
+
+    cli = set(inspect.signature(protect).parameters) - {"inputs", "out", "overwrite"}
+    page = {"eps", "model"} | {name for name, _ in ADVANCED}
+    assert cli == page  # a new CLI option must show up in the page too
+    assert cli == {f.name for f in fields(ProtectSettings)}
+
+    service = ProtectionService(work_root=None)
+    values = {name: getattr(service.defaults, name) for name in page - {"eps"}}
+    values.update(category="none", robust=["jpeg"], target=None, work_size="", model_config="")
+    values.update(model="a/model\n./other-model", model_weight="1, 3", family="sd1\nauto")
+    try:
+        assert _settings_from_page(service, values, "light", 30).eps == 8
+        assert _settings_from_page(service, values, "standard", 30).eps == 16
+        custom = _settings_from_page(service, values, "custom", 30)
+        assert custom.eps == 30 and custom.robust == ("jpeg",) and custom.category is None
+        assert custom.model == ("a/model", "./other-model") and custom.model_weight == (1, 3)
+        assert custom.family == ("sd1", None) and custom.model_config == (None, None)
+        assert custom.work_size is None  # the CLI's default, raised to the models' size
+        with pytest.raises(ValueError, match="one value per model"):
+            _settings_from_page(service, {**values, "family": "sd1"}, "light", 8)
+    finally:
+        service.close()
+
+
 def test_output_names_stay_unique_and_etas_extrapolate(monkeypatch):
     assert _unique_names(["a.png", "a.jpg", "A.tif", "b.png"]) == [
         "a.png",
@@ -176,6 +207,15 @@ def test_a_job_writes_what_the_cli_writes(service, tmp_path, tiny_model_dir, mon
     assert result.exit_code == 0, result.output
     assert _sha256(out / "art.png") == _sha256(image.output)
     assert DMI_PROHIBITED_AIML in Image.open(image.output).text["XML:com.adobe.xmp"]
+
+
+def test_several_models_protect_as_an_ensemble(service, tmp_path, tiny_model_dir):
+    settings = replace(service.defaults, model=f"{tiny_model_dir}\n{tiny_model_dir}")
+    settings = replace(settings, model_weight=(1, 3))
+    job = service.protect("tab-1", _uploads(service, _png(tmp_path / "a.png")), settings)
+    manifest = json.loads((job.protected[0].output.parent / "manifest.json").read_text())
+    assert manifest["model"] == [str(tiny_model_dir)] * 2
+    assert manifest["model_weights"] == [0.25, 0.75] and manifest["family"] == ["sd1", "sd1"]
 
 
 def test_cancel_stops_a_job_at_its_next_step(service, tmp_path):
@@ -261,6 +301,24 @@ def test_a_remote_page_cannot_choose_another_model(tmp_path, tiny_model_dir):
     service.close()
 
 
+def test_the_command_binds_to_this_computer_unless_told(monkeypatch, tiny_model_dir):
+    calls = []
+
+    def fake_launch(service, **options):
+        calls.append((service.allow_model_choice, options))
+        service.close()
+
+    monkeypatch.setattr("mimicshield.webapp.launch", fake_launch)
+    runner = CliRunner(env={"COLUMNS": "300"})
+    base = ["ui", "--model", str(tiny_model_dir), "--device", "cpu"]
+    assert runner.invoke(cli_app, base).exit_code == 0
+    exposed = runner.invoke(cli_app, [*base, "--host", "0.0.0.0", "--port", "8080"])
+    assert exposed.exit_code == 0 and "reachable from other computers" in exposed.output
+    (local_choice, local), (exposed_choice, remote) = calls
+    assert local["host"] == "127.0.0.1" and local["share"] is False and local_choice
+    assert remote["host"] == "0.0.0.0" and remote["port"] == 8080 and not exposed_choice
+
+
 # --- the real app in headless Chromium -------------------------------------------------------
 
 
@@ -296,7 +354,8 @@ def running_app(tmp_path, tiny_model_dir):
             break
         time.sleep(0.5)
     else:
-        server.kill()
+        server.terminate()  # not kill: SIGTERM lets it delete its temporary folder
+        server.wait(30)
         pytest.fail(f"the app did not start:\n{log.read_text()}")
     try:
         yield url + "/", server, log

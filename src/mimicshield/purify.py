@@ -32,6 +32,7 @@ __all__ = [
     "gaussian_noise",
     "get_purification",
     "guided_filter",
+    "has_decoder",
     "jpeg",
     "latent_distance",
     "parse_purifications",

@@ -8,9 +8,10 @@ tabs must wait for the one GPU, not fight over it.
 The module has two halves:
 
 - :class:`ProtectionService` knows nothing about Gradio. It validates uploads, keeps one model
-  loaded, runs one job at a time through the same :func:`~mimicshield.runner.protect_files` the
-  CLI uses (so outputs carry the same metadata and ``manifest.json``), reports progress, stops
-  at the next step when cancelled, runs the SDEdit check, and owns every temporary file.
+  (or ensemble) loaded, runs one job at a time through the CLI's own
+  :func:`~mimicshield.runner.protect_files` (so outputs carry the same metadata and
+  ``manifest.json``), reports progress, stops at the next step when cancelled, runs the SDEdit
+  check, and owns every temporary file.
 - :func:`build_app` lays out the page and wires its events to the service; :func:`launch` serves
   it on 127.0.0.1 unless told otherwise.
 """
@@ -165,16 +166,46 @@ def _unique_names(names: Sequence[str]) -> list[str]:
 # --- settings --------------------------------------------------------------------------------
 
 
+def split_values(text: str | None, separators: str = "\n") -> tuple[str, ...]:
+    """``"a\nb"`` -> ("a", "b"): several values typed in one box (one model per line)."""
+    if not text:
+        return ()
+    return tuple(v.strip() for v in re.split(f"[{separators}]", text) if v.strip())
+
+
+def per_model(
+    values: str | Sequence[str | None] | None, count: int, what: str, separators: str = "\n"
+) -> tuple[str | None, ...]:
+    """One value per model, as ``mimicshield protect`` takes them: none, or one each in order;
+    ``auto`` (or None) means "not given" at its position."""
+    if values is None or isinstance(values, str):
+        values = split_values(values, separators)
+    values = tuple("auto" if v is None else str(v).strip() for v in values)
+    if all(v.lower() == "auto" for v in values):  # none given, at any position
+        return (None,) * count
+    if len(values) != count:
+        raise ValueError(
+            f"{what}: give one value per model ({count}, 'auto' for the default); "
+            f"got {len(values)}."
+        )
+    return tuple(None if v.lower() == "auto" else v for v in values)
+
+
 @dataclass(frozen=True)
 class ProtectSettings:
     """Every option of ``mimicshield protect``, with its defaults, as the page submits them.
 
-    ``eps`` and ``step_size`` are in 1/255 units, as on the command line. ``overwrite`` has no
+    ``eps`` and ``step_size`` are in 1/255 units, as on the command line. Several models make an
+    ensemble; ``model_config`` and ``family`` then hold one value per model. ``work_size`` None
+    is the CLI's default (measured, raised to the models' own size). ``overwrite`` has no
     counterpart: every job writes into a fresh folder.
     """
 
-    model: str = DEFAULT_MODEL
-    model_config: str | None = None
+    # text typed in the page (one value per line) is split into tuples in __post_init__
+    model: tuple[str, ...] | str = (DEFAULT_MODEL,)
+    model_weight: tuple[float, ...] | None = None
+    model_config: tuple[str | None, ...] | str | None = None
+    family: tuple[str | None, ...] | str | None = None
     device: str = "auto"
     dtype: str = "auto"
     method: str = DEFAULT_METHOD
@@ -190,8 +221,8 @@ class ProtectSettings:
     sdst_r: float = 5.0
     robust: tuple[str, ...] = ()
     low_memory: bool = False
-    compile: bool = False
-    work_size: str = str(DEFAULT_WORK_SIZE or "native")
+    compile_networks: bool = False
+    work_size: str | None = None
     tile_size: int = DEFAULT_TILE_SIZE
     file_format: str = "png"
     quality: int = 95
@@ -199,6 +230,28 @@ class ProtectSettings:
 
     def __post_init__(self) -> None:
         """The checks ``mimicshield protect`` makes, with the same messages where they apply."""
+        from .families import FAMILIES
+
+        if isinstance(self.model, str):
+            object.__setattr__(self, "model", split_values(self.model))
+        if not self.model:
+            raise ValueError("Give a model: a hub id, a local folder or a .safetensors file.")
+        count = len(self.model)
+        configs = per_model(self.model_config, count, "Model config")
+        families = per_model(self.family, count, "Family", "\n, ")
+        object.__setattr__(self, "model_config", configs)
+        object.__setattr__(self, "family", families)
+        for name in families:
+            if name is not None and name not in FAMILIES:
+                raise ValueError(f"Family must be auto, {', '.join(FAMILIES)}; got {name!r}.")
+        if self.model_weight is not None:
+            weights = tuple(float(w) for w in self.model_weight)
+            if len(weights) != count or not all(math.isfinite(w) and w > 0 for w in weights):
+                raise ValueError(
+                    f"Model weights: give one positive weight per model ({count}); got "
+                    f"{list(weights)}."
+                )
+            object.__setattr__(self, "model_weight", weights)
         method = get_method(self.method)
         if self.prompt and self.category:
             raise ValueError("Give a prompt or a category, not both.")
@@ -221,7 +274,7 @@ class ProtectSettings:
         if self.posterior not in ("sample", "mean"):
             raise ValueError(f"The posterior must be sample or mean; got {self.posterior!r}.")
         try:
-            parse_work_size(self.work_size)
+            parse_work_size(self.work_size or "native")
         except ValueError as error:
             raise ValueError(f"Work size: {error}") from None
 
@@ -233,32 +286,39 @@ class ProtectSettings:
 
     @property
     def model_key(self) -> tuple:
-        """What makes a loaded model reusable: the performance options change it in place."""
+        """What makes loaded models reusable: the performance options change them in place."""
         return (
             self.model,
             self.model_config,
+            self.family,
             self.device,
             self.dtype,
             self.low_memory,
-            self.compile,
+            self.compile_networks,
         )
 
-    def output_options(self):
+    def output_options(self, native_sizes: Iterable[int | None] = ()):
+        """The CLI's output options; the default work size is raised to the models' size."""
+        from .families import default_work_size
         from .runner import OutputOptions
 
+        if self.work_size:
+            work_size = parse_work_size(self.work_size)
+        else:
+            work_size = default_work_size(DEFAULT_WORK_SIZE, native_sizes)
         return OutputOptions(
-            work_size=parse_work_size(self.work_size),
+            work_size=work_size,
             tile_size=self.tile_size,
             file_format=self.file_format,
             quality=self.quality,
             provenance=self.metadata,
         )
 
-    def protector(self, model, target: Tensor | None = None):
+    def protector(self, engine, target: Tensor | None = None):
         from .protector import Protector
 
         return Protector(
-            model,
+            engine,
             self.method,
             target=target,
             eps=self.eps / 255,
@@ -456,7 +516,7 @@ class ProtectionService:
         self.sessions_dir = self.work_root / "sessions"
         self._gpu = threading.Lock()  # held while a job computes: one at a time
         self._model_lock = threading.Lock()
-        self._model = None
+        self._models: list = []
         self._model_key: tuple | None = None
         self._lpips = None
         self._cancel: dict[str, threading.Event] = {}
@@ -489,43 +549,53 @@ class ProtectionService:
             devices.append("mps")
         return devices
 
-    def model_for(self, settings: ProtectSettings):
-        """The loaded model (with its decoder, for the check), reloaded only when it must be."""
-        if not self.allow_model_choice and (
-            settings.model != self.defaults.model
-            or settings.model_config != self.defaults.model_config
-        ):
+    def models_for(self, settings: ProtectSettings) -> list:
+        """The loaded models (with their decoders, for the check), reloaded only when they must
+        be. Several models make an ensemble; one set is kept in memory at a time."""
+        chosen = (settings.model, settings.model_config, settings.family)
+        fixed = (self.defaults.model, self.defaults.model_config, self.defaults.family)
+        if not self.allow_model_choice and chosen != fixed:
             raise ValueError(
                 "This app is reachable from other computers, so its model is fixed to "
-                f"{self.defaults.model!r}; restart `mimicshield ui --model ...` to change it."
+                f"{', '.join(self.defaults.model)}; restart `mimicshield ui --model ...` to "
+                "change it."
             )
         with self._model_lock:
-            if self._model is not None and self._model_key == settings.model_key:
+            if self._models and self._model_key == settings.model_key:
                 try:  # low-memory models released their text encoder: new prompts need a reload
-                    for prompt in (settings.chosen_prompt, ""):
-                        self._model.embed_prompt(prompt)
-                    return self._model
+                    for model in self._models:
+                        for prompt in (settings.chosen_prompt, ""):
+                            model.embed_prompt(prompt)
+                    return self._models
                 except RuntimeError:
                     pass
-            self._model, self._model_key = None, None
+            self._models, self._model_key = [], None
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             from .models import load_models
 
-            model = load_models(
-                settings.model,
-                device=settings.device,
-                dtype=settings.dtype,
-                with_decoder=True,
-                single_file_config=settings.model_config or None,
-            )
-            if settings.low_memory or settings.compile:
-                from .performance import apply_performance_options
+            models = []
+            for source, config, family in zip(
+                settings.model, settings.model_config, settings.family, strict=True
+            ):
+                model = load_models(
+                    source,
+                    device=settings.device,
+                    dtype=settings.dtype,
+                    with_decoder=True,
+                    single_file_config=config,
+                    family=family,
+                )
+                if settings.low_memory or settings.compile_networks:
+                    from .performance import apply_performance_options
 
-                prompts = [settings.chosen_prompt, ""]  # "" for the SDEdit check
-                apply_performance_options(model, prompts, settings.low_memory, settings.compile)
-            self._model, self._model_key = model, settings.model_key
-            return model
+                    prompts = [settings.chosen_prompt, ""]  # "" for the SDEdit check
+                    apply_performance_options(
+                        model, prompts, settings.low_memory, settings.compile_networks
+                    )
+                models.append(model)
+            self._models, self._model_key = models, settings.model_key
+            return models
 
     def _lpips_model(self):
         """LPIPS on the CPU (fast enough at 512 px), loaded once."""
@@ -639,27 +709,32 @@ class ProtectionService:
                 self.busy = True
                 try:
                     self._raise_if_cancelled(session)
-                    progress.phase = f"Loading {settings.model}"
-                    model = self.model_for(settings)
-                    dtype = str(model.dtype).removeprefix("torch.")
-                    job.device = f"{self.device_label(str(model.device))} · {dtype}"
+                    progress.phase = f"Loading {', '.join(settings.model)}"
+                    models = self.models_for(settings)
+                    dtype = str(models[0].dtype).removeprefix("torch.")
+                    job.device = f"{self.device_label(str(models[0].device))} · {dtype}"
                     self._raise_if_cancelled(session)
-                    self._run(session, job, files, by_path, out_dir, model, target, progress)
+                    self._run(session, job, files, by_path, out_dir, models, target, progress)
                 finally:
                     self.busy = False
             return job
         finally:
             self._leave(session)
 
-    def _run(self, session, job, files, by_path, out_dir, model, target, progress) -> None:
+    def _run(self, session, job, files, by_path, out_dir, models, target, progress) -> None:
+        from .ensemble import Ensemble
         from .runner import protect_files
 
         settings = job.settings
-        protector = settings.protector(model, target)
+        single = len(models) == 1
+        engine = models[0] if single else Ensemble(models, settings.model_weight)
+        protector = settings.protector(engine, target)
         header = {  # the same manifest header as `mimicshield protect`
-            "model": settings.model,
-            "device": str(model.device),
-            "dtype": str(model.dtype).removeprefix("torch."),
+            "model": settings.model[0] if single else list(settings.model),
+            "family": models[0].family if single else [m.family for m in models],
+            **({} if single else {"model_weights": engine.weights}),
+            "device": str(models[0].device),
+            "dtype": str(models[0].dtype).removeprefix("torch."),
             "parameters": {
                 **protector.config.to_dict(),
                 "target": Path(settings.target).name if settings.target else None,
@@ -692,7 +767,7 @@ class ProtectionService:
                 files,
                 out_dir,
                 protector,
-                options=settings.output_options(),
+                options=settings.output_options(m.native_size for m in models),
                 batch_size=settings.batch_size,
                 manifest_header=header,
                 on_image_start=image_started,
@@ -755,8 +830,12 @@ class ProtectionService:
                 self.busy = True
                 try:
                     self._raise_if_cancelled(session)
-                    progress.phase = f"Loading {job.settings.model}"
-                    model = self.model_for(job.settings)
+                    progress.phase = f"Loading {job.settings.model[0]}"
+                    model = self.models_for(job.settings)[0]  # an ensemble's first model
+                    if model.is_xl:
+                        raise ValueError(
+                            "The SDEdit check supports SD 1.x and 2.x models, not SDXL yet."
+                        )
                     resolution = model.native_size or 512
                     clean = fit_image(load_image(image.input).rgb, resolution)
                     protected = fit_image(load_image(image.output).rgb, resolution)
@@ -963,36 +1042,55 @@ ADVANCED = [  # (name, label): the advanced options, in the order of `mimicshiel
     ("category", "Category (uses the paper's prompt)"),
     ("prompt", "Prompt c (empty: 'a photo')"),
     ("target", "Target image (photoguard, mist, sdst-)"),
+    ("model_weight", "Ensemble weights, one per model line (empty: equal)"),
+    ("model_config", "Config folder of a single-file model (one per model line, 'auto' for none)"),
+    ("family", "Family: auto, sd1, sd2-base, sd2-v or sdxl (one per model line)"),
+    ("device", "Device"),
+    ("dtype", "Precision"),
     ("seed", "Seed"),
     ("batch_size", "Batch size (images of equal size)"),
     ("posterior", "E(x): posterior sample or mean"),
     ("sdst_r", "sdst- weight r"),
     ("robust", "Harden against purification (EOT)"),
-    ("work_size", "Work size ('native' or pixels of the shorter side)"),
+    ("low_memory", "Low memory (slower)"),
+    ("compile_networks", "torch.compile (slow first step, faster later)"),
+    ("work_size", "Work size: empty for the measured default, 'native', or pixels (shorter side)"),
     ("tile_size", "Tile size"),
-    ("file_format", "Output format"),
+    ("file_format", "Output format (JPEG is lossy: it weakens the protection)"),
     ("quality", "JPEG quality"),
     ("metadata", "Write the 'no AI/ML training' XMP notice"),
-    ("low_memory", "Low memory (slower)"),
-    ("compile", "torch.compile (slow first step, faster later)"),
-    ("device", "Device"),
-    ("dtype", "Precision"),
-    ("model_config", "Config folder for a single-file model"),
 ]
 NO_CATEGORY = "none"
+
+
+def _as_text(values: Sequence[object] | None) -> str:
+    """A tuple of per-model values as the page shows it: one per line, blank when all unset."""
+    if not values or all(v is None for v in values):
+        return ""
+    return "\n".join(
+        "auto" if v is None else f"{v:g}" if isinstance(v, float) else str(v) for v in values
+    )
 
 
 def _settings_from_page(
     service: ProtectionService, values: dict[str, object], preset: str, custom_eps: float
 ) -> ProtectSettings:
+    """The page's widgets -> settings; every check of the CLI runs in ``ProtectSettings``."""
     eps = PRESETS.get(preset, custom_eps)
-    model = str(values.get("model") or service.defaults.model).strip()
+    weights = split_values(str(values.get("model_weight") or ""), "\n, ")
+    try:
+        model_weight = tuple(float(w) for w in weights) or None
+    except ValueError:
+        raise ValueError(f"Ensemble weights must be numbers; got {', '.join(weights)}.") from None
     target = values.get("target")
     category = values.get("category")
+    work_size = str(values.get("work_size") or "").strip()
     return replace(
         service.defaults,
-        model=model,
-        model_config=(str(values.get("model_config") or "").strip() or None),
+        model=split_values(str(values.get("model") or "")) or service.defaults.model,
+        model_weight=model_weight,
+        model_config=str(values.get("model_config") or ""),
+        family=str(values.get("family") or ""),
         device=str(values["device"]),
         dtype=str(values["dtype"]),
         method=str(values["method"]),
@@ -1008,8 +1106,8 @@ def _settings_from_page(
         sdst_r=float(values["sdst_r"]),
         robust=tuple(values.get("robust") or ()),
         low_memory=bool(values["low_memory"]),
-        compile=bool(values["compile"]),
-        work_size=str(values["work_size"]).strip(),
+        compile_networks=bool(values["compile_networks"]),
+        work_size=work_size or None,
         tile_size=int(values["tile_size"]),
         file_format=str(values["file_format"]),
         quality=int(values["quality"]),
@@ -1042,7 +1140,9 @@ def build_app(service: ProtectionService):
         )
         device_info = gr.HTML(
             message_html(
-                f"Model: {defaults.model} · device: {service.device_label()}", "info", "ms-device"
+                f"Model: {', '.join(defaults.model)} · device: {service.device_label()}",
+                "info",
+                "ms-device",
             )
         )
         job_state = gr.State(None)
@@ -1068,8 +1168,10 @@ def build_app(service: ProtectionService):
                     elem_id="ms-eps",
                 )
                 model = gr.Textbox(
-                    value=defaults.model,
-                    label="Model: hub id, local diffusers folder or .safetensors file",
+                    value="\n".join(defaults.model),
+                    label="Model: hub id, local diffusers folder or .safetensors file "
+                    "(several lines: an ensemble)",
+                    max_lines=4,
                     interactive=service.allow_model_choice,
                     elem_id="ms-model",
                 )
@@ -1082,6 +1184,7 @@ def build_app(service: ProtectionService):
                     def opt(name: str) -> dict:
                         return {"label": labels[name], "elem_id": "ms-" + name.replace("_", "-")}
 
+                    choose_model = service.allow_model_choice
                     advanced = {
                         "method": gr.Dropdown(
                             list(METHODS), value=defaults.method, **opt("method")
@@ -1099,6 +1202,25 @@ def build_app(service: ProtectionService):
                         ),
                         "prompt": gr.Textbox(value=defaults.prompt or "", **opt("prompt")),
                         "target": gr.File(file_types=sorted(IMAGE_SUFFIXES), **opt("target")),
+                        "model_weight": gr.Textbox(
+                            value=_as_text(defaults.model_weight), **opt("model_weight")
+                        ),
+                        "model_config": gr.Textbox(
+                            value=_as_text(defaults.model_config),
+                            interactive=choose_model,
+                            **opt("model_config"),
+                        ),
+                        "family": gr.Textbox(
+                            value=_as_text(defaults.family),
+                            interactive=choose_model,
+                            **opt("family"),
+                        ),
+                        "device": gr.Dropdown(
+                            service.available_devices(), value=defaults.device, **opt("device")
+                        ),
+                        "dtype": gr.Dropdown(
+                            ["auto", "fp32", "fp16", "bf16"], value=defaults.dtype, **opt("dtype")
+                        ),
                         "seed": gr.Number(value=defaults.seed, precision=0, **opt("seed")),
                         "batch_size": gr.Number(
                             value=defaults.batch_size, precision=0, minimum=1, **opt("batch_size")
@@ -1110,7 +1232,11 @@ def build_app(service: ProtectionService):
                         "robust": gr.CheckboxGroup(
                             list(ROBUST_TRANSFORMS), value=list(defaults.robust), **opt("robust")
                         ),
-                        "work_size": gr.Textbox(value=defaults.work_size, **opt("work_size")),
+                        "low_memory": gr.Checkbox(value=defaults.low_memory, **opt("low_memory")),
+                        "compile_networks": gr.Checkbox(
+                            value=defaults.compile_networks, **opt("compile_networks")
+                        ),
+                        "work_size": gr.Textbox(value=defaults.work_size or "", **opt("work_size")),
                         "tile_size": gr.Number(
                             value=defaults.tile_size, precision=0, minimum=64, **opt("tile_size")
                         ),
@@ -1121,19 +1247,6 @@ def build_app(service: ProtectionService):
                             1, 100, value=defaults.quality, step=1, **opt("quality")
                         ),
                         "metadata": gr.Checkbox(value=defaults.metadata, **opt("metadata")),
-                        "low_memory": gr.Checkbox(value=defaults.low_memory, **opt("low_memory")),
-                        "compile": gr.Checkbox(value=defaults.compile, **opt("compile")),
-                        "device": gr.Dropdown(
-                            service.available_devices(), value=defaults.device, **opt("device")
-                        ),
-                        "dtype": gr.Dropdown(
-                            ["auto", "fp32", "fp16", "bf16"], value=defaults.dtype, **opt("dtype")
-                        ),
-                        "model_config": gr.Textbox(
-                            value=defaults.model_config or "",
-                            interactive=service.allow_model_choice,
-                            **opt("model_config"),
-                        ),
                     }
             with gr.Column(scale=3):
                 progress_html = gr.HTML(elem_id="ms-progress-box")
@@ -1271,7 +1384,9 @@ def build_app(service: ProtectionService):
             return {
                 job_state: job,
                 device_info: message_html(
-                    f"Model: {job.settings.model} · device: {job.device}", "info", "ms-device"
+                    f"Model: {', '.join(job.settings.model)} · device: {job.device}",
+                    "info",
+                    "ms-device",
                 ),
                 progress_html: messages_html(
                     lines, "warning" if failed or job.cancelled else "ok", "ms-done"

@@ -48,8 +48,10 @@ def ui(
     """Start the web app: drag and drop images, protect them, download the results.
 
     It listens on 127.0.0.1 (this computer only) unless --host or --share says otherwise.
-    Several browser tabs share one queue: one job runs at a time. Temporary files are deleted
-    when the app stops.
+
+    Browser tabs share one queue: one job runs at a time.
+
+    Temporary files are deleted when the app stops.
     """
     import signal
     import sys
@@ -88,9 +90,12 @@ def ui(
         lpips_weights=lpips_weights,
     )
     # `kill` (SIGTERM) ends the app like Ctrl-C, so its temporary files are removed too.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     err.print(f"Temporary files: {service.work_root} (deleted when the app stops; Ctrl-C)")
-    launch(service, host=host, port=port, share=share, open_browser=open_browser)
+    try:
+        launch(service, host=host, port=port, share=share, open_browser=open_browser)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # cleandoc first: appended unindented lines would stop the help text from being dedented
