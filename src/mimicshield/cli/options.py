@@ -11,9 +11,7 @@ from ..models import DEFAULT_MODEL
 
 ModelOpt = Annotated[
     str,
-    typer.Option(
-        "--model", help="hub id, local diffusers folder, or a .safetensors/.ckpt file"
-    ),
+    typer.Option("--model", help="hub id, local diffusers folder, or a .safetensors/.ckpt file"),
 ]
 ModelConfigOpt = Annotated[
     str | None,

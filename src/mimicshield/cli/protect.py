@@ -201,9 +201,7 @@ def protect(
     if work_size is None:
         sizes = [m.native_size for m in loaded_models]
         options = replace(options, work_size=default_work_size(options.work_size, sizes))
-    chosen_prompt = (
-        CATEGORY_PROMPTS[category.value] if category else (prompt or DEFAULT_PROMPT)
-    )
+    chosen_prompt = CATEGORY_PROMPTS[category.value] if category else (prompt or DEFAULT_PROMPT)
     protector = Protector(
         engine,
         method,
