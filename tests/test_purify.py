@@ -198,3 +198,8 @@ def test_evaluate_purify_adds_purified_sources_and_surviving_distortion(tiny_mod
     surviving = [r for r in document["records"] if r["scenario"] == "purify-jpeg75"]
     assert len(surviving) == 2 and all(r["source"] == "noisy" for r in surviving)
     assert any("surviving latent distortion" in note for note in document["notes"])
+    report = (out / "report.html").read_text()
+    table = report.split("<h3>Surviving latent distortion after purification</h3>")[1]
+    table = table.split("</table>")[0]
+    mean = sum(r["value"] for r in surviving) / 2
+    assert "<th>jpeg75</th>" in table and f"<td>{mean:.2f}</td>" in table

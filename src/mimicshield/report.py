@@ -303,6 +303,37 @@ def _table(
     )
 
 
+SURVIVING_METRIC = "surviving_latent_distortion"  # written by ``evaluate --purify``
+
+
+def _surviving_table(index: dict[tuple, Summary]) -> str:
+    """Rows = protected sources, columns = purifications: mean surviving latent distortion."""
+    cells = {
+        (source, scenario.removeprefix("purify-")): summary.mean
+        for (source, scenario, _, metric), summary in index.items()
+        if metric == SURVIVING_METRIC
+    }
+    if not cells:
+        return ""
+    sources = list(dict.fromkeys(source for source, _ in cells))
+    purifications = list(dict.fromkeys(name for _, name in cells))
+    head = "".join(f"<th>{html.escape(name)}</th>" for name in purifications)
+    body = []
+    for source in sources:
+        row = "".join(
+            f"<td>{cells[(source, name)]:.2f}</td>" if (source, name) in cells else "<td>–</td>"
+            for name in purifications
+        )
+        body.append(f'<tr><td class="name">{html.escape(source)}</td>{row}</tr>')
+    return (
+        "<h3>Surviving latent distortion after purification</h3>"
+        "<p>‖E(p(x_adv)) − E(p(x0))‖ / ‖E(x_adv) − E(x0)‖ per purification p: 1 means the "
+        "perturbation's effect on the latent is intact, 0 that the purification removed it.</p>"
+        f'<table><thead><tr><th class="name">method</th>{head}</tr></thead>'
+        f"<tbody>{''.join(body)}</tbody></table>"
+    )
+
+
 def _overview(result: EvaluationResult, index: dict[tuple, Summary], sources: Sequence[str]) -> str:
     """The paper-style summary: one column per scenario, its key protection metric per method.
 
@@ -474,6 +505,7 @@ def render_report(result: EvaluationResult) -> str:
         if metrics:
             out.append(f"<h3>{esc(variant.label)}</h3>")
             out.append(_table(result, index, variant.scenario, variant.strength, sources, metrics))
+    out.append(_surviving_table(index))
 
     if any(v.scenario in SDEDIT for v in result.variants):
         out.append("<h2>Metrics against SDEdit strength</h2>")

@@ -123,7 +123,6 @@ purify.__doc__ = (purify.__doc__ or "") + "\n" + EXAMPLES
 # --- glue for ``mimicshield evaluate --purify`` ---------------------------------------------------
 
 PURIFIED_FOLDER = "purified"
-SURVIVING_METRIC = "surviving_latent_distortion"
 
 
 def purified_label(label: str, purification: str) -> str:
@@ -179,6 +178,7 @@ def surviving_records(clean_dir: Path, protected_dirs, purifications, model, fit
     from ..evaluation import Record, pair_folders
     from ..images import load_image
     from ..purify import latent_distance
+    from ..report import SURVIVING_METRIC
 
     clean, methods = pair_folders(clean_dir, protected_dirs)
     records = []
