@@ -90,3 +90,14 @@ def test_missing_model_is_one_clear_line(input_folder, tmp_path):
     )
     assert result.returncode == 1
     assert "no such model folder" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_help_does_not_import_torch():
+    """`mimicshield --help` must answer at once: the CLI loads torch only inside commands."""
+    code = (
+        "import sys; from mimicshield.cli.main import app; import mimicshield;"
+        "print('torch' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"

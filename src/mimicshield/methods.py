@@ -226,7 +226,6 @@ METHODS: dict[str, Method] = {
         Method("sdst-", sdst_minus, "SDS(-) plus the textural loss, r=5", False, True),
     ]
 }
-DEFAULT_METHOD = "sds-"
 
 
 def get_method(name: str) -> Method:

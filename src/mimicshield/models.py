@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .defaults import DEFAULT_MODEL
 from .methods import eps_from_v_prediction
 from .mps import check_mps_dtype
 
-DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 SUPPORTED_PREDICTION_TYPES = ("epsilon", "v_prediction")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 

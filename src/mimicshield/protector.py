@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .attack import projected_sign_steps, quantize_within_budget
+from .defaults import DEFAULT_METHOD
 from .ensemble import members, weighted_direction
-from .methods import DEFAULT_METHOD, SDST_DEFAULT_R, StepInputs, get_method
+from .methods import SDST_DEFAULT_R, StepInputs, get_method
 from .robust import EOT, parse_robust
 from .targets import target_pattern
 

@@ -27,11 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .defaults import DEFAULT_TILE_SIZE
+
 MULTIPLE = 8
 # Chosen by measurement (scripts/measure_work_size.py, README "Work size"): protecting at the
 # size SD pipelines resize to keeps more latent distortion after an attacker's resize to 512.
-DEFAULT_WORK_SIZE: int | None = 512
-DEFAULT_TILE_SIZE = 1024
 TILE_OVERLAP = 64
 
 

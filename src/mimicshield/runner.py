@@ -29,6 +29,7 @@ from torch import Tensor
 
 from . import __version__
 from .attack import quantize_within_budget
+from .defaults import DEFAULT_TILE_SIZE, DEFAULT_WORK_SIZE
 from .images import (
     IMAGE_SUFFIXES,
     ImageFileError,
@@ -46,8 +47,6 @@ from .images import (
 from .metrics import psnr, ssim
 from .protector import Protector
 from .resolution import (
-    DEFAULT_TILE_SIZE,
-    DEFAULT_WORK_SIZE,
     padded_shape,
     protect_at_work_size,
     work_shape,

@@ -37,11 +37,11 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
+from .defaults import DEFAULT_METHOD, DEFAULT_MODEL, DEFAULT_TILE_SIZE, DEFAULT_WORK_SIZE
 from .images import IMAGE_SUFFIXES, ImageFileError, load_image, probe_image
-from .methods import DEFAULT_METHOD, METHODS, get_method
-from .models import DEFAULT_MODEL
+from .methods import METHODS, get_method
 from .protector import CATEGORY_PROMPTS, DEFAULT_PROMPT
-from .resolution import DEFAULT_TILE_SIZE, DEFAULT_WORK_SIZE, parse_work_size
+from .resolution import parse_work_size
 from .robust import ROBUST_TRANSFORMS
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from ..models import DEFAULT_MODEL as DEFAULT_MODEL_ID
+from ..defaults import DEFAULT_MODEL as DEFAULT_MODEL_ID
 from .mimic import (
     IMG2IMG_DEFAULT,
     SDEDIT_DEFAULT,

@@ -43,8 +43,8 @@ def main() -> None:
     """Run the app; known errors print ``Error: ...`` on stderr and exit 1."""
     try:
         app()
-    except _known_errors() as error:
-        if os.environ.get("MIMICSHIELD_DEBUG"):
+    except Exception as error:  # SystemExit (--help, exit codes) is not an Exception
+        if os.environ.get("MIMICSHIELD_DEBUG") or not isinstance(error, _known_errors()):
             raise
         print(f"Error: {error}", file=sys.stderr)
         print("(set MIMICSHIELD_DEBUG=1 for a full traceback)", file=sys.stderr)

@@ -7,7 +7,8 @@ import typer
 
 def methods() -> None:
     """List the protection methods, one line each."""
-    from ..methods import DEFAULT_METHOD, METHODS
+    from ..defaults import DEFAULT_METHOD
+    from ..methods import METHODS
 
     width = max(len(name) for name in METHODS)
     for name, method in METHODS.items():

@@ -6,8 +6,7 @@ from typing import Annotated
 
 import typer
 
-from ..methods import DEFAULT_METHOD
-from ..models import DEFAULT_MODEL
+from ..defaults import DEFAULT_METHOD, DEFAULT_MODEL
 
 ModelOpt = Annotated[
     str,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -13,7 +15,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from ..runner import FileResult, RunReport
+if TYPE_CHECKING:
+    from ..runner import FileResult, RunReport
 
 
 class ProtectProgress:

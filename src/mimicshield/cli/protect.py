@@ -10,9 +10,8 @@ from typing import Annotated
 
 import typer
 
-from ..methods import DEFAULT_METHOD
-from ..models import DEFAULT_MODEL as DEFAULT_MODEL_ID
-from ..resolution import DEFAULT_TILE_SIZE, DEFAULT_WORK_SIZE
+from ..defaults import DEFAULT_METHOD, DEFAULT_TILE_SIZE, DEFAULT_WORK_SIZE
+from ..defaults import DEFAULT_MODEL as DEFAULT_MODEL_ID
 from .options import (
     DeviceOpt,
     DtypeOpt,

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from ..models import DEFAULT_MODEL as DEFAULT_MODEL_ID
+from ..defaults import DEFAULT_MODEL as DEFAULT_MODEL_ID
 from .options import DeviceOpt, DtypeOpt, ModelConfigOpt, ModelOpt
 
 EXAMPLES = """
