@@ -101,3 +101,26 @@ def test_help_does_not_import_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+def test_output_that_is_a_file_is_refused_and_left_alone(input_folder, tmp_path):
+    target = input_folder / "a.png"
+    before = target.read_bytes()
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mimicshield.cli.main",
+            "protect",
+            str(input_folder),
+            "-o",
+            str(target),
+            "--model",
+            str(tmp_path / "unused"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1
+    assert "exists and is not a folder" in result.stderr and "Traceback" not in result.stderr
+    assert target.read_bytes() == before

@@ -36,7 +36,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from ..images import ImageFileError
     from ..models import ModelLoadError
 
-    return (CLIError, ImageFileError, ModelLoadError, FileNotFoundError, ValueError)
+    return (CLIError, ImageFileError, ModelLoadError, OSError, ValueError)
 
 
 def main() -> None:

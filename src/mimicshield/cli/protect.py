@@ -166,6 +166,8 @@ def protect(
         )
     except ValueError as error:
         raise CLIError(f"--work-size: {error}") from error
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"-o {out}: exists and is not a folder; give a folder for the outputs.")
     files, missing = collect_inputs(inputs, exclude=out)
     if not files:
         raise CLIError(f"No image files found in: {' '.join(inputs)}.")
