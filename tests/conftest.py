@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,17 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 ASSETS = REPO_ROOT.parent / "shared" / "assets"
 IMAGES = ASSETS / "images"
 WEIGHTS = ASSETS / "weights"
+
+# Debian's Chromium, driven by playwright without any browser download. The flags keep it from
+# reaching for the network, which this machine does not have.
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
 
 requires_assets = pytest.mark.skipif(
     not ASSETS.is_dir(), reason=f"real test assets not found at {ASSETS} (../shared/assets)"

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import CHROMIUM, CHROMIUM_ARGS
 
 from mimicshield.evaluation import CLEAN, EvaluationResult, Gallery, ImageRow, Record
 from mimicshield.mimicry import Variant
@@ -20,15 +20,6 @@ from mimicshield.report import (
     thumbnail,
     write_report,
 )
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-]
 
 
 def check_in_chromium(path: Path) -> None:

@@ -11,7 +11,6 @@ import io
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import IMAGES, REPO_ROOT, WEIGHTS, requires_assets
+from conftest import CHROMIUM, CHROMIUM_ARGS, IMAGES, REPO_ROOT, WEIGHTS, requires_assets
 from image_cases import noise
 from PIL import Image
 from typer.testing import CliRunner
@@ -47,14 +46,6 @@ from mimicshield.webapp import (  # noqa: E402
     validate_uploads,
 )
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-]
 LPIPS_FILE = WEIGHTS / "lpips_alexnet.safetensors"
 # fast settings: one step at a 32-pixel work size (the tiny model's native size)
 FAST = {"device": "cpu", "dtype": "fp32", "steps": 1, "work_size": "32"}
