@@ -70,7 +70,12 @@ def print_results(report: RunReport, seconds: float, console: Console | None = N
     console = console or Console()
     table = Table(title=f"mimicshield: {len(report.results)} file(s) in {seconds:.1f} s")
     for column in ("file", "status", "PSNR (dB)", "SSIM", "L∞ (/255)", "seconds"):
-        table.add_column(column, justify="left" if column in ("file", "status") else "right")
+        if column == "file":  # fold long paths rather than cut them: the name must stay readable
+            table.add_column(column, overflow="fold", ratio=1)
+        else:
+            table.add_column(
+                column, justify="left" if column == "status" else "right", no_wrap=True
+            )
     for r in report.results:
         table.add_row(
             r.input,
