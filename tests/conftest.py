@@ -58,3 +58,13 @@ def images_8bit() -> torch.Tensor:
     """Two 32x32 images on the 8-bit grid, in [0, 1], as decoded image files are."""
     generator = torch.Generator().manual_seed(1234)
     return torch.randint(0, 256, (2, 3, 32, 32), generator=generator).float() / 255
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tiny networks, which are all overhead: with more threads than
+    free cores, OpenMP's spin-waiting makes each step 10-100x slower on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -53,16 +53,6 @@ RESULT_KEYS = {
 }
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny networks are all overhead: with more threads than free cores, OpenMP's spin-waiting
-    on a busy CI machine makes each step 10-100x slower. One thread keeps the test fast."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_bench_cli_writes_json_with_every_configuration(tmp_path, one_thread):
     out = tmp_path / "bench.json"
     args = ["bench", "--tiny", "--res", "32", "--device", "cpu", "--steps", "2", "--warmup", "1"]

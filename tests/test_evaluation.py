@@ -34,13 +34,7 @@ from mimicshield.mimicry import Variant
 LPIPS_FILE = WEIGHTS / "lpips_alexnet.safetensors"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a small shared CPU, oversubscribed threads are ~100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- set statistics ----------------------------------------------------------------------------

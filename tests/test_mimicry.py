@@ -15,14 +15,7 @@ from typer.testing import CliRunner
 from mimicshield import mimicry as M
 from mimicshield.cli.main import app
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a small shared CPU, oversubscribed threads are ~100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _sd_alphas_cumprod() -> torch.Tensor:

@@ -20,14 +20,6 @@ from mimicshield.performance import (
 from mimicshield.protector import Protector
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model():
     return build_engine_model(architecture(tiny=True), torch.device("cpu"), torch.float32)
 

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from conftest import CHROMIUM, CHROMIUM_ARGS, IMAGES, REPO_ROOT, WEIGHTS, requires_assets
 from image_cases import noise
 from PIL import Image
@@ -51,13 +50,7 @@ LPIPS_FILE = WEIGHTS / "lpips_alexnet.safetensors"
 FAST = {"device": "cpu", "dtype": "fp32", "steps": 1, "work_size": "32"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run much faster on one thread on a shared CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
