@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .models import LatentDiffusion
+from .models import Conditioning, LatentDiffusion
 
 __all__ = [
     "IMG2IMG_STRENGTHS",
@@ -119,7 +119,7 @@ def sdedit_latents(
     model: LatentDiffusion,
     z0: Tensor,
     noise: Tensor,
-    cond: Tensor,
+    cond: Tensor | Conditioning,
     timesteps: Sequence[int],
     *,
     multistep: bool = True,
@@ -128,7 +128,8 @@ def sdedit_latents(
     """Noise ``z0`` at ``timesteps[0]`` and denoise from that same timestep.
 
     One-step: return x̂0 predicted at ``timesteps[0]``. Multi-step: DDIM through every timestep;
-    the last step goes to abar = 1, i.e. returns x̂0 of the last timestep.
+    the last step goes to abar = 1, i.e. returns x̂0 of the last timestep. ``cond`` is what
+    ``model.predict_noise`` takes: a :class:`Conditioning` (SDXL needs one) or a bare embedding.
     """
     abar = model.alphas_cumprod
     z = add_noise(z0, noise, abar[timesteps[0]])
@@ -177,13 +178,17 @@ def sdedit(
     steps_offset: int = 1,
     callback: StepCallback | None = None,
 ) -> Tensor:
-    """SDEdit as in the paper: no guidance, the empty prompt, E(x) the posterior mean."""
+    """SDEdit as in the paper: no guidance, the empty prompt, E(x) the posterior mean.
+
+    Every family works: the conditioning comes from ``model.condition`` at the images' pixel
+    size, so SDXL also gets its pooled embedding and the time ids of an uncropped image.
+    """
     _require_decoder(model)
     x = images.to(model.device, torch.float32) * 2 - 1
     with torch.no_grad():
         z0 = model.encode(x)
     noise = _per_image_noise(z0.shape[1:], z0.shape[0], seed, z0.device)
-    cond = model.embed_prompt(prompt).expand(z0.shape[0], -1, -1)
+    cond = model.condition(prompt, z0.shape[0], images.shape[-2], images.shape[-1])
     timesteps = sdedit_timesteps(strength, num_steps, model.num_train_timesteps, steps_offset)
     z = sdedit_latents(model, z0, noise, cond, timesteps, multistep=multistep, callback=callback)
     return decode(model, z).cpu()
@@ -214,8 +219,18 @@ def ddim_scheduler(model: LatentDiffusion, steps_offset: int = 1):
     )
 
 
+def _refuse_xl(model: LatentDiffusion, scenario: str) -> None:
+    """Only SDEdit supports SDXL so far; say so in one line instead of failing deep inside."""
+    if model.is_xl:
+        raise ValueError(
+            f"The {scenario} mimicry supports SD 1.x and 2.x models, not SDXL yet; "
+            "use the SDEdit scenarios (sdedit-onestep, sdedit-ddim) with SDXL."
+        )
+
+
 def build_pipeline(cls, model: LatentDiffusion, *, unet=None, text_encoder=None, tokenizer=None):
     """A diffusers pipeline over the already-loaded modules (no safety checker, no reload)."""
+    _refuse_xl(model, "diffusers pipeline (img2img, inpaint, sampling)")
     _require_decoder(model)
     if model.vae_dtype != model.dtype:
         raise ValueError(
@@ -436,6 +451,7 @@ def textual_inversion_mimicry(
     Works on copies of the tokenizer and text encoder, so the loaded model is left as it was.
     Returns the samples and the learned embedding (shape (hidden,)).
     """
+    _refuse_xl(model, "textual-inversion")
     if model.text_encoder is None or model.tokenizer is None:
         raise ValueError("Textual inversion needs the text encoder and tokenizer.")
     tokenizer = copy.deepcopy(model.tokenizer)
@@ -516,6 +532,7 @@ def lora_mimicry(
     The adapter is added to the loaded UNet for the run and unloaded afterwards, so the model
     is unchanged. Returns the samples and the adapter's weights (peft state-dict names).
     """
+    _refuse_xl(model, "lora")
     try:
         from peft import LoraConfig
         from peft.utils import get_peft_model_state_dict

@@ -832,10 +832,6 @@ class ProtectionService:
                     self._raise_if_cancelled(session)
                     progress.phase = f"Loading {job.settings.model[0]}"
                     model = self.models_for(job.settings)[0]  # an ensemble's first model
-                    if model.is_xl:
-                        raise ValueError(
-                            "The SDEdit check supports SD 1.x and 2.x models, not SDXL yet."
-                        )
                     resolution = model.native_size or 512
                     clean = fit_image(load_image(image.input).rgb, resolution)
                     protected = fit_image(load_image(image.output).rgb, resolution)
