@@ -140,6 +140,26 @@ def test_purify_command_writes_one_folder_per_purification(tmp_path):
     assert isinstance(refused.exception, CLIError) and "need --model" in str(refused.exception)
 
 
+def test_purify_command_keeps_the_alpha_channel(tmp_path):
+    import numpy as np
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from mimicshield.cli.main import app
+
+    rgba = torch.randint(0, 256, (20, 24, 4), generator=torch.Generator().manual_seed(1))
+    rgba = rgba.to(torch.uint8).numpy()
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "t.png")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        app, ["purify", str(tmp_path / "t.png"), "-o", str(out), "-m", "blur"]
+    )
+    assert result.exit_code == 0, result.output
+    purified = Image.open(out / "blur" / "t.png")
+    assert purified.mode == "RGBA" and purified.size == (24, 20)
+    assert np.array_equal(np.asarray(purified)[..., 3], rgba[..., 3])
+
+
 def test_evaluate_glue_writes_labelled_purified_folders_and_surviving_records(tmp_path, tiny_model):
     from PIL import Image
 

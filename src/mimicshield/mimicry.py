@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -717,11 +718,21 @@ def to_pil(image: Tensor):
     return Image.fromarray(array.permute(1, 2, 0).numpy())
 
 
-def save_png(image: Tensor, path: Path) -> Path:
-    """Save a (3, H, W) image in [0, 1] as an 8-bit PNG, creating folders as needed."""
+def save_png(image: Tensor, path: Path, alpha: np.ndarray | None = None) -> Path:
+    """Save a (3, H, W) image in [0, 1] as an 8-bit PNG, creating folders as needed.
+
+    ``alpha`` (H, W), uint8 or uint16 as :func:`~mimicshield.images.load_image` returns it, is
+    attached unchanged (16-bit alpha is reduced to 8 bits), so a transparent image stays so.
+    """
+    from PIL import Image
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    to_pil(image).save(path, format="PNG")
+    picture = to_pil(image)
+    if alpha is not None:
+        alpha8 = (alpha >> 8).astype(np.uint8) if alpha.dtype == np.uint16 else alpha
+        picture.putalpha(Image.fromarray(alpha8.astype(np.uint8), mode="L"))
+    picture.save(path, format="PNG")
     return path
 
 

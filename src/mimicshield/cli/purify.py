@@ -98,17 +98,19 @@ def purify(
     written = 0
     for file in files:
         try:
-            image = load_image(file.path).rgb[None]
+            loaded_image = load_image(file.path)
         except ImageFileError as error:
             failures.append(str(error))
             continue
+        image = loaded_image.rgb[None]
         for purification in chosen:
             try:
                 with torch.no_grad():
                     result = purification(image, loaded)
             except NotApplicableError as error:
                 raise CLIError(str(error)) from error
-            save_png(result[0], out / purification.name / file.relative.with_suffix(".png"))
+            destination = out / purification.name / file.relative.with_suffix(".png")
+            save_png(result[0], destination, alpha=loaded_image.alpha)
             written += 1
     for failure in failures:
         err.print(f"[red]failed:[/red] {failure}")
