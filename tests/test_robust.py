@@ -97,6 +97,32 @@ def test_protector_with_robust_runs_and_records_it(tiny_model, images_8bit):
         Protector(tiny_model, "sds-", robust=["sharpen"])
 
 
+def test_encoder_attack_under_eot_compares_with_the_transformed_clean_image(
+    tiny_model, images_8bit, monkeypatch
+):
+    """With --robust, the untargeted attack moves E(T(x)) away from E(T(x0)), the same T,
+    not from E(x0): otherwise the transform alone would count as protection."""
+    import dataclasses
+
+    from mimicshield import methods
+
+    seen = []
+    original = methods.METHODS["encoder"]
+
+    def spy(model, x, inputs):
+        x0 = images_8bit * 2 - 1
+        with torch.no_grad():
+            seen.append((inputs.source_latent, model.encode(x0), tiny_model.encode(x0)))
+        return original.direction(model, x, inputs)
+
+    monkeypatch.setitem(methods.METHODS, "encoder", dataclasses.replace(original, direction=spy))
+    Protector(tiny_model, "encoder", steps=2, robust=["blur"])(images_8bit)
+    assert len(seen) == 2
+    for source, transformed, untransformed in seen:
+        torch.testing.assert_close(source, transformed)
+        assert not torch.allclose(source, untransformed)
+
+
 @requires_assets
 @pytest.mark.slow
 def test_eot_improves_the_surviving_distortion_under_jpeg75_on_taef2():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from typing import Literal
 
@@ -165,7 +165,12 @@ class Protector:
             terms = []
             for (model, weight), shape, fixed_k in zip(models, latent_shapes, fixed, strict=True):
                 inputs = StepInputs(**self._draw_random_inputs(model, generators, shape), **fixed_k)
-                model = model if eot is None else eot.wrap(model, x.shape[1:])
+                if eot is not None:
+                    model = eot.wrap(model, x.shape[1:])
+                    if inputs.source_latent is not None:
+                        # the encoder attack measures E(T(x)) against E(T(x0)), same T
+                        with torch.no_grad():
+                            inputs = replace(inputs, source_latent=model.encode(x0))
                 terms.append((model, weight, inputs))
             return weighted_direction(direction_fn, terms, x)
 
