@@ -17,6 +17,12 @@ from mimicshield.methods import METHODS
 runner = CliRunner()
 
 
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """The CLI as a user runs it: a real process, so the one-line error path is exercised."""
+    command = [sys.executable, "-m", "mimicshield.cli.main", *args]
+    return subprocess.run(command, capture_output=True, text=True)
+
+
 @pytest.fixture
 def input_folder(tmp_path):
     folder = tmp_path / "in"
@@ -62,32 +68,18 @@ def test_protect_folder_writes_outputs_and_manifest(tiny_model_dir, input_folder
 
 
 def test_flag_conflicts_give_one_line_errors(tiny_model_dir, input_folder, tmp_path):
-    base = [sys.executable, "-m", "mimicshield.cli.main", "protect", str(input_folder)]
-    base += ["-o", str(tmp_path / "o"), "--model", str(tiny_model_dir)]
-    both = subprocess.run([*base, "--prompt", "x", "--category", "anime"], capture_output=True)
+    base = ["protect", str(input_folder), "-o", str(tmp_path / "o"), "--model", str(tiny_model_dir)]
+    both = run_cli(*base, "--prompt", "x", "--category", "anime")
     assert both.returncode == 1
-    assert b"Give --prompt or --category, not both." in both.stderr
-    assert b"Traceback" not in both.stderr
-    target = subprocess.run([*base, "--target", str(input_folder / "a.png")], capture_output=True)
-    assert target.returncode == 1 and b"--target is only used by" in target.stderr
+    assert "Give --prompt or --category, not both." in both.stderr
+    assert "Traceback" not in both.stderr
+    target = run_cli(*base, "--target", str(input_folder / "a.png"))
+    assert target.returncode == 1 and "--target is only used by" in target.stderr
 
 
 def test_missing_model_is_one_clear_line(input_folder, tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mimicshield.cli.main",
-            "protect",
-            str(input_folder),
-            "-o",
-            str(tmp_path / "o"),
-            "--model",
-            str(tmp_path / "no-such-model"),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    missing = str(tmp_path / "no-such-model")
+    result = run_cli("protect", str(input_folder), "-o", str(tmp_path / "o"), "--model", missing)
     assert result.returncode == 1
     assert "no such model folder" in result.stderr and "Traceback" not in result.stderr
 
@@ -106,21 +98,8 @@ def test_help_does_not_import_torch():
 def test_output_that_is_a_file_is_refused_and_left_alone(input_folder, tmp_path):
     target = input_folder / "a.png"
     before = target.read_bytes()
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mimicshield.cli.main",
-            "protect",
-            str(input_folder),
-            "-o",
-            str(target),
-            "--model",
-            str(tmp_path / "unused"),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    unused = str(tmp_path / "unused")
+    result = run_cli("protect", str(input_folder), "-o", str(target), "--model", unused)
     assert result.returncode == 1
     assert "exists and is not a folder" in result.stderr and "Traceback" not in result.stderr
     assert target.read_bytes() == before
