@@ -45,9 +45,9 @@ from .methods import MIST_SEMANTIC_WEIGHT, SDST_DEFAULT_R, add_noise, get_method
 from .models import (
     LatentDiffusion,
     _quiet_loading,
+    prepare_components,
     resolve_device,
     resolve_dtype,
-    vae_dtype_for,
 )
 from .mps import check_mps_dtype
 from .performance import attention_processors, compile_model, enable_low_memory, synchronize
@@ -282,14 +282,8 @@ def build_engine_model(
 ) -> LatentDiffusion:
     """A LatentDiffusion set up the way ``load_models`` sets up a real checkpoint."""
     vae, unet, text_encoder, alphas_cumprod = build_networks(arch, device, seed=seed)
-    vae.decoder = None  # as load_models without a decoder
-    vae.post_quant_conv = None
-    vae_dtype = vae_dtype_for(dtype, bool(vae.config.get("force_upcast", False)))
     with _quiet_loading():  # diffusers notes that ``to(dtype)`` bypasses from_pretrained
-        for module, module_dtype in ((vae, vae_dtype), (unet, dtype), (text_encoder, dtype)):
-            module.to(dtype=module_dtype)
-            module.requires_grad_(False)
-            module.eval()
+        vae_dtype = prepare_components(vae, [unet, text_encoder], device, dtype)
     return LatentDiffusion(
         vae=vae,
         unet=unet,

@@ -318,6 +318,32 @@ def _check_supported(prediction_type: str, source: str, hint: str = "") -> None:
         )
 
 
+def prepare_components(
+    vae: torch.nn.Module,
+    others: list[torch.nn.Module | None],
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    with_decoder: bool = False,
+) -> torch.dtype:
+    """Set components up for protection: frozen, in eval mode, on ``device`` in ``dtype``.
+
+    The VAE decoder is dropped unless asked for (the methods only encode: a third of the VAE's
+    memory), and the VAE stays fp32 where its config says fp16 overflows. Returns the VAE's dtype.
+    Shared by :func:`load_models` and the bench, so the bench times what users run.
+    """
+    if not with_decoder:
+        vae.decoder = None
+        vae.post_quant_conv = None
+    vae_dtype = vae_dtype_for(dtype, bool(vae.config.get("force_upcast", False)))
+    modules = [(vae, vae_dtype)] + [(module, dtype) for module in others if module is not None]
+    for module, module_dtype in modules:
+        module.to(device=device, dtype=module_dtype)
+        module.requires_grad_(False)
+        module.eval()
+    return vae_dtype
+
+
 def load_models(
     source: str = DEFAULT_MODEL,
     *,
@@ -374,22 +400,13 @@ def load_models(
         configured = scheduler.config.get("prediction_type", "epsilon")
         prediction_type = chosen.prediction_type or configured
         _check_supported(prediction_type, source)
-        if not with_decoder:
-            vae.decoder = None  # the methods only encode; this saves a third of the VAE's memory
-            vae.post_quant_conv = None
-
-        vae_dtype = vae_dtype_for(torch_dtype, bool(vae.config.get("force_upcast", False)))
-        for module, module_dtype in (
-            (vae, vae_dtype),
-            (unet, torch_dtype),
-            (text_encoder, torch_dtype),
-            (text_encoder_2, torch_dtype),
-        ):
-            if module is None:
-                continue
-            module.to(device=torch_device, dtype=module_dtype)
-            module.requires_grad_(False)
-            module.eval()
+        vae_dtype = prepare_components(
+            vae,
+            [unet, text_encoder, text_encoder_2],
+            torch_device,
+            torch_dtype,
+            with_decoder=with_decoder,
+        )
 
     # abar_t follows the checkpoint's own schedule (betas, num_train_timesteps). The scheduler's
     # timestep_spacing only places *inference* steps; training-style t ~ U{0..T-1}, as the

@@ -28,7 +28,7 @@ def enable_mps_fallback(
     platform: str | None = None,
     torch_loaded: bool | None = None,
 ) -> bool:
-    """Let operators that MPS lacks run on the CPU instead of raising ``NotImplementedError``.
+    """Let operators that MPS lacks run on the CPU instead of failing with "not implemented".
 
     Returns whether the fallback will be in effect: on macOS, the variable set (now or by the
     user) to a non-zero value before torch loaded. The arguments exist for tests.
