@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures of BENCHMARKS.md in one run (about 5 minutes on an H100/H200).
+# The GPU figures of BENCHMARKS.md in one run (about 8 minutes on an H100/H200).
 #
 # Runs from the repository root on a machine with a CUDA torch and transformers but no diffusers:
 # the diffusers wheel travels in .whl/ (git-ignored, so it must be carried along explicitly).
@@ -22,7 +22,7 @@ RES=${BENCH_RES:-512}
 WARMUP=${BENCH_WARMUP:-3}
 STEPS=${BENCH_STEPS:-10}
 EXTRA=${BENCH_EXTRA:-}
-BUDGET=${BENCH_BUDGET_S:-330}  # stop starting new groups after this many seconds
+BUDGET=${BENCH_BUDGET_S:-480}  # stop starting new groups after this many seconds
 mkdir -p "$OUT"
 LOG=$OUT/gpu_bench.log
 export COLUMNS=200 PYTHONUNBUFFERED=1 MIMICSHIELD_DEBUG=1
@@ -63,11 +63,16 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,m
 
 # 1. The main table: bf16 at batch 1 and 8, the floor, and the reference (fp32, batch 1).
 group bf16 200 --methods sds-,advdm+,mist,photoguard --batch 1,8 --dtype bf16
-# 2. --low-memory peak at batch 1.
+# 2. --low-memory peak at batch 1 (SDS methods stream the UNet; AdvDM/Mist checkpoint it).
 group lowmem 90 --methods sds-,advdm+,mist,photoguard --batch 1 --dtype bf16 --low-memory \
   --no-reference --no-floor
-# 3. fp16 eager then compiled, batch 8, sds-: the compiled row's "1st step s" is the compile time.
-group fp16 60 --methods sds- --batch 8 --dtype fp16 --no-reference --no-floor
+# 3. The speed candidates for sds-, each against group 1's eager bf16 rows:
+#    channels-last convolutions; torch.compile (its "1st step s" is the compile time); and
+#    CUDA graphs through compile's reduce-overhead mode, for the launch-bound batch 1.
+group nhwc 60 --methods sds- --batch 1,8 --dtype bf16 --channels-last --no-reference
+group compiled 150 --methods sds- --batch 1,8 --dtype bf16 --compile --no-reference --no-floor
+group graphs 150 --methods sds- --batch 1 --dtype bf16 --compile --compile-mode reduce-overhead \
+  --no-reference --no-floor
 group fp16_compiled 150 --methods sds- --batch 8 --dtype fp16 --compile --no-reference --no-floor
 
 log "done; files in $OUT:"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -31,8 +32,15 @@ def folder(tmp_path):
 
 @pytest.fixture
 def preloaded(monkeypatch, tiny_model):
-    """Skip reloading the tiny model in every CLI call (loading has its own tests)."""
-    monkeypatch.setattr("mimicshield.models.load_models", lambda *args, **kwargs: tiny_model)
+    """Skip reloading the tiny model in every CLI call (loading has its own tests).
+
+    Each call gets its own copy of the holder: ``protect`` releases the text encoder from the
+    model it is given, and the session's shared model must keep it.
+    """
+    monkeypatch.setattr(
+        "mimicshield.models.load_models",
+        lambda *args, **kwargs: dataclasses.replace(tiny_model, _prompt_cache={}),
+    )
 
 
 def invoke(*args: str):

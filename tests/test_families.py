@@ -398,7 +398,8 @@ def test_cli_loads_each_model_with_its_own_options(tiny_model, sdxl, tmp_path, m
 
     def fake_load(source, **kwargs):
         calls.append((source, kwargs["family"], kwargs["single_file_config"]))
-        return sdxl if source == "xl" else tiny_model
+        # a copy of the holder: protect releases the text encoders of the model it gets
+        return dataclasses.replace(sdxl if source == "xl" else tiny_model, _prompt_cache={})
 
     monkeypatch.setattr("mimicshield.models.load_models", fake_load)
     Image.new("RGB", (32, 32), (120, 60, 30)).save(tmp_path / "a.png")

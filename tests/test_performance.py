@@ -11,10 +11,15 @@ import torch
 
 from mimicshield import mps
 from mimicshield.bench import architecture, bench_images, build_engine_model
+from mimicshield.methods import METHODS
 from mimicshield.performance import (
+    FrozenConv2d,
+    apply_performance_options,
     attention_processors,
     compile_model,
     enable_low_memory,
+    offload_unet,
+    stop_saving_frozen_conv_inputs,
     uses_sdpa,
 )
 from mimicshield.protector import Protector
@@ -44,6 +49,128 @@ def test_low_memory_changes_memory_not_results(method, one_thread):
     assert uses_sdpa(model)  # no slicing where SDPA is available
     lean = Protector(model, method, steps=2)(images)
     torch.testing.assert_close(lean, plain, rtol=0, atol=0)
+
+
+def test_low_memory_streaming_the_unet_keeps_the_results(one_thread):
+    """Group offloading only moves weights; here it is wired CPU -> CPU, which proves the hooks
+    leave every step's numbers alone (the memory effect needs a CUDA device: ``bench``)."""
+    images = bench_images(2, 32, seed=4)
+    plain = Protector(tiny_model(), "sds-", steps=2)(images)
+    model = tiny_model()
+    offload_unet(model)
+    streamed = Protector(model, "sds-", steps=2)(images)
+    torch.testing.assert_close(streamed, plain, rtol=0, atol=0)
+
+
+def test_low_memory_offloads_the_unet_only_without_unet_gradients(monkeypatch):
+    from mimicshield import performance
+
+    offloaded = []
+    monkeypatch.setattr(performance, "offload_unet", lambda model: offloaded.append(model))
+    for unet_gradients in (True, False):
+        model = tiny_model()
+        model.device = torch.device("cuda")  # a descriptor only: nothing runs on it
+        monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+        enable_low_memory(model, unet_gradients=unet_gradients)
+        assert (model in offloaded) is not unet_gradients
+    model = tiny_model()
+    enable_low_memory(model, unet_gradients=False)  # the CPU: nowhere to offload to
+    assert model not in offloaded
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_backprops_unet_says_whether_gradients_flow_through_the_unet(name, one_thread):
+    """The flag that decides UNet offloading, checked against what each method really does."""
+    model = tiny_model()
+    seen = []
+    model.unet.register_forward_hook(lambda module, args, out: seen.append(out.sample))
+    Protector(model, name, steps=1)(bench_images(1, 32, seed=5))
+    assert bool(seen) is METHODS[name].needs_unet
+    assert any(out.requires_grad for out in seen) is METHODS[name].backprops_unet
+
+
+def test_performance_options_always_release_the_text_encoder():
+    model = tiny_model()
+    apply_performance_options(model, ["a photo"], low_memory=False, compile=False)
+    assert model.text_encoder is None
+    assert model.embed_prompt("a photo") is not None  # cached
+    with pytest.raises(RuntimeError, match="released"):
+        model.embed_prompt("another prompt")
+
+
+# --- convolutions with frozen weights ----------------------------------------------------------
+
+
+def saved_bytes(function, *args) -> int:
+    """Bytes autograd keeps for the backward pass of ``function(*args)``, parameters excluded."""
+    total = 0
+
+    def pack(tensor):
+        nonlocal total
+        if not isinstance(tensor, torch.nn.Parameter):
+            total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        function(*args)
+    return total
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"kernel_size": 3, "padding": 1},
+        {"kernel_size": 3, "stride": 2, "padding": 0},
+        {"kernel_size": 1},
+        {"kernel_size": 3, "padding": 2, "dilation": 2, "groups": 2},
+    ],
+)
+def test_frozen_conv_gives_the_input_gradient_and_keeps_nothing(config, one_thread):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 6, **config).requires_grad_(False)
+    frozen = torch.nn.Conv2d(4, 6, **config).requires_grad_(False)
+    frozen.load_state_dict(conv.state_dict())
+    assert stop_saving_frozen_conv_inputs(frozen) == 1 and isinstance(frozen, FrozenConv2d)
+    x = torch.randn(2, 4, 17, 13)
+    upstream = torch.randn_like(conv(x))
+
+    expected = torch.autograd.grad(conv(x.requires_grad_(True)), x, upstream)[0]
+    got = torch.autograd.grad(frozen(x), x, upstream)[0]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(frozen(x), conv(x), rtol=0, atol=0)
+    assert saved_bytes(conv, x) >= x.numel() * x.element_size()  # torch keeps the input
+    assert saved_bytes(frozen, x) == 0
+
+
+def test_frozen_conv_falls_back_when_the_weight_trains(one_thread):
+    conv = torch.nn.Conv2d(3, 5, 3, padding=1)
+    stop_saving_frozen_conv_inputs(conv)
+    x = torch.randn(1, 3, 8, 8, requires_grad=True)
+    conv(x).square().sum().backward()
+    assert conv.weight.grad is not None and x.grad is not None
+    assert saved_bytes(conv, x) > 0
+
+
+def test_loaded_encoders_keep_less_for_backward(one_thread):
+    """The encoder as protection loads it keeps less for its backward pass than a plain one,
+    with the same input gradient."""
+    model = tiny_model()
+    plain = build_engine_model(architecture(tiny=True), torch.device("cpu"), torch.float32)
+    for module in plain.vae.modules():  # undo the swap, for comparison
+        if isinstance(module, FrozenConv2d):
+            module.__class__ = torch.nn.Conv2d
+    x = bench_images(1, 32, seed=6) * 2 - 1
+
+    def encoder_gradient(vae):
+        x_in = x.clone().requires_grad_(True)
+        vae.encode(x_in).latent_dist.mean.sum().backward()
+        return x_in.grad
+
+    torch.testing.assert_close(encoder_gradient(model.vae), encoder_gradient(plain.vae))
+    x_in = x.clone().requires_grad_(True)
+    lean = saved_bytes(lambda: model.vae.encode(x_in))
+    full = saved_bytes(lambda: plain.vae.encode(x_in))
+    assert lean < 0.8 * full
 
 
 def test_low_memory_without_prompts_keeps_the_text_encoder():

@@ -50,7 +50,13 @@ from .models import (
     resolve_dtype,
 )
 from .mps import check_mps_dtype
-from .performance import attention_processors, compile_model, enable_low_memory, synchronize
+from .performance import (
+    apply_performance_options,
+    attention_processors,
+    compile_model,
+    synchronize,
+    use_channels_last,
+)
 from .targets import target_pattern
 
 DEFAULT_BENCH_METHODS = ("sds-", "advdm+", "mist", "photoguard")
@@ -134,6 +140,7 @@ class BenchSettings:
     compile: bool = False
     compile_mode: str | None = None
     low_memory: bool = False
+    channels_last: bool = False
     reference: bool = True
     floor: bool = True
     tiny: bool = False
@@ -166,6 +173,7 @@ class BenchResult:
     batch: int
     low_memory: bool = False
     compiled: bool = False
+    channels_last: bool = False
     step_ms: list[float] = field(default_factory=list)
     step_cpu_ms: list[float] = field(default_factory=list)
     first_step_s: float | None = None
@@ -177,6 +185,16 @@ class BenchResult:
     overhead_vs_floor: float | None = None
     cpu_time_speedup_vs_reference: float | None = None
     cpu_time_overhead_vs_floor: float | None = None
+
+    @property
+    def label(self) -> str:
+        """The variant and its options, e.g. ``"engine low-mem compiled"``."""
+        options = (
+            ("low-mem", self.low_memory),
+            ("compiled", self.compiled),
+            ("NHWC", self.channels_last),
+        )
+        return " ".join([self.variant, *(name for name, on in options if on)])
 
     @property
     def ms_per_step(self) -> float | None:
@@ -698,20 +716,43 @@ def run_bench(
 
 
 def _bench_engine(settings: BenchSettings, device, dtype, measure, environment: dict) -> None:
-    """The engine (and the floor) for one dtype, every batch size and method."""
-    model = build_engine_model(architecture(settings.tiny), device, dtype, seed=settings.seed)
-    environment.setdefault("attention", attention_processors(model))
-    if settings.low_memory:
-        enable_low_memory(model, prompts=[BENCH_PROMPT])
-    if settings.compile:
-        compile_model(model, mode=settings.compile_mode)
+    """The engine (and the floor) for one dtype, every batch size and method.
+
+    The networks are set up as ``mimicshield protect`` sets them up. With ``--low-memory`` that
+    depends on whether the method backpropagates through the UNet, so those methods get their
+    own copy of the networks.
+    """
+    groups: dict[bool, list[str]] = {}
+    for method in settings.methods:
+        unet_gradients = settings.low_memory and get_method(method).backprops_unet
+        groups.setdefault(unet_gradients, []).append(method)
+    for unet_gradients, methods in groups.items():
+        model = build_engine_model(architecture(settings.tiny), device, dtype, seed=settings.seed)
+        environment.setdefault("attention", attention_processors(model))
+        apply_performance_options(
+            model, [BENCH_PROMPT], settings.low_memory, False, unet_gradients=unet_gradients
+        )
+        if settings.channels_last:
+            use_channels_last(model)
+        if settings.compile:
+            compile_model(model, mode=settings.compile_mode)
+        _bench_engine_methods(settings, model, methods, measure)
+        del model
+        _release(device)
+
+
+def _bench_engine_methods(settings: BenchSettings, model, methods: list[str], measure) -> None:
     timing = {"warmup": settings.warmup, "steps": settings.steps}
-    flags = {"low_memory": settings.low_memory, "compiled": settings.compile}
-    name = _dtype_name(dtype)
-    sds_methods = [method for method in settings.methods if method in SDS_FAMILY]
+    flags = {
+        "low_memory": settings.low_memory,
+        "compiled": settings.compile,
+        "channels_last": settings.channels_last,
+    }
+    name = _dtype_name(model.dtype)
+    sds_methods = [method for method in methods if method in SDS_FAMILY]
     for batch in settings.batches:
         images = bench_images(batch, settings.res, settings.seed)
-        for method in settings.methods:
+        for method in methods:
             timed = partial(time_engine, model, method, images, **timing)
             measure(BenchResult(method, "engine", name, batch, **flags), timed)
         if settings.floor and sds_methods:
@@ -791,12 +832,7 @@ def markdown_table(reports: Sequence[dict]) -> str:
         "|" + "---|" * 12,
     ]
     for result in results_from_reports(reports):
-        flags = [
-            name
-            for name, on in (("low-mem", result.low_memory), ("compiled", result.compiled))
-            if on
-        ]
-        cells = [result.method, " ".join([result.variant, *flags]), result.dtype, str(result.batch)]
+        cells = [result.method, result.label, result.dtype, str(result.batch)]
         if result.error:
             cells += [f"failed: {result.error}"] + [""] * 7
         else:

@@ -209,18 +209,32 @@ class Method:
     random_start: bool
     needs_target: bool = False
     needs_unet: bool = True
+    # the gradient flows back through the UNet (AdvDM, Mist); SDS runs it without gradients
+    backprops_unet: bool = False
 
 
 METHODS: dict[str, Method] = {
     m.name: m
     for m in [
-        Method("advdm+", advdm_plus, "ascend L_S through UNet and encoder (AdvDM)", True),
-        Method("advdm-", advdm_minus, "descend L_S through UNet and encoder", True),
+        Method(
+            "advdm+",
+            advdm_plus,
+            "ascend L_S through UNet and encoder (AdvDM)",
+            True,
+            backprops_unet=True,
+        ),
+        Method(
+            "advdm-",
+            advdm_minus,
+            "descend L_S through UNet and encoder",
+            True,
+            backprops_unet=True,
+        ),
         Method("photoguard", photoguard, "descend L_T: pull E(x) to a target", True, True, False),
         Method(
             "encoder", encoder_attack, "ascend ||E(x)-E(x0)||^2 (untargeted)", True, False, False
         ),
-        Method("mist", mist, "descend L_T - 1e4 L_S (Mist)", True, True),
+        Method("mist", mist, "descend L_T - 1e4 L_S (Mist)", True, True, backprops_unet=True),
         Method("sds+", sds_plus, "SDS gradient ascent, no UNet backward", False),
         Method("sds-", sds_minus, "SDS gradient descent, no UNet backward (recommended)", False),
         Method("sdst-", sdst_minus, "SDS(-) plus the textural loss, r=5", False, True),

@@ -22,6 +22,7 @@ from torch import Tensor
 from .defaults import DEFAULT_MODEL
 from .methods import eps_from_v_prediction
 from .mps import check_mps_dtype
+from .performance import stop_saving_frozen_conv_inputs
 
 SUPPORTED_PREDICTION_TYPES = ("epsilon", "v_prediction")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
@@ -329,9 +330,12 @@ def prepare_components(
     """Set components up for protection: frozen, in eval mode, on ``device`` in ``dtype``.
 
     The VAE decoder is dropped unless asked for (the methods only encode: a third of the VAE's
-    memory), and the VAE stays fp32 where its config says fp16 overflows. Returns the VAE's dtype.
+    memory), and the VAE stays fp32 where its config says fp16 overflows. The convolutions stop
+    keeping their inputs for a weight gradient that frozen weights never need
+    (:func:`~mimicshield.performance.stop_saving_frozen_conv_inputs`). Returns the VAE's dtype.
     Shared by :func:`load_models` and the bench, so the bench times what users run.
     """
+
     if not with_decoder:
         vae.decoder = None
         vae.post_quant_conv = None
@@ -341,6 +345,7 @@ def prepare_components(
         module.to(device=device, dtype=module_dtype)
         module.requires_grad_(False)
         module.eval()
+        stop_saving_frozen_conv_inputs(module)
     return vae_dtype
 
 

@@ -44,16 +44,9 @@ def _memory(result) -> str:
     return f"{approximate}{result.peak_memory_bytes / 2**30:.2f} GiB"
 
 
-def _variant(result) -> str:
-    flags = [
-        name for name, on in (("low-mem", result.low_memory), ("compiled", result.compiled)) if on
-    ]
-    return " ".join([result.variant, *flags])
-
-
 def result_line(result) -> str:
     """One line per measured configuration, printed as it finishes (runs can be long)."""
-    what = f"{result.method} {_variant(result)} {result.dtype} batch {result.batch}"
+    what = f"{result.method} {result.label} {result.dtype} batch {result.batch}"
     if result.error:
         return f"[red]failed[/red] {what}: {result.error}"
     return f"done {what}: {result.ms_per_step:.1f} ms/step, {_memory(result)}"
@@ -76,7 +69,7 @@ def print_report(report, console) -> None:
     for result in report.results:
         table.add_row(
             result.method,
-            _variant(result),
+            result.label,
             result.dtype,
             str(result.batch),
             _number(result.ms_per_step),
@@ -92,7 +85,7 @@ def print_report(report, console) -> None:
     for result in report.results:
         if result.error:
             console.print(
-                f"failed: {result.method} {_variant(result)} {result.dtype} "
+                f"failed: {result.method} {result.label} {result.dtype} "
                 f"batch {result.batch}: {result.error}"
             )
 
@@ -116,7 +109,11 @@ def bench(
     ),
     compile_mode: Annotated[str | None, typer.Option(help="a torch.compile mode")] = None,
     low_memory: Annotated[
-        bool, typer.Option("--low-memory", help="checkpointing, no text encoder")
+        bool, typer.Option("--low-memory", help="checkpointing; SDS streams the UNet")
+    ] = False,
+    channels_last: Annotated[
+        bool,
+        typer.Option("--channels-last", help="NHWC convolution weights (an experiment to measure)"),
     ] = False,
     reference: Annotated[
         bool, typer.Option(help="also time the reference configuration (fp32, batch 1)")
@@ -151,6 +148,7 @@ def bench(
         compile=compile,
         compile_mode=compile_mode,
         low_memory=low_memory,
+        channels_last=channels_last,
         reference=reference,
         floor=floor,
         tiny=tiny,

@@ -32,7 +32,9 @@ Examples:
 """
 
 
-LOW_MEMORY_HELP = "less GPU memory (gradient checkpointing, text encoder unloaded), a bit slower"
+LOW_MEMORY_HELP = (
+    "less GPU memory (encoder checkpointing; SDS methods stream the UNet from CPU memory), slower"
+)
 COMPILE_HELP = "torch.compile the networks: faster steps after a slow first step per image size"
 
 
@@ -216,12 +218,17 @@ def protect(
         seed=seed,
         robust=robust.split(",") if robust else (),
     )
-    if low_memory or compile_networks:
-        from ..performance import apply_performance_options
+    from ..performance import apply_performance_options
 
-        for each in loaded_models:
-            console = err if each is loaded else None  # say it once
-            apply_performance_options(each, [chosen_prompt], low_memory, compile_networks, console)
+    for each in loaded_models:
+        apply_performance_options(
+            each,
+            [chosen_prompt],
+            low_memory,
+            compile_networks,
+            console=err if each is loaded else None,  # say it once
+            unet_gradients=protector.method.backprops_unet,
+        )
     single = len(sources) == 1
     header = {
         "model": sources[0] if single else sources,
