@@ -33,6 +33,7 @@ RESULT_KEYS = {
     "batch",
     "low_memory",
     "compiled",
+    "channels_last",
     "step_ms",
     "step_cpu_ms",
     "cpu_ms_per_step",
@@ -89,6 +90,21 @@ def test_bench_cli_writes_json_with_every_configuration(tmp_path, one_thread):
     assert rows[("sds-", "engine", 2)]["cpu_time_speedup_vs_reference"] > 0
     assert rows[("advdm+", "engine", 1)]["overhead_vs_floor"] is None  # the floor is SDS's
     assert "x faster" in result.output
+
+
+def test_bench_sets_each_method_up_as_protect_does(tmp_path, one_thread):
+    """--low-memory and --channels-last reach every method's row, each set up for its method."""
+    out = tmp_path / "bench.json"
+    args = ["bench", "--tiny", "--res", "32", "--device", "cpu", "--steps", "1", "--warmup", "0"]
+    args += ["--methods", "sds-,advdm+,photoguard", "--low-memory", "--channels-last"]
+    args += ["--no-reference", "--no-floor", "--json-out", str(out)]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["results"]
+    assert sorted(row["method"] for row in rows) == ["advdm+", "photoguard", "sds-"]
+    for row in rows:
+        assert row["error"] is None and row["low_memory"] and row["channels_last"]
+    assert "engine low-mem NHWC" in result.output
 
 
 def test_bench_rejects_bad_settings():

@@ -62,20 +62,39 @@ def test_low_memory_streaming_the_unet_keeps_the_results(one_thread):
     torch.testing.assert_close(streamed, plain, rtol=0, atol=0)
 
 
-def test_low_memory_offloads_the_unet_only_without_unet_gradients(monkeypatch):
+@pytest.mark.parametrize("method", ["sds-", "advdm+", "mist", "photoguard"])
+def test_low_memory_offloads_the_unet_only_without_unet_gradients(method, monkeypatch):
     from mimicshield import performance
 
     offloaded = []
     monkeypatch.setattr(performance, "offload_unet", lambda model: offloaded.append(model))
-    for unet_gradients in (True, False):
-        model = tiny_model()
-        model.device = torch.device("cuda")  # a descriptor only: nothing runs on it
-        monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-        enable_low_memory(model, unet_gradients=unet_gradients)
-        assert (model in offloaded) is not unet_gradients
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     model = tiny_model()
-    enable_low_memory(model, unet_gradients=False)  # the CPU: nowhere to offload to
-    assert model not in offloaded
+    model.embed_prompt("a photo")  # on the CPU, before the device below is pretended
+    model.device = torch.device("cuda")  # a descriptor only: nothing runs on it
+    apply_performance_options(model, ["a photo"], low_memory=True, compile=False, method=method)
+    assert (model in offloaded) is (method == "sds-")  # photoguard has no UNet left to offload
+
+    model = tiny_model()  # on the CPU there is nowhere to offload to
+    apply_performance_options(model, ["a photo"], low_memory=True, compile=False, method="sds-")
+    assert not offloaded[1:]
+
+
+@pytest.mark.parametrize("method", ["photoguard", "encoder"])
+def test_methods_without_the_unet_drop_it_and_keep_their_results(method, one_thread):
+    images = bench_images(2, 32, seed=7)
+    plain = Protector(tiny_model(), method, steps=2)(images)
+    model = tiny_model()
+    apply_performance_options(model, ["a photo"], low_memory=False, compile=False, method=method)
+    assert model.unet is None and model.text_encoder is None
+    torch.testing.assert_close(Protector(model, method, steps=2)(images), plain, rtol=0, atol=0)
+
+
+def test_without_a_method_the_unet_stays():
+    """The web app shares its model with the mimicry preview, which needs the UNet."""
+    model = tiny_model()
+    apply_performance_options(model, ["a photo"], low_memory=False, compile=False)
+    assert model.unet is not None
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))

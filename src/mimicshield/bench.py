@@ -718,19 +718,20 @@ def run_bench(
 def _bench_engine(settings: BenchSettings, device, dtype, measure, environment: dict) -> None:
     """The engine (and the floor) for one dtype, every batch size and method.
 
-    The networks are set up as ``mimicshield protect`` sets them up. With ``--low-memory`` that
-    depends on whether the method backpropagates through the UNet, so those methods get their
-    own copy of the networks.
+    The networks are set up as ``mimicshield protect`` sets them up for each method, which
+    depends on whether the method runs the UNet and, with ``--low-memory``, whether it
+    backpropagates through it.
     """
-    groups: dict[bool, list[str]] = {}
-    for method in settings.methods:
-        unet_gradients = settings.low_memory and get_method(method).backprops_unet
-        groups.setdefault(unet_gradients, []).append(method)
-    for unet_gradients, methods in groups.items():
+    groups: dict[tuple[bool, bool], list[str]] = {}
+    for method in settings.methods:  # methods set up alike share one copy of the networks
+        spec = get_method(method)
+        setup = (spec.needs_unet, settings.low_memory and spec.backprops_unet)
+        groups.setdefault(setup, []).append(method)
+    for methods in groups.values():
         model = build_engine_model(architecture(settings.tiny), device, dtype, seed=settings.seed)
         environment.setdefault("attention", attention_processors(model))
         apply_performance_options(
-            model, [BENCH_PROMPT], settings.low_memory, False, unet_gradients=unet_gradients
+            model, [BENCH_PROMPT], settings.low_memory, False, method=methods[0]
         )
         if settings.channels_last:
             use_channels_last(model)

@@ -11,7 +11,8 @@ What is already on by default, elsewhere:
   CUDA). :func:`attention_processors` reports it; ``mimicshield bench`` records it.
 
 Also on by default, from here: :func:`stop_saving_frozen_conv_inputs` (``prepare_components``
-calls it), which keeps the encoder backward from storing activations it never uses.
+calls it), which keeps the encoder backward from storing activations it never uses, and
+:func:`release_text_encoders` (``mimicshield protect`` calls it once the prompt is embedded).
 
 This module adds what trades something away, so it is opt-in: :func:`enable_low_memory` (compute
 for memory) and :func:`compile_model` (start-up time for step time).
@@ -26,6 +27,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .methods import get_method
 
 if TYPE_CHECKING:
     from .models import LatentDiffusion
@@ -220,17 +223,24 @@ def apply_performance_options(
     compile: bool,
     console=None,
     *,
-    unet_gradients: bool = True,
+    method: str | None = None,
 ) -> None:
-    """What ``mimicshield protect`` does after loading: the prompts are embedded and the text
-    encoders released, then ``--low-memory`` and ``--compile`` apply.
+    """What ``mimicshield protect`` does after loading, for one ``method``.
 
-    ``unet_gradients``: whether the method backpropagates through the UNet
-    (:attr:`~mimicshield.methods.Method.backprops_unet`); without, ``--low-memory`` offloads it.
+    First the networks the method will not run again go: the text encoders once ``prompts`` are
+    embedded, and the whole UNet for the methods that never call it (PhotoGuard, the encoder
+    attack: 1.6 GiB in bf16). Then ``--low-memory`` and ``--compile`` apply; ``--low-memory``
+    streams the UNet when the method does not backpropagate through it. Without ``method``
+    (a model that other work shares, as in the web app) the UNet always stays.
     """
-    release_text_encoders(model, prompts)
+    spec = get_method(method) if method is not None else None
+    if spec is not None and not spec.needs_unet:
+        model.unet = None
+        model.release_text_encoder()  # no UNet, no use for a prompt
+    else:
+        release_text_encoders(model, prompts)
     if low_memory:
-        enable_low_memory(model, unet_gradients=unet_gradients)
+        enable_low_memory(model, unet_gradients=spec is None or spec.backprops_unet)
     if compile:
         compile_model(model)
         if console is not None:

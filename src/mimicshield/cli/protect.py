@@ -227,7 +227,7 @@ def protect(
             low_memory,
             compile_networks,
             console=err if each is loaded else None,  # say it once
-            unet_gradients=protector.method.backprops_unet,
+            method=method,
         )
     single = len(sources) == 1
     header = {
