@@ -66,13 +66,21 @@ group bf16 200 --methods sds-,advdm+,mist,photoguard --batch 1,8 --dtype bf16
 # 2. --low-memory peak at batch 1 (SDS methods stream the UNet; AdvDM/Mist checkpoint it).
 group lowmem 90 --methods sds-,advdm+,mist,photoguard --batch 1 --dtype bf16 --low-memory \
   --no-reference --no-floor
-# 3. The speed candidates for sds-, each against group 1's eager bf16 rows:
-#    channels-last convolutions; torch.compile (its "1st step s" is the compile time); and
-#    CUDA graphs through compile's reduce-overhead mode, for the launch-bound batch 1.
+# 3. CUDA graphs (no compilation) for the launch-bound batch 1, and whether replayed steps give
+#    the same protected bytes as eager ones.
+group graphs 90 --methods sds-,advdm+,mist,photoguard --batch 1 --dtype bf16 --cuda-graphs \
+  --no-reference --no-floor
+log "start check_graphs"
+timeout --kill-after=10 90 python3 scripts/check_cuda_graphs.py --res "$RES" --steps 5 \
+  >>"$LOG" 2>&1
+log "end check_graphs: exit $?"
+# 4. More speed candidates for sds-, each against group 1's eager bf16 rows: channels-last
+#    convolutions; torch.compile (its "1st step s" is the compile time); compile's own CUDA
+#    graphs (reduce-overhead); compiled fp16 at batch 8, the issue's own anchor.
 group nhwc 60 --methods sds- --batch 1,8 --dtype bf16 --channels-last --no-reference
 group compiled 150 --methods sds- --batch 1,8 --dtype bf16 --compile --no-reference --no-floor
-group graphs 150 --methods sds- --batch 1 --dtype bf16 --compile --compile-mode reduce-overhead \
-  --no-reference --no-floor
+group compiled_graphs 150 --methods sds- --batch 1 --dtype bf16 --compile \
+  --compile-mode reduce-overhead --no-reference --no-floor
 group fp16_compiled 150 --methods sds- --batch 8 --dtype fp16 --compile --no-reference --no-floor
 
 log "done; files in $OUT:"

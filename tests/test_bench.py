@@ -34,6 +34,7 @@ RESULT_KEYS = {
     "low_memory",
     "compiled",
     "channels_last",
+    "cuda_graphs",
     "step_ms",
     "step_cpu_ms",
     "cpu_ms_per_step",

@@ -284,7 +284,8 @@ def test_protect_low_memory_writes_the_same_bytes(tiny_model_dir, tmp_path, one_
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(image)
     outputs = {}
-    for name, flags in (("plain", []), ("lean", ["--low-memory"])):
+    variants = (("plain", []), ("lean", ["--low-memory"]), ("graphs", ["--cuda-graphs"]))
+    for name, flags in variants:  # --cuda-graphs: accepted, and a no-op off CUDA
         out = tmp_path / name
         args = ["protect", str(image), "-o", str(out), "--model", str(tiny_model_dir)]
         args += ["--device", "cpu", "--dtype", "fp32", "--steps", "2", "--method", "mist", *flags]
@@ -292,3 +293,4 @@ def test_protect_low_memory_writes_the_same_bytes(tiny_model_dir, tmp_path, one_
         assert result.exit_code == 0, result.output
         outputs[name] = np.asarray(Image.open(out / "in.png"))
     np.testing.assert_array_equal(outputs["lean"], outputs["plain"])
+    np.testing.assert_array_equal(outputs["graphs"], outputs["plain"])

@@ -141,6 +141,7 @@ class BenchSettings:
     compile_mode: str | None = None
     low_memory: bool = False
     channels_last: bool = False
+    cuda_graphs: bool = False
     reference: bool = True
     floor: bool = True
     tiny: bool = False
@@ -174,6 +175,7 @@ class BenchResult:
     low_memory: bool = False
     compiled: bool = False
     channels_last: bool = False
+    cuda_graphs: bool = False
     step_ms: list[float] = field(default_factory=list)
     step_cpu_ms: list[float] = field(default_factory=list)
     first_step_s: float | None = None
@@ -193,6 +195,7 @@ class BenchResult:
             ("low-mem", self.low_memory),
             ("compiled", self.compiled),
             ("NHWC", self.channels_last),
+            ("graphs", self.cuda_graphs),
         )
         return " ".join([self.variant, *(name for name, on in options if on)])
 
@@ -558,22 +561,29 @@ def bench_images(batch: int, res: int, seed: int) -> Tensor:
 
 
 def time_engine(
-    model: LatentDiffusion, method: str, images: Tensor, *, warmup: int, steps: int
+    model: LatentDiffusion,
+    method: str,
+    images: Tensor,
+    *,
+    warmup: int,
+    steps: int,
+    cuda_graphs: bool = False,
 ) -> StepTimes:
     """``Protector.protect`` itself, timed from its step callback."""
     from .protector import Protector
 
+    make = partial(Protector, model, method, prompt=BENCH_PROMPT, cuda_graphs=cuda_graphs)
     first_step_s = None
     if warmup:
-        # The first step pays for compilation, autotuning and allocator growth.
+        # The first step pays for compilation, autotuning, graph recording, allocator growth.
         clock = StepClock(model.device)
         clock.mark()
-        Protector(model, method, steps=warmup, prompt=BENCH_PROMPT).protect(
+        make(steps=warmup).protect(
             images, callback=lambda step, total: clock.mark() if step == 1 else None
         )
         first_step_s = clock.intervals_ms()[0] / 1000
     clock = StepClock(model.device)
-    protector = Protector(model, method, steps=steps + 1, prompt=BENCH_PROMPT)
+    protector = make(steps=steps + 1)
     protector.protect(images, callback=lambda step, total: clock.mark())
     # marks after each step: ``steps`` intervals, the first step untimed
     return StepTimes(clock.intervals_ms(), clock.cpu_intervals_ms(), first_step_s)
@@ -748,13 +758,16 @@ def _bench_engine_methods(settings: BenchSettings, model, methods: list[str], me
         "low_memory": settings.low_memory,
         "compiled": settings.compile,
         "channels_last": settings.channels_last,
+        "cuda_graphs": settings.cuda_graphs,
     }
     name = _dtype_name(model.dtype)
     sds_methods = [method for method in methods if method in SDS_FAMILY]
     for batch in settings.batches:
         images = bench_images(batch, settings.res, settings.seed)
         for method in methods:
-            timed = partial(time_engine, model, method, images, **timing)
+            timed = partial(
+                time_engine, model, method, images, cuda_graphs=settings.cuda_graphs, **timing
+            )
             measure(BenchResult(method, "engine", name, batch, **flags), timed)
         if settings.floor and sds_methods:
             timed = partial(time_floor, model, images, **timing)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .attack import projected_sign_steps, quantize_within_budget
+from .cudagraphs import GraphedDirection, can_use_cuda_graphs
 from .defaults import DEFAULT_METHOD
 from .ensemble import members, weighted_direction
 from .methods import SDST_DEFAULT_R, StepInputs, get_method
@@ -90,6 +91,9 @@ class Protector:
         method: one of :data:`mimicshield.methods.METHODS`. (Default: ``"sds-"``)
         target: the target image for photoguard, mist and sdst-: a (3, H, W) tensor in [0, 1]
             or a PIL image, resized to each input; None uses the built-in pattern.
+        cuda_graphs: on a CUDA device, record the step once as a CUDA graph and replay it
+            (:mod:`mimicshield.cudagraphs`): for small batches, where kernel launches dominate.
+            Not used with ensembles or ``robust``. How fast, not what: not part of the config.
         **config: the fields of :class:`ProtectionConfig` (eps, step_size, steps, prompt, ...).
 
     Shape:
@@ -100,8 +104,17 @@ class Protector:
         >>> protected = protector(images)
     """
 
-    def __init__(self, model, method: str = DEFAULT_METHOD, *, target=None, **config) -> None:
+    def __init__(
+        self,
+        model,
+        method: str = DEFAULT_METHOD,
+        *,
+        target=None,
+        cuda_graphs: bool = False,
+        **config,
+    ) -> None:
         self.model = model
+        self.cuda_graphs = cuda_graphs
         self.config = ProtectionConfig(method=method, **config)
         self.method = get_method(method)
         self.target = _as_tensor01(target) if target is not None else None
@@ -153,6 +166,10 @@ class Protector:
         direction_fn = self.method.direction
         if cfg.method == "sdst-":
             direction_fn = partial(direction_fn, r=cfg.r)
+        if self.cuda_graphs and can_use_cuda_graphs(
+            device, ensemble=len(models) > 1, robust=bool(cfg.robust)
+        ):
+            direction_fn = GraphedDirection(direction_fn)
 
         start = None
         if cfg.uses_random_start:

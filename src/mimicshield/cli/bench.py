@@ -115,6 +115,9 @@ def bench(
         bool,
         typer.Option("--channels-last", help="NHWC convolution weights (an experiment to measure)"),
     ] = False,
+    cuda_graphs: Annotated[
+        bool, typer.Option("--cuda-graphs", help="replay each step from a CUDA graph")
+    ] = False,
     reference: Annotated[
         bool, typer.Option(help="also time the reference configuration (fp32, batch 1)")
     ] = True,
@@ -149,6 +152,7 @@ def bench(
         compile_mode=compile_mode,
         low_memory=low_memory,
         channels_last=channels_last,
+        cuda_graphs=cuda_graphs,
         reference=reference,
         floor=floor,
         tiny=tiny,

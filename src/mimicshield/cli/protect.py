@@ -36,6 +36,7 @@ LOW_MEMORY_HELP = (
     "less GPU memory (encoder checkpointing; SDS methods stream the UNet from CPU memory), slower"
 )
 COMPILE_HELP = "torch.compile the networks: faster steps after a slow first step per image size"
+CUDA_GRAPHS_HELP = "CUDA: record a step once and replay it (small batches; experimental)"
 
 
 class Category(str, Enum):
@@ -89,6 +90,7 @@ def protect(
     overwrite: Annotated[bool, typer.Option(help="redo outputs that already exist")] = False,
     low_memory: Annotated[bool, typer.Option("--low-memory", help=LOW_MEMORY_HELP)] = False,
     compile_networks: Annotated[bool, typer.Option("--compile", help=COMPILE_HELP)] = False,
+    cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs", help=CUDA_GRAPHS_HELP)] = False,
     work_size: Annotated[
         str | None,
         typer.Option(
@@ -217,6 +219,7 @@ def protect(
         r=sdst_r,
         seed=seed,
         robust=robust.split(",") if robust else (),
+        cuda_graphs=cuda_graphs,
     )
     from ..performance import apply_performance_options
 
