@@ -222,6 +222,7 @@ class ProtectSettings:
     robust: tuple[str, ...] = ()
     low_memory: bool = False
     compile_networks: bool = False
+    cuda_graphs: bool = False
     work_size: str | None = None
     tile_size: int = DEFAULT_TILE_SIZE
     file_format: str = "png"
@@ -329,6 +330,7 @@ class ProtectSettings:
             r=self.sdst_r,
             seed=self.seed,
             robust=self.robust,
+            cuda_graphs=self.cuda_graphs,
         )
 
 
@@ -1050,6 +1052,7 @@ ADVANCED = [  # (name, label): the advanced options, in the order of `mimicshiel
     ("robust", "Harden against purification (EOT)"),
     ("low_memory", "Low memory (slower)"),
     ("compile_networks", "torch.compile (slow first step, faster later)"),
+    ("cuda_graphs", "CUDA graphs: replay each step (small batches; experimental)"),
     ("work_size", "Work size: empty for the measured default, 'native', or pixels (shorter side)"),
     ("tile_size", "Tile size"),
     ("file_format", "Output format (JPEG is lossy: it weakens the protection)"),
@@ -1103,6 +1106,7 @@ def _settings_from_page(
         robust=tuple(values.get("robust") or ()),
         low_memory=bool(values["low_memory"]),
         compile_networks=bool(values["compile_networks"]),
+        cuda_graphs=bool(values["cuda_graphs"]),
         work_size=work_size or None,
         tile_size=int(values["tile_size"]),
         file_format=str(values["file_format"]),
@@ -1231,6 +1235,9 @@ def build_app(service: ProtectionService):
                         "low_memory": gr.Checkbox(value=defaults.low_memory, **opt("low_memory")),
                         "compile_networks": gr.Checkbox(
                             value=defaults.compile_networks, **opt("compile_networks")
+                        ),
+                        "cuda_graphs": gr.Checkbox(
+                            value=defaults.cuda_graphs, **opt("cuda_graphs")
                         ),
                         "work_size": gr.Textbox(value=defaults.work_size or "", **opt("work_size")),
                         "tile_size": gr.Number(
