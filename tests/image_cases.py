@@ -6,6 +6,7 @@ Small on purpose (tens of pixels): the CPU tests protect them with a tiny model 
 from __future__ import annotations
 
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,18 @@ from PIL.PngImagePlugin import PngInfo
 
 ORIENTATION = 0x0112
 MAKE = 0x010F
+ARTIST = 0x013B
+COPYRIGHT = 0x8298
+WHITE_POINT = 0x013E  # a RATIONAL tag of the main IFD
+GPS_IFD = 0x8825
+GPS_LATITUDE = 2
+CREATOR_XMP = (
+    '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF '
+    'xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+    '<rdf:Description rdf:about="" xmlns:dc="http://purl.org/dc/elements/1.1/">'
+    "<dc:creator><rdf:Seq><rdf:li>Ann Artist</rdf:li></rdf:Seq></dc:creator>"
+    "</rdf:Description></rdf:RDF></x:xmpmeta>"
+)
 
 
 def noise(height: int, width: int, channels: int = 3, *, seed: int = 0, dtype=np.uint8):
@@ -93,6 +106,88 @@ def srgb() -> bytes:
     return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
 
 
+def private_exif(orientation: int = 1) -> Image.Exif:
+    """EXIF as a phone writes it: camera, author, and where the photo was taken (GPS)."""
+    exif = Image.Exif()
+    exif[MAKE] = "TestCam"
+    exif[ARTIST] = "Ann Artist"
+    if orientation != 1:
+        exif[ORIENTATION] = orientation
+    exif.get_ifd(GPS_IFD).update({1: "N", GPS_LATITUDE: (48.0, 51.0, 29.0)})
+    return exif
+
+
+def private_jpeg(path: Path, width: int = 32, height: int = 24) -> Path:
+    """A JPEG with an ICC profile, EXIF with GPS, an XMP creator and a comment."""
+    Image.fromarray(noise(height, width, seed=12)).save(
+        path,
+        quality=95,
+        icc_profile=srgb(),
+        exif=private_exif(),
+        xmp=CREATOR_XMP.encode(),
+        comment="shot at home",
+    )
+    return path
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png16(
+    path: Path,
+    height: int = 24,
+    width: int = 32,
+    channels: int = 3,
+    *,
+    seed: int = 0,
+    icc: bytes | None = None,
+    exif: Image.Exif | None = None,
+    text: dict[str, str] | None = None,
+    xmp: str | None = None,
+    colour_key: tuple[int, int, int] | None = None,
+) -> np.ndarray:
+    """A 16-bit RGB(A) PNG ("48/64-bit"), which Pillow cannot write: OpenCV writes the pixels and
+    the metadata chunks are added here, by hand. Returns the pixels as stored, RGB(A) order."""
+    import cv2
+
+    pixels = noise(height, width, channels, seed=seed, dtype=np.uint16)
+    encoded = cv2.imencode(".png", pixels[..., [2, 1, 0, 3][:channels]])[1].tobytes()
+    chunks = []
+    if icc:
+        chunks.append(_png_chunk(b"iCCP", b"ICC profile\0\0" + zlib.compress(icc)))
+    if colour_key:
+        chunks.append(_png_chunk(b"tRNS", struct.pack(">3H", *colour_key)))
+    for key, value in (text or {}).items():
+        chunks.append(_png_chunk(b"tEXt", f"{key}\0{value}".encode("latin-1")))
+    if xmp:
+        chunks.append(_png_chunk(b"iTXt", b"XML:com.adobe.xmp\0\0\0\0\0" + xmp.encode()))
+    if exif is not None:
+        chunks.append(_png_chunk(b"eXIf", exif.tobytes().removeprefix(b"Exif\0\0")))
+    header_end = 8 + 25  # the signature, then IHDR: OpenCV's own chunks follow
+    path.write_bytes(encoded[:header_end] + b"".join(chunks) + encoded[header_end:])
+    return pixels
+
+
+def tiff16(path: Path, height: int = 24, width: int = 32, *, seed: int = 0) -> np.ndarray:
+    """A 16-bit RGB TIFF stored sideways (orientation 6) with an ICC profile, an XMP creator and
+    main-IFD EXIF tags: text, and a RATIONAL. Returns the pixels as stored."""
+    import tifffile
+
+    pixels = noise(height, width, 3, seed=seed, dtype=np.uint16)
+    xmp = CREATOR_XMP.encode()
+    tags = [
+        (MAKE, "s", 0, "TestCam", True),
+        (ARTIST, "s", 0, "Ann Artist", True),
+        (COPYRIGHT, "s", 0, "(c) Ann Artist", True),
+        (WHITE_POINT, 5, 2, (3127, 10000, 3290, 10000), True),
+        (ORIENTATION, 3, 1, 6, True),
+        (700, "B", len(xmp), xmp, True),
+    ]
+    tifffile.imwrite(path, pixels, photometric="rgb", iccprofile=srgb(), extratags=tags)
+    return pixels
+
+
 def cmyk_jpeg(path: Path, width: int = 32, height: int = 24) -> Path:
     image = Image.fromarray(noise(height, width, 4, seed=3), mode="CMYK")
     image.save(path, quality=95, icc_profile=cmyk_profile())
@@ -112,6 +207,8 @@ def edge_case_folder(folder: Path) -> dict[str, Path]:
         "palette": folder / "palette.gif.png",
         "grey16": folder / "grey16.png",
         "rgb48": folder / "deep.tif",
+        "rgb48_png": folder / "deep48.png",
+        "rgba64_png": folder / "deep64.png",
         "rotated": folder / "phone.jpg",
         "cmyk": folder / "print.jpg",
     }
@@ -127,6 +224,8 @@ def edge_case_folder(folder: Path) -> dict[str, Path]:
     palette.save(files["palette"], transparency=0)
     Image.fromarray(noise(24, 32, 1, seed=7, dtype=np.uint16)).save(files["grey16"])
     tifffile.imwrite(files["rgb48"], noise(24, 32, 3, seed=8, dtype=np.uint16), photometric="rgb")
+    png16(files["rgb48_png"], channels=3, seed=13, icc=srgb())
+    png16(files["rgba64_png"], channels=4, seed=14)
     rotated_jpeg(files["rotated"])
     cmyk_jpeg(files["cmyk"])
     return files

@@ -8,7 +8,7 @@ import shutil
 import subprocess
 
 import pytest
-from image_cases import bad_files, noise
+from image_cases import CREATOR_XMP, bad_files, noise, png16, private_exif, private_jpeg, srgb
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -76,6 +76,43 @@ def test_outputs_carry_the_provenance_xmp_unless_no_metadata(tmp_path, folder, p
     assert data_mining(tmp_path / "a" / "art.png") == DMI_PROHIBITED_AIML
     bare = invoke(str(folder / "art.png"), "-o", str(tmp_path / "b"), "--no-metadata")
     assert bare.exit_code == 0 and data_mining(tmp_path / "b" / "art.png") is None
+
+
+@pytest.mark.skipif(shutil.which("exiftool") is None, reason="exiftool not installed")
+def test_strip_metadata_removes_exif_gps_xmp_and_text_but_keeps_the_icc(tmp_path, preloaded):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    private_jpeg(folder / "photo.jpg")
+    png16(folder / "deep.png", icc=srgb(), exif=private_exif(), xmp=CREATOR_XMP,
+          text={"Comment": "shot at home"})  # fmt: skip
+
+    def tags(path) -> dict:
+        command = ["exiftool", "-j", "-G1", "-a", str(path)]
+        return json.loads(subprocess.run(command, capture_output=True, check=True).stdout)[0]
+
+    def private(path) -> set[str]:
+        """The EXIF groups and the XMP / text tags of ``path`` that tell about the author."""
+        found = tags(path)
+        groups = {key.split(":")[0] for key in found} & {"GPS", "IFD0", "ExifIFD"}
+        return groups | ({"XMP-dc:Creator", "PNG:Comment"} & set(found))
+
+    assert invoke(str(folder), "-o", str(tmp_path / "kept")).exit_code == 0
+    for name in ("photo.png", "deep.png"):
+        assert {"GPS", "IFD0", "XMP-dc:Creator"} <= private(tmp_path / "kept" / name)
+
+    result = invoke(str(folder), "-o", str(tmp_path / "out"), "--strip-metadata")
+    assert result.exit_code == 0, result.output
+    for name, source in (("photo.png", "photo.jpg"), ("deep.png", "deep.png")):
+        output = tmp_path / "out" / name
+        assert private(output) == set(), name
+        found = tags(output)
+        assert found["XMP-plus:DataMining"] == DMI_PROHIBITED_AIML  # our notice stays
+        with Image.open(output) as saved, Image.open(folder / source) as original:
+            assert saved.info["icc_profile"] == original.info["icc_profile"]
+            assert saved.size == original.size
+        assert found["PNG:BitDepth"] == (16 if name == "deep.png" else 8)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["options"]["strip_metadata"] is True
 
 
 def test_jpeg_output_warns_once_that_it_weakens_protection(tmp_path, folder, preloaded):

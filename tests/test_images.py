@@ -2,17 +2,36 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import shutil
 import subprocess
 import warnings
+from fractions import Fraction
 
 import numpy as np
 import pytest
 import torch
 from conftest import IMAGES, requires_assets
-from image_cases import MAKE, bad_files, cmyk_jpeg, cmyk_profile, edge_case_folder, noise
+from image_cases import (
+    ARTIST,
+    COPYRIGHT,
+    CREATOR_XMP,
+    GPS_IFD,
+    MAKE,
+    WHITE_POINT,
+    bad_files,
+    cmyk_jpeg,
+    cmyk_profile,
+    edge_case_folder,
+    noise,
+    png16,
+    private_exif,
+    private_jpeg,
+    srgb,
+    tiff16,
+)
 from PIL import Image, ImageCms, ImageOps
 
 from mimicshield.images import (
@@ -27,7 +46,7 @@ from mimicshield.images import (
     to_array,
     write_atomically,
 )
-from mimicshield.metadata import DMI_PROHIBITED_AIML, PROVENANCE_NOTE, merge_xmp
+from mimicshield.metadata import DMI_PROHIBITED_AIML, PROVENANCE_NOTE, clean_exif, merge_xmp
 
 requires_exiftool = pytest.mark.skipif(
     shutil.which("exiftool") is None,
@@ -214,6 +233,190 @@ def test_saved_files_keep_mode_size_icc_and_dpi(cases, tmp_path):
     kept = Image.open(tmp_path / "rgb.png")
     assert kept.info["dpi"] == pytest.approx((300, 300), abs=0.01)
     assert kept.text["Author"] == "Ann Artist"  # PNG text chunks travel too
+
+
+def read_png16(path) -> np.ndarray:
+    """A 16-bit PNG's pixels as stored, RGB(A) order, read with OpenCV (Pillow reduces them)."""
+    import cv2
+
+    array = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    return array[..., [2, 1, 0, 3][: array.shape[2]]]
+
+
+def as_8_bit(array: np.ndarray) -> np.ndarray:
+    """What an 8-bit reader keeps of 16-bit values, back on the 16-bit scale."""
+    return (np.round(array / 257) * 257).astype(np.uint16)
+
+
+@pytest.mark.parametrize("channels", [3, 4])
+def test_sixteen_bit_colour_png_round_trips_at_16_bits_with_its_metadata(tmp_path, channels):
+    icc = srgb()  # made once: a profile carries the second it was created
+    stored = png16(
+        tmp_path / "deep.png",
+        channels=channels,
+        icc=icc,
+        exif=private_exif(orientation=6),
+        text={"Author": "Ann Artist"},
+    )
+    upright = np.rot90(stored, -1)  # orientation 6
+    assert not np.array_equal(stored, as_8_bit(stored))  # the values need all 16 bits
+
+    header, loaded = probe_image(tmp_path / "deep.png"), load_image(tmp_path / "deep.png")
+    assert header.bits == 16 and header.deep_colour and header.has_alpha == (channels == 4)
+    assert (header.width, header.height) == loaded.size == (24, 32)
+    assert loaded.bits == 16 and not loaded.notes
+    values = (loaded.rgb * 65535).round().to(torch.int64).numpy().transpose(1, 2, 0)
+    assert np.array_equal(values, upright[..., :3])
+    if channels == 4:
+        assert loaded.alpha.dtype == np.uint16 and np.array_equal(loaded.alpha, upright[..., 3])
+
+    saved = _save_like_the_runner(loaded, tmp_path / "out")
+    assert saved.suffix == ".png"
+    pixels = read_png16(saved)
+    assert pixels.dtype == np.uint16 and np.array_equal(pixels, upright)
+    assert not np.array_equal(pixels, as_8_bit(pixels))
+    with Image.open(saved) as reopened:
+        assert reopened.mode == ("RGBA" if channels == 4 else "RGB")
+        assert any(";16" in str(tile[3]) for tile in reopened.tile)  # 16 bits in the file
+        assert reopened.info["icc_profile"] == icc
+        assert reopened.text["Author"] == "Ann Artist"
+        assert DMI_PROHIBITED_AIML in reopened.text["XML:com.adobe.xmp"]
+        exif = reopened.getexif()
+        assert exif[ARTIST] == "Ann Artist" and 0x0112 not in exif
+
+
+def test_sixteen_bit_png_colour_key_becomes_16_bit_alpha(tmp_path):
+    stored = png16(tmp_path / "keyed.png", 4, 5)
+    key = tuple(int(v) for v in stored[1, 2])
+    png16(tmp_path / "keyed.png", 4, 5, colour_key=key)  # same pixels, one colour transparent
+    loaded = load_image(tmp_path / "keyed.png")
+    assert probe_image(tmp_path / "keyed.png").has_alpha
+    transparent = np.all(stored == key, axis=-1)
+    assert transparent[1, 2] and np.array_equal(loaded.alpha, np.where(transparent, 0, 65535))
+    assert read_png16(_save_like_the_runner(loaded, tmp_path / "out")).shape == (4, 5, 4)
+
+
+@requires_exiftool
+def test_exiftool_validates_a_16_bit_png_and_reads_its_metadata(tmp_path):
+    png16(tmp_path / "deep.png", channels=4, icc=srgb(), exif=private_exif())
+    saved = _save_like_the_runner(load_image(tmp_path / "deep.png"), tmp_path / "out")
+    tags = exiftool_validated(saved)
+    assert tags["ExifTool:Validate"] == "0 0 0"  # with -n: no errors, warnings or minor ones
+    assert tags["PNG:BitDepth"] == 16 and tags["IFD0:Make"] == "TestCam"
+    assert tags["XMP-plus:DataMining"] == DMI_PROHIBITED_AIML
+    assert tags["ICC_Profile:ProfileDescription"] == "sRGB built-in"
+
+
+def exiftool_validated(path) -> dict:
+    output = subprocess.run(
+        ["exiftool", "-j", "-n", "-G1", "-all", "-validate", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return json.loads(output)[0]
+
+
+def tiff_tags(path) -> dict:
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        return {tag.code: tag.value for tag in tif.pages[0].tags.values()}
+
+
+def test_16_bit_tiff_keeps_upright_pixels_and_the_main_exif_tags(tmp_path):
+    import tifffile
+
+    stored = tiff16(tmp_path / "deep.tif")
+    loaded = load_image(tmp_path / "deep.tif")
+    header = probe_image(tmp_path / "deep.tif")
+    assert (header.width, header.height) == loaded.size == (24, 32)  # orientation 6
+    values = (loaded.rgb * 65535).round().to(torch.int64).numpy().transpose(1, 2, 0)
+    assert np.array_equal(values, np.rot90(stored, -1))
+
+    saved = _save_like_the_runner(loaded, tmp_path / "out")
+    assert saved.suffix == ".tif"
+    assert np.array_equal(tifffile.imread(saved), np.rot90(stored, -1))
+    tags = tiff_tags(saved)
+    assert tags[ARTIST] == "Ann Artist" and tags[COPYRIGHT] == "(c) Ann Artist"
+    assert tags[MAKE] == "TestCam"
+    x, y = (Fraction(*pair) for pair in np.reshape(tags[WHITE_POINT], (2, 2)).tolist())
+    assert (x, y) == (Fraction(3127, 10000), Fraction(3290, 10000))  # RATIONALs, exact
+    assert 0x0112 not in tags and 270 not in tags  # saved upright; tifffile's JSON left behind
+    assert tags[34675] == tiff_tags(tmp_path / "deep.tif")[34675]  # the ICC profile
+    xmp = bytes(tags[700]).decode()
+    assert "Ann Artist" in xmp and DMI_PROHIBITED_AIML in xmp
+
+
+def test_16_bit_tiff_notes_the_exif_it_cannot_hold(tmp_path):
+    tiff16(tmp_path / "deep.tif")
+    loaded = load_image(tmp_path / "deep.tif")
+    with_gps = dataclasses.replace(loaded, exif=clean_exif(private_exif()))  # as from a phone
+    plan = plan_output(probe_image(loaded.path))
+    destination = tmp_path / "gps.tif"
+    notes = save_image(to_array(with_gps.rgb, with_gps, plan.levels), with_gps, destination, plan)
+    tags = tiff_tags(destination)
+    assert tags[ARTIST] == "Ann Artist" and GPS_IFD not in tags
+    assert len(notes) == 1 and "GPS" in notes[0]
+    assert save_image(to_array(loaded.rgb, loaded, plan.levels), loaded, destination, plan) == []
+
+
+def private_inputs(folder) -> dict:
+    """One input per writer, each with EXIF, XMP and text that --strip-metadata must remove."""
+    folder.mkdir(parents=True, exist_ok=True)
+    private = {"exif": private_exif(), "text": {"Comment": "shot at home"}, "xmp": CREATOR_XMP}
+    png16(folder / "deep.png", channels=4, icc=srgb(), **private)
+    tiff16(folder / "deep.tif")
+    private_jpeg(folder / "photo.jpg")
+    return {
+        "jpeg": folder / "photo.jpg",
+        "png16": folder / "deep.png",
+        "tiff16": folder / "deep.tif",
+    }
+
+
+@pytest.mark.parametrize(
+    ("name", "file_format"),
+    [("jpeg", "png"), ("jpeg", "jpeg"), ("png16", "png"), ("tiff16", "png"), ("tiff16", "jpeg")],
+)
+def test_strip_metadata_keeps_only_the_icc_profile_size_and_mode(tmp_path, name, file_format):
+    source = private_inputs(tmp_path / "in")[name]
+    loaded = load_image(source)
+    plan = plan_output(probe_image(source), file_format)
+    array = to_array(loaded.rgb, loaded, plan.levels)
+    kept, stripped = tmp_path / f"kept{plan.suffix}", tmp_path / f"stripped{plan.suffix}"
+    save_image(array, loaded, kept, plan)
+    save_image(array, loaded, stripped, plan, strip_metadata=True)
+
+    def private(path) -> set[str]:
+        found = set()
+        if plan.format == "TIFF":
+            tags = tiff_tags(path)
+            found |= {"artist"} if ARTIST in tags else set()
+            xmp = bytes(tags.get(700, b"")).decode()
+        else:
+            with Image.open(path) as image:
+                exif = image.getexif()
+                found |= {"artist"} if ARTIST in exif else set()
+                found |= {"gps"} if exif.get_ifd(GPS_IFD) else set()
+                found |= {"text"} if "Comment" in getattr(image, "text", {}) else set()
+                xmp = image.info.get("xmp", b"")
+                xmp = xmp.decode() if isinstance(xmp, bytes) else xmp
+        found |= {"xmp creator"} if "Ann Artist" in xmp else set()
+        return found
+
+    assert private(kept) >= {"artist", "xmp creator"}  # the input did carry them
+    assert private(stripped) == set()
+    with Image.open(kept) as before, Image.open(stripped) as after:
+        assert after.info.get("icc_profile") == before.info.get("icc_profile")
+        assert after.info.get("icc_profile") == loaded.icc_profile is not None
+        assert (after.size, after.mode) == (before.size, before.mode)
+    if plan.format == "TIFF":
+        import tifffile
+
+        assert np.array_equal(tifffile.imread(stripped), tifffile.imread(kept))
+    else:
+        assert np.array_equal(np.asarray(Image.open(stripped)), np.asarray(Image.open(kept)))
 
 
 def test_jpeg_cannot_hold_transparency(cases):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import IMAGES, requires_assets
 from fake_engines import NoiseEngine
-from image_cases import MAKE, bad_files, edge_case_folder, noise
+from image_cases import GPS_IFD, MAKE, bad_files, edge_case_folder, noise, private_jpeg
 from PIL import Image
 
 from mimicshield.images import load_image
@@ -20,6 +20,7 @@ from mimicshield.runner import (
     collect_inputs,
     load_manifest,
     protect_files,
+    settings_id,
 )
 
 EPS = 8 / 255
@@ -44,6 +45,13 @@ def run(folder, out, engine, **kwargs):
     kwargs.setdefault("options", NATIVE)
     report = protect_files(files, out, engine, manifest_header=HEADER, **kwargs)
     return report, {r.relative: r for r in report.results}
+
+
+def read_png16(path) -> np.ndarray:
+    """A 16-bit PNG's pixels with OpenCV (Pillow reads 16-bit colour at 8 bits)."""
+    import cv2
+
+    return cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
 
 
 def pixels(path) -> np.ndarray:
@@ -86,6 +94,16 @@ def test_every_mode_comes_out_with_its_size_mode_alpha_and_profile(tmp_path, eng
     assert deep.dtype == np.uint16 and deep.shape == (24, 32, 3)
     assert linf_levels(tifffile.imread(cases["rgb48"]), deep) <= budget_16
     assert by_name["deep.tif"].output == "deep.tif"
+
+    for name, channels in (("rgb48_png", 3), ("rgba64_png", 4)):  # 16-bit colour PNG: stays so
+        before, after = read_png16(cases[name]), read_png16(out / cases[name].name)
+        assert after.dtype == np.uint16 and after.shape == (24, 32, channels), name
+        assert 0 < linf_levels(before, after) <= budget_16
+        assert np.any(after % 257), name  # values between the 8-bit levels: not reduced
+        assert np.array_equal(after[..., 3:], before[..., 3:])  # alpha, bit for bit
+        assert by_name[cases[name].name].bits == 16
+    with Image.open(out / "deep48.png") as deep48:
+        assert deep48.info["icc_profile"] == Image.open(cases["rgb48_png"]).info["icc_profile"]
 
     phone = Image.open(out / "phone.png")  # JPEG in, PNG out, upright, EXIF kept
     assert phone.size == (24, 40) and phone.getexif()[MAKE] == "TestCam"
@@ -187,6 +205,26 @@ def test_the_manifest_keeps_earlier_files_and_notices_changes(tmp_path, engine):
     assert "different settings" in by_name["b/y.png"].error
     _, by_name = run(folder, out, stronger, overwrite=True)
     assert {r.status for r in by_name.values()} == {"protected"}
+
+
+def test_strip_metadata_is_part_of_the_settings_so_outputs_are_not_reused(tmp_path, engine):
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    private_jpeg(folder / "photo.jpg")
+    run(folder, out, engine)
+    assert Image.open(out / "photo.png").getexif().get_ifd(GPS_IFD)  # kept by default
+
+    # the output holding the GPS must not be skipped as done: refused, then redone stripped
+    stripped = OutputOptions(work_size=None, strip_metadata=True)
+    _, by_name = run(folder, out, engine, options=stripped)
+    assert "different settings" in by_name["photo.jpg"].error
+    _, by_name = run(folder, out, engine, options=stripped, overwrite=True)
+    assert by_name["photo.jpg"].status == "protected"
+    saved = Image.open(out / "photo.png")
+    assert not saved.getexif()
+    assert saved.info["icc_profile"] == load_image(folder / "photo.jpg").icc_profile
+    assert load_manifest(out)["options"]["strip_metadata"] is True
+    assert settings_id(engine, NATIVE, HEADER) != settings_id(engine, stripped, HEADER)
 
 
 def test_never_overwrites_an_input(tmp_path, engine):

@@ -13,18 +13,26 @@ Choices, per input mode:
   saved as RGB(A).
 - ``CMYK``: converted to sRGB through its embedded ICC profile (relative colorimetric with
   black-point compensation, the usual choice for CMYK -> RGB), saved as RGB with an sRGB profile.
-- ``I;16`` and 16-bit RGB(A) TIFF: kept at 16 bits; the budget is enforced on the 65535-level grid.
-  Pillow reads 16-bit colour TIFFs at 8 bits and cannot write 16-bit colour PNG, so those are read
-  and written with ``tifffile`` (the output is a lossless 16-bit TIFF).
+- ``I;16``, 16-bit RGB(A) PNG ("48/64-bit PNG") and 16-bit RGB(A) TIFF: kept at 16 bits; the
+  budget is enforced on the 65535-level grid. Pillow reads 16-bit colour at 8 bits and cannot write
+  it, so 16-bit colour PNGs are read and written with OpenCV (a 16-bit PNG out) and 16-bit colour
+  TIFFs with ``tifffile`` (a lossless 16-bit TIFF out). 16-bit grey with alpha (``LA`` 16-bit
+  PNG) is still read at 8 bits by Pillow, with a note.
+
+Metadata: the ICC profile is always kept (the colours depend on it), and so are the dpi. EXIF
+(orientation and thumbnail removed), XMP and PNG text chunks are kept unless ``strip_metadata``
+asks for a privacy clean-up; see :func:`save_image` for what each output format can hold.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import re
 import secrets
+import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -34,6 +42,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageCms, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
+from PIL.TiffImagePlugin import ImageFileDirectory_v2
 from torch import Tensor
 
 from .metadata import ORIENTATION, clean_exif, merge_xmp
@@ -49,6 +58,16 @@ COLOUR_MODES = {"RGB", "RGBA", "RGBa", "RGBX", "YCbCr", "P", "PA", "CMYK"}
 ALPHA_MODES = {"LA", "La", "RGBA", "RGBa", "PA"}
 # PNG text chunks that are stale copies of metadata handled elsewhere (ImageMagick writes these).
 SKIPPED_PNG_TEXT = {"XML:com.adobe.xmp", "Raw profile type exif", "Raw profile type APP1"}
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Chunks copied from Pillow's metadata writer into a 16-bit PNG made by OpenCV (see _encode_png16).
+PNG_METADATA_CHUNKS = {b"iCCP", b"pHYs", b"tEXt", b"zTXt", b"iTXt", b"eXIf"}
+PNG_IMAGE_CHUNKS = {b"IHDR", b"IDAT", b"IEND"}
+# EXIF IFD0 pointers to the Exif, GPS and Interoperability sub-IFDs (and their names for notes).
+EXIF_SUB_IFDS = {0x8769: "Exif", 0x8825: "GPS", 0xA005: "Interoperability"}
+# Tags tifffile writes itself (the resolution, from the dpi); an EXIF copy would be a duplicate.
+TIFF_WRITER_TAGS = {282, 283, 296}
+# TIFF field types tifffile can write as extratags (13, IFD, is a sub-IFD pointer: it cannot).
+TIFF_VALUE_TYPES = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12}
 
 
 class ImageFileError(ValueError):
@@ -65,7 +84,8 @@ class ImageHeader:
     mode: str
     bits: int  # 8 or 16 per channel, as the output will keep them
     has_alpha: bool
-    deep_colour: bool  # 16-bit RGB(A): written as TIFF
+    deep_colour: bool  # 16-bit RGB(A): written as a 16-bit PNG or TIFF, as it came
+    format: str | None = None  # Pillow's name of the file format: "PNG", "TIFF", "JPEG", ...
 
 
 @dataclass
@@ -138,12 +158,29 @@ def _orientation(image: Image.Image) -> int:
         return 1
 
 
+def _is_sixteen_bit_png(image: Image.Image) -> bool:
+    """A PNG stored at 16 bits per channel (only visible in the tile, before ``load``)."""
+    return image.format == "PNG" and any(";16" in str(tile[3]) for tile in image.tile)
+
+
 def _is_deep_colour(image: Image.Image) -> bool:
-    if image.format != "TIFF" or image.mode not in ("RGB", "RGBA"):
+    """16-bit RGB(A) that Pillow would reduce to 8 bits. For a PNG, call before ``load``."""
+    if image.mode not in ("RGB", "RGBA"):
+        return False
+    if image.format == "PNG":
+        return _is_sixteen_bit_png(image)
+    if image.format != "TIFF":
         return False
     bits = image.tag_v2.get(258)
     bits = bits if isinstance(bits, tuple) else (bits,)
     return all(b == 16 for b in bits)
+
+
+def _stored_size(image: Image.Image) -> tuple[int, int]:
+    """The size as stored, before any orientation (recent Pillow reports a TIFF's upright)."""
+    if image.format == "TIFF":
+        return int(image.tag_v2.get(256, image.width)), int(image.tag_v2.get(257, image.height))
+    return image.size
 
 
 def _check_mode(path: Path, mode: str) -> None:
@@ -158,13 +195,13 @@ def probe_image(path: str | Path) -> ImageHeader:
     path = Path(path)
     with _reading(path), Image.open(path) as opened:
         _check_mode(path, opened.mode)
-        width, height = opened.size
+        deep = _is_deep_colour(opened)  # first: getexif() may load() a PNG, losing its tile
+        width, height = _stored_size(opened)
         if _orientation(opened) in (5, 6, 7, 8):
             width, height = height, width
-        deep = _is_deep_colour(opened)
         bits = 16 if deep or opened.mode in SIXTEEN_BIT_GREY_MODES else 8
         has_alpha = opened.mode in ALPHA_MODES or "transparency" in opened.info
-        return ImageHeader(path, width, height, opened.mode, bits, has_alpha, deep)
+        return ImageHeader(path, width, height, opened.mode, bits, has_alpha, deep, opened.format)
 
 
 def load_image(path: str | Path) -> LoadedImage:
@@ -172,23 +209,29 @@ def load_image(path: str | Path) -> LoadedImage:
     path = Path(path)
     with _reading(path), Image.open(path) as opened:
         _check_mode(path, opened.mode)
-        reduced = opened.format == "PNG" and any(";16" in str(t.args) for t in opened.tile)
-        opened.load()
-        loaded = _decode(path, opened)
-        if reduced and loaded.bits == 8:
-            loaded.notes.append("16-bit colour PNG read at 8 bits per channel (Pillow's limit)")
+        reduced = _is_sixteen_bit_png(opened)
+        deep = _is_deep_colour(opened)  # before load(), which forgets how a PNG was stored
+        stored_orientation = _orientation(opened)  # before load(), which may apply it (TIFF)
+        opened.load()  # also reads the metadata chunks after the pixels
+        # Pillow's TIFF loader turns its pixels upright and drops the tag; pixels read with
+        # tifffile or OpenCV are as stored and need the orientation read before load().
+        orientation = stored_orientation if deep else _orientation(opened)
+        loaded = _decode(path, opened, deep, orientation)
+        if reduced and loaded.bits == 8:  # 16-bit grey with alpha
+            loaded.notes.append("16-bit PNG read at 8 bits per channel (Pillow's limit)")
         return loaded
 
 
-def _decode(path: Path, opened: Image.Image) -> LoadedImage:
+def _decode(path: Path, opened: Image.Image, deep: bool, orientation: int) -> LoadedImage:
     mode, info = opened.mode, opened.info
     notes: list[str] = []
     icc = info.get("icc_profile") or None
     has_transparency = "transparency" in info
     bits, grey = 8, False
 
-    if _is_deep_colour(opened):
-        array, bits = _read_tiff16(path), 16
+    if deep:
+        array = _read_png16(path) if opened.format == "PNG" else _read_tiff16(path)
+        bits = 16
     elif mode in SIXTEEN_BIT_GREY_MODES:
         array, bits, grey = np.asarray(opened).astype(np.uint16), 16, True
     elif mode in GREY_MODES:
@@ -210,7 +253,7 @@ def _decode(path: Path, opened: Image.Image) -> LoadedImage:
     frames = getattr(opened, "n_frames", 1)
     if frames > 1:
         notes.append(f"only the first of {frames} frames is protected and saved")
-    array = orient(array, _orientation(opened))
+    array = orient(array, orientation)
     alpha = None
     if grey:
         if array.ndim == 3:  # LA
@@ -265,6 +308,23 @@ def _read_tiff16(path: Path) -> np.ndarray:
     if array.ndim != 3 or array.shape[-1] < 3:
         raise ImageFileError(f"{path}: unexpected 16-bit TIFF layout {array.shape}.")
     return array[..., :4].astype(np.uint16)
+
+
+def _read_png16(path: Path) -> np.ndarray:
+    """A 16-bit colour PNG as (H, W, 3 or 4) uint16 RGB(A), read with OpenCV (Pillow reduces it).
+
+    Unlike Pillow, OpenCV turns a 16-bit ``tRNS`` colour key into a real alpha channel, which is
+    what :func:`probe_image` promised (``has_alpha``). Pixels only: the metadata is Pillow's.
+    """
+    import cv2
+
+    # imdecode on the bytes rather than imread on the path: imread cannot open non-ASCII paths
+    # on Windows. IMREAD_UNCHANGED keeps 16 bits and alpha, and ignores the EXIF orientation.
+    array = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    if array is None or array.dtype != np.uint16 or array.ndim != 3 or array.shape[2] < 3:
+        layout = "unreadable" if array is None else f"{array.dtype} {array.shape}"
+        raise ImageFileError(f"{path}: unexpected 16-bit PNG layout ({layout}).")
+    return np.ascontiguousarray(array[..., [2, 1, 0, 3][: array.shape[2]]])  # BGR(A) -> RGB(A)
 
 
 @lru_cache(maxsize=1)
@@ -323,9 +383,8 @@ def plan_output(header: ImageHeader, file_format: str = "png") -> OutputPlan:
             )
         note = "16-bit image saved as 8-bit JPEG" if header.bits == 16 else None
         return OutputPlan("JPEG", ".jpg", 255, note)
-    if header.deep_colour:
-        note = "16-bit colour saved as a 16-bit TIFF (lossless; Pillow cannot write 16-bit PNG)"
-        return OutputPlan("TIFF", ".tif", 65535, note)
+    if header.deep_colour and header.format == "TIFF":
+        return OutputPlan("TIFF", ".tif", 65535, "16-bit colour TIFF saved as a 16-bit TIFF")
     return OutputPlan("PNG", ".png", 65535 if header.bits == 16 else 255)
 
 
@@ -352,41 +411,180 @@ def save_image(
     *,
     quality: int = 95,
     provenance: bool = True,
-) -> None:
-    """Write ``array`` atomically with the input's ICC profile, EXIF, XMP (+ provenance), dpi."""
-    xmp = merge_xmp(loaded.xmp, provenance=provenance)
-    icc, exif, dpi = loaded.icc_profile, loaded.exif, loaded.info.get("dpi")
+    strip_metadata: bool = False,
+) -> list[str]:
+    """Write ``array`` atomically with the input's metadata; return notes on what was left out.
 
-    def write_pillow(temporary: Path) -> None:
-        image = Image.fromarray(array)
+    Always kept: the ICC profile (the colours depend on it) and the dpi. Kept unless
+    ``strip_metadata``: EXIF (orientation and thumbnail removed), XMP and PNG text chunks.
+    ``strip_metadata`` is the privacy option: EXIF with its GPS, XMP and text comments all go.
+    ``provenance`` merges the "no AI/ML training" properties into the XMP (with
+    ``strip_metadata``, that notice is the only XMP written).
+
+    Per output: 8-bit PNG, 16-bit grey PNG and JPEG through Pillow. 16-bit colour PNG: OpenCV
+    encodes the pixels and Pillow the metadata, so it carries what an 8-bit PNG would (see
+    :func:`_encode_png16`). 16-bit TIFF through ``tifffile``: ICC, XMP, dpi and the tags of
+    EXIF's main IFD, but not its Exif and GPS sub-IFDs (see :func:`_tiff_exif_tags`).
+    """
+    exif = None if strip_metadata else loaded.exif
+    xmp = merge_xmp(None if strip_metadata else loaded.xmp, provenance=provenance)
+    text = {} if strip_metadata else loaded.info.get("text", {})
+    icc, dpi = loaded.icc_profile, loaded.info.get("dpi")
+    notes: list[str] = []
+
+    def pillow_options() -> dict:
         options: dict = {"icc_profile": icc, "exif": exif, "dpi": dpi}
         if plan.format == "JPEG":
             options.update(quality=quality, subsampling=0, xmp=xmp)
         else:
-            options["pnginfo"] = _png_info(loaded.info.get("text", {}), xmp)
-        options = {k: v for k, v in options.items() if v is not None}
-        image.save(temporary, format=plan.format, **options)
+            options["pnginfo"] = _png_info(text, xmp)
+        return {k: v for k, v in options.items() if v is not None}
+
+    def write_pillow(temporary: Path) -> None:
+        Image.fromarray(array).save(temporary, format=plan.format, **pillow_options())
+
+    def write_png16(temporary: Path) -> None:
+        # Pillow cannot hold 16-bit colour, but it writes the metadata chunks: save them with a
+        # 1x1 image and move them into OpenCV's file, so both PNG paths share one metadata writer.
+        template = io.BytesIO()
+        Image.new("RGB", (1, 1)).save(template, format="PNG", **pillow_options())
+        temporary.write_bytes(_encode_png16(array, template.getvalue()))
+
+    exif_tags: list[tuple] = []
+    if plan.format == "TIFF" and exif:
+        try:
+            exif_tags, dropped = _tiff_exif_tags(exif)
+        except Exception:  # a block Pillow wrote but cannot read back: keep the pixels
+            dropped = ["all"]
+        if dropped:
+            notes.append(
+                f"EXIF {' and '.join(dropped)} tags not copied into the 16-bit TIFF "
+                "(tifffile cannot write them)"
+            )
 
     def write_tiff(temporary: Path) -> None:
         import tifffile
 
-        extratags = [(700, "B", len(xmp), xmp, True)] if xmp else []
-        options: dict = {}
-        if dpi:
-            options.update(resolution=(float(dpi[0]), float(dpi[1])), resolutionunit="INCH")
-        tifffile.imwrite(
-            temporary,
-            array,
-            photometric="rgb",
-            extrasamples=["unassalpha"] if array.shape[-1] == 4 else None,
-            compression="zlib",
-            iccprofile=icc,
-            extratags=extratags,
-            metadata=None,
-            **options,
-        )
+        def imwrite(tags: list[tuple]) -> None:
+            xmp_tags = [(700, "B", len(xmp), xmp, True)] if xmp else []
+            options: dict = {}
+            if dpi:
+                options.update(resolution=(float(dpi[0]), float(dpi[1])), resolutionunit="INCH")
+            tifffile.imwrite(
+                temporary,
+                array,
+                photometric="rgb",
+                extrasamples=["unassalpha"] if array.shape[-1] == 4 else None,
+                compression="zlib",
+                iccprofile=icc,
+                extratags=xmp_tags + tags,
+                metadata=None,
+                software=False,  # the input's Software tag, if any, comes with the EXIF
+                **options,
+            )
 
-    write_atomically(destination, write_tiff if plan.format == "TIFF" else write_pillow)
+        try:
+            imwrite(exif_tags)
+        except (ValueError, struct.error) as error:  # an EXIF value tifffile cannot pack
+            imwrite([])
+            notes.append(f"EXIF not copied into the 16-bit TIFF ({error})")
+
+    if plan.format == "TIFF":
+        writer = write_tiff
+    elif plan.format == "PNG" and array.dtype == np.uint16 and array.ndim == 3:
+        writer = write_png16
+    else:
+        writer = write_pillow
+    write_atomically(destination, writer)
+    return notes
+
+
+def _png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    """(type, the whole chunk: length, type, data and CRC) for each chunk of a PNG file."""
+    if not data.startswith(PNG_SIGNATURE):
+        raise OSError("not a PNG stream")
+    chunks, position = [], len(PNG_SIGNATURE)
+    while position + 12 <= len(data):
+        (length,) = struct.unpack(">I", data[position : position + 4])
+        end = position + 12 + length
+        chunks.append((data[position + 4 : position + 8], data[position:end]))
+        position = end
+    return chunks
+
+
+def _encode_png16(array: np.ndarray, metadata_png: bytes) -> bytes:
+    """A 16-bit RGB(A) PNG: OpenCV's pixel chunks with the metadata chunks of ``metadata_png``.
+
+    Kept from ``metadata_png`` (written by Pillow with the same options as an 8-bit output):
+    iCCP (ICC profile), pHYs (dpi), eXIf (EXIF), and the tEXt / zTXt / iTXt text chunks, which
+    hold the PNG text and the XMP. They go right after IHDR, where every one of them may stand
+    (iCCP and pHYs must precede IDAT). Copied whole, so their CRCs stay valid. Not kept, as for
+    8-bit PNG outputs: gAMA / cHRM / sRGB / sBIT chunks of the input.
+    """
+    import cv2
+
+    order = [2, 1, 0, 3][: array.shape[2]]  # RGB(A) -> OpenCV's BGR(A)
+    pixels = np.ascontiguousarray(array[..., order])
+    ok, encoded = cv2.imencode(".png", pixels, [cv2.IMWRITE_PNG_COMPRESSION, 6])
+    if not ok:
+        raise OSError("OpenCV could not encode the 16-bit PNG")
+    image = [chunk for kind, chunk in _png_chunks(encoded.tobytes()) if kind in PNG_IMAGE_CHUNKS]
+    metadata = [chunk for kind, chunk in _png_chunks(metadata_png) if kind in PNG_METADATA_CHUNKS]
+    header, rest = image[0], image[1:]  # IHDR is always first
+    return PNG_SIGNATURE + header + b"".join(metadata) + b"".join(rest)
+
+
+def _tiff_exif_tags(exif: bytes) -> tuple[list[tuple], list[str]]:
+    """EXIF's main IFD as tifffile ``extratags``, and the names of the sub-IFDs left out.
+
+    The main IFD's tags (Artist, Copyright, Make, Model, DateTime, ImageDescription, Software,
+    ...) are ordinary TIFF tags: they are written as they are, with Pillow's types. The Exif
+    sub-IFD (exposure, DateTimeOriginal, lens, ...), GPS and Interoperability are not: tifffile
+    writes no IFD-pointer tags (``TIFF.TAG_FILTERED`` drops ExifTag, GPSTag and
+    InteroperabilityTag from extratags; its docs: "ExifIFD and GPSIFD tags are not supported").
+    Adding them would mean patching offsets into the file after tifffile closed it, a hand-made
+    TIFF writer, so they are left out and the caller notes it.
+    """
+    data = exif.removeprefix(b"Exif\x00\x00")
+    ifd = ImageFileDirectory_v2(data[:8])
+    stream = io.BytesIO(data)
+    stream.seek(ifd.next)
+    ifd.load(stream)
+    tags, dropped = [], []
+    for tag in sorted(ifd.keys()):
+        kind, value = ifd.tagtype.get(tag), ifd[tag]
+        if tag in EXIF_SUB_IFDS:
+            dropped.append(EXIF_SUB_IFDS[tag])
+        elif tag in TIFF_WRITER_TAGS or kind not in TIFF_VALUE_TYPES:
+            continue
+        elif tag == 270 and _is_tifffile_shape(value):
+            continue  # the JSON tifffile writes to describe an input's array, not the picture
+        else:
+            tags.append(_tiff_tag(tag, kind, value))
+    return tags, dropped
+
+
+def _is_tifffile_shape(value: object) -> bool:
+    if not isinstance(value, str) or not value.startswith('{"shape":'):
+        return False
+    try:
+        return isinstance(json.loads(value), dict)
+    except ValueError:
+        return False
+
+
+def _tiff_tag(tag: int, kind: int, value: object) -> tuple:
+    """One EXIF value as a tifffile extratag (code, type, count, value, writeonce)."""
+    if kind == 2:  # Pillow decodes ASCII as Latin-1: encoding back gives the same bytes
+        text = value if isinstance(value, bytes) else str(value).encode("latin-1", "replace")
+        return (tag, 2, 0, text, True)
+    if isinstance(value, bytes):  # BYTE and UNDEFINED: already packed
+        return (tag, kind, 0, value, True)
+    values = value if isinstance(value, tuple) else (value,)
+    if kind in (5, 10):  # (S)RATIONAL: numerator, denominator pairs
+        pairs = tuple(int(n) for ratio in values for n in (ratio.numerator, ratio.denominator))
+        return (tag, kind, len(values), pairs, True)
+    return (tag, kind, len(values), values, True)
 
 
 def _png_info(text: dict[str, str], xmp: bytes | None) -> PngInfo:

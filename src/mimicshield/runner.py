@@ -72,6 +72,7 @@ class OutputOptions:
     file_format: str = "png"  # "png" or "jpeg"
     quality: int = 95  # JPEG only
     provenance: bool = True  # write the "no AI/ML training" XMP
+    strip_metadata: bool = False  # drop the input's EXIF (GPS too), XMP and text; keep the ICC
 
 
 @dataclass
@@ -217,10 +218,19 @@ def settings_id(protector: Protector, options: OutputOptions, header: dict | Non
         "model": header.get("model"),
         "parameters": header.get("parameters"),
         "config": protector.config.to_dict(),
-        "options": asdict(options),
+        "options": _options_fingerprint(options),
     }
     text = json.dumps(settings, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _options_fingerprint(options: OutputOptions) -> dict:
+    """The options that shape an output. Options added later count only when not at their
+    default, so that runs made before they existed still resume (same fingerprint)."""
+    fingerprint = asdict(options)
+    if not options.strip_metadata:
+        del fingerprint["strip_metadata"]
+    return fingerprint
 
 
 def sha256_file(path: Path) -> str:
@@ -403,18 +413,19 @@ def _save(
     final = to_file_grid(adversarial, image.rgb, eps, job.plan.levels, image.grey)
     try:
         array = to_array(final, image, job.plan.levels)
-        save_image(
+        saving_notes = save_image(
             array,
             image,
             job.destination,
             job.plan,
             quality=options.quality,
             provenance=options.provenance,
+            strip_metadata=options.strip_metadata,
         )
     except OSError as error:
         return _failure(job, f"{job.item.path}: could not write {job.destination} ({error}).")
 
-    notes = [*image.notes, *([job.plan.note] if job.plan.note else [])]
+    notes = [*image.notes, *([job.plan.note] if job.plan.note else []), *saving_notes]
     if job.plan.format == "JPEG":  # measure what the lossy file really holds
         final = _decode_saved(job.destination, image.grey)
     clean = image.rgb

@@ -228,6 +228,7 @@ class ProtectSettings:
     file_format: str = "png"
     quality: int = 95
     metadata: bool = True
+    strip_metadata: bool = False
 
     def __post_init__(self) -> None:
         """The checks ``mimicshield protect`` makes, with the same messages where they apply."""
@@ -313,6 +314,7 @@ class ProtectSettings:
             file_format=self.file_format,
             quality=self.quality,
             provenance=self.metadata,
+            strip_metadata=self.strip_metadata,
         )
 
     def protector(self, engine, target: Tensor | None = None):
@@ -1058,6 +1060,7 @@ ADVANCED = [  # (name, label): the advanced options, in the order of `mimicshiel
     ("file_format", "Output format (JPEG is lossy: it weakens the protection)"),
     ("quality", "JPEG quality"),
     ("metadata", "Write the 'no AI/ML training' XMP notice"),
+    ("strip_metadata", "Privacy: remove EXIF (GPS too), XMP and text comments (ICC kept)"),
 ]
 NO_CATEGORY = "none"
 
@@ -1112,6 +1115,7 @@ def _settings_from_page(
         file_format=str(values["file_format"]),
         quality=int(values["quality"]),
         metadata=bool(values["metadata"]),
+        strip_metadata=bool(values["strip_metadata"]),
     )
 
 
@@ -1250,6 +1254,9 @@ def build_app(service: ProtectionService):
                             1, 100, value=defaults.quality, step=1, **opt("quality")
                         ),
                         "metadata": gr.Checkbox(value=defaults.metadata, **opt("metadata")),
+                        "strip_metadata": gr.Checkbox(
+                            value=defaults.strip_metadata, **opt("strip_metadata")
+                        ),
                     }
             with gr.Column(scale=3):
                 progress_html = gr.HTML(elem_id="ms-progress-box")

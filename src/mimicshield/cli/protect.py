@@ -112,13 +112,22 @@ def protect(
         bool,
         typer.Option(
             "--metadata/--no-metadata",
-            help="write the XMP 'no AI/ML training' notice (input EXIF/ICC/XMP are kept)",
+            help="write the XMP 'no AI/ML training' notice (independent of --strip-metadata)",
         ),
     ] = True,
+    strip_metadata: Annotated[
+        bool,
+        typer.Option(
+            "--strip-metadata",
+            help="privacy: remove the input's EXIF (GPS included), XMP and text comments from "
+            "the outputs; the ICC profile, pixel size and mode are kept",
+        ),
+    ] = False,
 ) -> None:
     """Protect images against diffusion mimicry; writes PNGs and OUT/manifest.json.
 
-    Outputs keep the input's pixel size, mode, ICC profile, EXIF (minus orientation) and XMP.
+    Outputs keep the input's pixel size, mode, ICC profile, EXIF (minus orientation) and XMP
+    (--strip-metadata removes the EXIF, XMP and text comments).
     Rerun the same command after an interruption to continue where it stopped.
     """
     from rich.console import Console
@@ -167,6 +176,7 @@ def protect(
             file_format=file_format.value,
             quality=95 if quality is None else quality,
             provenance=metadata,
+            strip_metadata=strip_metadata,
         )
     except ValueError as error:
         raise CLIError(f"--work-size: {error}") from error
