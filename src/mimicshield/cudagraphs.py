@@ -111,12 +111,17 @@ class _TorchCudaGraphs:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             result = run()
-        torch.cuda.current_stream().wait_stream(side)
+        main = torch.cuda.current_stream()
+        main.wait_stream(side)
+        result.record_stream(main)  # made on the side stream, used on the main one
         return result
 
     def record(self, run: Callable[[], Tensor]) -> tuple[torch.cuda.CUDAGraph, Tensor]:
         """Record ``run``'s kernels without executing them; returns the graph and the tensor
         that each ``graph.replay()`` fills."""
+        # The graph gets a memory pool of its own: hand the warm-up's cached blocks back first,
+        # so the step's activations are not held twice.
+        torch.cuda.empty_cache()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             out = run()
