@@ -60,3 +60,17 @@ class TilePainter(NoiseEngine):
             if callback is not None:
                 callback(step + 1, self.config.steps)
         return ProtectionOutput(images=(images + signs * self.config.eps).clamp(0, 1))
+
+
+class SmallCardEngine(NoiseEngine):
+    """Runs out of device memory on batches larger than ``fits``, like a small GPU."""
+
+    def __init__(self, fits: int, **config) -> None:
+        super().__init__(**config)
+        self.fits = fits
+
+    def protect(self, images, *, seeds=None, callback=None) -> ProtectionOutput:
+        if len(images) > self.fits:
+            self.shapes.append(tuple(images.shape))
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return super().protect(images, seeds=seeds, callback=callback)

@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
 from image_cases import CREATOR_XMP, bad_files, noise, png16, private_exif, private_jpeg, srgb
 from PIL import Image
@@ -122,6 +123,20 @@ def test_jpeg_output_warns_once_that_it_weakens_protection(tmp_path, folder, pre
     assert sorted(p.suffix for p in (tmp_path / "out").glob("*.jp*")) == [".jpg", ".jpg"]
 
 
+def test_batch_size_auto_and_numbers_give_the_same_files(tmp_path, folder, preloaded):
+    """On the CPU ``auto`` means one image at a time; each image draws its own randomness, so
+    any batch size protects it the same."""
+    outputs = {}
+    for size in ("auto", "2"):
+        out = tmp_path / size
+        result = invoke(str(folder), "-o", str(out), "--batch-size", size, "--work-size", "16")
+        assert result.exit_code == 0, result.output
+        outputs[size] = {p.name: np.asarray(Image.open(p)) for p in sorted(out.glob("*.png"))}
+    assert outputs["auto"].keys() == outputs["2"].keys() and outputs["auto"]
+    for name, pixels in outputs["auto"].items():
+        np.testing.assert_array_equal(pixels, outputs["2"][name])
+
+
 def test_work_size_option_reaches_the_manifest(tmp_path, folder, preloaded):
     result = invoke(str(folder / "photo.jpg"), "-o", str(tmp_path / "out"), "--work-size", "16")
     assert result.exit_code == 0, result.output
@@ -137,6 +152,8 @@ def test_work_size_option_reaches_the_manifest(tmp_path, folder, preloaded):
         (["--format", "jpeg", "--quality", "0"], "between 1 and 100"),
         (["--work-size", "huge"], "native"),
         (["--tile-size", "8"], "--tile-size"),
+        (["--batch-size", "0"], "at least 1"),
+        (["--batch-size", "many"], "a number or 'auto'"),
     ],
 )
 def test_bad_options_are_one_line_errors(tmp_path, folder, options, message):

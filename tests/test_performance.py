@@ -13,12 +13,16 @@ from mimicshield import mps
 from mimicshield.bench import architecture, bench_images, build_engine_model
 from mimicshield.methods import METHODS
 from mimicshield.performance import (
+    AUTO_BATCH_LIMIT,
     FrozenConv2d,
     apply_performance_options,
     attention_processors,
+    auto_batch_size,
+    batch_size_for,
     compile_model,
     enable_low_memory,
     offload_unet,
+    saved_bytes_per_pixel,
     stop_saving_frozen_conv_inputs,
     uses_sdpa,
 )
@@ -190,6 +194,46 @@ def test_loaded_encoders_keep_less_for_backward(one_thread):
     lean = saved_bytes(lambda: model.vae.encode(x_in))
     full = saved_bytes(lambda: plain.vae.encode(x_in))
     assert lean < 0.8 * full
+
+
+# --- batch size -----------------------------------------------------------------------------
+
+
+def test_auto_batch_size_fits_the_budget_between_one_and_the_limit():
+    assert auto_batch_size(per_image_bytes=10, budget_bytes=35, limit=8) == 3
+    assert auto_batch_size(per_image_bytes=10, budget_bytes=5, limit=8) == 1  # never 0
+    assert auto_batch_size(per_image_bytes=10, budget_bytes=-5, limit=8) == 1
+    assert auto_batch_size(per_image_bytes=10, budget_bytes=10_000, limit=8) == 8
+
+
+def test_saved_bytes_grow_with_the_pixel_count(one_thread):
+    """The per-pixel rate measured at 64 px predicts what a larger image keeps."""
+    model = tiny_model()
+    rate = saved_bytes_per_pixel(model)
+    x = (bench_images(1, 64, seed=8) * 2 - 1).requires_grad_(True)
+    kept = saved_bytes(lambda: model.encode(x))
+    assert rate > 0
+    assert kept == pytest.approx(rate * 64 * 64, rel=0.25)
+
+
+def test_batch_size_for_follows_the_card_and_the_image(monkeypatch):
+    model = tiny_model()
+    assert batch_size_for([model], 512, 512) == 1  # the CPU: batches do not pay
+
+    card = {"total_memory": 0}
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("P", (), card)())
+    monkeypatch.setattr("mimicshield.performance.saved_bytes_per_pixel", lambda model: 4000.0)
+    model.device = torch.device("cuda")  # a descriptor only: nothing runs on it
+    sizes = {}
+    for gib in (1, 4, 16, 80):
+        card["total_memory"] = gib * 2**30
+        sizes[gib] = batch_size_for([model], 512, 512)
+    assert sizes[1] == 1 and sizes[80] == AUTO_BATCH_LIMIT
+    assert sizes[1] <= sizes[4] <= sizes[16] <= sizes[80]
+    assert batch_size_for([model], 1024, 1024) <= sizes[80]
+    card["total_memory"] = 4 * 2**30
+    assert batch_size_for([model], 256, 256) > batch_size_for([model], 512, 512)
+    assert batch_size_for([model], 256, 256, low_memory=True) == 1
 
 
 def test_low_memory_without_prompts_keeps_the_text_encoder():

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 import torch
-from fake_engines import TilePainter
+from fake_engines import NoiseEngine, TilePainter
 
 from mimicshield.attack import quantize_within_budget
 from mimicshield.protector import Protector
@@ -82,8 +82,20 @@ def test_images_of_different_sizes_share_a_batch_when_their_work_shape_matches()
     results = protect_at_work_size(painter, images, work_size=64, batch_size=2)
     assert len(painter.shapes) == 1 and painter.shapes[0][0] == 2
     assert [r.shape for r in results] == [i.shape for i in images]
-    with pytest.raises(ValueError, match="one work shape"):
+    with pytest.raises(ValueError, match="one padded work shape"):
         protect_at_work_size(painter, [torch.rand(3, 64, 64), torch.rand(3, 64, 128)], work_size=64)
+
+
+def test_images_whose_work_shapes_pad_alike_share_a_batch_and_each_keeps_its_own():
+    """16x20 and 16x21 both pad to 16x24 (as the runner groups them): each image is protected as
+    it would be alone, and gets a perturbation of its own size back."""
+    images = [torch.rand(3, 16, 20, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    images[1] = torch.cat([images[1], images[1][..., -1:]], dim=-1)  # 16x21
+    together = protect_at_work_size(NoiseEngine(), images, work_size=None, batch_size=2)
+    alone = [protect_at_work_size(NoiseEngine(), [image], work_size=None)[0] for image in images]
+    for joint, single, image in zip(together, alone, images, strict=True):
+        assert joint.shape == image.shape
+        torch.testing.assert_close(joint, single, rtol=0, atol=0)
 
 
 def test_real_engine_on_an_odd_native_size_and_in_tiles_stays_within_eps(tiny_model):

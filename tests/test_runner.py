@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 from conftest import IMAGES, requires_assets
-from fake_engines import NoiseEngine
+from fake_engines import NoiseEngine, SmallCardEngine
 from image_cases import GPS_IFD, MAKE, bad_files, edge_case_folder, noise, private_jpeg
 from PIL import Image
 
@@ -256,6 +256,43 @@ def test_equal_working_sizes_share_batches(tmp_path, engine):
     run(folder, tmp_path / "out", engine, batch_size=2,
         on_image_start=lambda item, count: batches.append((item.path.name, count)))  # fmt: skip
     assert batches == [("img0.png", 2), ("img3.png", 1), ("img1.png", 1)]
+
+
+def test_a_batch_that_runs_out_of_memory_is_split_and_every_image_protected(tmp_path, engine):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(5):
+        Image.fromarray(noise(24, 32, seed=60 + i)).save(folder / f"img{i}.png")
+    _, plain = run(folder, tmp_path / "one", engine, batch_size=1)
+    small = SmallCardEngine(fits=2, eps=EPS)
+    report, split = run(folder, tmp_path / "split", small, batch_size=5)
+    assert not report.failures
+    assert [shape[0] for shape in small.shapes] == [5, 2, 3, 1, 2]  # 5 -> 2 + 3 -> 2 + 1 + 2
+    for name in plain:
+        np.testing.assert_array_equal(
+            pixels(tmp_path / "split" / name), pixels(tmp_path / "one" / name)
+        )
+
+    one_at_a_time = SmallCardEngine(fits=0, eps=EPS)  # even one image does not fit
+    report, _ = run(folder, tmp_path / "none", one_at_a_time, batch_size=2)
+    assert len(report.failures) == 5
+    assert all("out of memory" in result.error for result in report.failures)
+
+
+def test_batch_size_can_depend_on_the_work_shape(tmp_path, engine):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i, (height, width) in enumerate([(24, 32), (24, 32), (40, 48), (40, 48)]):
+        Image.fromarray(noise(height, width, seed=70 + i)).save(folder / f"img{i}.png")
+    asked = []
+
+    def by_shape(height: int, width: int) -> int:
+        asked.append((height, width))
+        return 2 if height * width < 40 * 48 else 1
+
+    run(folder, tmp_path / "out", engine, batch_size=by_shape)
+    assert sorted(shape[0] for shape in engine.shapes) == [1, 1, 2]
+    assert len(asked) == 2  # once per work shape
 
 
 def test_jpeg_output_is_lossy_and_measured_on_the_decoded_file(tmp_path, engine):

@@ -168,6 +168,73 @@ def offload_unet(model: LatentDiffusion, offload_device: str | torch.device = "c
     )
 
 
+# --- how many images per batch ----------------------------------------------------------------
+
+AUTO_BATCH_LIMIT = 8  # past this, the step time per image hardly falls (BENCHMARKS.md)
+MEMORY_HEADROOM = 0.8  # of the card's memory, for the allocator's caching and other processes
+ACTIVATION_SAFETY = 1.5  # the backward pass's own short-lived tensors, on top of the saved ones
+
+
+def saved_bytes_per_pixel(model: LatentDiffusion) -> float:
+    """Bytes autograd keeps for the encoder's backward, per input pixel, counted on a small input.
+
+    The encoder is convolutional, so what it keeps grows with the pixel count; one forward pass
+    at 8 latent pixels square (64 px for SD) measures the rate for this model, dtype and options.
+    """
+    size = 8 * model.vae_scale_factor
+    saved: dict[int, int] = {}
+
+    def pack(tensor: Tensor) -> Tensor:
+        if not isinstance(tensor, torch.nn.Parameter):
+            saved[id(tensor)] = tensor.numel() * tensor.element_size()
+        return tensor
+
+    x = torch.zeros(1, 3, size, size, device=model.device, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model.encode(x)
+    return sum(saved.values()) / (size * size)
+
+
+def auto_batch_size(
+    per_image_bytes: float, budget_bytes: float, limit: int = AUTO_BATCH_LIMIT
+) -> int:
+    """How many images of ``per_image_bytes`` fit in ``budget_bytes``: between 1 and ``limit``."""
+    if per_image_bytes <= 0:
+        return limit
+    return max(1, min(limit, int(budget_bytes // per_image_bytes)))
+
+
+def batch_size_for(
+    models: Iterable[LatentDiffusion], height: int, width: int, *, low_memory: bool = False
+) -> int:
+    """``--batch-size auto``: as many images of ``height`` x ``width`` as the card holds.
+
+    Only on CUDA, where batches pay (8 images cost about 2.3 times one on an H200); elsewhere,
+    and with ``--low-memory``, 1. The budget is a share of the card's *total* memory, not of
+    what is free right now, so the same device always picks the same batch (and the same bytes).
+    If other work holds memory, the runner splits a batch that runs out of memory and retries.
+    An ensemble keeps every model's weights but runs one model's step at a time.
+    """
+    models = list(models)
+    device = models[0].device
+    if device.type != "cuda" or low_memory:
+        return 1
+    total = torch.cuda.get_device_properties(device).total_memory
+    weights = sum(_parameter_bytes(model) for model in models)
+    per_image = max(saved_bytes_per_pixel(model) for model in models) * height * width
+    return auto_batch_size(per_image * ACTIVATION_SAFETY, MEMORY_HEADROOM * total - weights)
+
+
+def _parameter_bytes(model: LatentDiffusion) -> int:
+    modules = (model.vae, model.unet, model.text_encoder, model.text_encoder_2)
+    return sum(
+        p.numel() * p.element_size()
+        for module in modules
+        if module is not None
+        for p in module.parameters()
+    )
+
+
 def use_channels_last(model: LatentDiffusion) -> None:
     """Store the convolution weights channels-last (NHWC); activations follow.
 

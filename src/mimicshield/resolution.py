@@ -170,27 +170,31 @@ def protect_at_work_size(
     batch_size: int = 1,
     callback: Callable[[int, int], None] | None = None,
 ) -> list[Tensor]:
-    """Protect (3, H, W) images in [0, 1] whose work shapes are equal; unquantised results.
+    """Protect (3, H, W) images in [0, 1] whose padded work shapes are equal; unquantised.
 
-    The images may differ in size (1000x750 and 1001x751 share a work shape at 512); each gets
-    the perturbation resized back to its own size. The engine's own 8-bit quantisation is
-    switched off here: the caller quantises once, at full resolution and the file's bit depth.
+    The images may differ in size (1000x750 and 1001x751 share a work shape at 512; 16x20 and
+    16x21 share the padded shape 16x24): each is resized to its own work shape and padded, and
+    gets the perturbation cropped and resized back to its own size. The engine's own 8-bit
+    quantisation is switched off here: the caller quantises once, at full resolution and the
+    file's bit depth.
     """
-    shapes = {work_shape(*image.shape[-2:], work_size) for image in images}
-    if len(shapes) != 1:
-        raise ValueError(f"images in one batch need one work shape; got {sorted(shapes)}.")
-    shape = shapes.pop()
-    work = torch.stack([_resize(image[None], shape, "bicubic")[0] for image in images])
+    shapes = [work_shape(*image.shape[-2:], work_size) for image in images]
+    padded = {padded_shape(*shape) for shape in shapes}
+    if len(padded) != 1:
+        raise ValueError(f"images in one batch need one padded work shape; got {sorted(padded)}.")
+    work = torch.cat(
+        [
+            pad_to_multiple(_resize(image[None], shape, "bicubic").clamp(0, 1))
+            for image, shape in zip(images, shapes, strict=True)
+        ]
+    )
     engine = _unquantised(protector)
     delta = protect_tiled(
-        engine,
-        pad_to_multiple(work.clamp(0, 1)),
-        tile_size=tile_size,
-        batch_size=batch_size,
-        callback=callback,
-    )[..., : shape[0], : shape[1]]
+        engine, work, tile_size=tile_size, batch_size=batch_size, callback=callback
+    )
     results = []
-    for image, image_delta in zip(images, delta, strict=True):
+    for image, shape, image_delta in zip(images, shapes, delta, strict=True):
+        image_delta = image_delta[:, : shape[0], : shape[1]]
         image_delta = _resize(image_delta[None], tuple(image.shape[-2:]), "bilinear")[0]
         results.append((image + image_delta).clamp(0, 1))
     return results

@@ -247,7 +247,7 @@ def protect_files(
     protector: Protector,
     *,
     options: OutputOptions | None = None,
-    batch_size: int = 1,
+    batch_size: int | Callable[[int, int], int] = 1,
     overwrite: bool = False,
     manifest_header: dict | None = None,
     on_image_start: Callable[[InputFile, int], None] | None = None,
@@ -255,6 +255,9 @@ def protect_files(
     on_image_done: Callable[[FileResult], None] | None = None,
 ) -> RunReport:
     """Protect ``files`` into ``out_dir``, grouping images of equal working size into batches.
+
+    ``batch_size`` is a number, or a function of the work shape (height, width) that picks one
+    (``--batch-size auto``). A batch that runs out of device memory is split and retried.
 
     Completed outputs recorded in an earlier manifest (same settings, same bytes) are skipped
     unless ``overwrite``. The manifest is rewritten after every image, so an interrupted run
@@ -296,12 +299,11 @@ def protect_files(
         key = padded_shape(*work_shape(job.header.height, job.header.width, options.work_size))
         groups.setdefault(key, []).append(job)
 
-    for jobs in groups.values():
-        for start in range(0, len(jobs), batch_size):
-            batch = jobs[start : start + batch_size]
-            _protect_batch(
-                batch, protector, options, batch_size, settings, record, on_image_start, on_step
-            )
+    for shape, jobs in groups.items():
+        size = batch_size(*shape) if callable(batch_size) else batch_size
+        for start in range(0, len(jobs), size):
+            batch = jobs[start : start + size]
+            _protect_batch(batch, protector, options, settings, record, on_image_start, on_step)
     return report
 
 
@@ -363,7 +365,6 @@ def _protect_batch(
     batch: list[_Job],
     protector: Protector,
     options: OutputOptions,
-    batch_size: int,
     settings: str,
     record: Callable[[FileResult], None],
     on_image_start,
@@ -375,11 +376,25 @@ def _protect_batch(
             loaded.append((job, load_image(job.item.path)))
         except ImageFileError as error:
             record(_failure(job, str(error)))
-    if not loaded:
-        return
+    if loaded:
+        _protect_loaded(loaded, protector, options, settings, record, on_image_start, on_step)
+
+
+def _protect_loaded(
+    loaded: list[tuple[_Job, LoadedImage]],
+    protector: Protector,
+    options: OutputOptions,
+    settings: str,
+    record: Callable[[FileResult], None],
+    on_image_start,
+    on_step,
+) -> None:
+    """Protect and save decoded images; halves the batch while it runs out of device memory.
+
+    Each image draws from its own generator, so a split batch protects every image as before.
+    """
     if on_image_start is not None:
         on_image_start(loaded[0][0].item, len(loaded))
-
     started = time.perf_counter()
     try:
         protected = protect_at_work_size(
@@ -387,18 +402,33 @@ def _protect_batch(
             [image.rgb for _, image in loaded],
             work_size=options.work_size,
             tile_size=options.tile_size,
-            batch_size=batch_size,
+            batch_size=len(loaded),
             callback=on_step,
         )
+    except torch.cuda.OutOfMemoryError as error:
+        if len(loaded) == 1:
+            _record_failures(loaded, error, record)
+            return
+        protected = None  # split below, once the error and its tensors are gone
     except (RuntimeError, ValueError, MemoryError) as error:
-        hint = " (out of memory: try a smaller --tile-size)" if "memory" in str(error) else ""
-        for job, _ in loaded:
-            record(_failure(job, f"{job.item.path}: protection failed: {error}{hint}"))
+        _record_failures(loaded, error, record)
+        return
+    if protected is None:
+        torch.cuda.empty_cache()
+        half = len(loaded) // 2
+        for part in (loaded[:half], loaded[half:]):
+            _protect_loaded(part, protector, options, settings, record, on_image_start, on_step)
         return
     seconds = (time.perf_counter() - started) / len(loaded)
 
     for (job, image), adversarial in zip(loaded, protected, strict=True):
         record(_save(job, image, adversarial, protector.config.eps, options, settings, seconds))
+
+
+def _record_failures(loaded: list[tuple[_Job, LoadedImage]], error: Exception, record) -> None:
+    hint = " (out of memory: try a smaller --tile-size)" if "memory" in str(error) else ""
+    for job, _ in loaded:
+        record(_failure(job, f"{job.item.path}: protection failed: {error}{hint}"))
 
 
 def _save(

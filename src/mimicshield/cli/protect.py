@@ -35,6 +35,10 @@ Examples:
 LOW_MEMORY_HELP = (
     "less GPU memory (encoder checkpointing; SDS methods stream the UNet from CPU memory), slower"
 )
+BATCH_SIZE_HELP = (
+    "images of equal size per batch: N, or auto (CUDA: as many as the card holds, up to 8; "
+    "elsewhere 1)"
+)
 COMPILE_HELP = "torch.compile the networks: faster steps after a slow first step per image size"
 CUDA_GRAPHS_HELP = "CUDA: record a step once and replay it (small batches; experimental)"
 
@@ -75,7 +79,7 @@ def protect(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     seed: SeedOpt = 0,
-    batch_size: Annotated[int, typer.Option(help="images of equal size per batch")] = 1,
+    batch_size: Annotated[str, typer.Option(help=BATCH_SIZE_HELP)] = "auto",
     posterior: Annotated[Posterior, typer.Option(help="E(x): posterior sample or mean")] = (
         Posterior.sample
     ),
@@ -148,8 +152,7 @@ def protect(
         raise CLIError("Give --prompt or --category, not both.")
     if target is not None and not chosen.needs_target:
         raise CLIError(f"--target is only used by photoguard, mist and sdst-, not {method}.")
-    if batch_size < 1:
-        raise CLIError(f"--batch-size must be at least 1; got {batch_size}.")
+    batch = _batch_size(batch_size, CLIError)
     if quality is not None and file_format is not FileFormat.jpeg:
         raise CLIError("--quality only applies to --format jpeg.")
     if quality is not None and not 1 <= quality <= 100:
@@ -242,6 +245,13 @@ def protect(
             console=err if each is loaded else None,  # say it once
             method=method,
         )
+
+    def auto_batch(height: int, width: int) -> int:
+        from ..performance import batch_size_for
+
+        size = (min(height, tile_size), min(width, tile_size))  # larger images go in tiles
+        return batch_size_for(loaded_models, *size, low_memory=low_memory)
+
     single = len(sources) == 1
     header = {
         "model": sources[0] if single else sources,
@@ -260,7 +270,7 @@ def protect(
                 out,
                 protector,
                 options=options,
-                batch_size=batch_size,
+                batch_size=batch if batch is not None else auto_batch,
                 overwrite=overwrite,
                 manifest_header=header,
                 on_image_start=progress.image_started,
@@ -277,6 +287,19 @@ def protect(
     print_results(report, time.perf_counter() - started)
     if report.failures:
         raise typer.Exit(code=1)
+
+
+def _batch_size(value: str, error) -> int | None:
+    """``--batch-size``: a positive number, or None for ``auto``."""
+    if value.strip().lower() == "auto":
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        raise error(f"--batch-size must be a number or 'auto'; got {value!r}.") from None
+    if number < 1:
+        raise error(f"--batch-size must be at least 1; got {number}.")
+    return number
 
 
 def _per_model(values: list[str] | None, sources: list[str], option: str, error) -> list:
