@@ -1,14 +1,18 @@
-"""SDEdit mimicry (and SDEdit purification) on SD 2.x-v and SDXL tiny random models.
+"""Mimicry (and SDEdit purification) on SD 2.x-v and SDXL tiny random models.
 
 SDEdit conditions the UNet through ``model.condition`` at the image's pixel size, so SDXL gets
-its pooled embedding and the time ids of an uncropped image of that size; the pipeline-based
-scenarios refuse SDXL in one line. Plumbing only: the models are random.
+its pooled embedding and the time ids of an uncropped image of that size. img2img, inpainting
+and LoRA run diffusers' SDXL pipelines, which must condition the UNet the same way; textual
+inversion refuses SDXL in one line. Plumbing only: the models are random.
 """
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from conftest import WEIGHTS, requires_assets
 
 from mimicshield import mimicry as M
 from mimicshield.models import load_models
@@ -22,12 +26,14 @@ HEIGHT, WIDTH = 48, 32  # not square, so the time ids show which side is which
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("mimicry-families")
-    return {
-        name: load_models(str(save_tiny_family_model(root / name, name)), **CPU)
-        for name in ("sd2-v", "sdxl")
-    }
+    return {name: save_tiny_family_model(root / name, name) for name in ("sd2-v", "sdxl")}
+
+
+@pytest.fixture(scope="module")
+def models(folders):
+    return {name: load_models(str(folder), **CPU) for name, folder in folders.items()}
 
 
 @pytest.fixture
@@ -85,17 +91,205 @@ def test_sd2_v_sdedit_passes_no_added_conditioning(models, images, monkeypatch):
     assert len(calls) == 1 and calls[0]["added_cond_kwargs"] is None
 
 
-def test_mimicry_runs_sdedit_on_sdxl_and_refuses_its_pipelines_in_one_line(models, images):
+def test_mimicry_runs_every_paired_scenario_on_sdxl(models, images):
     model = models["sdxl"]
-    settings = M.MimicrySettings(sdedit_steps=100, sdedit_strengths=(0.01,))
-    out = M.Mimicry(model, settings).run(M.Variant("sdedit-onestep", 0.01), images[0])
-    assert out.shape == images[0].shape
+    settings = M.MimicrySettings(sdedit_strengths=(0.01,), sample_steps=2, img2img_strengths=(0.5,))
+    mimicry = M.Mimicry(model, settings)
+    for variant in (
+        M.Variant("sdedit-onestep", 0.01),
+        M.Variant("img2img", 0.5),
+        M.Variant("inpaint"),
+    ):
+        steps: list[tuple[int, int]] = []
+        out = mimicry.run(variant, images[0], callback=lambda s, t, seen=steps: seen.append((s, t)))
+        assert out.shape == images[0].shape and out.min() >= 0 and out.max() <= 1
+        total = mimicry.steps(variant)
+        assert steps == [(i, total) for i in range(1, total + 1)], variant
     with pytest.raises(ValueError, match="not SDXL yet") as error:
-        M.Mimicry(model, settings).run(M.Variant("img2img", 0.3), images[0])
+        M.textual_inversion_mimicry(model, images)
     assert "\n" not in str(error.value)
-    for learn in (M.textual_inversion_mimicry, M.lora_mimicry):
-        with pytest.raises(ValueError, match="not SDXL yet"):
-            learn(model, images)
+
+
+def _img2img(model, images, seed, prompt="a photo"):
+    return M.img2img(model, images, 0.5, prompt=prompt, num_inference_steps=4, seed=seed)
+
+
+def _inpaint(model, images, seed, prompt="a photo"):
+    return M.inpaint(model, images, prompt=prompt, num_inference_steps=2, seed=seed)
+
+
+@pytest.mark.parametrize("run", [_img2img, _inpaint], ids=["img2img", "inpaint"])
+def test_sdxl_pipelines_keep_the_size_and_are_seeded(models, images, run):
+    model = models["sdxl"]
+    out = run(model, images, seed=1)
+    assert out.shape == images.shape and out.min() >= 0 and out.max() <= 1
+    assert torch.equal(run(model, images, seed=1), out)  # the same bytes twice
+    assert torch.equal(run(model, images[1:], seed=1), out[1:])  # one generator per image
+    assert not torch.equal(run(model, images, seed=2), out)
+
+
+@pytest.mark.parametrize("run", [_img2img, _inpaint], ids=["img2img", "inpaint"])
+def test_sdxl_pipelines_condition_the_unet_as_model_condition_does(
+    models, images, monkeypatch, run
+):
+    """Both text encoders, the pooled embedding and the time ids of the uncropped image, as
+    SDEdit gets them; the first half of the guidance batch is the (zero) negative prompt."""
+    model = models["sdxl"]
+    calls = _spy_unet(model, monkeypatch)
+    run(model, images[:1], seed=0, prompt="a cat")
+    want = model.condition("a cat", 1, HEIGHT, WIDTH)
+    assert len(calls) == 2  # 4 steps at strength 0.5, or 2 inpainting steps
+    for call in calls:
+        assert call["sample"].shape == (2, 4, HEIGHT // 8, WIDTH // 8)
+        added = call["added_cond_kwargs"]
+        assert added["time_ids"].tolist() == [[HEIGHT, WIDTH, 0, 0, HEIGHT, WIDTH]] * 2
+        torch.testing.assert_close(added["text_embeds"][1:], want.pooled)
+        torch.testing.assert_close(call["encoder_hidden_states"][1:], want.hidden_states)
+        assert not call["encoder_hidden_states"][0].any()  # force_zeros_for_empty_prompt
+
+
+def test_sdxl_inpainting_checkpoint_gets_the_mask_and_masked_image(
+    folders, models, tmp_path, images, monkeypatch
+):
+    """A 9-channel SDXL inpainting UNet (as --inpaint-model) sees latents, mask, masked image."""
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    from mimicshield.testing import TINY_SDXL_UNET
+
+    folder = shutil.copytree(folders["sdxl"], tmp_path / "sdxl-inpaint")
+    torch.manual_seed(0)
+    UNet2DConditionModel(**{**TINY_SDXL_UNET, "in_channels": 9}).save_pretrained(folder / "unet")
+    inpainter = load_models(str(folder), **CPU)
+    assert inpainter.is_xl and inpainter.unet.config.in_channels == 9
+    calls = _spy_unet(inpainter, monkeypatch)
+    mimicry = M.Mimicry(models["sdxl"], M.MimicrySettings(sample_steps=2), inpaint_model=inpainter)
+    out = mimicry.run(M.Variant("inpaint"), images[0])
+    assert out.shape == images[0].shape
+    assert [c["sample"].shape for c in calls] == [(2, 9, HEIGHT // 8, WIDTH // 8)] * 2
+
+
+def test_pipelines_match_the_family_and_its_prediction_type(models):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    sdxl, sd2_v = models["sdxl"], models["sd2-v"]
+    assert M.pipeline_class("img2img", sdxl).__name__ == "StableDiffusionXLImg2ImgPipeline"
+    assert M.pipeline_class("inpaint", sdxl).__name__ == "StableDiffusionXLInpaintPipeline"
+    assert M.pipeline_class("img2img", sd2_v) is StableDiffusionImg2ImgPipeline
+    with pytest.raises(ValueError, match="does not fit an SDXL model"):
+        M.build_pipeline(StableDiffusionImg2ImgPipeline, sdxl)
+    pipe = M.build_pipeline(M.pipeline_class("img2img", sd2_v), sd2_v)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    pipe = M.build_pipeline(M.pipeline_class("img2img", sdxl), sdxl)
+    assert pipe.scheduler.config.prediction_type == "epsilon"
+    assert pipe.text_encoder_2 is sdxl.text_encoder_2 and pipe.tokenizer_2 is sdxl.tokenizer_2
+    torch.testing.assert_close(pipe.scheduler.alphas_cumprod, sdxl.alphas_cumprod.cpu())
+
+
+def test_sdxl_fp16_pipelines_upcast_their_own_copy_of_the_vae(folders, images):
+    """fp16: the model keeps an fp32 VAE (force_upcast). The SDXL pipelines cast the VAE they
+    are given to fp16 after encoding; done to the model's, its weights would be rounded for
+    good (so runs would drift) and text-to-image would fail on an fp16/fp32 mismatch."""
+    try:  # older torch builds have no fp16 convolution on the CPU
+        torch.nn.functional.conv2d(torch.ones(1, 1, 2, 2).half(), torch.ones(1, 1, 1, 1).half())
+    except RuntimeError:
+        pytest.skip("this torch has no fp16 convolution on the CPU")
+    model = load_models(str(folders["sdxl"]), **{**CPU, "dtype": "fp16"})
+    assert model.dtype == torch.float16 and model.vae_dtype == torch.float32
+    vae_before = {k: v.clone() for k, v in model.vae.state_dict().items()}
+    out = _img2img(model, images, seed=1)
+    assert out.shape == images.shape and torch.isfinite(out).all()
+    assert torch.equal(_img2img(model, images, seed=1), out)
+    assert _inpaint(model, images[:1], seed=1).shape == images[:1].shape
+    samples = M.generate(model, "a photo", 1, HEIGHT, WIDTH, num_inference_steps=2)
+    assert samples.shape == (1, 3, HEIGHT, WIDTH) and torch.isfinite(samples).all()
+    vae_after = model.vae.state_dict()
+    assert all(v.dtype == torch.float32 for v in vae_after.values())
+    assert all(torch.equal(vae_after[k], vae_before[k]) for k in vae_before)
+    assert M.sdedit(model, images, 0.01).shape == images.shape  # still the model it was
+
+
+def test_lora_mimicry_trains_and_samples_sdxl_at_the_image_size(models, images, monkeypatch):
+    model = models["sdxl"]
+    unet_before = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    calls = _spy_unet(model, monkeypatch)
+    schedule = M.TrainingSchedule(steps=2, learning_rate=1e-2)
+    samples, weights = M.lora_mimicry(
+        model, images, schedule, rank=2, num_samples=1, num_inference_steps=2
+    )
+    assert samples.shape == (1, 3, HEIGHT, WIDTH)
+    assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)  # it learned
+    assert len(calls) == 2 + 2  # two training steps, then two sampling steps
+    for call in calls:
+        time_ids = call["added_cond_kwargs"]["time_ids"]
+        assert time_ids.tolist() == [[HEIGHT, WIDTH, 0, 0, HEIGHT, WIDTH]] * len(time_ids)
+    after = model.unet.state_dict()
+    assert after.keys() == unet_before.keys()
+    assert all(torch.equal(after[k], unet_before[k]) for k in after)
+
+
+def test_mimic_cli_runs_img2img_and_inpainting_on_an_sdxl_folder(folders, tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from mimicshield.cli.main import app
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    Image.new("RGB", (40, 32), (200, 80, 30)).save(inputs / "a.png")
+    out = tmp_path / "out"
+    args = ["mimic", str(inputs), "-o", str(out), "--model", str(folders["sdxl"])]
+    args += ["--device", "cpu", "--dtype", "fp32", "-s", "img2img,inpaint"]
+    args += ["--img2img-strengths", "0.5", "--sample-steps", "2", "--resolution", "32"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    for variant in ("img2img@0.5", "inpaint"):
+        assert Image.open(out / variant / "a.png").size == (32, 32)
+
+
+@requires_assets
+def test_evaluate_cli_runs_the_sdxl_pipelines_on_clean_and_protected_alike(folders, tmp_path):
+    """The same seed on the same image gives the same img2img and inpainting output, so a
+    "protection" that changes nothing is exactly as far from the clean mimicry as it is (0)."""
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from mimicshield.cli.main import app
+
+    generator = torch.Generator().manual_seed(1)
+    for i in range(2):
+        image = torch.rand(3, 32, 32, generator=generator)
+        noisy = (image + (torch.rand(image.shape, generator=generator) - 0.5) * 16 / 255).clamp(
+            0, 1
+        )
+        for source, picture in (("clean", image), ("noisy", noisy), ("copy", image)):
+            (tmp_path / source).mkdir(exist_ok=True)
+            array = (picture * 255).round().byte().permute(1, 2, 0).numpy()
+            Image.fromarray(array).save(tmp_path / source / f"img{i}.png")
+    out = tmp_path / "eval"
+    args = ["evaluate", str(tmp_path / "clean"), str(tmp_path / "noisy"), str(tmp_path / "copy")]
+    args += ["-o", str(out), "--model", str(folders["sdxl"]), "--device", "cpu", "--dtype", "fp32"]
+    args += ["--lpips-weights", str(WEIGHTS / "lpips_alexnet.safetensors")]
+    args += ["--resolution", "32", "--thumbnail-size", "32"]
+    args += ["-s", "img2img,inpaint", "--img2img-strengths", "0.5", "--sample-steps", "2"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+
+    records = json.loads((out / "metrics.json").read_text())["records"]
+
+    def values(source, scenario):
+        return [
+            r["value"]
+            for r in records
+            if (r["source"], r["scenario"], r["metric"])
+            == (source, scenario, "lpips_vs_clean_mimicry")
+        ]
+
+    for scenario in ("img2img", "inpaint"):
+        assert values("copy", scenario) == [0.0, 0.0]
+        assert len(values("noisy", scenario)) == 2 and max(values("noisy", scenario)) > 0
+    assert (out / "mimicry" / "noisy" / "img2img@0.5" / "img1.png").is_file()
 
 
 def test_sdedit_purification_works_on_sdxl(models):

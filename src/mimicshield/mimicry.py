@@ -12,6 +12,10 @@ Five scenarios, all from the paper's evaluation (Xue et al., ICLR 2024, arXiv 23
 * ``textual-inversion`` and ``lora``: learn a token embedding, or DreamBooth-LoRA weights (peft),
   from the whole image set, then generate new images with the learned concept.
 
+SDXL runs every scenario but textual inversion: its pipelines are diffusers' SDXL ones
+(``StableDiffusionXL...Pipeline``, both text encoders), conditioned on the time ids of the
+uncropped image exactly as SDEdit's ``model.condition`` is.
+
 The maths of SDEdit is in small pure functions (``add_noise``, ``predict_x0``, ``ddim_step``,
 ``sdedit_timesteps``) so each can be checked against its formula. Images are (N, 3, H, W) in
 [0, 1] everywhere; every stochastic step draws from a generator seeded per image, so clean and
@@ -21,8 +25,11 @@ protected copies of an image see the same noise.
 from __future__ import annotations
 
 import copy
+import logging
 import math
+import warnings
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .models import Conditioning, LatentDiffusion
+from .models import Conditioning, LatentDiffusion, sdxl_time_ids
 
 __all__ = [
     "IMG2IMG_STRENGTHS",
@@ -51,6 +58,7 @@ __all__ = [
     "inpaint",
     "lora_mimicry",
     "parse_scenarios",
+    "pipeline_class",
     "predict_x0",
     "sdedit",
     "sdedit_latents",
@@ -206,7 +214,11 @@ def betas_from_alphas_cumprod(alphas_cumprod: Tensor) -> Tensor:
 
 
 def ddim_scheduler(model: LatentDiffusion, steps_offset: int = 1):
-    """A DDIM scheduler with exactly the model's noise schedule (SD 1.x/2.x conventions)."""
+    """A DDIM scheduler with exactly the model's noise schedule and ``prediction_type``.
+
+    The "leading" spacing with offset 1 is SD 1.x/2.x's and SDXL's own (their Euler scheduler
+    places the same timesteps); a v-prediction model gets a v-prediction scheduler.
+    """
     from diffusers import DDIMScheduler
 
     return DDIMScheduler(
@@ -215,44 +227,132 @@ def ddim_scheduler(model: LatentDiffusion, steps_offset: int = 1):
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=steps_offset,
-        prediction_type="epsilon",
+        prediction_type=model.prediction_type,
         timestep_spacing="leading",
     )
 
 
 def _refuse_xl(model: LatentDiffusion, scenario: str) -> None:
-    """Only SDEdit supports SDXL so far; say so in one line instead of failing deep inside."""
+    """Textual inversion does not support SDXL yet; say so in one line, not deep inside."""
     if model.is_xl:
         raise ValueError(
             f"The {scenario} mimicry supports SD 1.x and 2.x models, not SDXL yet; "
-            "use the SDEdit scenarios (sdedit-onestep, sdedit-ddim) with SDXL."
+            "use sdedit, img2img, inpaint or lora with SDXL."
         )
+
+
+# (SD 1.x/2.x class, SDXL class) of each diffusers pipeline the scenarios run
+PIPELINES = {
+    "text2img": ("StableDiffusionPipeline", "StableDiffusionXLPipeline"),
+    "img2img": ("StableDiffusionImg2ImgPipeline", "StableDiffusionXLImg2ImgPipeline"),
+    "inpaint": ("StableDiffusionInpaintPipeline", "StableDiffusionXLInpaintPipeline"),
+}
+
+
+def pipeline_class(kind: str, model: LatentDiffusion):
+    """The diffusers pipeline class of ``kind`` (text2img, img2img, inpaint) for the family."""
+    import diffusers
+
+    return getattr(diffusers, PIPELINES[kind][model.is_xl])
 
 
 def build_pipeline(cls, model: LatentDiffusion, *, unet=None, text_encoder=None, tokenizer=None):
-    """A diffusers pipeline over the already-loaded modules (no safety checker, no reload)."""
-    _refuse_xl(model, "diffusers pipeline (img2img, inpaint, sampling)")
+    """A diffusers pipeline over the already-loaded modules (no safety checker, no reload).
+
+    SDXL gets its own pipelines, with both text encoders and tokenizers and no watermark. Run
+    the pipeline inside :func:`_pipeline_run`, which leaves the model's VAE as it was.
+    """
     _require_decoder(model)
+    if model.is_xl != cls.__name__.startswith("StableDiffusionXL"):
+        family = "an SDXL" if model.is_xl else "an SD 1.x/2.x"
+        raise ValueError(f"{cls.__name__} does not fit {family} model; use pipeline_class().")
+    vae = model.vae
     if model.vae_dtype != model.dtype:
-        raise ValueError(
-            f"The diffusers pipelines need one dtype for the VAE and the UNet; this model runs the "
-            f"VAE in {model.vae_dtype} and the UNet in {model.dtype}. Use --dtype bf16 or fp32."
-        )
+        if not model.is_xl:
+            raise ValueError(
+                f"The diffusers pipelines need one dtype for the VAE and the UNet; this model runs "
+                f"the VAE in {model.vae_dtype} and the UNet in {model.dtype}. Use --dtype bf16 or "
+                "fp32."
+            )
+        # fp16 with force_upcast, so the model holds its VAE in fp32. diffusers' SDXL pipelines
+        # expect the VAE in the UNet's dtype: they cast it to fp32 to encode and decode, and
+        # back to fp16 after. Done to the model's VAE, that would round its weights to fp16 for
+        # good (and text-to-image would fail on the dtype mismatch), so the pipeline gets an
+        # fp16 copy, the VAE diffusers itself would load (SDXL's: 0.17 GB).
+        with _quiet_vae_casts():
+            vae = copy.deepcopy(model.vae).to(model.dtype)
     text_encoder = text_encoder if text_encoder is not None else model.text_encoder
-    if text_encoder is None:
+    if text_encoder is None or (model.is_xl and model.text_encoder_2 is None):
         raise ValueError("The text encoder was released; the pipelines need it.")
-    pipe = cls(
-        vae=model.vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer if tokenizer is not None else model.tokenizer,
-        unet=unet if unet is not None else model.unet,
-        scheduler=ddim_scheduler(model),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    common = {
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer if tokenizer is not None else model.tokenizer,
+        "unet": unet if unet is not None else model.unet,
+        "scheduler": ddim_scheduler(model),
+        "feature_extractor": None,
+    }
+    if model.is_xl:
+        extra = {
+            "text_encoder_2": model.text_encoder_2,
+            "tokenizer_2": model.tokenizer_2,
+            "image_encoder": None,
+            "add_watermarker": False,
+        }
+    else:
+        extra = {"safety_checker": None, "requires_safety_checker": False}
+    pipe = cls(**common, **extra)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _size_conditioning(model: LatentDiffusion, height: int, width: int) -> dict:
+    """SDXL's micro-conditioning of an uncropped ``height`` x ``width`` image, as the pipeline's
+    arguments; the same time ids ``model.condition`` gives SDEdit. Nothing for SD 1.x/2.x."""
+    if not model.is_xl:
+        return {}
+    ids = [int(v) for v in sdxl_time_ids(height, width)[0].tolist()]
+    return {
+        "original_size": tuple(ids[0:2]),
+        "crops_coords_top_left": tuple(ids[2:4]),
+        "target_size": tuple(ids[4:6]),
+    }
+
+
+class _DropVaeCastNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "should be kept in float32" not in record.getMessage()
+
+
+@contextmanager
+def _quiet_vae_casts():
+    """Drop the notices diffusers gives on every VAE dtype cast, which SDXL pipelines make
+    (upcasting for ``force_upcast``) on every call: they are by design, not a problem."""
+    notices = logging.getLogger("diffusers.models.modeling_utils")
+    quiet = _DropVaeCastNotice()
+    notices.addFilter(quiet)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*upcast_vae", category=FutureWarning)
+            yield
+    finally:
+        notices.removeFilter(quiet)
+
+
+@contextmanager
+def _pipeline_run(model: LatentDiffusion):
+    """Run pipelines quietly and leave the model's VAE in the dtype the model holds it in.
+
+    With ``force_upcast`` (SDXL's VAE config, and the default), an SDXL pipeline casts the VAE
+    it was given to fp32 to encode and back to the UNet's dtype: lossless for a bf16 or fp32
+    VAE, but after an error midway the VAE would stay fp32. It is put back here.
+    """
+    with _quiet_vae_casts():
+        try:
+            yield
+        finally:
+            if model.vae.dtype != model.vae_dtype:
+                model.vae.to(model.vae_dtype)
 
 
 def _step_end(callback: StepCallback | None, total: int):
@@ -278,24 +378,26 @@ def img2img(
     seed: int = 0,
     callback: StepCallback | None = None,
 ) -> Tensor:
-    """img2img as attackers run it: ``StableDiffusionImg2ImgPipeline``, one image at a time."""
-    from diffusers import StableDiffusionImg2ImgPipeline
-
-    pipe = build_pipeline(StableDiffusionImg2ImgPipeline, model)
+    """img2img as attackers run it, one image at a time: ``StableDiffusionImg2ImgPipeline``,
+    or ``StableDiffusionXLImg2ImgPipeline`` for SDXL (time ids of the uncropped image)."""
+    pipe = build_pipeline(pipeline_class("img2img", model), model)
     total = max(1, int(num_inference_steps * strength))
+    size = _size_conditioning(model, images.shape[-2], images.shape[-1])
     outputs = []
-    for image in images:
-        result = pipe(
-            prompt=prompt,
-            image=image[None].to(model.device, model.dtype),
-            strength=strength,
-            guidance_scale=guidance_scale,
-            num_inference_steps=num_inference_steps,
-            generator=torch.Generator().manual_seed(seed),
-            output_type="pt",
-            callback_on_step_end=_step_end(callback, total),
-        )
-        outputs.append(result.images[0].float().cpu())
+    with _pipeline_run(model):
+        for image in images:
+            result = pipe(
+                prompt=prompt,
+                image=image[None].to(model.device, model.dtype),
+                strength=strength,
+                guidance_scale=guidance_scale,
+                num_inference_steps=num_inference_steps,
+                generator=torch.Generator().manual_seed(seed),
+                output_type="pt",
+                callback_on_step_end=_step_end(callback, total),
+                **size,
+            )
+            outputs.append(result.images[0].float().cpu())
     return torch.stack(outputs)
 
 
@@ -325,33 +427,35 @@ def inpaint(
     seed: int = 0,
     callback: StepCallback | None = None,
 ) -> Tensor:
-    """Regenerate the masked region (mask 1 = regenerate) with ``StableDiffusionInpaintPipeline``.
+    """Regenerate the masked region (mask 1 = regenerate) with ``StableDiffusionInpaintPipeline``
+    (``StableDiffusionXLInpaintPipeline`` for SDXL).
 
     ``model`` may be an inpainting checkpoint (a 9-channel UNet) or a plain one, which diffusers
     handles by blending the known region back in at every step. ``masks``: (N, 1, H, W) in
     [0, 1]; None uses :func:`centered_ellipse_mask`.
     """
-    from diffusers import StableDiffusionInpaintPipeline
-
-    pipe = build_pipeline(StableDiffusionInpaintPipeline, model)
+    pipe = build_pipeline(pipeline_class("inpaint", model), model)
     _, _, height, width = images.shape
+    size = _size_conditioning(model, height, width)
     outputs = []
-    for i, image in enumerate(images):
-        mask = centered_ellipse_mask(height, width, keep) if masks is None else masks[i]
-        result = pipe(
-            prompt=prompt,
-            image=image[None].to(model.device, model.dtype),
-            mask_image=mask[None].to(model.device, model.dtype),
-            height=height,
-            width=width,
-            strength=1.0,
-            guidance_scale=guidance_scale,
-            num_inference_steps=num_inference_steps,
-            generator=torch.Generator().manual_seed(seed),
-            output_type="pt",
-            callback_on_step_end=_step_end(callback, num_inference_steps),
-        )
-        outputs.append(result.images[0].float().cpu())
+    with _pipeline_run(model):
+        for i, image in enumerate(images):
+            mask = centered_ellipse_mask(height, width, keep) if masks is None else masks[i]
+            result = pipe(
+                prompt=prompt,
+                image=image[None].to(model.device, model.dtype),
+                mask_image=mask[None].to(model.device, model.dtype),
+                height=height,
+                width=width,
+                strength=1.0,
+                guidance_scale=guidance_scale,
+                num_inference_steps=num_inference_steps,
+                generator=torch.Generator().manual_seed(seed),
+                output_type="pt",
+                callback_on_step_end=_step_end(callback, num_inference_steps),
+                **size,
+            )
+            outputs.append(result.images[0].float().cpu())
     return torch.stack(outputs)
 
 
@@ -371,24 +475,29 @@ def generate(
     callback: StepCallback | None = None,
 ) -> Tensor:
     """Text-to-image samples; sample i uses seed ``seed + i`` whatever the concept learned."""
-    from diffusers import StableDiffusionPipeline
-
     pipe = build_pipeline(
-        StableDiffusionPipeline, model, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer
+        pipeline_class("text2img", model),
+        model,
+        unet=unet,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
     )
+    size = _size_conditioning(model, height, width)
     outputs = []
-    for i in range(num_images):
-        result = pipe(
-            prompt=prompt,
-            height=height,
-            width=width,
-            guidance_scale=guidance_scale,
-            num_inference_steps=num_inference_steps,
-            generator=torch.Generator().manual_seed(seed + i),
-            output_type="pt",
-            callback_on_step_end=_step_end(callback, num_inference_steps),
-        )
-        outputs.append(result.images[0].float().cpu())
+    with _pipeline_run(model):
+        for i in range(num_images):
+            result = pipe(
+                prompt=prompt,
+                height=height,
+                width=width,
+                guidance_scale=guidance_scale,
+                num_inference_steps=num_inference_steps,
+                generator=torch.Generator().manual_seed(seed + i),
+                output_type="pt",
+                callback_on_step_end=_step_end(callback, num_inference_steps),
+                **size,
+            )
+            outputs.append(result.images[0].float().cpu())
     return torch.stack(outputs)
 
 
@@ -396,9 +505,13 @@ def generate(
 
 
 def _denoising_loss(
-    model: LatentDiffusion, images: Tensor, cond: Tensor, generator: torch.Generator
+    model: LatentDiffusion, images: Tensor, cond: Tensor | Conditioning, generator: torch.Generator
 ) -> Tensor:
-    """The training loss of the model: || eps_theta(z_t, t, c) - n ||^2, t uniform, z from E(x)."""
+    """The training loss of the model: || eps_theta(z_t, t, c) - n ||^2, t uniform, z from E(x).
+
+    ``cond`` is a bare embedding, or a :class:`Conditioning` (SDXL's carries its pooled
+    embedding and time ids).
+    """
     device = model.device
     x = images.to(device, torch.float32) * 2 - 1
     batch = x.shape[0]
@@ -409,7 +522,14 @@ def _denoising_loss(
     t = torch.randint(0, model.num_train_timesteps, (batch,), generator=generator).to(device)
     noise = torch.randn(latent_shape, generator=generator).to(device)
     z_t = add_noise(z0, noise, model.alphas_cumprod[t].view(-1, 1, 1, 1))
-    eps = model.unet(z_t.to(model.dtype), t, encoder_hidden_states=cond.to(model.dtype)).sample
+    if not isinstance(cond, Conditioning):
+        cond = Conditioning(cond)
+    eps = model.unet(
+        z_t.to(model.dtype),
+        t,
+        encoder_hidden_states=cond.hidden_states.to(model.dtype),
+        added_cond_kwargs=cond.added_cond_kwargs(model.dtype),
+    ).sample
     return F.mse_loss(eps.float(), noise)
 
 
@@ -530,10 +650,11 @@ def lora_mimicry(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """DreamBooth-LoRA (no prior preservation) on ``images``, then ``num_samples`` samples.
 
-    The adapter is added to the loaded UNet for the run and unloaded afterwards, so the model
-    is unchanged. Returns the samples and the adapter's weights (peft state-dict names).
+    Trained and sampled at the images' size (for SDXL: the time ids of an uncropped image of
+    that size, and its own text-to-image pipeline). The adapter is added to the loaded UNet for
+    the run and unloaded afterwards, so the model is unchanged. Returns the samples and the
+    adapter's weights (peft state-dict names).
     """
-    _refuse_xl(model, "lora")
     try:
         from peft import LoraConfig
         from peft.utils import get_peft_model_state_dict
@@ -552,12 +673,13 @@ def lora_mimicry(
         params = [p for p in unet.parameters() if p.requires_grad]
         for p in params:  # train the adapter in fp32 even when the UNet runs in half precision
             p.data = p.data.float()
-        cond = model.embed_prompt(prompt)
+        # c at the images' size: SDXL's time ids say uncropped, as when sampling below
+        cond = model.condition(prompt, 1, images.shape[2], images.shape[3])
         optimizer = torch.optim.AdamW(params, lr=schedule.learning_rate, weight_decay=1e-2)
         generator = torch.Generator().manual_seed(schedule.seed)
         batches = _batches(len(images), schedule.batch_size, schedule.steps, generator)
         for step, batch in enumerate(batches):
-            loss = _denoising_loss(model, images[batch], cond.expand(len(batch), -1, -1), generator)
+            loss = _denoising_loss(model, images[batch], cond.expand(len(batch)), generator)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
