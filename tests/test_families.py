@@ -289,6 +289,28 @@ def test_v_prediction_gives_back_the_noise(sd2v, family_dirs):
     assert sds_minus(oracle, x, inputs).abs().max() < 1e-3 * sds_minus(sd2v, x, inputs).abs().max()
 
 
+def test_fine_tuning_a_v_model_trains_it_on_v(sd2v, family_dirs):
+    """Textual inversion and LoRA use the model's own training target: v for SD 2.x-v."""
+    from mimicshield.mimicry import _denoising_loss
+
+    scheduler = DDPMScheduler.from_pretrained(family_dirs["sd2-v"], subfolder="scheduler")
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    shape = (2, *sd2v.latent_shape(32, 32))
+    replay = torch.Generator().manual_seed(5)  # the loss's own draws: posterior, t, then n
+    torch.randn(shape, generator=replay)
+    torch.randint(0, sd2v.num_train_timesteps, (2,), generator=replay)
+    noise = torch.randn(shape, generator=replay)
+    oracle = dataclasses.replace(sd2v, unet=OracleVelocityUNet(scheduler, noise))
+    cond = sd2v.embed_prompt(PROMPT).expand(2, -1, -1)
+
+    def loss(model) -> float:
+        return _denoising_loss(model, images, cond, torch.Generator().manual_seed(5)).item()
+
+    assert loss(oracle) < 1e-8  # a perfect v model has nothing to learn
+    wrong_target = loss(dataclasses.replace(oracle, prediction_type="epsilon"))
+    assert wrong_target > 1e-4 and wrong_target > 1e4 * loss(oracle)
+
+
 # ------------------------------------------------------------------ SDXL conditioning
 
 

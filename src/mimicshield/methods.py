@@ -74,6 +74,16 @@ def eps_from_v_prediction(v_hat: Tensor, z_t: Tensor, t: Tensor, alphas_cumprod:
     return abar.sqrt() * v_hat + (1 - abar).sqrt() * z_t
 
 
+def v_target(z: Tensor, noise: Tensor, t: Tensor, alphas_cumprod: Tensor) -> Tensor:
+    """v = sqrt(abar_t) n - sqrt(1 - abar_t) z: what a v-prediction model learns to output.
+
+    The training target of SD 2.x-v fine-tunes (textual inversion, LoRA), where an epsilon
+    model's target is n itself.
+    """
+    abar = alphas_cumprod[t].view(-1, 1, 1, 1)
+    return abar.sqrt() * noise - (1 - abar).sqrt() * z
+
+
 def semantic_loss(eps_hat: Tensor, noise: Tensor) -> Tensor:
     """L_S = mean((eps_hat - n)^2) per image, shape (B,)."""
     return (eps_hat - noise).pow(2).flatten(1).mean(1)

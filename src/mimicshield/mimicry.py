@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .methods import v_target
 from .models import Conditioning, LatentDiffusion, sdxl_time_ids
 
 __all__ = [
@@ -507,7 +508,8 @@ def generate(
 def _denoising_loss(
     model: LatentDiffusion, images: Tensor, cond: Tensor | Conditioning, generator: torch.Generator
 ) -> Tensor:
-    """The training loss of the model: || eps_theta(z_t, t, c) - n ||^2, t uniform, z from E(x).
+    """The model's own training loss: || eps_theta(z_t, t, c) - n ||^2, t uniform, z from E(x);
+    for a v-prediction model the target is v instead of n (as it was trained).
 
     ``cond`` is a bare embedding, or a :class:`Conditioning` (SDXL's carries its pooled
     embedding and time ids).
@@ -524,13 +526,16 @@ def _denoising_loss(
     z_t = add_noise(z0, noise, model.alphas_cumprod[t].view(-1, 1, 1, 1))
     if not isinstance(cond, Conditioning):
         cond = Conditioning(cond)
-    eps = model.unet(
+    prediction = model.unet(
         z_t.to(model.dtype),
         t,
         encoder_hidden_states=cond.hidden_states.to(model.dtype),
         added_cond_kwargs=cond.added_cond_kwargs(model.dtype),
     ).sample
-    return F.mse_loss(eps.float(), noise)
+    target = noise
+    if model.prediction_type == "v_prediction":
+        target = v_target(z0, noise, t, model.alphas_cumprod)
+    return F.mse_loss(prediction.float(), target)
 
 
 def _batches(count: int, batch_size: int, steps: int, generator: torch.Generator):
