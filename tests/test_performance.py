@@ -14,11 +14,11 @@ from mimicshield.bench import architecture, bench_images, build_engine_model
 from mimicshield.methods import METHODS
 from mimicshield.performance import (
     AUTO_BATCH_LIMIT,
+    AutoBatchSize,
     FrozenConv2d,
     apply_performance_options,
     attention_processors,
     auto_batch_size,
-    batch_size_for,
     compile_model,
     enable_low_memory,
     offload_unet,
@@ -216,24 +216,24 @@ def test_saved_bytes_grow_with_the_pixel_count(one_thread):
     assert kept == pytest.approx(rate * 64 * 64, rel=0.25)
 
 
-def test_batch_size_for_follows_the_card_and_the_image(monkeypatch):
+def test_auto_batch_size_follows_the_card_and_the_image(monkeypatch):
     model = tiny_model()
-    assert batch_size_for([model], 512, 512) == 1  # the CPU: batches do not pay
+    assert AutoBatchSize([model])(512, 512) == 1  # the CPU: batches do not pay
 
     card = {"total_memory": 0}
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("P", (), card)())
     monkeypatch.setattr("mimicshield.performance.saved_bytes_per_pixel", lambda model: 4000.0)
     model.device = torch.device("cuda")  # a descriptor only: nothing runs on it
+    fitting = AutoBatchSize([model])
     sizes = {}
     for gib in (1, 4, 16, 80):
         card["total_memory"] = gib * 2**30
-        sizes[gib] = batch_size_for([model], 512, 512)
+        sizes[gib] = fitting(512, 512)
     assert sizes[1] == 1 and sizes[80] == AUTO_BATCH_LIMIT
     assert sizes[1] <= sizes[4] <= sizes[16] <= sizes[80]
-    assert batch_size_for([model], 1024, 1024) <= sizes[80]
     card["total_memory"] = 4 * 2**30
-    assert batch_size_for([model], 256, 256) > batch_size_for([model], 512, 512)
-    assert batch_size_for([model], 256, 256, low_memory=True) == 1
+    assert fitting(256, 256) > fitting(512, 512) >= fitting(1024, 1024)
+    assert AutoBatchSize([model], low_memory=True)(256, 256) == 1
 
 
 def test_low_memory_without_prompts_keeps_the_text_encoder():

@@ -204,25 +204,41 @@ def auto_batch_size(
     return max(1, min(limit, int(budget_bytes // per_image_bytes)))
 
 
-def batch_size_for(
-    models: Iterable[LatentDiffusion], height: int, width: int, *, low_memory: bool = False
-) -> int:
-    """``--batch-size auto``: as many images of ``height`` x ``width`` as the card holds.
+class AutoBatchSize:
+    """``--batch-size auto``: as many images of one size as the card holds, a function of the size.
 
     Only on CUDA, where batches pay (8 images cost about 2.3 times one on an H200); elsewhere,
     and with ``--low-memory``, 1. The budget is a share of the card's *total* memory, not of
     what is free right now, so the same device always picks the same batch (and the same bytes).
     If other work holds memory, the runner splits a batch that runs out of memory and retries.
     An ensemble keeps every model's weights but runs one model's step at a time.
+
+    Create it right after loading: it measures the encoder eagerly, which a compiled encoder
+    would do only after compiling again for the measuring size.
     """
-    models = list(models)
-    device = models[0].device
-    if device.type != "cuda" or low_memory:
-        return 1
-    total = torch.cuda.get_device_properties(device).total_memory
-    weights = sum(_parameter_bytes(model) for model in models)
-    per_image = max(saved_bytes_per_pixel(model) for model in models) * height * width
-    return auto_batch_size(per_image * ACTIVATION_SAFETY, MEMORY_HEADROOM * total - weights)
+
+    def __init__(
+        self,
+        models: Iterable[LatentDiffusion],
+        *,
+        low_memory: bool = False,
+        limit: int = AUTO_BATCH_LIMIT,
+    ) -> None:
+        self.models = list(models)
+        self.limit = limit
+        self.enabled = self.models[0].device.type == "cuda" and not low_memory
+        self.bytes_per_pixel = (
+            max(saved_bytes_per_pixel(model) for model in self.models) if self.enabled else 0.0
+        )
+
+    def __call__(self, height: int, width: int) -> int:
+        if not self.enabled:
+            return 1
+        device = self.models[0].device
+        total = torch.cuda.get_device_properties(device).total_memory
+        weights = sum(_parameter_bytes(model) for model in self.models)  # as they are now
+        per_image = self.bytes_per_pixel * height * width * ACTIVATION_SAFETY
+        return auto_batch_size(per_image, MEMORY_HEADROOM * total - weights, self.limit)
 
 
 def _parameter_bytes(model: LatentDiffusion) -> int:

@@ -234,8 +234,9 @@ def protect(
         robust=robust.split(",") if robust else (),
         cuda_graphs=cuda_graphs,
     )
-    from ..performance import apply_performance_options
+    from ..performance import AutoBatchSize, apply_performance_options
 
+    fitting = AutoBatchSize(loaded_models, low_memory=low_memory) if batch is None else None
     for each in loaded_models:
         apply_performance_options(
             each,
@@ -247,10 +248,8 @@ def protect(
         )
 
     def auto_batch(height: int, width: int) -> int:
-        from ..performance import batch_size_for
-
         size = (min(height, tile_size), min(width, tile_size))  # larger images go in tiles
-        return batch_size_for(loaded_models, *size, low_memory=low_memory)
+        return fitting(*size)
 
     single = len(sources) == 1
     header = {
@@ -270,7 +269,7 @@ def protect(
                 out,
                 protector,
                 options=options,
-                batch_size=batch if batch is not None else auto_batch,
+                batch_size=batch if fitting is None else auto_batch,
                 overwrite=overwrite,
                 manifest_header=header,
                 on_image_start=progress.image_started,
