@@ -231,9 +231,13 @@ class AutoBatchSize:
             max(saved_bytes_per_pixel(model) for model in self.models) if self.enabled else 0.0
         )
 
-    def __call__(self, height: int, width: int) -> int:
+    def __call__(self, height: int, width: int, tile_size: int | None = None) -> int:
+        """The batch for images of ``height`` x ``width`` work pixels; larger than ``tile_size``,
+        they are protected in tiles of that size, which is what a batch then holds."""
         if not self.enabled:
             return 1
+        if tile_size is not None:
+            height, width = min(height, tile_size), min(width, tile_size)
         device = self.models[0].device
         total = torch.cuda.get_device_properties(device).total_memory
         weights = sum(_parameter_bytes(model) for model in self.models)  # as they are now

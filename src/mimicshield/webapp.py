@@ -30,6 +30,7 @@ import time
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -216,7 +217,7 @@ class ProtectSettings:
     category: str | None = None
     target: str | None = None  # an uploaded image path (photoguard, mist, sdst-)
     seed: int = 0
-    batch_size: int = 1
+    batch_size: int = 0  # 0: as many as the card holds (``--batch-size auto``)
     posterior: str = "sample"
     sdst_r: float = 5.0
     robust: tuple[str, ...] = ()
@@ -265,8 +266,8 @@ class ProtectSettings:
             )
         if not 0 < self.eps <= 255:
             raise ValueError(f"ε must be between 1 and 255 (in 1/255 units); got {self.eps:g}.")
-        if self.steps < 0 or self.batch_size < 1:
-            raise ValueError("Steps must be at least 0 and the batch size at least 1.")
+        if self.steps < 0 or self.batch_size < 0:
+            raise ValueError("Steps and the batch size must be at least 0 (0: automatic).")
         if self.tile_size < 64:
             raise ValueError(f"The tile size must be at least 64; got {self.tile_size}.")
         if self.file_format not in ("png", "jpeg"):
@@ -521,6 +522,7 @@ class ProtectionService:
         self._gpu = threading.Lock()  # held while a job computes: one at a time
         self._model_lock = threading.Lock()
         self._models: list = []
+        self._auto_batch = None  # the batch-size rule of the loaded models
         self._model_key: tuple | None = None
         self._lpips = None
         self._cancel: dict[str, threading.Event] = {}
@@ -577,12 +579,10 @@ class ProtectionService:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             from .models import load_models
+            from .performance import AutoBatchSize, apply_performance_options
 
-            models = []
-            for source, config, family in zip(
-                settings.model, settings.model_config, settings.family, strict=True
-            ):
-                model = load_models(
+            models = [
+                load_models(
                     source,
                     device=settings.device,
                     dtype=settings.dtype,
@@ -590,14 +590,18 @@ class ProtectionService:
                     single_file_config=config,
                     family=family,
                 )
-                if settings.low_memory or settings.compile_networks:
-                    from .performance import apply_performance_options
-
-                    prompts = [settings.chosen_prompt, ""]  # "" for the SDEdit check
+                for source, config, family in zip(
+                    settings.model, settings.model_config, settings.family, strict=True
+                )
+            ]
+            # measured before --compile, which would compile again for the measuring size
+            self._auto_batch = AutoBatchSize(models, low_memory=settings.low_memory)
+            if settings.low_memory or settings.compile_networks:
+                prompts = [settings.chosen_prompt, ""]  # "" for the SDEdit check
+                for model in models:
                     apply_performance_options(
                         model, prompts, settings.low_memory, settings.compile_networks
                     )
-                models.append(model)
             self._models, self._model_key = models, settings.model_key
             return models
 
@@ -772,7 +776,8 @@ class ProtectionService:
                 out_dir,
                 protector,
                 options=settings.output_options(m.native_size for m in models),
-                batch_size=settings.batch_size,
+                batch_size=settings.batch_size
+                or partial(self._auto_batch, tile_size=settings.tile_size),
                 manifest_header=header,
                 on_image_start=image_started,
                 on_step=step,
@@ -1048,7 +1053,7 @@ ADVANCED = [  # (name, label): the advanced options, in the order of `mimicshiel
     ("device", "Device"),
     ("dtype", "Precision"),
     ("seed", "Seed"),
-    ("batch_size", "Batch size (images of equal size)"),
+    ("batch_size", "Batch size (images of equal size; 0: as many as the GPU holds)"),
     ("posterior", "E(x): posterior sample or mean"),
     ("sdst_r", "sdst- weight r"),
     ("robust", "Harden against purification (EOT)"),
@@ -1227,7 +1232,7 @@ def build_app(service: ProtectionService):
                         ),
                         "seed": gr.Number(value=defaults.seed, precision=0, **opt("seed")),
                         "batch_size": gr.Number(
-                            value=defaults.batch_size, precision=0, minimum=1, **opt("batch_size")
+                            value=defaults.batch_size, precision=0, minimum=0, **opt("batch_size")
                         ),
                         "posterior": gr.Radio(
                             ["sample", "mean"], value=defaults.posterior, **opt("posterior")

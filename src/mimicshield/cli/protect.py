@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 from enum import Enum
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
@@ -247,10 +248,6 @@ def protect(
             method=method,
         )
 
-    def auto_batch(height: int, width: int) -> int:
-        size = (min(height, tile_size), min(width, tile_size))  # larger images go in tiles
-        return fitting(*size)
-
     single = len(sources) == 1
     header = {
         "model": sources[0] if single else sources,
@@ -269,7 +266,7 @@ def protect(
                 out,
                 protector,
                 options=options,
-                batch_size=batch if fitting is None else auto_batch,
+                batch_size=batch if fitting is None else partial(fitting, tile_size=tile_size),
                 overwrite=overwrite,
                 manifest_header=header,
                 on_image_start=progress.image_started,
