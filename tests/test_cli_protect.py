@@ -154,6 +154,8 @@ def test_work_size_option_reaches_the_manifest(tmp_path, folder, preloaded):
         (["--tile-size", "8"], "--tile-size"),
         (["--batch-size", "0"], "at least 1"),
         (["--batch-size", "many"], "a number or 'auto'"),
+        (["--cuda-graphs", "--compile"], "does not combine"),
+        (["--cuda-graphs", "--low-memory"], "does not combine"),
     ],
 )
 def test_bad_options_are_one_line_errors(tmp_path, folder, options, message):

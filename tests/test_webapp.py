@@ -115,6 +115,10 @@ def test_settings_make_the_same_checks_as_the_cli():
         ProtectSettings(work_size="big")
     with pytest.raises(ValueError, match="Unknown method"):
         ProtectSettings(method="nope")
+    with pytest.raises(ValueError, match="do not combine"):
+        ProtectSettings(cuda_graphs=True, low_memory=True)
+    with pytest.raises(ValueError, match="at least 0"):
+        ProtectSettings(batch_size=-1)
     assert ProtectSettings(category="anime").chosen_prompt == "an anime picture"
 
 

@@ -266,6 +266,10 @@ class ProtectSettings:
             )
         if not 0 < self.eps <= 255:
             raise ValueError(f"ε must be between 1 and 255 (in 1/255 units); got {self.eps:g}.")
+        if self.cuda_graphs and (self.compile_networks or self.low_memory):
+            raise ValueError(
+                "CUDA graphs do not combine with torch.compile or low memory; choose one."
+            )
         if self.steps < 0 or self.batch_size < 0:
             raise ValueError("Steps and the batch size must be at least 0 (0: automatic).")
         if self.tile_size < 64:

@@ -154,6 +154,11 @@ def protect(
     if target is not None and not chosen.needs_target:
         raise CLIError(f"--target is only used by photoguard, mist and sdst-, not {method}.")
     batch = _batch_size(batch_size, CLIError)
+    if cuda_graphs and (compile_networks or low_memory):
+        raise CLIError(
+            "--cuda-graphs does not combine with --compile (whose reduce-overhead mode records "
+            "graphs itself) or --low-memory (which moves weights during the step)."
+        )
     if quality is not None and file_format is not FileFormat.jpeg:
         raise CLIError("--quality only applies to --format jpeg.")
     if quality is not None and not 1 <= quality <= 100:
