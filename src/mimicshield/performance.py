@@ -11,11 +11,13 @@ What is already on by default, elsewhere:
   CUDA). :func:`attention_processors` reports it; ``mimicshield bench`` records it.
 
 Also on by default, from here: :func:`stop_saving_frozen_conv_inputs` (``prepare_components``
-calls it), which keeps the encoder backward from storing activations it never uses, and
-:func:`release_text_encoders` (``mimicshield protect`` calls it once the prompt is embedded).
+calls it), which keeps the encoder backward from storing activations it never uses;
+:func:`apply_performance_options`, which frees the networks a method never runs again; and
+:class:`AutoBatchSize` (``--batch-size auto``).
 
-This module adds what trades something away, so it is opt-in: :func:`enable_low_memory` (compute
-for memory) and :func:`compile_model` (start-up time for step time).
+What trades something away is opt-in: :func:`enable_low_memory` (compute for memory),
+:func:`compile_model` (start-up time for step time), :func:`use_channels_last` (a layout to
+measure) and, in :mod:`mimicshield.cudagraphs`, replaying a step from a CUDA graph.
 """
 
 from __future__ import annotations
@@ -132,7 +134,7 @@ def enable_low_memory(
       backward pass, and the block is run again there. This removes most of the activation
       memory of the encoder backward, which dominates every method, for about one more encoder
       forward per step.
-    - The UNet: with ``unet_gradients=False`` (the SDS methods, PhotoGuard), its weights live
+    - The UNet: with ``unet_gradients=False`` (the SDS methods), its weights live
       in CPU memory and stream to a CUDA device one block at a time, overlapped with compute
       (diffusers' group offloading): 1.6 GiB less in bf16 for the SD 1.x UNet. With gradients
       through it (AdvDM, Mist) it stays and uses gradient checkpointing instead, because
