@@ -309,10 +309,12 @@ def _fake_hardware(monkeypatch, *, cuda: bool, bf16: bool = False, mps: bool = F
         (True, False, False, "cuda", torch.float16),
         (False, False, True, "mps", torch.float16),
         (False, False, False, "cpu", torch.float32),
+        (False, True, False, "cpu", torch.bfloat16),  # a CPU with AMX
     ],
 )
 def test_auto_device_and_dtype(cuda, bf16, mps, device, dtype, monkeypatch):
     _fake_hardware(monkeypatch, cuda=cuda, bf16=bf16, mps=mps)
+    monkeypatch.setattr("mimicshield.models._cpu_has_amx", lambda: bf16)
     chosen = resolve_device("auto")
     assert chosen.type == device
     assert resolve_dtype("auto", chosen) == dtype

@@ -81,8 +81,24 @@ _DTYPES = {
 }
 
 
+def _cpu_has_amx() -> bool:
+    """Intel AMX (Sapphire Rapids and later): bf16 matrix units that oneDNN convolutions use.
+
+    Measured on such a Xeon (2 threads): an SD step's networks at 256 px take 3.1 s in bf16
+    against 6.2 s in fp32, and the encoder attack through the real TAEF2 encoder moves the latent
+    99.5-99.8 % as far as in fp32. CPUs without AMX keep fp32 (bf16 there is unmeasured).
+    torch exposes the check only privately, so it is guarded.
+    """
+    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    try:
+        return bool(check()) if check is not None else False
+    except RuntimeError:
+        return False
+
+
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """``auto``: bf16 on CUDA that supports it, fp16 on other CUDA and on MPS, fp32 on the CPU."""
+    """``auto``: bf16 on CUDA that supports it, fp16 on other CUDA and on MPS; on the CPU, bf16
+    where it has AMX and fp32 elsewhere."""
     if isinstance(dtype, torch.dtype):
         return dtype
     name = str(dtype).lower().removeprefix("torch.")
@@ -94,7 +110,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
         return torch.bfloat16 if _cuda_supports_bf16() else torch.float16
     if device.type == "mps":
         return torch.float16
-    return torch.float32
+    return torch.bfloat16 if _cpu_has_amx() else torch.float32
 
 
 def vae_dtype_for(dtype: torch.dtype, force_upcast: bool) -> torch.dtype:

@@ -3,8 +3,8 @@
 What is already on by default, elsewhere:
 
 - frozen weights and eval mode (``load_models``), so no weight gradient is ever computed;
-- bf16 on CUDA that supports it, fp16 on MPS (``resolve_dtype``), the VAE in fp32 only where
-  fp16 overflows (``vae_dtype_for``);
+- bf16 on CUDA that supports it and on CPUs with AMX, fp16 on MPS (``resolve_dtype``), the VAE
+  in fp32 only where fp16 overflows (``vae_dtype_for``);
 - the text embedding and the target latent computed once per run (``Protector``);
 - SDPA attention: diffusers gives every attention layer ``AttnProcessor2_0``, which calls
   ``torch.nn.functional.scaled_dot_product_attention`` (flash or memory-efficient kernels on

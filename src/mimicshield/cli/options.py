@@ -53,7 +53,13 @@ FamilyOpt = Annotated[
     ),
 ]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cuda, mps or cpu")]
-DtypeOpt = Annotated[str, typer.Option(help="auto, fp32, fp16 or bf16")]
+DtypeOpt = Annotated[
+    str,
+    typer.Option(
+        help="auto (bf16 on CUDA with native bf16 and on CPUs with AMX; fp16 on other CUDA and "
+        "on MPS; fp32 otherwise), fp32, fp16 or bf16"
+    ),
+]
 SeedOpt = Annotated[int, typer.Option(help="random seed: same seed, inputs and device, same bytes")]
 MethodOpt = Annotated[str, typer.Option(help="protection method (see `mimicshield methods`)")]
 
