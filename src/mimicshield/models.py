@@ -84,9 +84,9 @@ _DTYPES = {
 def _cpu_has_amx() -> bool:
     """Intel AMX (Sapphire Rapids and later): bf16 matrix units that oneDNN convolutions use.
 
-    Measured on such a Xeon (2 threads): an SD step's networks at 256 px take 3.1 s in bf16
-    against 6.2 s in fp32, and the encoder attack through the real TAEF2 encoder moves the latent
-    99.5-99.8 % as far as in fp32. CPUs without AMX keep fp32 (bf16 there is unmeasured).
+    Measured on such a Xeon (2 threads, BENCHMARKS.md): an ``sds-`` step at 256 px takes 2.3 s
+    in bf16 against 5.8 s in fp32, and the encoder attack through the real TAEF2 encoder moves
+    the latent 99.5-99.8 % as far as in fp32. CPUs without AMX keep fp32 (bf16 there is unmeasured).
     torch exposes the check only privately, so it is guarded.
     """
     check = getattr(torch.cpu, "_is_amx_tile_supported", None)
