@@ -74,3 +74,18 @@ def test_attack_moves_the_real_encoder_far_more_than_noise(setup, method, target
     assert torch.all(ratio >= min_ratio), ratio
     assert torch.all(psnr(protected, clean) >= 30.0)
     assert ((protected - clean).abs() * 255).round().max() <= 8
+
+
+def test_bf16_attacks_the_real_encoder_as_well_as_fp32(setup):
+    """What ``--dtype auto`` picks on AMX CPUs and most GPUs loses next to nothing: the attack
+    computed in bf16 moves the fp32 encoder's latent (nearly) as far as the fp32 attack does."""
+    from mimicshield.taesd import TinyAutoencoderLatents
+
+    model, clean, z0, _ = setup
+    clean, z0 = clean[:1], z0[:1]  # one image: the comparison, not the spread, is the point
+    half = TinyAutoencoderLatents.from_dir(WEIGHTS, dtype=torch.bfloat16)
+    moved = {
+        name: latent_distance(model, Protector(engine, "encoder", eps=EPS, steps=STEPS)(clean), z0)
+        for name, engine in (("fp32", model), ("bf16", half))
+    }
+    assert torch.all(moved["bf16"] >= 0.95 * moved["fp32"]), moved
