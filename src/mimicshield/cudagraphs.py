@@ -77,13 +77,13 @@ class GraphedDirection:
         def step() -> Tensor:
             return self.direction(model, static_x, static_inputs)
 
+        result = self.graph_api.warm_up(step)  # a real error here is the step's own: raise it
         try:
-            result = self.graph_api.warm_up(step)
             graph, static_out = self.graph_api.record(step)
-        except RuntimeError as error:
+        except RuntimeError as error:  # includes running out of memory for the graph's pool
             self.failed = True
             logger.warning("CUDA graphs are off for this run (%s); steps run eagerly.", error)
-            return self.direction(model, x, inputs)
+            return result
         self._key, self._graph = key, graph
         self._static_x, self._static_inputs, self._static_out = static_x, static_inputs, static_out
         return result
