@@ -1,13 +1,15 @@
 """Mimicry (and SDEdit purification) on SD 2.x-v and SDXL tiny random models.
 
 SDEdit conditions the UNet through ``model.condition`` at the image's pixel size, so SDXL gets
-its pooled embedding and the time ids of an uncropped image of that size. img2img, inpainting
-and LoRA run diffusers' SDXL pipelines, which must condition the UNet the same way; textual
-inversion refuses SDXL in one line. Plumbing only: the models are random.
+its pooled embedding and the time ids of an uncropped image of that size. img2img, inpainting,
+LoRA and textual inversion run diffusers' SDXL pipelines, which must condition the UNet the same
+way; textual inversion learns its token in both text encoders. Plumbing only: the models are
+random.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -105,9 +107,6 @@ def test_mimicry_runs_every_paired_scenario_on_sdxl(models, images):
         assert out.shape == images[0].shape and out.min() >= 0 and out.max() <= 1
         total = mimicry.steps(variant)
         assert steps == [(i, total) for i in range(1, total + 1)], variant
-    with pytest.raises(ValueError, match="not SDXL yet") as error:
-        M.textual_inversion_mimicry(model, images)
-    assert "\n" not in str(error.value)
 
 
 def _img2img(model, images, seed, prompt="a photo"):
@@ -227,6 +226,174 @@ def test_lora_mimicry_trains_and_samples_sdxl_at_the_image_size(models, images, 
     after = model.unet.state_dict()
     assert after.keys() == unet_before.keys()
     assert all(torch.equal(after[k], unet_before[k]) for k in after)
+
+
+TOKEN, PROMPT = "<mimicshield>", "an image in the style of <mimicshield>"  # the defaults
+
+
+def _spy_generate(monkeypatch) -> list[dict]:
+    """Record the modules textual inversion samples with, and still sample."""
+    calls: list[dict] = []
+    generate = M.generate
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(M, "generate", spy)
+    return calls
+
+
+def _snapshot(module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def _same(module, snapshot) -> bool:
+    state = module.state_dict()
+    return state.keys() == snapshot.keys() and all(
+        torch.equal(state[k], snapshot[k]) for k in state
+    )
+
+
+def test_sdxl_textual_inversion_learns_one_row_in_each_text_encoder_and_nothing_else(
+    models, images, monkeypatch
+):
+    model = models["sdxl"]
+    own = {
+        "clip_l": (model.text_encoder, model.tokenizer),
+        "clip_g": (model.text_encoder_2, model.tokenizer_2),
+    }
+    before = {key: _snapshot(encoder) for key, (encoder, _) in own.items()}
+    vocabulary = {key: len(tokenizer) for key, (_, tokenizer) in own.items()}
+    unet_before = _snapshot(model.unet)
+    sampled_with = _spy_generate(monkeypatch)
+    schedule = M.TrainingSchedule(steps=2, learning_rate=1e-2)
+    steps: list[int] = []
+
+    samples, learned = M.textual_inversion_mimicry(
+        model,
+        images,
+        schedule,
+        num_samples=2,
+        num_inference_steps=2,
+        callback=lambda s, t: steps.append(s),
+    )
+    assert samples.shape == (2, 3, HEIGHT, WIDTH) and samples.min() >= 0 and samples.max() <= 1
+    assert steps == [1, 2]
+    assert set(learned) == {"clip_l", "clip_g"}
+    assert learned["clip_l"].shape == (32,) and learned["clip_g"].shape == (48,)
+
+    (used,) = sampled_with  # the pipeline samples with the trained copies, not the model's own
+    trained = {
+        "clip_l": (used["text_encoder"], used["tokenizer"]),
+        "clip_g": (used["text_encoder_2"], used["tokenizer_2"]),
+    }
+    for key, (encoder, tokenizer) in trained.items():
+        own_encoder, own_tokenizer = own[key]
+        assert encoder is not own_encoder and tokenizer is not own_tokenizer
+        token_id = tokenizer.convert_tokens_to_ids(TOKEN)
+        assert token_id == vocabulary[key] and len(tokenizer) == vocabulary[key] + 1
+        table = encoder.get_input_embeddings().weight
+        own_table = own_encoder.get_input_embeddings().weight
+        assert table.shape == (vocabulary[key] + 1, own_table.shape[1])
+        assert torch.equal(table[:token_id], own_table), key  # every other row as it was
+        assert torch.equal(table[token_id], learned[key]), key
+        initial = own_table[own_tokenizer("art", add_special_tokens=False).input_ids].mean(0)
+        assert (learned[key] - initial).abs().max() > 1e-3, key  # the new row learned
+
+    for key, (encoder, tokenizer) in own.items():  # the model is left as it was
+        assert _same(encoder, before[key]) and len(tokenizer) == vocabulary[key]
+        assert TOKEN not in tokenizer.get_vocab()
+    assert _same(model.unet, unet_before)
+
+    again = M.textual_inversion_mimicry(
+        model, images, schedule, num_samples=2, num_inference_steps=2
+    )
+    assert torch.equal(again[0], samples)  # the same bytes twice
+    assert all(torch.equal(again[1][key], learned[key]) for key in learned)
+    reseeded = dataclasses.replace(schedule, seed=1)
+    other, _ = M.textual_inversion_mimicry(
+        model, images, reseeded, num_samples=2, num_inference_steps=2
+    )
+    assert not torch.equal(other, samples)
+
+
+def test_sdxl_textual_inversion_conditions_the_unet_as_model_condition_does_with_its_copies(
+    models, images, monkeypatch
+):
+    """Learning rate 0 keeps the copies as they start, so every training step must see exactly
+    what ``model.condition`` gives with the copies in place of the model's text encoders: both
+    encoders' penultimate states (32 + 48 wide), the second's pooled embedding, and the time
+    ids of an uncropped image of the training size. The samples are conditioned on it too."""
+    model = models["sdxl"]
+    sampled_with = _spy_generate(monkeypatch)
+    calls = _spy_unet(model, monkeypatch)
+    schedule = M.TrainingSchedule(steps=2, learning_rate=0.0)
+    M.textual_inversion_mimicry(model, images, schedule, num_samples=1, num_inference_steps=2)
+
+    (used,) = sampled_with
+    for suffix in ("", "_2"):  # each new row starts at the mean of the initializer's rows
+        tokenizer, encoder = used[f"tokenizer{suffix}"], used[f"text_encoder{suffix}"]
+        own_table = getattr(model, f"text_encoder{suffix}").get_input_embeddings().weight
+        initial = own_table[tokenizer("art", add_special_tokens=False).input_ids].mean(0)
+        row = encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(TOKEN)]
+        torch.testing.assert_close(row, initial)
+    names = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+    copies = dataclasses.replace(model, **{n: used[n] for n in names}, _prompt_cache={})
+    want = copies.condition(PROMPT, 1, HEIGHT, WIDTH)
+    assert want.hidden_states.shape == (1, 77, 32 + 48) and want.pooled.shape == (1, 48)
+    # the placeholder is one new token, so the model's own encoders condition differently
+    assert not torch.allclose(model.condition(PROMPT, 1, HEIGHT, WIDTH).pooled, want.pooled)
+
+    assert len(calls) == 2 + 2  # two training steps, then two sampling steps
+    for call in calls[:2]:
+        assert call["sample"].shape == (1, 4, HEIGHT // 8, WIDTH // 8)
+        added = call["added_cond_kwargs"]
+        assert added["time_ids"].tolist() == [[HEIGHT, WIDTH, 0, 0, HEIGHT, WIDTH]]
+        torch.testing.assert_close(call["encoder_hidden_states"], want.hidden_states)
+        torch.testing.assert_close(added["text_embeds"], want.pooled)
+    for call in calls[2:]:  # guidance: the (zero) negative prompt, then the prompt
+        assert call["sample"].shape == (2, 4, HEIGHT // 8, WIDTH // 8)
+        added = call["added_cond_kwargs"]
+        assert added["time_ids"].tolist() == [[HEIGHT, WIDTH, 0, 0, HEIGHT, WIDTH]] * 2
+        torch.testing.assert_close(call["encoder_hidden_states"][1:], want.hidden_states)
+        torch.testing.assert_close(added["text_embeds"][1:], want.pooled)
+        assert not call["encoder_hidden_states"][0].any()
+
+
+def test_mimicry_learns_textual_inversion_on_sdxl(models, images):
+    settings = M.MimicrySettings(ti_steps=2, num_samples=1, sample_steps=2)
+    mimicry = M.Mimicry(models["sdxl"], settings)
+    variant = M.Variant("textual-inversion")
+    steps: list[tuple[int, int]] = []
+    samples, weights = mimicry.run_set(variant, images, lambda s, t: steps.append((s, t)))
+    assert samples.shape == (1, 3, HEIGHT, WIDTH)
+    assert {k: tuple(v.shape) for k, v in weights.items()} == {"clip_l": (32,), "clip_g": (48,)}
+    total = mimicry.steps(variant)
+    assert steps == [(i, total) for i in range(1, total + 1)]
+
+
+def test_mimic_cli_runs_textual_inversion_on_an_sdxl_folder(folders, tmp_path):
+    from PIL import Image
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from mimicshield.cli.main import app
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i, colour in enumerate(((200, 80, 30), (20, 90, 210))):
+        Image.new("RGB", (40, 32), colour).save(inputs / f"{i}.png")
+    out = tmp_path / "out"
+    args = ["mimic", str(inputs), "-o", str(out), "--model", str(folders["sdxl"])]
+    args += ["--device", "cpu", "--dtype", "fp32", "-s", "ti", "--ti-steps", "2"]
+    args += ["--num-samples", "1", "--sample-steps", "2", "--resolution", "32"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    folder = out / "textual-inversion"
+    assert Image.open(folder / "sample_000.png").size == (32, 32)
+    weights = load_file(str(folder / "textual-inversion_weights.safetensors"))
+    assert {k: tuple(v.shape) for k, v in weights.items()} == {"clip_l": (32,), "clip_g": (48,)}
 
 
 def test_mimic_cli_runs_img2img_and_inpainting_on_an_sdxl_folder(folders, tmp_path):

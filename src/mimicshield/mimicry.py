@@ -12,9 +12,9 @@ Five scenarios, all from the paper's evaluation (Xue et al., ICLR 2024, arXiv 23
 * ``textual-inversion`` and ``lora``: learn a token embedding, or DreamBooth-LoRA weights (peft),
   from the whole image set, then generate new images with the learned concept.
 
-SDXL runs every scenario but textual inversion: its pipelines are diffusers' SDXL ones
-(``StableDiffusionXL...Pipeline``, both text encoders), conditioned on the time ids of the
-uncropped image exactly as SDEdit's ``model.condition`` is.
+SDXL runs every scenario: its pipelines are diffusers' SDXL ones (``StableDiffusionXL...Pipeline``,
+both text encoders), conditioned on the time ids of the uncropped image exactly as SDEdit's
+``model.condition`` is. Its textual inversion learns the new token in both text encoders.
 
 The maths of SDEdit is in small pure functions (``add_noise``, ``predict_x0``, ``ddim_step``,
 ``sdedit_timesteps``) so each can be checked against its formula. Images are (N, 3, H, W) in
@@ -233,15 +233,6 @@ def ddim_scheduler(model: LatentDiffusion, steps_offset: int = 1):
     )
 
 
-def _refuse_xl(model: LatentDiffusion, scenario: str) -> None:
-    """Textual inversion does not support SDXL yet; say so in one line, not deep inside."""
-    if model.is_xl:
-        raise ValueError(
-            f"The {scenario} mimicry supports SD 1.x and 2.x models, not SDXL yet; "
-            "use sdedit, img2img, inpaint or lora with SDXL."
-        )
-
-
 # (SD 1.x/2.x class, SDXL class) of each diffusers pipeline the scenarios run
 PIPELINES = {
     "text2img": ("StableDiffusionPipeline", "StableDiffusionXLPipeline"),
@@ -257,10 +248,20 @@ def pipeline_class(kind: str, model: LatentDiffusion):
     return getattr(diffusers, PIPELINES[kind][model.is_xl])
 
 
-def build_pipeline(cls, model: LatentDiffusion, *, unet=None, text_encoder=None, tokenizer=None):
+def build_pipeline(
+    cls,
+    model: LatentDiffusion,
+    *,
+    unet=None,
+    text_encoder=None,
+    tokenizer=None,
+    text_encoder_2=None,
+    tokenizer_2=None,
+):
     """A diffusers pipeline over the already-loaded modules (no safety checker, no reload).
 
-    SDXL gets its own pipelines, with both text encoders and tokenizers and no watermark. Run
+    SDXL gets its own pipelines, with both text encoders and tokenizers and no watermark. Any
+    module given replaces the model's own (textual inversion passes its trained copies). Run
     the pipeline inside :func:`_pipeline_run`, which leaves the model's VAE as it was.
     """
     _require_decoder(model)
@@ -283,7 +284,9 @@ def build_pipeline(cls, model: LatentDiffusion, *, unet=None, text_encoder=None,
         with _quiet_vae_casts():
             vae = copy.deepcopy(model.vae).to(model.dtype)
     text_encoder = text_encoder if text_encoder is not None else model.text_encoder
-    if text_encoder is None or (model.is_xl and model.text_encoder_2 is None):
+    if text_encoder_2 is None:
+        text_encoder_2 = model.text_encoder_2
+    if text_encoder is None or (model.is_xl and text_encoder_2 is None):
         raise ValueError("The text encoder was released; the pipelines need it.")
     common = {
         "vae": vae,
@@ -295,8 +298,8 @@ def build_pipeline(cls, model: LatentDiffusion, *, unet=None, text_encoder=None,
     }
     if model.is_xl:
         extra = {
-            "text_encoder_2": model.text_encoder_2,
-            "tokenizer_2": model.tokenizer_2,
+            "text_encoder_2": text_encoder_2,
+            "tokenizer_2": tokenizer_2 if tokenizer_2 is not None else model.tokenizer_2,
             "image_encoder": None,
             "add_watermarker": False,
         }
@@ -473,15 +476,22 @@ def generate(
     unet=None,
     text_encoder=None,
     tokenizer=None,
+    text_encoder_2=None,
+    tokenizer_2=None,
     callback: StepCallback | None = None,
 ) -> Tensor:
-    """Text-to-image samples; sample i uses seed ``seed + i`` whatever the concept learned."""
+    """Text-to-image samples; sample i uses seed ``seed + i`` whatever the concept learned.
+
+    The modules given replace the model's own (``text_encoder_2``/``tokenizer_2``: SDXL only).
+    """
     pipe = build_pipeline(
         pipeline_class("text2img", model),
         model,
         unet=unet,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
     )
     size = _size_conditioning(model, height, width)
     outputs = []
@@ -558,6 +568,67 @@ class TrainingSchedule:
     seed: int = 0
 
 
+@dataclass(eq=False)
+class _Placeholder:
+    """A copy of one tokenizer and text encoder that learn one new token's embedding row."""
+
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    token_id: int
+    original: Tensor  # the whole input embedding table as initialised
+    frozen: Tensor  # True for every row but the new token's
+
+    @classmethod
+    def add(cls, tokenizer, text_encoder, token: str, initializer: str) -> _Placeholder:
+        """Copy both, add ``token``, start its row at the mean of ``initializer``'s rows."""
+        tokenizer = copy.deepcopy(tokenizer)
+        text_encoder = copy.deepcopy(text_encoder).float()
+        if tokenizer.add_tokens([token]) != 1:
+            raise ValueError(f"The token {token!r} is already in the vocabulary; choose another.")
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        weight = text_encoder.get_input_embeddings().weight
+        init_ids = tokenizer(initializer, add_special_tokens=False).input_ids
+        with torch.no_grad():
+            weight[token_id] = weight[init_ids].mean(dim=0)
+        original = weight.detach().clone()
+        frozen = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
+        frozen[token_id] = False
+        return cls(tokenizer, text_encoder, token_id, original, frozen)
+
+    @property
+    def weight(self) -> Tensor:
+        return self.text_encoder.get_input_embeddings().weight
+
+    def restore_other_rows(self) -> None:
+        """Only the new token's row learns: every other row goes back to its value."""
+        with torch.no_grad():
+            self.weight[self.frozen] = self.original[self.frozen]
+
+    def learned(self) -> Tensor:
+        return self.weight[self.token_id].detach().clone()
+
+
+def _ti_conditioning(
+    model: LatentDiffusion, placeholders: list[_Placeholder], ids: list[Tensor], size
+) -> Tensor | Conditioning:
+    """c of the prompt from the encoder copies being trained, with gradients.
+
+    SD 1.x/2.x: the bare embedding. SDXL: built as ``model.embed_prompt`` and
+    ``model.condition`` build it: both encoders' penultimate hidden states concatenated, the
+    pooled embedding from the second's projection, the time ids of an uncropped image of
+    ``size`` (height, width).
+    """
+    if not model.is_xl:
+        return placeholders[0].text_encoder(ids[0])[0]
+    first, second = (
+        p.text_encoder(i, output_hidden_states=True) for p, i in zip(placeholders, ids, strict=True)
+    )
+    hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+    pooled = second[0]  # CLIPTextModelWithProjection's text_embeds
+    return Conditioning(hidden, pooled, sdxl_time_ids(*size).to(model.device))
+
+
 def textual_inversion_mimicry(
     model: LatentDiffusion,
     images: Tensor,
@@ -571,56 +642,64 @@ def textual_inversion_mimicry(
     num_inference_steps: int = 50,
     callback: StepCallback | None = None,
     sample_callback: StepCallback | None = None,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor | dict[str, Tensor]]:
     """Learn one token embedding on ``images``, then generate ``num_samples`` images with it.
 
     Works on copies of the tokenizer and text encoder, so the loaded model is left as it was.
-    Returns the samples and the learned embedding (shape (hidden,)).
+    Returns the samples and the learned embedding: for SD 1.x/2.x one tensor of shape (hidden,).
+
+    SDXL learns the token in both text encoders at once (the same token added to both
+    tokenizers, one new row in each embedding table), trained on the conditioning
+    ``model.condition`` would build at the images' size, and samples with diffusers' SDXL
+    text-to-image pipeline over both trained copies. Its learned embedding is a dict, in the
+    key names of SDXL embedding files: ``{"clip_l": (hidden,), "clip_g": (hidden_2,)}``, the
+    first (``text_encoder``) and second (``text_encoder_2``) encoder's row.
     """
-    _refuse_xl(model, "textual-inversion")
     if model.text_encoder is None or model.tokenizer is None:
         raise ValueError("Textual inversion needs the text encoder and tokenizer.")
-    tokenizer = copy.deepcopy(model.tokenizer)
-    text_encoder = copy.deepcopy(model.text_encoder).float()
-    if tokenizer.add_tokens([token]) != 1:
-        raise ValueError(f"The token {token!r} is already in the vocabulary; choose another.")
-    token_id = tokenizer.convert_tokens_to_ids(token)
-    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    weight = text_encoder.get_input_embeddings().weight
-    init_ids = tokenizer(initializer, add_special_tokens=False).input_ids
-    with torch.no_grad():
-        weight[token_id] = weight[init_ids].mean(dim=0)
-    original = weight.detach().clone()
-    frozen = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
-    frozen[token_id] = False
+    if model.is_xl and (model.text_encoder_2 is None or model.tokenizer_2 is None):
+        raise ValueError("SDXL textual inversion needs both text encoders and tokenizers.")
+    pairs = [(model.tokenizer, model.text_encoder)]
+    if model.is_xl:
+        pairs.append((model.tokenizer_2, model.text_encoder_2))
+    placeholders = [_Placeholder.add(t, e, token, initializer) for t, e in pairs]
 
     prompt = template.format(token)
-    ids = tokenizer(
-        prompt,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids.to(model.device)
-    weight.requires_grad_(True)
-    optimizer = torch.optim.AdamW([weight], lr=schedule.learning_rate, weight_decay=0.0)
+    ids = [model._tokens(p.tokenizer, prompt) for p in placeholders]
+    weights = [p.weight for p in placeholders]
+    for weight in weights:
+        weight.requires_grad_(True)
+    optimizer = torch.optim.AdamW(weights, lr=schedule.learning_rate, weight_decay=0.0)
     generator = torch.Generator().manual_seed(schedule.seed)
+    size = (images.shape[2], images.shape[3])
     for step, batch in enumerate(
         _batches(len(images), schedule.batch_size, schedule.steps, generator)
     ):
-        cond = text_encoder(ids)[0].expand(len(batch), -1, -1)
+        cond = _ti_conditioning(model, placeholders, ids, size)
+        if isinstance(cond, Conditioning):
+            cond = cond.expand(len(batch))
+        else:
+            cond = cond.expand(len(batch), -1, -1)
         loss = _denoising_loss(model, images[batch], cond, generator)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():  # only the new token's row learns
-            weight[frozen] = original[frozen]
+        for placeholder in placeholders:  # only the new token's rows learn
+            placeholder.restore_other_rows()
         if callback is not None:
             callback(step + 1, schedule.steps)
-    weight.requires_grad_(False)
-    learned = weight[token_id].detach().clone()
+    for weight in weights:
+        weight.requires_grad_(False)
+    learned = [p.learned().float().cpu() for p in placeholders]
 
-    text_encoder.to(model.dtype)
+    for placeholder in placeholders:
+        placeholder.text_encoder.to(model.dtype)
+    second = {}
+    if model.is_xl:
+        second = {
+            "text_encoder_2": placeholders[1].text_encoder,
+            "tokenizer_2": placeholders[1].tokenizer,
+        }
     samples = generate(
         model,
         prompt,
@@ -630,11 +709,14 @@ def textual_inversion_mimicry(
         guidance_scale=guidance_scale,
         num_inference_steps=num_inference_steps,
         seed=schedule.seed,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
+        text_encoder=placeholders[0].text_encoder,
+        tokenizer=placeholders[0].tokenizer,
         callback=sample_callback,
+        **second,
     )
-    return samples, learned.float().cpu()
+    if model.is_xl:
+        return samples, {"clip_l": learned[0], "clip_g": learned[1]}
+    return samples, learned[0]
 
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -966,7 +1048,11 @@ class Mimicry:
     def run_set(
         self, variant: Variant, images: Tensor, callback=None
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Learn a concept from (N, 3, H, W) images and sample; returns samples and weights."""
+        """Learn a concept from (N, 3, H, W) images and sample; returns samples and weights.
+
+        The weights of textual inversion are ``{"learned_embedding": (hidden,)}``, or for SDXL
+        ``{"clip_l": (hidden,), "clip_g": (hidden_2,)}`` (one row per text encoder).
+        """
         s = self.settings
         steps_done = 0
         total = self.steps(variant)
@@ -991,8 +1077,10 @@ class Mimicry:
         }
         if variant.scenario == "textual-inversion":
             schedule = TrainingSchedule(s.ti_steps, s.ti_learning_rate, seed=s.seed)
-            samples, embedding = textual_inversion_mimicry(self.model, images, schedule, **common)
-            return samples, {"learned_embedding": embedding}
+            samples, learned = textual_inversion_mimicry(self.model, images, schedule, **common)
+            if isinstance(learned, dict):  # SDXL: one row per text encoder, clip_l and clip_g
+                return samples, learned
+            return samples, {"learned_embedding": learned}
         if variant.scenario == "lora":
             schedule = TrainingSchedule(s.lora_steps, s.lora_learning_rate, seed=s.seed)
             return lora_mimicry(self.model, images, schedule, rank=s.lora_rank, **common)
