@@ -6,6 +6,7 @@ import dataclasses
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -170,3 +171,28 @@ def test_ctrl_c_says_how_to_resume(tmp_path, folder, preloaded, monkeypatch):
     monkeypatch.setattr("mimicshield.runner.protect_files", interrupted)
     result = invoke(str(folder), "-o", str(tmp_path / "out"))
     assert result.exit_code == 130 and "run the same command again" in result.output
+
+
+def test_progress_reports_how_long_the_first_step_took_once():
+    """With --compile the first step compiles: its time is printed once, then never again."""
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from mimicshield.cli.progress import ProtectProgress
+
+    out = io.StringIO()
+    console = Console(file=out, width=200)
+    item = SimpleNamespace(path=Path("a.png"))
+    with ProtectProgress(2, 3, console=console, first_step_note="first {seconds:.1f} s") as bars:
+        for _ in range(2):
+            bars.image_started(item, 1)
+            for step in range(1, 4):
+                bars.step(step, 3)
+    assert out.getvalue().count("first ") == 1
+    quiet = io.StringIO()
+    with ProtectProgress(1, 2, console=Console(file=quiet, width=200)) as bars:
+        bars.image_started(item, 1)
+        bars.step(1, 2)
+    assert "first" not in quiet.getvalue()

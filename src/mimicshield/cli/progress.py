@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 from rich.console import Console
@@ -20,9 +21,17 @@ if TYPE_CHECKING:
 
 
 class ProtectProgress:
-    """Two bars on stderr: the current image (or batch) and the whole run, both with ETA."""
+    """Two bars on stderr: the current image (or batch) and the whole run, both with ETA.
 
-    def __init__(self, total_images: int, steps: int, console: Console) -> None:
+    ``first_step_note``, if given, is printed once the first step is done, with ``{seconds}``
+    filled in: how long the first step took (``--compile`` compiles during it).
+    """
+
+    def __init__(
+        self, total_images: int, steps: int, console: Console, first_step_note: str | None = None
+    ) -> None:
+        self.first_step_note = first_step_note
+        self._started_at: float | None = None
         self.steps = max(steps, 1)
         self.progress = Progress(
             TextColumn("{task.description}", justify="left"),
@@ -49,12 +58,18 @@ class ProtectProgress:
     def image_started(self, item, batch: int) -> None:
         label = item.path.name if batch == 1 else f"{item.path.name} (+{batch - 1})"
         self.batch = batch
+        if self._started_at is None:
+            self._started_at = time.perf_counter()
         self.progress.reset(self.current, total=self.steps, description=label, visible=True)
 
     def step(self, step: int, total: int) -> None:
         # ``total`` exceeds the step count when a large image is protected tile by tile.
         self.progress.update(self.current, completed=step, total=total)
         self.progress.update(self.overall, advance=self.batch * self.steps / max(total, 1))
+        if self.first_step_note and self._started_at is not None:
+            seconds = time.perf_counter() - self._started_at
+            self.progress.console.print(self.first_step_note.format(seconds=seconds))
+            self.first_step_note = None
 
     def image_done(self, result: FileResult) -> None:
         if result.status != "protected":

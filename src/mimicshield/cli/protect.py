@@ -41,6 +41,7 @@ BATCH_SIZE_HELP = (
     "elsewhere 1)"
 )
 COMPILE_HELP = "torch.compile the networks: faster steps after a slow first step per image size"
+COMPILE_NOTE = "torch.compile: the first step took {seconds:.1f} s, compilation included"
 CUDA_GRAPHS_HELP = "CUDA: record a step once and replay it (small batches; experimental)"
 
 
@@ -265,7 +266,8 @@ def protect(
     }
     started = time.perf_counter()
     try:
-        with ProtectProgress(len(files), steps, console=err) as progress:
+        note = COMPILE_NOTE if compile_networks else None
+        with ProtectProgress(len(files), steps, console=err, first_step_note=note) as progress:
             report = protect_files(
                 files,
                 out,
