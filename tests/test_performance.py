@@ -84,6 +84,23 @@ def test_low_memory_offloads_the_unet_only_without_unet_gradients(method, monkey
     assert not offloaded[1:]
 
 
+@pytest.mark.parametrize(("method", "compiles_unet"), [("sds-", False), ("advdm+", True)])
+def test_a_streamed_unet_is_not_compiled(method, compiles_unet, monkeypatch):
+    """Offloading hooks move weights mid-forward: compiling through them is not attempted."""
+    from mimicshield import performance
+
+    compiled = []
+    monkeypatch.setattr(performance, "offload_unet", lambda model: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: compiled.append(self))
+    model = tiny_model()
+    model.embed_prompt("a photo")
+    model.device = torch.device("cuda")  # a descriptor only: nothing runs on it
+    apply_performance_options(model, ["a photo"], True, True, method=method)
+    assert model.vae.encoder in compiled
+    assert (model.unet in compiled) is compiles_unet
+
+
 @pytest.mark.parametrize("method", ["photoguard", "encoder"])
 def test_methods_without_the_unet_drop_it_and_keep_their_results(method, one_thread):
     images = bench_images(2, 32, seed=7)

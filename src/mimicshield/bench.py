@@ -53,7 +53,6 @@ from .mps import check_mps_dtype
 from .performance import (
     apply_performance_options,
     attention_processors,
-    compile_model,
     synchronize,
     use_channels_last,
 )
@@ -740,13 +739,16 @@ def _bench_engine(settings: BenchSettings, device, dtype, measure, environment: 
     for methods in groups.values():
         model = build_engine_model(architecture(settings.tiny), device, dtype, seed=settings.seed)
         environment.setdefault("attention", attention_processors(model))
-        apply_performance_options(
-            model, [BENCH_PROMPT], settings.low_memory, False, method=methods[0]
-        )
         if settings.channels_last:
             use_channels_last(model)
-        if settings.compile:
-            compile_model(model, mode=settings.compile_mode)
+        apply_performance_options(
+            model,
+            [BENCH_PROMPT],
+            settings.low_memory,
+            settings.compile,
+            method=methods[0],
+            compile_mode=settings.compile_mode,
+        )
         _bench_engine_methods(settings, model, methods, measure)
         del model
         _release(device)

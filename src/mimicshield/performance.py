@@ -127,8 +127,9 @@ def release_text_encoders(model: LatentDiffusion, prompts: Iterable[str]) -> Non
 
 def enable_low_memory(
     model: LatentDiffusion, prompts: Iterable[str] = (), *, unet_gradients: bool = True
-) -> None:
-    """Trade some compute for a smaller peak: for 4 GB cards and for large batches.
+) -> bool:
+    """Trade some compute for a smaller peak: for 4 GB cards and for large batches. Returns
+    whether the UNet's weights now stream from CPU memory.
 
     - Gradient checkpointing in the VAE encoder: only each block's input is kept for the
       backward pass, and the block is run again there. This removes most of the activation
@@ -150,10 +151,12 @@ def enable_low_memory(
         model.unet.enable_gradient_checkpointing()
         if model.device.type == "mps" or not uses_sdpa(model):
             model.unet.set_attention_slice("auto")
-        if not unet_gradients and model.device.type == "cuda":
-            offload_unet(model)
+    streamed = model.unet is not None and not unet_gradients and model.device.type == "cuda"
+    if streamed:
+        offload_unet(model)
     if model.device.type == "cuda":
         torch.cuda.empty_cache()
+    return streamed
 
 
 def offload_unet(model: LatentDiffusion, offload_device: str | torch.device = "cpu") -> None:
@@ -274,6 +277,7 @@ def compile_model(
     *,
     mode: str | None = None,
     warmup: Callable[[], object] | None = None,
+    unet: bool = True,
 ) -> float:
     """``torch.compile`` the UNet and the VAE encoder in place; returns the compile seconds.
 
@@ -285,9 +289,11 @@ def compile_model(
         mode: a ``torch.compile`` mode: None (the default), ``"max-autotune-no-cudagraphs"``
             (longer compile, sometimes faster kernels) or ``"reduce-overhead"`` (CUDA graphs,
             for small batches where kernel launches dominate).
+        unet: also the UNet; not one whose weights stream from CPU memory, whose offloading
+            hooks move weights in the middle of its forward pass.
     """
     model.vae.encoder.compile(mode=mode)
-    if model.unet is not None:
+    if unet and model.unet is not None:
         model.unet.compile(mode=mode)
     if warmup is None:
         return 0.0
@@ -313,14 +319,16 @@ def apply_performance_options(
     console=None,
     *,
     method: str | None = None,
+    compile_mode: str | None = None,
 ) -> None:
     """What ``mimicshield protect`` does after loading, for one ``method``.
 
     First the networks the method will not run again go: the text encoders once ``prompts`` are
     embedded, and the whole UNet for the methods that never call it (PhotoGuard, the encoder
     attack: 1.6 GiB in bf16). Then ``--low-memory`` and ``--compile`` apply; ``--low-memory``
-    streams the UNet when the method does not backpropagate through it. Without ``method``
-    (a model that other work shares, as in the web app) the UNet always stays.
+    streams the UNet when the method does not backpropagate through it (and ``--compile``
+    then leaves that UNet eager); ``compile_mode`` is a ``torch.compile`` mode. Without
+    ``method`` (a model that other work shares, as in the web app) the UNet always stays.
     """
     spec = get_method(method) if method is not None else None
     if spec is not None and not spec.needs_unet:
@@ -328,10 +336,11 @@ def apply_performance_options(
         model.release_text_encoder()  # no UNet, no use for a prompt
     else:
         release_text_encoders(model, prompts)
-    if low_memory:
-        enable_low_memory(model, unet_gradients=spec is None or spec.backprops_unet)
+    streamed = low_memory and enable_low_memory(
+        model, unet_gradients=spec is None or spec.backprops_unet
+    )
     if compile:
-        compile_model(model)
+        compile_model(model, mode=compile_mode, unet=not streamed)
         if console is not None:
             console.print(
                 "torch.compile: the first step at each new image size compiles the networks "
