@@ -355,3 +355,14 @@ def test_protect_low_memory_writes_the_same_bytes(tiny_model_dir, tmp_path, one_
         outputs[name] = np.asarray(Image.open(out / "in.png"))
     np.testing.assert_array_equal(outputs["lean"], outputs["plain"])
     np.testing.assert_array_equal(outputs["graphs"], outputs["plain"])
+
+
+def test_cpu_convolutions_are_stored_channels_last(tiny_model):
+    """The CPU's faster layout (BENCHMARKS.md), through the real loader; GPUs keep NCHW until
+    the bench says otherwise."""
+    from mimicshield.models import convolution_layout
+
+    for conv in (tiny_model.vae.encoder.conv_in, tiny_model.unet.conv_in):
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+        assert not conv.weight.is_contiguous()  # really NHWC, not a 1x1 coincidence
+    assert convolution_layout(torch.device("cuda")) == torch.contiguous_format

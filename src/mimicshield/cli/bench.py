@@ -113,7 +113,10 @@ def bench(
     ] = False,
     channels_last: Annotated[
         bool,
-        typer.Option("--channels-last", help="NHWC convolution weights (an experiment to measure)"),
+        typer.Option(
+            "--channels-last",
+            help="NHWC convolution weights (already the CPU default; to measure on GPUs)",
+        ),
     ] = False,
     cuda_graphs: Annotated[
         bool, typer.Option("--cuda-graphs", help="replay each step from a CUDA graph")
