@@ -40,7 +40,10 @@ BATCH_SIZE_HELP = (
     "images of equal size per batch: N, or auto (CUDA: as many as the card holds, up to 8; "
     "elsewhere 1)"
 )
-COMPILE_HELP = "torch.compile the networks: faster steps after a slow first step per image size"
+COMPILE_HELP = (
+    "torch.compile the networks (GPUs): faster steps after a slow first step per image size; "
+    "slower on the CPU (BENCHMARKS.md)"
+)
 COMPILE_NOTE = "torch.compile: the first step took {seconds:.1f} s, compilation included"
 CUDA_GRAPHS_HELP = "CUDA: record a step once and replay it (small batches; experimental)"
 
