@@ -196,3 +196,10 @@ def test_progress_reports_how_long_the_first_step_took_once():
         bars.image_started(item, 1)
         bars.step(1, 2)
     assert "first" not in quiet.getvalue()
+
+
+def test_compile_on_the_cpu_warns_that_it_is_slower(tmp_path, folder, preloaded, monkeypatch):
+    monkeypatch.setattr("mimicshield.performance.compile_model", lambda model, **kwargs: 0.0)
+    result = invoke(str(folder / "art.png"), "-o", str(tmp_path / "out"), "--compile")
+    assert result.exit_code == 0, result.output
+    assert "slower on the CPU" in " ".join(result.output.split())

@@ -226,6 +226,11 @@ def protect(
             )
     loaded = loaded_models[0]
     engine = loaded if len(loaded_models) == 1 else Ensemble(loaded_models, model_weight)
+    if compile_networks and loaded.device.type == "cpu":
+        err.print(
+            "[yellow]warning:[/yellow] --compile made steps slower on the CPU where it was "
+            "measured (BENCHMARKS.md); it pays on GPUs."
+        )
     if work_size is None:
         sizes = [m.native_size for m in loaded_models]
         options = replace(options, work_size=default_work_size(options.work_size, sizes))
