@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .images import IMAGE_SUFFIXES, load_image
+from .images import IMAGE_SUFFIXES, load_image, save_png
 from .metrics import LPIPS, psnr, ssim
-from .mimicry import Mimicry, MimicrySettings, Variant, fit_image, save_png
+from .mimicry import Mimicry, MimicrySettings, Variant, fit_image
 
 __all__ = [
     "CLEAN",

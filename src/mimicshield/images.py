@@ -625,3 +625,35 @@ def remove_partial_files(folder: Path) -> list[Path]:
                 path.unlink(missing_ok=True)
                 removed.append(path)
     return removed
+
+
+# --- plain 8-bit pictures (mimicry samples, previews, the PIL side of the Python API) -----------
+# Protected outputs go through :func:`save_image`, which keeps the input's depth and metadata.
+
+
+def to_pil(image: Tensor) -> Image.Image:
+    """(3, H, W) in [0, 1] -> an 8-bit RGB PIL image."""
+    array = (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+    return Image.fromarray(array.permute(1, 2, 0).numpy())
+
+
+def from_pil(image: Image.Image) -> Tensor:
+    """A PIL image (any mode) -> (3, H, W) RGB in [0, 1]."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def save_png(image: Tensor, path: Path, alpha: np.ndarray | None = None) -> Path:
+    """Save a (3, H, W) image in [0, 1] as an 8-bit PNG, creating folders as needed.
+
+    ``alpha`` (H, W), uint8 or uint16 as :func:`load_image` returns it, is attached unchanged
+    (16-bit alpha is reduced to 8 bits), so a transparent image stays so.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    picture = to_pil(image)
+    if alpha is not None:
+        alpha8 = (alpha >> 8).astype(np.uint8) if alpha.dtype == np.uint16 else alpha
+        picture.putalpha(Image.fromarray(alpha8.astype(np.uint8), mode="L"))
+    picture.save(path, format="PNG")
+    return path

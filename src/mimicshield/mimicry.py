@@ -63,7 +63,6 @@ __all__ = [
     "predict_x0",
     "sdedit",
     "sdedit_latents",
-    "save_png",
     "sdedit_timesteps",
     "textual_inversion_mimicry",
 ]
@@ -919,35 +918,8 @@ def fit_image(image: Tensor, resolution: int, multiple: int = 8) -> Tensor:
     return image[:, top : top + crop_h, left : left + crop_w].contiguous()
 
 
-def to_pil(image: Tensor):
-    """(3, H, W) in [0, 1] -> an 8-bit RGB PIL image."""
-    from PIL import Image
-
-    array = (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
-    return Image.fromarray(array.permute(1, 2, 0).numpy())
-
-
-def save_png(image: Tensor, path: Path, alpha: np.ndarray | None = None) -> Path:
-    """Save a (3, H, W) image in [0, 1] as an 8-bit PNG, creating folders as needed.
-
-    ``alpha`` (H, W), uint8 or uint16 as :func:`~mimicshield.images.load_image` returns it, is
-    attached unchanged (16-bit alpha is reduced to 8 bits), so a transparent image stays so.
-    """
-    from PIL import Image
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    picture = to_pil(image)
-    if alpha is not None:
-        alpha8 = (alpha >> 8).astype(np.uint8) if alpha.dtype == np.uint16 else alpha
-        picture.putalpha(Image.fromarray(alpha8.astype(np.uint8), mode="L"))
-    picture.save(path, format="PNG")
-    return path
-
-
 def load_mask(path: Path, height: int, width: int) -> Tensor:
     """A mask image as (1, H, W) in {0, 1}, 1 = regenerate (white), resized with nearest."""
-    import numpy as np
     from PIL import Image
 
     with Image.open(path) as opened:

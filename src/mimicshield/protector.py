@@ -15,6 +15,7 @@ from .attack import projected_sign_steps, quantize_within_budget
 from .cudagraphs import GraphedDirection, can_use_cuda_graphs
 from .defaults import DEFAULT_METHOD
 from .ensemble import members, weighted_direction
+from .images import from_pil, to_pil
 from .methods import SDST_DEFAULT_R, StepInputs, get_method
 from .robust import EOT, parse_robust
 from .targets import target_pattern
@@ -132,8 +133,8 @@ class Protector:
 
         single = isinstance(images, Image.Image)
         pil_images = [images] if single else list(images)
-        outputs = [self.protect(_pil_to_tensor(im)[None], **kwargs).images[0] for im in pil_images]
-        results = [_tensor_to_pil(out) for out in outputs]
+        outputs = [self.protect(from_pil(im)[None], **kwargs).images[0] for im in pil_images]
+        results = [to_pil(out) for out in outputs]
         return results[0] if single else results
 
     def protect(
@@ -276,18 +277,4 @@ def _check_images(images: Tensor) -> None:
 def _as_tensor01(image) -> Tensor:
     if isinstance(image, Tensor):
         return image.float()
-    return _pil_to_tensor(image)
-
-
-def _pil_to_tensor(image) -> Tensor:
-    import numpy as np
-
-    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
-
-
-def _tensor_to_pil(image: Tensor):
-    from PIL import Image
-
-    array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    return Image.fromarray(array)
+    return from_pil(image)

@@ -29,7 +29,7 @@ _DECIMALS = {"psnr": 2, "ssim": 4, "lpips": 4, "linf_255": 1, "clip": 4, "fid": 
 
 def thumbnail(image: Tensor, max_side: int = 256, quality: int = 90) -> str:
     """A (3, H, W) image in [0, 1] as a JPEG data URI, downscaled to at most ``max_side``."""
-    from .mimicry import to_pil
+    from .images import to_pil
 
     image = image.detach().float().cpu()
     _, height, width = image.shape

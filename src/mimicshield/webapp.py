@@ -830,7 +830,8 @@ class ProtectionService:
     ) -> CheckResult:
         """SDEdit (strength 0.3, the job's seed) of the clean and the protected image, at the
         model's native resolution (the square crop an attacker feeds it), with LPIPS."""
-        from .mimicry import fit_image, save_png, sdedit
+        from .images import save_png
+        from .mimicry import fit_image, sdedit
 
         progress = progress or JobProgress()
         image = job.image(name)

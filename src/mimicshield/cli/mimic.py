@@ -212,8 +212,8 @@ def mimic(
     import torch
     from rich.console import Console
 
-    from ..images import ImageFileError, load_image
-    from ..mimicry import fit_image, save_png
+    from ..images import ImageFileError, load_image, save_png
+    from ..mimicry import fit_image
     from ..runner import collect_inputs
     from .errors import CLIError
 

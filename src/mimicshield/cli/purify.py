@@ -63,8 +63,7 @@ def purify(
     import torch
     from rich.console import Console
 
-    from ..images import ImageFileError, load_image
-    from ..mimicry import save_png
+    from ..images import ImageFileError, load_image, save_png
     from ..purify import NotApplicableError, parse_purifications
     from ..runner import collect_inputs
     from .errors import CLIError
@@ -146,8 +145,7 @@ def write_purified_folders(
     import torch
 
     from ..evaluation import CLEAN, pair_folders
-    from ..images import load_image
-    from ..mimicry import save_png
+    from ..images import load_image, save_png
 
     if not purifications:
         return []
