@@ -203,3 +203,16 @@ def test_compile_on_the_cpu_warns_that_it_is_slower(tmp_path, folder, preloaded,
     result = invoke(str(folder / "art.png"), "-o", str(tmp_path / "out"), "--compile")
     assert result.exit_code == 0, result.output
     assert "slower on the CPU" in " ".join(result.output.split())
+
+
+def test_a_small_image_is_protected_at_its_own_size(tmp_path, preloaded):
+    """At the default work size a thumbnail must still carry a perturbation (it is not upscaled,
+    which would average the perturbation away on the way back)."""
+    image = tmp_path / "thumb.png"
+    Image.fromarray(noise(40, 48, seed=9)).save(image)
+    defaults = ["--work-size", "512", "--method", "sds-", "--steps", "3", "--step-size", "1"]
+    result = invoke(str(image), "-o", str(tmp_path / "out"), *defaults)
+    assert result.exit_code == 0, result.output
+    changed = np.asarray(Image.open(tmp_path / "out" / "thumb.png")).astype(int)
+    # three signed steps of 1/255 move most pixels; averaged away, few would move at all
+    assert np.abs(changed - np.asarray(Image.open(image)).astype(int)).mean() > 0.5

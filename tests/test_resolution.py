@@ -34,6 +34,8 @@ def test_work_shape_keeps_the_aspect_ratio_on_the_shorter_side():
     assert work_shape(389, 517, 64) == (64, 85)
     assert work_shape(3000, 4000, 512) == (512, 683)
     assert work_shape(389, 517, None) == (389, 517)
+    assert work_shape(40, 48, 512) == (40, 48)  # never upscaled
+    assert work_shape(512, 700, 512) == (512, 700)
 
 
 def test_reflection_padding_reaches_a_multiple_of_8_and_tiny_images_replicate():

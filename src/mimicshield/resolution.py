@@ -7,7 +7,8 @@ without ever stretching or cropping the user's picture:
 - ``work_size=None`` ("native"): protect at full resolution; pad by reflection to a multiple of 8
   and crop the padding off again.
 - ``work_size=N``: compute the perturbation with the shorter side at N (the aspect ratio kept),
-  then resize the *perturbation*, not the image, back onto the original. Bilinear resizing is a
+  then resize the *perturbation*, not the image, back onto the original. Smaller images are
+  protected at their own size (never upscaled). Bilinear resizing is a
   convex combination, so the resized perturbation stays within the budget.
 - Work images larger than ``tile_size`` on a side are protected in overlapping tiles whose
   perturbations are cross-faded with linear ramps: a convex blend again (every pixel within eps)
@@ -51,8 +52,13 @@ def parse_work_size(text: str | int | None) -> int | None:
 
 
 def work_shape(height: int, width: int, work_size: int | None) -> tuple[int, int]:
-    """(height, width) the perturbation is computed at: the shorter side at ``work_size``."""
-    if work_size is None or min(height, width) == work_size:
+    """(height, width) the perturbation is computed at: the shorter side down to ``work_size``.
+
+    Images already at or below ``work_size`` keep their own size. Upscaling them would put the
+    perturbation on a finer grid than the file has, and resizing it back averages neighbouring
+    signs away: a 40x48 image protected at 512 came out unchanged after 8-bit rounding.
+    """
+    if work_size is None or min(height, width) <= work_size:
         return height, width
     scale = work_size / min(height, width)
     return max(1, round(height * scale)), max(1, round(width * scale))

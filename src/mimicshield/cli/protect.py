@@ -104,8 +104,9 @@ def protect(
         str | None,
         typer.Option(
             help="'native' (full resolution), or N: compute the perturbation with the shorter "
-            "side at N and resize it back onto the original (default measured, see README; "
-            "raised to the model's own size: 768 for SD 2.x-v, 1024 for SDXL)"
+            "side at N and resize it back onto the original; smaller images keep their size "
+            "(default measured, see README; raised to the model's own size: 768 for SD 2.x-v, "
+            "1024 for SDXL)"
         ),
     ] = None,
     tile_size: Annotated[
