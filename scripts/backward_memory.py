@@ -19,14 +19,14 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from mimicshield.bench import SD1_TEXT, SD1_UNET, SD1_VAE
-from mimicshield.performance import stop_saving_frozen_conv_inputs
+from mimicshield.performance import (
+    parameter_bytes,
+    saved_tensor_bytes,
+    stop_saving_frozen_conv_inputs,
+)
 
 GIB = 2**30
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def weight_bytes(module: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
 def encoder(dtype: torch.dtype, *, frozen_convs: bool, checkpointing: bool) -> AutoencoderKL:
@@ -39,20 +39,6 @@ def encoder(dtype: torch.dtype, *, frozen_convs: bool, checkpointing: bool) -> A
     if checkpointing:
         vae.enable_gradient_checkpointing()
     return vae
-
-
-def saved_activation_bytes(function, *args) -> int:
-    """Bytes of the distinct non-parameter tensors autograd keeps for ``function``'s backward."""
-    saved: dict[int, int] = {}
-
-    def pack(tensor):
-        if not isinstance(tensor, torch.nn.Parameter):
-            saved[id(tensor)] = tensor.numel() * tensor.element_size()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        function(*args)
-    return sum(saved.values())
 
 
 def meta_input(batch: int, channels: int, res: int, dtype: torch.dtype) -> torch.Tensor:
@@ -74,16 +60,16 @@ def main() -> None:
     plain = encoder(dtype, frozen_convs=False, checkpointing=False)
     print(f"SD 1.x, {args.res} px, batch {args.batch}, {args.dtype}")
     print(
-        f"weights: UNet {weight_bytes(unet) / GIB:.3f} GiB, VAE encoder "
-        f"{weight_bytes(plain) / GIB:.3f} GiB, text encoder "
-        f"{weight_bytes(text_encoder) / GIB:.3f} GiB"
+        f"weights: UNet {parameter_bytes(unet) / GIB:.3f} GiB, VAE encoder "
+        f"{parameter_bytes(plain) / GIB:.3f} GiB, text encoder "
+        f"{parameter_bytes(text_encoder) / GIB:.3f} GiB"
     )
     print("activations saved for the encoder backward:")
     x = meta_input(args.batch, 3, args.res, dtype)
     for frozen_convs in (False, True):
         for checkpointing in (False, True):
             vae = encoder(dtype, frozen_convs=frozen_convs, checkpointing=checkpointing)
-            saved = saved_activation_bytes(vae.encode, x)
+            saved = saved_tensor_bytes(vae.encode, x)
             print(
                 f"  frozen convolutions {frozen_convs!s:5}  checkpointing {checkpointing!s:5}"
                 f"  {saved / GIB:.3f} GiB"
@@ -93,7 +79,7 @@ def main() -> None:
     hidden = meta_input(args.batch, SD1_VAE["block_out_channels"][0], args.res, dtype)
     for frozen_convs in (False, True):
         vae = encoder(dtype, frozen_convs=frozen_convs, checkpointing=False)
-        saved = saved_activation_bytes(vae.encoder.down_blocks[0], hidden)
+        saved = saved_tensor_bytes(vae.encoder.down_blocks[0], hidden)
         print(
             f"  the first block, re-run under checkpointing, frozen convolutions "
             f"{frozen_convs!s:5}  {saved / GIB:.3f} GiB"

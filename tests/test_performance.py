@@ -23,6 +23,7 @@ from mimicshield.performance import (
     enable_low_memory,
     offload_unet,
     saved_bytes_per_pixel,
+    saved_tensor_bytes,
     stop_saving_frozen_conv_inputs,
     uses_sdpa,
 )
@@ -141,21 +142,6 @@ def test_performance_options_always_release_the_text_encoder():
 # --- convolutions with frozen weights ----------------------------------------------------------
 
 
-def saved_bytes(function, *args) -> int:
-    """Bytes autograd keeps for the backward pass of ``function(*args)``, parameters excluded."""
-    total = 0
-
-    def pack(tensor):
-        nonlocal total
-        if not isinstance(tensor, torch.nn.Parameter):
-            total += tensor.numel() * tensor.element_size()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        function(*args)
-    return total
-
-
 @pytest.mark.parametrize(
     "config",
     [
@@ -178,8 +164,8 @@ def test_frozen_conv_gives_the_input_gradient_and_keeps_nothing(config, one_thre
     got = torch.autograd.grad(frozen(x), x, upstream)[0]
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(frozen(x), conv(x), rtol=0, atol=0)
-    assert saved_bytes(conv, x) >= x.numel() * x.element_size()  # torch keeps the input
-    assert saved_bytes(frozen, x) == 0
+    assert saved_tensor_bytes(conv, x) >= x.numel() * x.element_size()  # torch keeps the input
+    assert saved_tensor_bytes(frozen, x) == 0
 
 
 def test_frozen_conv_falls_back_when_the_weight_trains(one_thread):
@@ -188,7 +174,7 @@ def test_frozen_conv_falls_back_when_the_weight_trains(one_thread):
     x = torch.randn(1, 3, 8, 8, requires_grad=True)
     conv(x).square().sum().backward()
     assert conv.weight.grad is not None and x.grad is not None
-    assert saved_bytes(conv, x) > 0
+    assert saved_tensor_bytes(conv, x) > 0
 
 
 def test_loaded_encoders_keep_less_for_backward(one_thread):
@@ -208,8 +194,8 @@ def test_loaded_encoders_keep_less_for_backward(one_thread):
 
     torch.testing.assert_close(encoder_gradient(model.vae), encoder_gradient(plain.vae))
     x_in = x.clone().requires_grad_(True)
-    lean = saved_bytes(lambda: model.vae.encode(x_in))
-    full = saved_bytes(lambda: plain.vae.encode(x_in))
+    lean = saved_tensor_bytes(lambda: model.vae.encode(x_in))
+    full = saved_tensor_bytes(lambda: plain.vae.encode(x_in))
     assert lean < 0.8 * full
 
 
@@ -228,7 +214,7 @@ def test_saved_bytes_grow_with_the_pixel_count(one_thread):
     model = tiny_model()
     rate = saved_bytes_per_pixel(model)
     x = (bench_images(1, 64, seed=8) * 2 - 1).requires_grad_(True)
-    kept = saved_bytes(lambda: model.encode(x))
+    kept = saved_tensor_bytes(lambda: model.encode(x))
     assert rate > 0
     assert kept == pytest.approx(rate * 64 * 64, rel=0.25)
 

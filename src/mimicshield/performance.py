@@ -180,13 +180,9 @@ MEMORY_HEADROOM = 0.8  # of the card's memory, for the allocator's caching and o
 ACTIVATION_SAFETY = 1.5  # the backward pass's own short-lived tensors, on top of the saved ones
 
 
-def saved_bytes_per_pixel(model: LatentDiffusion) -> float:
-    """Bytes autograd keeps for the encoder's backward, per input pixel, counted on a small input.
-
-    The encoder is convolutional, so what it keeps grows with the pixel count; one forward pass
-    at 8 latent pixels square (64 px for SD) measures the rate for this model, dtype and options.
-    """
-    size = 8 * model.vae_scale_factor
+def saved_tensor_bytes(function: Callable[..., object], *args) -> int:
+    """Bytes of the distinct tensors autograd keeps for ``function(*args)``'s backward pass,
+    parameters excluded (they are in memory anyway). Works on the meta device too."""
     saved: dict[int, int] = {}
 
     def pack(tensor: Tensor) -> Tensor:
@@ -194,10 +190,30 @@ def saved_bytes_per_pixel(model: LatentDiffusion) -> float:
             saved[id(tensor)] = tensor.numel() * tensor.element_size()
         return tensor
 
-    x = torch.zeros(1, 3, size, size, device=model.device, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model.encode(x)
-    return sum(saved.values()) / (size * size)
+        function(*args)
+    return sum(saved.values())
+
+
+def parameter_bytes(*modules: torch.nn.Module | None) -> int:
+    """Bytes of the modules' parameters (None entries count nothing)."""
+    return sum(
+        p.numel() * p.element_size()
+        for module in modules
+        if module is not None
+        for p in module.parameters()
+    )
+
+
+def saved_bytes_per_pixel(model: LatentDiffusion) -> float:
+    """Bytes autograd keeps for the encoder's backward, per input pixel, counted on a small input.
+
+    The encoder is convolutional, so what it keeps grows with the pixel count; one forward pass
+    at 8 latent pixels square (64 px for SD) measures the rate for this model, dtype and options.
+    """
+    size = 8 * model.vae_scale_factor
+    x = torch.zeros(1, 3, size, size, device=model.device, requires_grad=True)
+    return saved_tensor_bytes(model.encode, x) / (size * size)
 
 
 def auto_batch_size(
@@ -245,19 +261,12 @@ class AutoBatchSize:
             height, width = min(height, tile_size), min(width, tile_size)
         device = self.models[0].device
         total = torch.cuda.get_device_properties(device).total_memory
-        weights = sum(_parameter_bytes(model) for model in self.models)  # as they are now
+        weights = sum(  # the networks as they are now: released ones no longer count
+            parameter_bytes(model.vae, model.unet, model.text_encoder, model.text_encoder_2)
+            for model in self.models
+        )
         per_image = self.bytes_per_pixel * height * width * ACTIVATION_SAFETY
         return auto_batch_size(per_image, MEMORY_HEADROOM * total - weights, self.limit)
-
-
-def _parameter_bytes(model: LatentDiffusion) -> int:
-    modules = (model.vae, model.unet, model.text_encoder, model.text_encoder_2)
-    return sum(
-        p.numel() * p.element_size()
-        for module in modules
-        if module is not None
-        for p in module.parameters()
-    )
 
 
 def use_channels_last(model: LatentDiffusion) -> None:
