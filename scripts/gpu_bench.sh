@@ -66,14 +66,16 @@ group bf16 200 --methods sds-,advdm+,mist,photoguard --batch 1,8 --dtype bf16
 # 2. --low-memory peak at batch 1 (SDS methods stream the UNet; AdvDM/Mist checkpoint it).
 group lowmem 90 --methods sds-,advdm+,mist,photoguard --batch 1 --dtype bf16 --low-memory \
   --no-reference --no-floor
-# 3. CUDA graphs (no compilation) for the launch-bound batch 1, and whether replayed steps give
-#    the same protected bytes as eager ones.
+# 3. CUDA graphs (no compilation) for the launch-bound batch 1; then whether the same seed gives
+#    the same bytes: deterministic runs repeated, graphs against eager, EOT through JPEG.
 group graphs 90 --methods sds-,advdm+,mist,photoguard --batch 1 --dtype bf16 --cuda-graphs \
   --no-reference --no-floor
-log "start check_graphs"
-timeout --kill-after=10 90 python3 scripts/check_cuda_graphs.py --res "$RES" --steps 5 \
+log "start check_reproducibility"
+timeout --kill-after=10 120 python3 scripts/check_reproducibility.py --res "$RES" --steps 5 \
   >>"$LOG" 2>&1
-log "end check_graphs: exit $?"
+log "end check_reproducibility: exit $?"
+# 3b. What deterministic mode costs: the engine and floor without it.
+group nondet 60 --methods sds-,advdm+ --batch 1,8 --dtype bf16 --nondeterministic --no-reference
 # 4. More speed candidates for sds-, each against group 1's eager bf16 rows: channels-last
 #    convolutions; torch.compile (its "1st step s" is the compile time); compile's own CUDA
 #    graphs (reduce-overhead); compiled fp16 at batch 8, the issue's own anchor.

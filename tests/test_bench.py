@@ -35,6 +35,7 @@ RESULT_KEYS = {
     "compiled",
     "channels_last",
     "cuda_graphs",
+    "nondeterministic",
     "step_ms",
     "step_cpu_ms",
     "cpu_ms_per_step",
@@ -106,6 +107,21 @@ def test_bench_sets_each_method_up_as_protect_does(tmp_path, one_thread):
     for row in rows:
         assert row["error"] is None and row["low_memory"] and row["channels_last"]
     assert "engine low-mem NHWC" in result.output
+
+
+def test_nondeterministic_rows_are_labelled_and_compared_with_their_own_floor(tmp_path, one_thread):
+    out = tmp_path / "bench.json"
+    args = ["bench", "--tiny", "--res", "32", "--device", "cpu", "--steps", "1", "--warmup", "0"]
+    args += ["--methods", "sds-", "--nondeterministic", "--no-reference", "--json-out", str(out)]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["settings"]["deterministic"] is False
+    rows = {row["variant"]: row for row in report["results"]}
+    assert set(rows) == {"engine", "floor"}
+    assert all(row["nondeterministic"] and row["error"] is None for row in rows.values())
+    assert rows["engine"]["overhead_vs_floor"] > 0
+    assert "engine nondet" in result.output
 
 
 def test_bench_rejects_bad_settings():

@@ -55,6 +55,7 @@ def test_protect_folder_writes_outputs_and_manifest(tiny_model_dir, input_folder
     assert manifest["parameters"]["method"] == "sds-"
     assert manifest["parameters"]["steps"] == 2 and manifest["seed"] == 3
     assert manifest["mimicshield_version"]
+    assert manifest["deterministic"] is True
     entries = {e["output"]: e for e in manifest["images"]}
     assert set(entries) == {"a.png", "nested/b.png"}  # relative to OUT
     for entry in entries.values():
@@ -65,6 +66,22 @@ def test_protect_folder_writes_outputs_and_manifest(tiny_model_dir, input_folder
     assert protected.shape == clean.shape
     assert np.abs(protected - clean).max() <= 8
     assert "PSNR" in result.stdout and "a.png" in result.stdout
+
+
+def test_nondeterministic_is_recorded_and_gives_the_same_file_on_the_cpu(
+    tiny_model_dir, input_folder, tmp_path
+):
+    """The CPU's kernels are deterministic either way: only CUDA has faster, looser ones."""
+    outputs = {}
+    for flags in ((), ("--nondeterministic",)):
+        out = tmp_path / ("loose" if flags else "strict")
+        args = ["protect", str(input_folder / "a.png"), "-o", str(out), "--model"]
+        args += [str(tiny_model_dir), "--steps", "2", "--work-size", "native", *flags]
+        result = runner.invoke(app, args, env={"COLUMNS": "200"})
+        assert result.exit_code == 0, result.output
+        assert json.loads((out / "manifest.json").read_text())["deterministic"] is not flags
+        outputs[flags] = (out / "a.png").read_bytes()
+    assert outputs[()] == outputs[("--nondeterministic",)]
 
 
 def test_flag_conflicts_give_one_line_errors(tiny_model_dir, input_folder, tmp_path):

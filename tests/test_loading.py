@@ -72,6 +72,23 @@ def _assert_same_model(loaded, reference) -> None:
     assert loaded.prediction_type == "epsilon"
 
 
+def test_unaligned_weights_get_memory_of_their_own():
+    """Weights at an odd offset of a checkpoint's buffer are copied; aligned ones are kept."""
+    from mimicshield.models import CPU_ALIGNMENT, realign_tensors
+
+    layer = torch.nn.Linear(7, 5)
+    buffer = torch.randn(40)
+    offset = next(i for i in range(1, 16) if (buffer.data_ptr() + 4 * i) % CPU_ALIGNMENT)
+    unaligned = buffer[offset : offset + 35].view(5, 7)
+    layer.weight.data = unaligned
+    kept = layer.bias.data_ptr()
+    assert layer.bias.data_ptr() % CPU_ALIGNMENT == 0  # PyTorch allocates aligned
+    assert realign_tensors(layer) == 1
+    assert layer.weight.data_ptr() % CPU_ALIGNMENT == 0
+    assert torch.equal(layer.weight, unaligned)
+    assert layer.bias.data_ptr() == kept
+
+
 def _assert_frozen(model) -> None:
     for module in (model.vae, model.unet, model.text_encoder):
         assert not module.training

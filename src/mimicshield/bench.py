@@ -17,6 +17,10 @@ cost does not depend on the weight values), so nothing is downloaded. Three vari
     The networks alone: one encoder forward and backward plus one UNet forward, which is all
     an SDS step needs. engine / floor is the engine's own overhead.
 
+The engine and the floor run under PyTorch's deterministic mode, as ``protect`` does
+(:mod:`mimicshield.reproducibility`); ``--nondeterministic`` measures both without it. The
+reference runs without it, as the reference code does.
+
 Each measurement is the median of ``steps`` step times after ``warmup`` steps. On CUDA, steps
 are timed with events (no host sync inside the loop) and memory is
 ``torch.cuda.max_memory_allocated``; on the CPU, memory is the sampled peak RSS above the RSS
@@ -56,6 +60,7 @@ from .performance import (
     synchronize,
     use_channels_last,
 )
+from .reproducibility import deterministic_algorithms
 from .targets import target_pattern
 
 DEFAULT_BENCH_METHODS = ("sds-", "advdm+", "mist", "photoguard")
@@ -141,6 +146,7 @@ class BenchSettings:
     low_memory: bool = False
     channels_last: bool = False
     cuda_graphs: bool = False
+    deterministic: bool = True
     reference: bool = True
     floor: bool = True
     tiny: bool = False
@@ -175,6 +181,7 @@ class BenchResult:
     compiled: bool = False
     channels_last: bool = False
     cuda_graphs: bool = False
+    nondeterministic: bool = False
     step_ms: list[float] = field(default_factory=list)
     step_cpu_ms: list[float] = field(default_factory=list)
     first_step_s: float | None = None
@@ -195,6 +202,7 @@ class BenchResult:
             ("compiled", self.compiled),
             ("NHWC", self.channels_last),
             ("graphs", self.cuda_graphs),
+            ("nondet", self.nondeterministic),
         )
         return " ".join([self.variant, *(name for name, on in options if on)])
 
@@ -567,11 +575,19 @@ def time_engine(
     warmup: int,
     steps: int,
     cuda_graphs: bool = False,
+    deterministic: bool = True,
 ) -> StepTimes:
     """``Protector.protect`` itself, timed from its step callback."""
     from .protector import Protector
 
-    make = partial(Protector, model, method, prompt=BENCH_PROMPT, cuda_graphs=cuda_graphs)
+    make = partial(
+        Protector,
+        model,
+        method,
+        prompt=BENCH_PROMPT,
+        cuda_graphs=cuda_graphs,
+        deterministic=deterministic,
+    )
     first_step_s = None
     if warmup:
         # The first step pays for compilation, autotuning, graph recording, allocator growth.
@@ -588,8 +604,24 @@ def time_engine(
     return StepTimes(clock.intervals_ms(), clock.cpu_intervals_ms(), first_step_s)
 
 
-def time_floor(model: LatentDiffusion, images: Tensor, *, warmup: int, steps: int) -> StepTimes:
-    """The networks of one SDS step and nothing else: encoder forward+backward, UNet forward."""
+def time_floor(
+    model: LatentDiffusion,
+    images: Tensor,
+    *,
+    warmup: int,
+    steps: int,
+    deterministic: bool = True,
+) -> StepTimes:
+    """The networks of one SDS step and nothing else: encoder forward+backward, UNet forward.
+
+    ``deterministic`` as for the engine it is compared with, so that the ratio is the engine's
+    own overhead.
+    """
+    with deterministic_algorithms(deterministic):
+        return _time_floor(model, images, warmup=warmup, steps=steps)
+
+
+def _time_floor(model: LatentDiffusion, images: Tensor, *, warmup: int, steps: int) -> StepTimes:
     device = model.device
     x = images.to(device) * 2 - 1
     batch = x.shape[0]
@@ -761,6 +793,7 @@ def _bench_engine_methods(settings: BenchSettings, model, methods: list[str], me
         "compiled": settings.compile,
         "channels_last": settings.channels_last,
         "cuda_graphs": settings.cuda_graphs,
+        "nondeterministic": not settings.deterministic,
     }
     name = _dtype_name(model.dtype)
     sds_methods = [method for method in methods if method in SDS_FAMILY]
@@ -768,11 +801,19 @@ def _bench_engine_methods(settings: BenchSettings, model, methods: list[str], me
         images = bench_images(batch, settings.res, settings.seed)
         for method in methods:
             timed = partial(
-                time_engine, model, method, images, cuda_graphs=settings.cuda_graphs, **timing
+                time_engine,
+                model,
+                method,
+                images,
+                cuda_graphs=settings.cuda_graphs,
+                deterministic=settings.deterministic,
+                **timing,
             )
             measure(BenchResult(method, "engine", name, batch, **flags), timed)
         if settings.floor and sds_methods:
-            timed = partial(time_floor, model, images, **timing)
+            timed = partial(
+                time_floor, model, images, deterministic=settings.deterministic, **timing
+            )
             measure(BenchResult(sds_methods[0], "floor", name, batch, **flags), timed)
 
 
@@ -816,7 +857,7 @@ def add_ratios(results: Sequence[BenchResult]) -> None:
 
 
 def _floor_key(result: BenchResult) -> tuple:
-    return (result.dtype, result.batch, result.low_memory, result.compiled)
+    return (result.dtype, result.batch, result.low_memory, result.compiled, result.nondeterministic)
 
 
 def results_from_reports(reports: Sequence[dict]) -> list[BenchResult]:

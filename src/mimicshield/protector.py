@@ -17,6 +17,7 @@ from .defaults import DEFAULT_METHOD
 from .ensemble import members, weighted_direction
 from .images import from_pil, to_pil
 from .methods import SDST_DEFAULT_R, StepInputs, get_method
+from .reproducibility import deterministic_algorithms
 from .robust import EOT, parse_robust
 from .targets import target_pattern
 
@@ -95,6 +96,9 @@ class Protector:
         cuda_graphs: on a CUDA device, record the step once as a CUDA graph and replay it
             (:mod:`mimicshield.cudagraphs`): for small batches, where kernel launches dominate.
             Not used with ensembles or ``robust``. How fast, not what: not part of the config.
+        deterministic: run under PyTorch's deterministic mode
+            (:mod:`mimicshield.reproducibility`), so the same seed, images and device give the
+            same bytes on CUDA too. False lets CUDA use its faster non-deterministic kernels.
         **config: the fields of :class:`ProtectionConfig` (eps, step_size, steps, prompt, ...).
 
     Shape:
@@ -112,10 +116,12 @@ class Protector:
         *,
         target=None,
         cuda_graphs: bool = False,
+        deterministic: bool = True,
         **config,
     ) -> None:
         self.model = model
         self.cuda_graphs = cuda_graphs
+        self.deterministic = deterministic
         self.config = ProtectionConfig(method=method, **config)
         self.method = get_method(method)
         self.target = _as_tensor01(target) if target is not None else None
@@ -153,6 +159,10 @@ class Protector:
             callback: ``callback(step, total_steps)`` after every step, for progress bars.
         """
         _check_images(images)
+        with deterministic_algorithms(self.deterministic):
+            return self._protect(images, seeds, callback)
+
+    def _protect(self, images: Tensor, seeds, callback) -> ProtectionOutput:
         cfg = self.config
         device = self.model.device
         batch, _, height, width = images.shape

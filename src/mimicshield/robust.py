@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .purify import NOISE_SIGMA, gaussian_blur, rescale
+from .reproducibility import deterministic_resampling
 
 __all__ = [
     "EOT",
@@ -134,7 +135,8 @@ class EOT:
 
         def apply(x: Tensor) -> Tensor:
             x01 = (x + 1) / 2
-            out = [t(x01[i : i + 1]) for i, t in enumerate(transforms)]
+            with deterministic_resampling():  # resize, blur and JPEG resample and pad
+                out = [t(x01[i : i + 1]) for i, t in enumerate(transforms)]
             return torch.cat(out) * 2 - 1
 
         return apply

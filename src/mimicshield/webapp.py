@@ -224,6 +224,7 @@ class ProtectSettings:
     low_memory: bool = False
     compile_networks: bool = False
     cuda_graphs: bool = False
+    nondeterministic: bool = False
     work_size: str | None = None
     tile_size: int = DEFAULT_TILE_SIZE
     file_format: str = "png"
@@ -338,6 +339,7 @@ class ProtectSettings:
             seed=self.seed,
             robust=self.robust,
             cuda_graphs=self.cuda_graphs,
+            deterministic=not self.nondeterministic,
         )
 
 
@@ -752,6 +754,7 @@ class ProtectionService:
                 "target": Path(settings.target).name if settings.target else None,
             },
             "seed": settings.seed,
+            "deterministic": protector.deterministic,
         }
 
         def image_started(item, batch: int) -> None:
@@ -1065,6 +1068,7 @@ ADVANCED = [  # (name, label): the advanced options, in the order of `mimicshiel
     ("low_memory", "Low memory (slower)"),
     ("compile_networks", "torch.compile (slow first step, faster later)"),
     ("cuda_graphs", "CUDA graphs: replay each step (small batches; experimental)"),
+    ("nondeterministic", "CUDA: faster non-deterministic kernels (a seed may not repeat exactly)"),
     ("work_size", "Work size: empty for the measured default, 'native', or pixels (shorter side)"),
     ("tile_size", "Tile size"),
     ("file_format", "Output format (JPEG is lossy: it weakens the protection)"),
@@ -1120,6 +1124,7 @@ def _settings_from_page(
         low_memory=bool(values["low_memory"]),
         compile_networks=bool(values["compile_networks"]),
         cuda_graphs=bool(values["cuda_graphs"]),
+        nondeterministic=bool(values["nondeterministic"]),
         work_size=work_size or None,
         tile_size=int(values["tile_size"]),
         file_format=str(values["file_format"]),
@@ -1252,6 +1257,9 @@ def build_app(service: ProtectionService):
                         ),
                         "cuda_graphs": gr.Checkbox(
                             value=defaults.cuda_graphs, **opt("cuda_graphs")
+                        ),
+                        "nondeterministic": gr.Checkbox(
+                            value=defaults.nondeterministic, **opt("nondeterministic")
                         ),
                         "work_size": gr.Textbox(value=defaults.work_size or "", **opt("work_size")),
                         "tile_size": gr.Number(

@@ -121,6 +121,13 @@ def bench(
     cuda_graphs: Annotated[
         bool, typer.Option("--cuda-graphs", help="replay each step from a CUDA graph")
     ] = False,
+    nondeterministic: Annotated[
+        bool,
+        typer.Option(
+            "--nondeterministic",
+            help="engine and floor without PyTorch's deterministic mode (what it costs)",
+        ),
+    ] = False,
     reference: Annotated[
         bool, typer.Option(help="also time the reference configuration (fp32, batch 1)")
     ] = True,
@@ -156,6 +163,7 @@ def bench(
         low_memory=low_memory,
         channels_last=channels_last,
         cuda_graphs=cuda_graphs,
+        deterministic=not nondeterministic,
         reference=reference,
         floor=floor,
         tiny=tiny,

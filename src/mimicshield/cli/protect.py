@@ -46,6 +46,10 @@ COMPILE_HELP = (
 )
 COMPILE_NOTE = "torch.compile: the first step took {seconds:.1f} s, compilation included"
 CUDA_GRAPHS_HELP = "CUDA: record a step once and replay it (small batches; experimental)"
+NONDETERMINISTIC_HELP = (
+    "CUDA: allow PyTorch's non-deterministic kernels (see BENCHMARKS.md for what they save); "
+    "the same seed may then give slightly different images"
+)
 
 
 class Category(str, Enum):
@@ -100,6 +104,9 @@ def protect(
     low_memory: Annotated[bool, typer.Option("--low-memory", help=LOW_MEMORY_HELP)] = False,
     compile_networks: Annotated[bool, typer.Option("--compile", help=COMPILE_HELP)] = False,
     cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs", help=CUDA_GRAPHS_HELP)] = False,
+    nondeterministic: Annotated[
+        bool, typer.Option("--nondeterministic", help=NONDETERMINISTIC_HELP)
+    ] = False,
     work_size: Annotated[
         str | None,
         typer.Option(
@@ -249,6 +256,7 @@ def protect(
         seed=seed,
         robust=robust.split(",") if robust else (),
         cuda_graphs=cuda_graphs,
+        deterministic=not nondeterministic,
     )
     from ..performance import AutoBatchSize, apply_performance_options
 
@@ -272,6 +280,7 @@ def protect(
         "dtype": str(loaded.dtype).removeprefix("torch."),
         "parameters": {**protector.config.to_dict(), "target": str(target) if target else None},
         "seed": seed,
+        "deterministic": protector.deterministic,
     }
     started = time.perf_counter()
     try:
