@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU figures of BENCHMARKS.md in one run (about 8 minutes on an H100/H200).
 #
-# Runs from the repository root on a machine with a CUDA torch and transformers but no diffusers:
-# the diffusers wheel travels in .whl/ (git-ignored, so it must be carried along explicitly).
+# Runs from the repository root on a machine with a CUDA torch and transformers but no diffusers
+# or kornia: their wheels travel in .whl/ (`bash scripts/gpu_wheels.sh` fills it here; it is
+# git-ignored, so the device tool must carry it along explicitly).
 # Each configuration group is its own process under its own time limit, and the bench records a
 # failing configuration (out of memory, say) instead of stopping, so one failure loses one row.
 #
@@ -47,8 +48,8 @@ group() {
 }
 
 log "python3 $(python3 -c 'import sys; print(sys.version.split()[0])')"
-if ! python3 -c "import diffusers, mimicshield" >>"$LOG" 2>&1; then
-  log "cannot import diffusers or mimicshield: is .whl/ (the diffusers wheel) carried along?"
+if ! python3 -c "import diffusers, kornia, mimicshield" >>"$LOG" 2>&1; then
+  log "cannot import diffusers, kornia or mimicshield: is .whl/ (scripts/gpu_wheels.sh) carried along?"
   exit 1
 fi
 python3 - >>"$LOG" 2>&1 <<'EOF'
