@@ -203,3 +203,23 @@ def test_markdown_table_recomputes_ratios_across_reports():
     assert len(table) == 2 + 3
     assert "| sds- | engine low-mem | bf16 | 1 | 30.0 | 30.0 | 3.00 | 2.00 | 2.00 |" in table[3]
     assert "failed: OutOfMemoryError" in table[4]
+
+
+@pytest.mark.slow
+def test_full_size_bench_at_128_px_on_the_cpu(tmp_path):
+    """The issue's CPU smoke test: the real SD 1.x architecture (random weights), 128 px, one
+    step of each variant. About a minute on 2 cores; it asserts structure, never speed."""
+    out = tmp_path / "bench.json"
+    args = ["bench", "--device", "cpu", "--res", "128", "--methods", "sds-"]
+    args += ["--steps", "1", "--warmup", "0", "--json-out", str(out)]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["settings"]["architecture"] == "sd1" and report["settings"]["res"] == 128
+    rows = {row["variant"]: row for row in report["results"]}
+    assert set(rows) == {"engine", "floor", "reference"}
+    assert all(row["error"] is None and len(row["step_ms"]) == 1 for row in rows.values())
+    assert rows["reference"]["dtype"] == "fp32"
+    engine = rows["engine"]
+    assert engine["speedup_vs_reference"] > 0 and engine["overhead_vs_floor"] > 0
+    assert engine["memory_ratio_vs_reference"] > 0

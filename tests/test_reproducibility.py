@@ -22,6 +22,7 @@ from mimicshield.reproducibility import (
     CUBLAS_WORKSPACE_VARIABLE,
     configure_cublas_workspace,
     deterministic_algorithms,
+    deterministic_mode_applies,
     deterministic_resampling,
     reflect_pad,
     separable_interpolate,
@@ -109,6 +110,12 @@ def test_deterministic_mode_is_restored_after_an_error():
 def test_disabled_leaves_the_mode_alone():
     with deterministic_algorithms(enabled=False):
         assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_the_mode_applies_on_cuda_and_the_cpu_but_not_on_mps():
+    assert deterministic_mode_applies(torch.device("cuda"))
+    assert deterministic_mode_applies(torch.device("cpu"))
+    assert not deterministic_mode_applies(torch.device("mps"))
 
 
 def test_a_users_cublas_setting_is_kept():
@@ -222,3 +229,41 @@ def test_resampling_mode_reroutes_only_what_is_differentiated():
     assert torch.equal(plain, F.interpolate(x, size=(10, 10), mode="bicubic", antialias=True))
     assert "aten.reflection_pad2d" in names  # no gradient: PyTorch's own kernel
     assert "aten.upsample_nearest2d_backward" in nearest_grad  # not a refused mode: untouched
+
+
+# --- mimicry simulations ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "scenario", ["sdedit-onestep", "sdedit-ddim", "img2img", "inpaint", "textual-inversion", "lora"]
+)
+def test_mimicry_runs_in_deterministic_mode_without_refused_operations(
+    tiny_model_with_decoder, images_8bit, scenario, one_thread
+):
+    from mimicshield.mimicry import Mimicry, MimicrySettings, Variant
+
+    settings = MimicrySettings(
+        scenarios=[scenario], resolution=32, sample_steps=2, sdedit_steps=2, num_samples=1
+    )
+    settings.ti_steps = settings.lora_steps = 1
+    mimicry = Mimicry(tiny_model_with_decoder, settings)
+    variant = Variant(scenario, 0.5 if scenario.startswith(("sdedit", "img2img")) else None)
+    modes = []
+    original = tiny_model_with_decoder.unet.forward
+
+    def forward(*args, **kwargs):
+        modes.append(torch.are_deterministic_algorithms_enabled())
+        return original(*args, **kwargs)
+
+    tiny_model_with_decoder.unet.forward = forward
+    try:
+        if scenario in ("textual-inversion", "lora"):
+            names = operations_of(lambda: mimicry.run_set(variant, images_8bit))
+        else:
+            names = operations_of(lambda: mimicry.run(variant, images_8bit[0]))
+    finally:
+        del tiny_model_with_decoder.unet.forward
+    assert modes and all(modes)
+    assert not names & REFUSED_ON_CUDA
+    if scenario in ("textual-inversion", "lora"):
+        assert "aten.convolution_backward" in names  # training: the backward pass was recorded

@@ -40,6 +40,7 @@ from torch import Tensor
 
 from .methods import v_target
 from .models import Conditioning, LatentDiffusion, sdxl_time_ids
+from .reproducibility import deterministic_algorithms, deterministic_mode_applies
 
 __all__ = [
     "IMG2IMG_STRENGTHS",
@@ -932,7 +933,9 @@ class Mimicry:
     """Runs the chosen scenarios with fixed settings: one call per image (or image set).
 
     ``inpaint_model`` is an inpainting checkpoint for the ``inpaint`` scenario; without one the
-    main model inpaints (diffusers blends the kept region back at each step).
+    main model inpaints (diffusers blends the kept region back at each step). Like protection,
+    every run is in PyTorch's deterministic mode (:mod:`mimicshield.reproducibility`), so an
+    evaluation repeats to the bit on the same CUDA device too, training scenarios included.
     """
 
     def __init__(
@@ -976,10 +979,17 @@ class Mimicry:
                     return load_mask(candidate, height, width)
         raise FileNotFoundError(f"No mask for {name} in {mask}.")
 
+    def _deterministic(self):
+        return deterministic_algorithms(deterministic_mode_applies(self.model.device))
+
     def run(
         self, variant: Variant, image: Tensor, name: str | None = None, callback=None
     ) -> Tensor:
         """Mimic one (3, H, W) image in [0, 1] with a paired scenario; returns (3, H, W)."""
+        with self._deterministic():
+            return self._run(variant, image, name, callback)
+
+    def _run(self, variant: Variant, image: Tensor, name: str | None, callback) -> Tensor:
         s, batch = self.settings, image[None]
         common = {"seed": s.seed, "callback": callback}
         if variant.scenario in ("sdedit-onestep", "sdedit-ddim"):
@@ -1025,6 +1035,12 @@ class Mimicry:
         The weights of textual inversion are ``{"learned_embedding": (hidden,)}``, or for SDXL
         ``{"clip_l": (hidden,), "clip_g": (hidden_2,)}`` (one row per text encoder).
         """
+        with self._deterministic():
+            return self._run_set(variant, images, callback)
+
+    def _run_set(
+        self, variant: Variant, images: Tensor, callback
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         s = self.settings
         steps_done = 0
         total = self.steps(variant)

@@ -17,7 +17,7 @@ from .defaults import DEFAULT_METHOD
 from .ensemble import members, weighted_direction
 from .images import from_pil, to_pil
 from .methods import SDST_DEFAULT_R, StepInputs, get_method
-from .reproducibility import deterministic_algorithms
+from .reproducibility import deterministic_algorithms, deterministic_mode_applies
 from .robust import EOT, parse_robust
 from .targets import target_pattern
 
@@ -98,7 +98,8 @@ class Protector:
             Not used with ensembles or ``robust``. How fast, not what: not part of the config.
         deterministic: run under PyTorch's deterministic mode
             (:mod:`mimicshield.reproducibility`), so the same seed, images and device give the
-            same bytes on CUDA too. False lets CUDA use its faster non-deterministic kernels.
+            same bytes on CUDA too (not applied on MPS). False lets CUDA use its faster
+            non-deterministic kernels.
         **config: the fields of :class:`ProtectionConfig` (eps, step_size, steps, prompt, ...).
 
     Shape:
@@ -159,7 +160,8 @@ class Protector:
             callback: ``callback(step, total_steps)`` after every step, for progress bars.
         """
         _check_images(images)
-        with deterministic_algorithms(self.deterministic):
+        strict = self.deterministic and deterministic_mode_applies(self.model.device)
+        with deterministic_algorithms(strict):
             return self._protect(images, seeds, callback)
 
     def _protect(self, images: Tensor, seeds, callback) -> ProtectionOutput:

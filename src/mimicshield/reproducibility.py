@@ -44,6 +44,15 @@ def configure_cublas_workspace(environ: MutableMapping[str, str] | None = None) 
     environ.setdefault(CUBLAS_WORKSPACE_VARIABLE, CUBLAS_WORKSPACE_SETTING)
 
 
+def deterministic_mode_applies(device: torch.device) -> bool:
+    """Deterministic mode is for CUDA (and harmless on the CPU, whose kernels already are).
+
+    Not on Apple MPS: PyTorch specifies the mode for CPU and CUDA kernels, and no MPS machine
+    tests it here; a refused operation there would stop a job that runs today.
+    """
+    return device.type in ("cuda", "cpu")
+
+
 @contextmanager
 def deterministic_algorithms(enabled: bool = True) -> Iterator[None]:
     """Run the block under PyTorch's deterministic mode, then restore the caller's settings.
