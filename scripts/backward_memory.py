@@ -20,6 +20,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from mimicshield.bench import SD1_TEXT, SD1_UNET, SD1_VAE
 from mimicshield.performance import (
+    fuse_group_norm_silu,
     parameter_bytes,
     saved_tensor_bytes,
     stop_saving_frozen_conv_inputs,
@@ -29,13 +30,17 @@ GIB = 2**30
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def encoder(dtype: torch.dtype, *, frozen_convs: bool, checkpointing: bool) -> AutoencoderKL:
+def encoder(
+    dtype: torch.dtype, *, frozen_convs: bool, checkpointing: bool, fused_norm: bool = False
+) -> AutoencoderKL:
     with torch.device("meta"):
         vae = AutoencoderKL(**SD1_VAE).to(dtype)
     vae.decoder = vae.post_quant_conv = None
     vae.requires_grad_(False)
     if frozen_convs:
         stop_saving_frozen_conv_inputs(vae)
+    if fused_norm:
+        fuse_group_norm_silu(vae.encoder)
     if checkpointing:
         vae.enable_gradient_checkpointing()
     return vae
@@ -66,23 +71,26 @@ def main() -> None:
     )
     print("activations saved for the encoder backward:")
     x = meta_input(args.batch, 3, args.res, dtype)
-    for frozen_convs in (False, True):
-        for checkpointing in (False, True):
-            vae = encoder(dtype, frozen_convs=frozen_convs, checkpointing=checkpointing)
-            saved = saved_tensor_bytes(vae.encode, x)
-            print(
-                f"  frozen convolutions {frozen_convs!s:5}  checkpointing {checkpointing!s:5}"
-                f"  {saved / GIB:.3f} GiB"
-            )
+    settings = [(False, False, False), (False, True, False), (True, False, False)]
+    settings += [(True, True, False), (True, False, True), (True, True, True)]
+    for frozen_convs, checkpointing, fused_norm in settings:
+        vae = encoder(
+            dtype, frozen_convs=frozen_convs, checkpointing=checkpointing, fused_norm=fused_norm
+        )
+        saved = saved_tensor_bytes(vae.encode, x)
+        print(
+            f"  frozen convolutions {frozen_convs!s:5}  checkpointing {checkpointing!s:5}"
+            f"  GroupNorm+SiLU fused {fused_norm!s:5}  {saved / GIB:.3f} GiB"
+        )
     # With checkpointing, the backward pass re-runs one block at a time: the largest, the first,
     # sets the peak.
     hidden = meta_input(args.batch, SD1_VAE["block_out_channels"][0], args.res, dtype)
-    for frozen_convs in (False, True):
-        vae = encoder(dtype, frozen_convs=frozen_convs, checkpointing=False)
+    for frozen_convs, fused_norm in ((False, False), (True, False), (True, True)):
+        vae = encoder(dtype, frozen_convs=frozen_convs, checkpointing=False, fused_norm=fused_norm)
         saved = saved_tensor_bytes(vae.encoder.down_blocks[0], hidden)
         print(
             f"  the first block, re-run under checkpointing, frozen convolutions "
-            f"{frozen_convs!s:5}  {saved / GIB:.3f} GiB"
+            f"{frozen_convs!s:5}  GroupNorm+SiLU fused {fused_norm!s:5}  {saved / GIB:.3f} GiB"
         )
 
 

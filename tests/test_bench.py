@@ -35,6 +35,7 @@ RESULT_KEYS = {
     "compiled",
     "channels_last",
     "cuda_graphs",
+    "fused_norm",
     "nondeterministic",
     "step_ms",
     "step_cpu_ms",
@@ -109,10 +110,11 @@ def test_bench_sets_each_method_up_as_protect_does(tmp_path, one_thread):
     assert "engine low-mem NHWC" in result.output
 
 
-def test_nondeterministic_rows_are_labelled_and_compared_with_their_own_floor(tmp_path, one_thread):
+def test_option_rows_are_labelled_and_compared_with_their_own_floor(tmp_path, one_thread):
     out = tmp_path / "bench.json"
     args = ["bench", "--tiny", "--res", "32", "--device", "cpu", "--steps", "1", "--warmup", "0"]
-    args += ["--methods", "sds-", "--nondeterministic", "--no-reference", "--json-out", str(out)]
+    args += ["--methods", "sds-", "--nondeterministic", "--fused-norm", "--no-reference"]
+    args += ["--json-out", str(out)]
     result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
@@ -120,8 +122,9 @@ def test_nondeterministic_rows_are_labelled_and_compared_with_their_own_floor(tm
     rows = {row["variant"]: row for row in report["results"]}
     assert set(rows) == {"engine", "floor"}
     assert all(row["nondeterministic"] and row["error"] is None for row in rows.values())
+    assert all(row["fused_norm"] for row in rows.values())
     assert rows["engine"]["overhead_vs_floor"] > 0
-    assert "engine nondet" in result.output
+    assert "engine GN+SiLU nondet" in result.output
 
 
 def test_bench_rejects_bad_settings():

@@ -16,11 +16,13 @@ from mimicshield.performance import (
     AUTO_BATCH_LIMIT,
     AutoBatchSize,
     FrozenConv2d,
+    GroupNormSiLU,
     apply_performance_options,
     attention_processors,
     auto_batch_size,
     compile_model,
     enable_low_memory,
+    fuse_group_norm_silu,
     offload_unet,
     saved_bytes_per_pixel,
     saved_tensor_bytes,
@@ -50,10 +52,69 @@ def test_low_memory_changes_memory_not_results(method, one_thread):
     enable_low_memory(model, prompts=["a photo"])
     assert model.text_encoder is None
     assert model.vae.encoder.gradient_checkpointing
+    assert any(isinstance(m, GroupNormSiLU) for m in model.vae.encoder.modules())
     assert model.unet.is_gradient_checkpointing
     assert uses_sdpa(model)  # no slicing where SDPA is available
     lean = Protector(model, method, steps=2)(images)
     torch.testing.assert_close(lean, plain, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_group_norm_silu_is_the_pair_and_keeps_only_its_input(layout):
+    torch.manual_seed(0)
+    norm = torch.nn.GroupNorm(4, 16, eps=1e-6)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    norm.requires_grad_(False)
+    fused = GroupNormSiLU(4, 16, eps=1e-6).requires_grad_(False)
+    fused.load_state_dict(norm.state_dict())
+    x = torch.randn(2, 16, 12, 10).to(memory_format=layout).requires_grad_(True)
+    weights = torch.randn(2, 16, 12, 10)
+
+    def pair(t):
+        return torch.nn.functional.silu(norm(t))
+
+    expected = pair(x)
+    (expected_grad,) = torch.autograd.grad((expected * weights).sum(), x)
+    got = fused(x)
+    (grad,) = torch.autograd.grad((got * weights).sum(), x)
+    assert torch.equal(got, expected)
+    torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-6)
+    input_bytes = x.numel() * x.element_size()
+    assert saved_tensor_bytes(pair, x) > 1.9 * input_bytes  # the input and the norm's output
+    assert saved_tensor_bytes(fused, x) == input_bytes
+
+
+def test_fusing_the_encoder_keeps_its_numbers_and_halves_what_it_keeps():
+    model = tiny_model()
+    x = (bench_images(1, 32, seed=5) * 2 - 1).requires_grad_(True)
+    z = model.encode(x)
+    (grad,) = torch.autograd.grad(z, x, torch.ones_like(z))
+    before = saved_tensor_bytes(model.encode, x)
+    from diffusers.models.resnet import ResnetBlock2D
+
+    resnets = sum(isinstance(m, ResnetBlock2D) for m in model.vae.encoder.modules())
+    assert fuse_group_norm_silu(model.vae.encoder) == 2 * resnets + 1  # and the output norm
+    fused_z = model.encode(x)
+    (fused_grad,) = torch.autograd.grad(fused_z, x, torch.ones_like(fused_z))
+    assert torch.equal(fused_z, z)
+    torch.testing.assert_close(fused_grad, grad, rtol=0, atol=1e-6)
+    assert saved_tensor_bytes(model.encode, x) < 0.6 * before
+    assert set(model.vae.state_dict()) == set(tiny_model().vae.state_dict())
+
+
+def test_unet_resnets_keep_their_silu_for_the_time_embedding():
+    """A UNet resnet also passes the time embedding through its SiLU: only the UNet's output
+    norm is fused, and the noise prediction is unchanged."""
+    model = tiny_model()
+    z = torch.randn(1, 4, 8, 8)
+    t = torch.tensor([10])
+    cond = model.embed_prompt("a photo")
+    with torch.no_grad():
+        before = model.predict_noise(z, t, cond)
+        assert fuse_group_norm_silu(model.unet) == 1
+        assert torch.equal(model.predict_noise(z, t, cond), before)
+    assert all(type(m.nonlinearity) is torch.nn.SiLU for m in model.unet.down_blocks[0].resnets)
 
 
 def test_low_memory_streaming_the_unet_keeps_the_results(one_thread):

@@ -57,6 +57,7 @@ from .mps import check_mps_dtype
 from .performance import (
     apply_performance_options,
     attention_processors,
+    fuse_group_norm_silu,
     synchronize,
     use_channels_last,
 )
@@ -146,6 +147,7 @@ class BenchSettings:
     low_memory: bool = False
     channels_last: bool = False
     cuda_graphs: bool = False
+    fused_norm: bool = False
     deterministic: bool = True
     reference: bool = True
     floor: bool = True
@@ -181,6 +183,7 @@ class BenchResult:
     compiled: bool = False
     channels_last: bool = False
     cuda_graphs: bool = False
+    fused_norm: bool = False
     nondeterministic: bool = False
     step_ms: list[float] = field(default_factory=list)
     step_cpu_ms: list[float] = field(default_factory=list)
@@ -202,6 +205,7 @@ class BenchResult:
             ("compiled", self.compiled),
             ("NHWC", self.channels_last),
             ("graphs", self.cuda_graphs),
+            ("GN+SiLU", self.fused_norm),
             ("nondet", self.nondeterministic),
         )
         return " ".join([self.variant, *(name for name, on in options if on)])
@@ -773,6 +777,8 @@ def _bench_engine(settings: BenchSettings, device, dtype, measure, environment: 
         environment.setdefault("attention", attention_processors(model))
         if settings.channels_last:
             use_channels_last(model)
+        if settings.fused_norm:
+            fuse_group_norm_silu(model.vae.encoder)
         apply_performance_options(
             model,
             [BENCH_PROMPT],
@@ -793,6 +799,7 @@ def _bench_engine_methods(settings: BenchSettings, model, methods: list[str], me
         "compiled": settings.compile,
         "channels_last": settings.channels_last,
         "cuda_graphs": settings.cuda_graphs,
+        "fused_norm": settings.fused_norm,
         "nondeterministic": not settings.deterministic,
     }
     name = _dtype_name(model.dtype)
@@ -857,7 +864,14 @@ def add_ratios(results: Sequence[BenchResult]) -> None:
 
 
 def _floor_key(result: BenchResult) -> tuple:
-    return (result.dtype, result.batch, result.low_memory, result.compiled, result.nondeterministic)
+    return (
+        result.dtype,
+        result.batch,
+        result.low_memory,
+        result.compiled,
+        result.fused_norm,
+        result.nondeterministic,
+    )
 
 
 def results_from_reports(reports: Sequence[dict]) -> list[BenchResult]:

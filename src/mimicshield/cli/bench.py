@@ -121,6 +121,13 @@ def bench(
     cuda_graphs: Annotated[
         bool, typer.Option("--cuda-graphs", help="replay each step from a CUDA graph")
     ] = False,
+    fused_norm: Annotated[
+        bool,
+        typer.Option(
+            "--fused-norm",
+            help="VAE encoder GroupNorm+SiLU pairs keep only their input (part of --low-memory)",
+        ),
+    ] = False,
     nondeterministic: Annotated[
         bool,
         typer.Option(
@@ -163,6 +170,7 @@ def bench(
         low_memory=low_memory,
         channels_last=channels_last,
         cuda_graphs=cuda_graphs,
+        fused_norm=fused_norm,
         deterministic=not nondeterministic,
         reference=reference,
         floor=floor,
