@@ -127,6 +127,16 @@ def test_a_users_cublas_setting_is_kept():
     assert environ == {CUBLAS_WORKSPACE_VARIABLE: CUBLAS_WORKSPACE_SETTING}
 
 
+def test_loading_sets_the_cublas_workspace_before_anything_runs(tiny_model_dir, monkeypatch):
+    import os
+
+    from mimicshield.models import load_models
+
+    monkeypatch.delenv(CUBLAS_WORKSPACE_VARIABLE, raising=False)
+    load_models(str(tiny_model_dir), device="cpu", dtype="fp32")
+    assert os.environ[CUBLAS_WORKSPACE_VARIABLE] == CUBLAS_WORKSPACE_SETTING
+
+
 def test_protector_runs_in_deterministic_mode_unless_told_not_to(tiny_model, images_8bit):
     seen = []
     original = tiny_model.encode

@@ -23,6 +23,7 @@ from .defaults import DEFAULT_MODEL
 from .methods import eps_from_v_prediction
 from .mps import check_mps_dtype
 from .performance import stop_saving_frozen_conv_inputs
+from .reproducibility import configure_cublas_workspace
 
 SUPPORTED_PREDICTION_TYPES = ("epsilon", "v_prediction")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
@@ -424,6 +425,9 @@ def load_models(
         family: ``sd1``, ``sd2-base``, ``sd2-v`` or ``sdxl`` (see :mod:`mimicshield.families`);
             None detects it from the files. ``sd2-base``/``sd2-v`` also set the prediction type.
     """
+    # Before anything runs on the GPU: cuBLAS sizes its workspace once, at its first use, and
+    # the protection's deterministic mode needs the reproducible setting.
+    configure_cublas_workspace()
     torch_device = resolve_device(device)
     torch_dtype = check_mps_dtype(resolve_dtype(dtype, torch_device), torch_device)
     if local_files_only is None:
