@@ -168,6 +168,22 @@ def test_every_method_step_avoids_operations_refused_on_cuda(tiny_model, images_
     assert not names & REFUSED_ON_CUDA
 
 
+@pytest.mark.parametrize("family", ["sd2-v", "sdxl"])
+@pytest.mark.parametrize("name", ["sds-", "advdm+"])
+def test_other_families_avoid_operations_refused_on_cuda(tmp_path, images_8bit, family, name):
+    """SD 2.x (linear projections, v-prediction) and SDXL (two text encoders, pooled
+    embedding, size conditioning): the encoder backward, and the UNet's for AdvDM."""
+    from mimicshield.models import load_models
+    from mimicshield.testing import save_tiny_family_model
+
+    model = load_models(
+        str(save_tiny_family_model(tmp_path / family, family)), device="cpu", dtype="fp32"
+    )
+    names = operations_of(lambda: Protector(model, name, steps=1)(images_8bit))
+    assert "aten.convolution_backward" in names
+    assert not names & REFUSED_ON_CUDA
+
+
 @pytest.mark.parametrize("transform", ["jpeg", "resize", "blur", "noise"])
 def test_robust_steps_avoid_operations_refused_on_cuda(tiny_model, images_8bit, transform):
     protector = Protector(tiny_model, "encoder", steps=1, robust=(transform,))
