@@ -116,6 +116,10 @@ def test_the_mode_applies_on_cuda_and_the_cpu_but_not_on_mps():
     assert deterministic_mode_applies(torch.device("cuda"))
     assert deterministic_mode_applies(torch.device("cpu"))
     assert not deterministic_mode_applies(torch.device("mps"))
+    with deterministic_algorithms(device=torch.device("mps")):  # nothing runs on it here
+        assert not torch.are_deterministic_algorithms_enabled()
+    with deterministic_algorithms(device=torch.device("cpu")):
+        assert torch.are_deterministic_algorithms_enabled()
 
 
 def test_a_users_cublas_setting_is_kept():

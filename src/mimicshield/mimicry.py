@@ -40,7 +40,7 @@ from torch import Tensor
 
 from .methods import v_target
 from .models import Conditioning, LatentDiffusion, sdxl_time_ids
-from .reproducibility import deterministic_algorithms, deterministic_mode_applies
+from .reproducibility import deterministic_algorithms
 
 __all__ = [
     "IMG2IMG_STRENGTHS",
@@ -979,14 +979,11 @@ class Mimicry:
                     return load_mask(candidate, height, width)
         raise FileNotFoundError(f"No mask for {name} in {mask}.")
 
-    def _deterministic(self):
-        return deterministic_algorithms(deterministic_mode_applies(self.model.device))
-
     def run(
         self, variant: Variant, image: Tensor, name: str | None = None, callback=None
     ) -> Tensor:
         """Mimic one (3, H, W) image in [0, 1] with a paired scenario; returns (3, H, W)."""
-        with self._deterministic():
+        with deterministic_algorithms(device=self.model.device):
             return self._run(variant, image, name, callback)
 
     def _run(self, variant: Variant, image: Tensor, name: str | None, callback) -> Tensor:
@@ -1035,7 +1032,7 @@ class Mimicry:
         The weights of textual inversion are ``{"learned_embedding": (hidden,)}``, or for SDXL
         ``{"clip_l": (hidden,), "clip_g": (hidden_2,)}`` (one row per text encoder).
         """
-        with self._deterministic():
+        with deterministic_algorithms(device=self.model.device):
             return self._run_set(variant, images, callback)
 
     def _run_set(

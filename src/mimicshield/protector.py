@@ -17,7 +17,7 @@ from .defaults import DEFAULT_METHOD
 from .ensemble import members, weighted_direction
 from .images import from_pil, to_pil
 from .methods import SDST_DEFAULT_R, StepInputs, get_method
-from .reproducibility import deterministic_algorithms, deterministic_mode_applies
+from .reproducibility import deterministic_algorithms
 from .robust import EOT, parse_robust
 from .targets import target_pattern
 
@@ -160,8 +160,7 @@ class Protector:
             callback: ``callback(step, total_steps)`` after every step, for progress bars.
         """
         _check_images(images)
-        strict = self.deterministic and deterministic_mode_applies(self.model.device)
-        with deterministic_algorithms(strict):
+        with deterministic_algorithms(self.deterministic, device=self.model.device):
             return self._protect(images, seeds, callback)
 
     def _protect(self, images: Tensor, seeds, callback) -> ProtectionOutput:

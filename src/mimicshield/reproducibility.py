@@ -54,15 +54,18 @@ def deterministic_mode_applies(device: torch.device) -> bool:
 
 
 @contextmanager
-def deterministic_algorithms(enabled: bool = True) -> Iterator[None]:
+def deterministic_algorithms(
+    enabled: bool = True, *, device: torch.device | None = None
+) -> Iterator[None]:
     """Run the block under PyTorch's deterministic mode, then restore the caller's settings.
 
+    With ``device``, only where the mode applies (:func:`deterministic_mode_applies`).
     Strict, not ``warn_only``: only the strict mode switches flash and memory-efficient
     attention to their deterministic backward passes. Filling new tensors with NaN, which the
     mode does by default to expose reads of uninitialised memory, is turned off for the block:
     it costs a write of every new tensor, and nothing here reads memory it did not write.
     """
-    if not enabled:
+    if not enabled or (device is not None and not deterministic_mode_applies(device)):
         yield
         return
     settings = _fill_settings()
