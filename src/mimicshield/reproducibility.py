@@ -6,13 +6,13 @@ attack step runs add up their results with atomic operations, whose order change
 run. The backward passes of flash and memory-efficient attention (the VAE encoder's mid-block,
 in every method) are such kernels by default, and so can be cuDNN's convolution algorithms. A
 last-bit difference flips the sign of a gradient component now and then, a sign step moves that
-pixel the other way, and the difference grows over 100 steps: session 1 saw two runs of the same
-512 px image give different files on an H200 (README, work-size measurement).
+pixel the other way, and the difference grows over 100 steps: two runs of the same 512 px image
+on an H200 gave different files (README, work-size measurement).
 
 :func:`deterministic_algorithms` runs the protection under PyTorch's deterministic mode: the
 attention backward passes then take their deterministic variants, cuDNN only deterministic
-algorithms, and cuBLAS a fixed workspace. Its cost is measured (``mimicshield bench
---nondeterministic`` runs without it); ``protect --nondeterministic`` opts out.
+algorithms, and cuBLAS a fixed workspace. ``mimicshield bench --nondeterministic`` measures what
+that costs (GPU figures pending); ``protect --nondeterministic`` opts out.
 
 Deterministic mode *refuses* the few operations that have no deterministic CUDA kernel, among
 them the backward passes of bilinear and bicubic resampling and of reflection padding, which the
