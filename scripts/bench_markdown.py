@@ -1,4 +1,5 @@
-"""Print saved ``mimicshield bench --json-out`` files as one Markdown table (for BENCHMARKS.md).
+"""Print saved ``mimicshield bench --json-out`` files as Markdown tables (for BENCHMARKS.md):
+every measured row, then issue 4's targets against them.
 
 python scripts/bench_markdown.py out/gpu-bench/bench_*.json
 """
@@ -9,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from mimicshield.bench import markdown_table
+from mimicshield.bench import markdown_table, targets_table
 
 
 def main(paths: list[str]) -> None:
@@ -22,6 +23,8 @@ def main(paths: list[str]) -> None:
         )
     print()
     print(markdown_table(reports))
+    print()
+    print(targets_table(reports))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from mimicshield.bench import (
     build_reference_model,
     markdown_table,
     reference_step,
+    targets_table,
 )
 from mimicshield.cli.main import app
 from mimicshield.targets import target_pattern
@@ -226,3 +227,43 @@ def test_full_size_bench_at_128_px_on_the_cpu(tmp_path):
     engine = rows["engine"]
     assert engine["speedup_vs_reference"] > 0 and engine["overhead_vs_floor"] > 0
     assert engine["memory_ratio_vs_reference"] > 0
+
+
+def test_targets_table_reads_the_closest_row_for_each_target():
+    def row(batch, ms, peak_gib=None, **flags):
+        result = BenchResult("sds-", "engine", "bf16", batch, step_ms=[ms], **flags)
+        if peak_gib is not None:
+            result.peak_memory_bytes = int(peak_gib * 2**30)
+            result.memory_kind = "cuda_max_allocated"
+        return result.to_dict()
+
+    reference = BenchResult("sds-", "reference", "fp32", 1, step_ms=[100.0])
+    reference.peak_memory_bytes, reference.memory_kind = 7 * 2**30, "cuda_max_allocated"
+    floor = BenchResult("sds-", "floor", "bf16", 1, step_ms=[20.0]).to_dict()
+    rows = [
+        row(1, 30.0, 2.8),
+        row(1, 24.0, 2.9, cuda_graphs=True),
+        row(8, 96.0),  # 12 ms per image-step
+        row(1, 50.0, 2.2, low_memory=True),
+        reference.to_dict(),
+        floor,
+    ]
+    table = dict(
+        (line.split(" | ")[0].strip("| "), line.split(" | ")[1:])
+        for line in targets_table([{"results": rows}]).splitlines()[2:]
+    )
+    assert table["batched: at most 10 ms per image-step"] == [
+        "engine, bf16, batch 8",
+        "12.00",
+        "no |",
+    ]
+    assert table["one image: at most 25 ms per step"] == [
+        "engine graphs, bf16, batch 1",
+        "24.00",
+        "yes |",
+    ]
+    assert table["peak GPU memory at batch 1: at most 3.0 GiB"][1:] == ["2.80", "yes |"]
+    assert table["--low-memory peak: at most 2.0 GiB"][1:] == ["2.20", "no |"]
+    assert table["at least 5x faster than the reference"][1:] == ["8.33", "yes |"]  # 100 / 12
+    # the floor ratio shows the worst row: 30 ms against the 20 ms floor
+    assert table["engine within 1.2x of the bare networks (worst row)"][1:] == ["1.50", "no |"]

@@ -891,6 +891,108 @@ def results_from_reports(reports: Sequence[dict]) -> list[BenchResult]:
     return results
 
 
+@dataclass(frozen=True)
+class Target:
+    """One of issue 4's targets for ``sds-``: which rows it reads, what, and the bound."""
+
+    name: str
+    rows: Callable[[BenchResult], bool]
+    value: Callable[[BenchResult], float | None]
+    limit: float
+    at_most: bool  # True: the value must stay at or below the limit; False: reach it
+    # which row to show: the best one (a target any offered configuration may meet), or the
+    # worst (one that every configuration must meet)
+    worst: bool = False
+
+    def met_by(self, value: float) -> bool:
+        return value <= self.limit if self.at_most else value >= self.limit
+
+    def pick(self, measured: list[tuple[float, BenchResult]]) -> tuple[float, BenchResult]:
+        largest = self.at_most == self.worst
+        return (max if largest else min)(measured, key=lambda pair: pair[0])
+
+
+def _sds_engine(result: BenchResult) -> bool:
+    return result.method == "sds-" and result.variant == "engine" and not result.error
+
+
+def _peak_gib(result: BenchResult) -> float | None:
+    measured = result.memory_kind == "cuda_max_allocated" and result.peak_memory_bytes
+    return result.peak_memory_bytes / 2**30 if measured else None
+
+
+ISSUE_TARGETS = (
+    Target(
+        "batched: at most 10 ms per image-step",
+        lambda r: _sds_engine(r) and r.batch > 1 and not r.low_memory,
+        lambda r: r.ms_per_image_step,
+        10.0,
+        True,
+    ),
+    Target(
+        "one image: at most 25 ms per step",
+        lambda r: _sds_engine(r) and r.batch == 1 and not r.low_memory,
+        lambda r: r.ms_per_step,
+        25.0,
+        True,
+    ),
+    Target(
+        "peak GPU memory at batch 1: at most 3.0 GiB",
+        lambda r: _sds_engine(r) and r.batch == 1 and not r.low_memory,
+        _peak_gib,
+        3.0,
+        True,
+    ),
+    Target(
+        "--low-memory peak: at most 2.0 GiB",
+        lambda r: _sds_engine(r) and r.batch == 1 and r.low_memory,
+        _peak_gib,
+        2.0,
+        True,
+    ),
+    Target(
+        "at least 5x faster than the reference",
+        _sds_engine,
+        lambda r: r.speedup_vs_reference,
+        5.0,
+        False,
+    ),
+    Target(
+        "at least 2x less memory than the reference",
+        _sds_engine,
+        lambda r: r.memory_ratio_vs_reference,
+        2.0,
+        False,
+    ),
+    Target(
+        "engine within 1.2x of the bare networks (worst row)",
+        _sds_engine,
+        lambda r: r.overhead_vs_floor,
+        1.2,
+        True,
+        worst=True,
+    ),
+)
+
+
+def targets_table(reports: Sequence[dict]) -> str:
+    """Issue 4's targets against saved reports, as Markdown: for each, the configuration that
+    comes closest (for the floor ratio, the furthest) and whether it is met."""
+    results = results_from_reports(reports)
+    lines = ["| target | configuration | measured | met? |", "|---|---|---|---|"]
+    for target in ISSUE_TARGETS:
+        measured = [(target.value(r), r) for r in results if target.rows(r)]
+        measured = [(value, r) for value, r in measured if value is not None]
+        if not measured:
+            lines.append(f"| {target.name} | - | not measured | - |")
+            continue
+        value, row = target.pick(measured)
+        where = f"{row.label}, {row.dtype}, batch {row.batch}"
+        met = "yes" if target.met_by(value) else "no"
+        lines.append(f"| {target.name} | {where} | {value:.2f} | {met} |")
+    return "\n".join(lines)
+
+
 def markdown_table(reports: Sequence[dict]) -> str:
     """The results of saved JSON reports as one Markdown table, for BENCHMARKS.md."""
 
