@@ -35,6 +35,7 @@ RESULT_KEYS = {
     "low_memory",
     "compiled",
     "channels_last",
+    "channels_first",
     "cuda_graphs",
     "fused_norm",
     "nondeterministic",
@@ -135,6 +136,8 @@ def test_bench_rejects_bad_settings():
         BenchSettings(methods=("sds", "nope"))
     with pytest.raises(ValueError, match="dtype"):
         BenchSettings(dtypes=("fp8",))
+    with pytest.raises(ValueError, match="exclude each other"):
+        BenchSettings(channels_last=True, channels_first=True)
     result = CliRunner().invoke(app, ["bench", "--tiny", "--res", "30"])
     assert result.exit_code != 0
 

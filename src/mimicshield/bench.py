@@ -146,6 +146,7 @@ class BenchSettings:
     compile_mode: str | None = None
     low_memory: bool = False
     channels_last: bool = False
+    channels_first: bool = False
     cuda_graphs: bool = False
     fused_norm: bool = False
     deterministic: bool = True
@@ -162,6 +163,8 @@ class BenchSettings:
             raise ValueError(
                 f"--steps must be >= 1 and --warmup >= 0; got {self.steps} and {self.warmup}."
             )
+        if self.channels_last and self.channels_first:
+            raise ValueError("--channels-last and --channels-first exclude each other.")
         for dtype in self.dtypes:
             resolve_dtype(dtype, torch.device("cpu"))  # a typo fails before anything is built
         if not self.batches or min(self.batches) < 1:
@@ -182,6 +185,7 @@ class BenchResult:
     low_memory: bool = False
     compiled: bool = False
     channels_last: bool = False
+    channels_first: bool = False
     cuda_graphs: bool = False
     fused_norm: bool = False
     nondeterministic: bool = False
@@ -204,6 +208,7 @@ class BenchResult:
             ("low-mem", self.low_memory),
             ("compiled", self.compiled),
             ("NHWC", self.channels_last),
+            ("NCHW", self.channels_first),
             ("graphs", self.cuda_graphs),
             ("GN+SiLU", self.fused_norm),
             ("nondet", self.nondeterministic),
@@ -775,8 +780,8 @@ def _bench_engine(settings: BenchSettings, device, dtype, measure, environment: 
     for methods in groups.values():
         model = build_engine_model(architecture(settings.tiny), device, dtype, seed=settings.seed)
         environment.setdefault("attention", attention_processors(model))
-        if settings.channels_last:
-            use_channels_last(model)
+        if settings.channels_last or settings.channels_first:
+            use_channels_last(model, settings.channels_last)
         if settings.fused_norm:
             fuse_group_norm_silu(model.vae.encoder)
         apply_performance_options(
@@ -798,6 +803,7 @@ def _bench_engine_methods(settings: BenchSettings, model, methods: list[str], me
         "low_memory": settings.low_memory,
         "compiled": settings.compile,
         "channels_last": settings.channels_last,
+        "channels_first": settings.channels_first,
         "cuda_graphs": settings.cuda_graphs,
         "fused_norm": settings.fused_norm,
         "nondeterministic": not settings.deterministic,
@@ -869,6 +875,8 @@ def _floor_key(result: BenchResult) -> tuple:
         result.batch,
         result.low_memory,
         result.compiled,
+        result.channels_last,
+        result.channels_first,
         result.fused_norm,
         result.nondeterministic,
     )

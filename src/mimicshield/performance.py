@@ -114,10 +114,10 @@ def stop_saving_frozen_conv_inputs(module: torch.nn.Module) -> int:
 
 
 # --- GroupNorm followed by SiLU, recomputed in the backward pass ---------------------------------
-# In the VAE encoder every GroupNorm feeds a SiLU, and autograd keeps two tensors of one size
-# for the pair: the GroupNorm's input (for its own backward) and its output (for the SiLU's).
-# The second is cheap to recompute from the first, so checkpointing each pair keeps half: 0.50
-# of the 1.05 GiB the encoder backward keeps at 512 px in bf16 (scripts/backward_memory.py),
+# In the VAE encoder nearly every GroupNorm feeds a SiLU, and autograd keeps two tensors of one
+# size for the pair: the GroupNorm's input (for its own backward) and its output (for the
+# SiLU's). The second is cheap to recompute from the first, so checkpointing each pair saves
+# 0.45 of the 1.05 GiB the encoder backward keeps at 512 px in bf16 (scripts/backward_memory.py),
 # for one more GroupNorm and SiLU forward per pair in the backward pass. Part of ``--low-memory``;
 # for the default path, opt-in (``mimicshield bench --fused-norm``) until a GPU has measured what
 # it costs in time.
@@ -331,16 +331,19 @@ class AutoBatchSize:
         return auto_batch_size(per_image, MEMORY_HEADROOM * total - weights, self.limit)
 
 
-def use_channels_last(model: LatentDiffusion) -> None:
-    """Store the convolution weights channels-last (NHWC); activations follow.
+def use_channels_last(model: LatentDiffusion, channels_last: bool = True) -> None:
+    """Store the convolution weights channels-last (NHWC), or with False contiguous (NCHW);
+    activations follow.
 
     Tensor-core convolution kernels work in NHWC, so on CUDA this can spare the layout
     transposes around each convolution. Whether it pays depends on the card and on GroupNorm's
-    kernels, so it is measured (``mimicshield bench --channels-last``) rather than assumed.
+    kernels, so it is measured (``mimicshield bench --channels-last``, and ``--channels-first``
+    against the CPU's NHWC default) rather than assumed.
     """
-    model.vae.to(memory_format=torch.channels_last)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model.vae.to(memory_format=layout)
     if model.unet is not None:
-        model.unet.to(memory_format=torch.channels_last)
+        model.unet.to(memory_format=layout)
 
 
 def compile_model(

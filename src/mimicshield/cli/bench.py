@@ -118,6 +118,13 @@ def bench(
             help="NHWC convolution weights (already the CPU default; to measure on GPUs)",
         ),
     ] = False,
+    channels_first: Annotated[
+        bool,
+        typer.Option(
+            "--channels-first",
+            help="NCHW convolution weights (the GPU default; to measure the CPU's NHWC against)",
+        ),
+    ] = False,
     cuda_graphs: Annotated[
         bool, typer.Option("--cuda-graphs", help="replay each step from a CUDA graph")
     ] = False,
@@ -169,6 +176,7 @@ def bench(
         compile_mode=compile_mode,
         low_memory=low_memory,
         channels_last=channels_last,
+        channels_first=channels_first,
         cuda_graphs=cuda_graphs,
         fused_norm=fused_norm,
         deterministic=not nondeterministic,
