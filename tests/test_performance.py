@@ -404,12 +404,15 @@ def test_protect_low_memory_writes_the_same_bytes(tiny_model_dir, tmp_path, one_
     np.testing.assert_array_equal(outputs["graphs"], outputs["plain"])
 
 
-def test_cpu_convolutions_are_stored_channels_last(tiny_model):
-    """The CPU's faster layout (BENCHMARKS.md), through the real loader; GPUs keep NCHW until
-    the bench says otherwise."""
-    from mimicshield.models import convolution_layout
+@pytest.mark.parametrize("amx", [True, False])
+def test_convolutions_take_the_layout_measured_faster(tiny_model_dir, amx, monkeypatch):
+    """NHWC on CPUs with AMX, NCHW on others (BENCHMARKS.md), through the real loader; GPUs
+    keep NCHW until the bench says otherwise."""
+    from mimicshield.models import convolution_layout, load_models
 
-    for conv in (tiny_model.vae.encoder.conv_in, tiny_model.unet.conv_in):
-        assert conv.weight.is_contiguous(memory_format=torch.channels_last)
-        assert not conv.weight.is_contiguous()  # really NHWC, not a 1x1 coincidence
+    monkeypatch.setattr("mimicshield.models._cpu_has_amx", lambda: amx)
+    model = load_models(str(tiny_model_dir), device="cpu", dtype="fp32")
+    for conv in (model.vae.encoder.conv_in, model.unet.conv_in):
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last) is amx
+        assert conv.weight.is_contiguous() is not amx  # really NHWC, not a 1x1 coincidence
     assert convolution_layout(torch.device("cuda")) == torch.contiguous_format

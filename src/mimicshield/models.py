@@ -115,12 +115,15 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
 
 
 def convolution_layout(device: torch.device) -> torch.memory_format:
-    """Channels-last (NHWC) convolution weights on the CPU, where oneDNN runs them faster.
+    """Channels-last (NHWC) convolution weights on CPUs with AMX, where oneDNN runs them faster.
 
-    Measured on an AMX Xeon (2 threads, 256 px, ``mimicshield bench --channels-last``): an
-    ``sds-`` step 1.5x faster in bf16 and 1.1x in fp32. On GPUs the bench measures it first.
+    Measured (BENCHMARKS.md, 2 threads): on an AMX Xeon an ``sds-`` step 1.5x faster in bf16
+    and 1.1x in fp32 (256 px); on an AVX2 AMD EPYC, fp32, NCHW was 7 % faster instead (median
+    of four alternating 128 px runs, ``mimicshield bench --channels-first``). GPUs keep NCHW
+    until the bench has measured them.
     """
-    return torch.channels_last if device.type == "cpu" else torch.contiguous_format
+    use_nhwc = device.type == "cpu" and _cpu_has_amx()
+    return torch.channels_last if use_nhwc else torch.contiguous_format
 
 
 def vae_dtype_for(dtype: torch.dtype, force_upcast: bool) -> torch.dtype:

@@ -338,7 +338,7 @@ def use_channels_last(model: LatentDiffusion, channels_last: bool = True) -> Non
     Tensor-core convolution kernels work in NHWC, so on CUDA this can spare the layout
     transposes around each convolution. Whether it pays depends on the card and on GroupNorm's
     kernels, so it is measured (``mimicshield bench --channels-last``, and ``--channels-first``
-    against the CPU's NHWC default) rather than assumed.
+    against the NHWC default of AMX CPUs) rather than assumed.
     """
     layout = torch.channels_last if channels_last else torch.contiguous_format
     model.vae.to(memory_format=layout)

@@ -115,14 +115,14 @@ def bench(
         bool,
         typer.Option(
             "--channels-last",
-            help="NHWC convolution weights (already the CPU default; to measure on GPUs)",
+            help="NHWC convolution weights (the default on AMX CPUs; to measure on GPUs)",
         ),
     ] = False,
     channels_first: Annotated[
         bool,
         typer.Option(
             "--channels-first",
-            help="NCHW convolution weights (the GPU default; to measure the CPU's NHWC against)",
+            help="NCHW convolution weights (the default elsewhere; to measure NHWC against)",
         ),
     ] = False,
     cuda_graphs: Annotated[
