@@ -10,6 +10,8 @@ checks the bytes themselves on a GPU.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -96,8 +98,6 @@ def test_deterministic_mode_is_strict_inside_and_restored_after(monkeypatch):
         assert settings.fill_uninitialized_memory is True
     finally:
         torch.use_deterministic_algorithms(False)
-    import os
-
     assert os.environ[CUBLAS_WORKSPACE_VARIABLE] == CUBLAS_WORKSPACE_SETTING
 
 
@@ -132,8 +132,6 @@ def test_a_users_cublas_setting_is_kept():
 
 
 def test_loading_sets_the_cublas_workspace_before_anything_runs(tiny_model_dir, monkeypatch):
-    import os
-
     from mimicshield.models import load_models
 
     monkeypatch.delenv(CUBLAS_WORKSPACE_VARIABLE, raising=False)
