@@ -255,6 +255,12 @@ def test_resampling_mode_reroutes_only_what_is_differentiated():
             lambda: F.interpolate(x.requires_grad_(), scale_factor=2.0).sum().backward()
         )
     assert torch.equal(plain, F.interpolate(x, size=(10, 10), mode="bicubic", antialias=True))
+    y = torch.rand(1, 3, 20, 20, requires_grad=True)
+    with deterministic_resampling():  # keyword arguments, as F.interpolate takes them
+        by_keyword = F.interpolate(input=y, size=(10, 10), mode="bilinear", antialias=True)
+    expected = F.interpolate(y, size=(10, 10), mode="bilinear", antialias=True)
+    torch.testing.assert_close(by_keyword, expected, atol=1e-6, rtol=0)
+    assert by_keyword.grad_fn is not None and "Upsample" not in type(by_keyword.grad_fn).__name__
     assert "aten.reflection_pad2d" in names  # no gradient: PyTorch's own kernel
     assert "aten.upsample_nearest2d_backward" in nearest_grad  # not a refused mode: untouched
 

@@ -140,7 +140,7 @@ def _axis_matrix(length: int, axis: int, size, scale_factor, **options) -> Tenso
 
 
 def separable_interpolate(
-    x: Tensor,
+    input: Tensor,
     size=None,
     scale_factor=None,
     mode: str = "bilinear",
@@ -148,18 +148,18 @@ def separable_interpolate(
     recompute_scale_factor: bool | None = None,
     antialias: bool = False,
 ) -> Tensor:
-    """``F.interpolate`` of (N, C, H, W) ``x`` in the bilinear or bicubic mode, as two matrix
-    products, whose backward is deterministic. The arguments are ``F.interpolate``'s."""
+    """``F.interpolate`` of an (N, C, H, W) ``input`` in the bilinear or bicubic mode, as two
+    matrix products, whose backward is deterministic. The arguments are ``F.interpolate``'s."""
     options = dict(
         mode=mode,
         align_corners=align_corners,
         recompute_scale_factor=recompute_scale_factor,
         antialias=antialias,
     )
-    height, width = x.shape[-2:]
-    rows = _axis_matrix(height, 0, size, scale_factor, **options).to(x)
-    columns = _axis_matrix(width, 1, size, scale_factor, **options).to(x)
-    return rows @ x @ columns.T
+    height, width = input.shape[-2:]
+    rows = _axis_matrix(height, 0, size, scale_factor, **options).to(input)
+    columns = _axis_matrix(width, 1, size, scale_factor, **options).to(input)
+    return rows @ input @ columns.T
 
 
 def _reflect_indices(length: int, before: int, after: int, device) -> Tensor:
