@@ -98,6 +98,13 @@ def test_ssim_identical_is_one_and_drops_with_noise():
     assert (values[0] > values[1]).all() and (values[1] > values[2]).all()
 
 
+def test_ssim_of_images_smaller_than_its_window_is_nan():
+    a = torch.rand(2, 3, 10, 40)
+    assert torch.isnan(ssim(a, a)).all() and ssim(a, a).shape == (2,)
+    b = torch.rand(1, 3, 11, 11)
+    assert ssim(b, b).item() == pytest.approx(1.0)
+
+
 def test_linf_255_is_exact():
     a = torch.zeros(2, 3, 4, 4)
     b = a.clone()

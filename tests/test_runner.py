@@ -130,6 +130,22 @@ def test_bad_files_each_fail_with_one_line_and_the_rest_is_protected(tmp_path, e
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.png", MANIFEST_NAME]
 
 
+@pytest.mark.parametrize("size", [(1, 1), (5, 40)])
+def test_images_smaller_than_the_ssim_window_are_protected_without_an_ssim(tmp_path, engine, size):
+    """A thumbnail or an icon is protected like any image; SSIM's 11-pixel window does not fit,
+    so its SSIM is null (before, the error stopped the whole batch)."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(noise(*size, seed=2)).save(folder / "tiny.png")
+    Image.fromarray(noise(24, 32)).save(folder / "normal.png")
+    report, by_name = run(folder, tmp_path / "out", engine)
+    assert not report.failures
+    assert by_name["tiny.png"].ssim is None and by_name["normal.png"].ssim > 0
+    assert np.asarray(Image.open(tmp_path / "out" / "tiny.png")).shape[:2] == size
+    manifest = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())
+    assert {e["output"]: e["ssim"] for e in manifest["images"]}["tiny.png"] is None
+
+
 def test_odd_size_at_a_small_work_size_keeps_the_full_resolution(tmp_path, engine):
     folder = tmp_path / "in"
     folder.mkdir()

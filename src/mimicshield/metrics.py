@@ -43,12 +43,20 @@ def psnr(a: Tensor, b: Tensor) -> Tensor:
     return (-10 * torch.log10(mse)).to(a.dtype)
 
 
+SSIM_WINDOW = 11  # pixels: the Gaussian window of Wang et al. (2004), sigma 1.5
+
+
 def ssim(a: Tensor, b: Tensor) -> Tensor:
-    """Structural similarity (11x11 Gaussian window, sigma 1.5, data range 1) per image."""
+    """Structural similarity (11x11 Gaussian window, sigma 1.5, data range 1) per image.
+
+    Images smaller than the window have no SSIM: NaN (torchmetrics would fail on them).
+    """
     # The image subpackage: importing torchmetrics.functional itself emits FutureWarnings.
     from torchmetrics.functional.image import structural_similarity_index_measure
 
     _check_pair(a, b)
+    if min(a.shape[-2:]) < SSIM_WINDOW:
+        return torch.full((a.shape[0],), float("nan"), dtype=a.dtype, device=a.device)
     return structural_similarity_index_measure(a, b, data_range=1.0, reduction="none")
 
 

@@ -16,6 +16,7 @@ import glob
 import hashlib
 import itertools
 import json
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
@@ -468,7 +469,7 @@ def _save(
         height=image.size[1],
         bits=8 if job.plan.levels == 255 else 16,
         psnr=float(psnr(final[None], clean[None])[0]),
-        ssim=float(ssim(final[None], clean[None])[0]),
+        ssim=_defined(float(ssim(final[None], clean[None])[0])),
         linf_255=float((final - clean).abs().max() * 255),
         seconds=round(seconds, 3),
         note="; ".join(notes) or None,
@@ -476,6 +477,11 @@ def _save(
         input_sha256=sha256_file(job.item.path),
         output_sha256=sha256_file(job.destination),
     )
+
+
+def _defined(value: float) -> float | None:
+    """NaN (a metric an image is too small for) as None, which the manifest writes as null."""
+    return None if math.isnan(value) else value
 
 
 def to_file_grid(adversarial: Tensor, clean: Tensor, eps: float, levels: int, grey: bool) -> Tensor:
