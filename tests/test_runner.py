@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 
@@ -144,6 +145,29 @@ def test_images_smaller_than_the_ssim_window_are_protected_without_an_ssim(tmp_p
     assert np.asarray(Image.open(tmp_path / "out" / "tiny.png")).shape[:2] == size
     manifest = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())
     assert {e["output"]: e["ssim"] for e in manifest["images"]}["tiny.png"] is None
+
+
+def test_an_unchanged_image_is_written_as_strict_json_and_read_back(tmp_path, protector):
+    """PSNR is +inf for an image the protection leaves unchanged (0 steps): the manifest says
+    "inf", which jq and browsers read (Python's Infinity is not JSON), and a rerun reads it back."""
+    from dataclasses import replace
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(noise(24, 32)).save(folder / "same.png")
+    unchanged = copy.copy(protector)
+    unchanged.config = replace(protector.config, steps=0, random_start=False)
+    report, by_name = run(folder, tmp_path / "out", unchanged)
+    assert by_name["same.png"].psnr == float("inf")
+    text = (tmp_path / "out" / MANIFEST_NAME).read_text()
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    manifest = json.loads(text, parse_constant=refuse)
+    assert manifest["images"][0]["psnr"] == "inf"
+    _, again = run(folder, tmp_path / "out", unchanged)
+    assert again["same.png"].status == "skipped" and again["same.png"].psnr == float("inf")
 
 
 def test_odd_size_at_a_small_work_size_keeps_the_full_resolution(tmp_path, engine):

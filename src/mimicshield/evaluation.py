@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .images import IMAGE_SUFFIXES, load_image, save_png
-from .metrics import LPIPS, psnr, ssim
+from .metrics import LPIPS, json_number, psnr, ssim
 from .mimicry import Mimicry, MimicrySettings, Variant, fit_image
 
 __all__ = [
@@ -749,17 +749,6 @@ def summarize(records: Sequence[Record]) -> list[Summary]:
             mean = float("nan")
         out.append(Summary(source, scenario, strength, metric, mean, len(values), len(infinite)))
     return out
-
-
-def json_number(value: float | None):
-    """JSON has no inf or NaN: write them as the strings "inf", "-inf" and "nan"."""
-    if (
-        value is None
-        or (isinstance(value, float) and math.isfinite(value))
-        or isinstance(value, int)
-    ):
-        return value
-    return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
 
 
 def write_metrics(result: EvaluationResult, out_dir: Path) -> tuple[Path, Path]:

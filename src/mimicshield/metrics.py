@@ -7,6 +7,7 @@ they like.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -17,7 +18,9 @@ __all__ = [
     "LPIPS",
     "LPIPS_WEIGHTS_ENV",
     "default_lpips_path",
+    "json_number",
     "linf_255",
+    "number_from_json",
     "psnr",
     "ssim",
 ]
@@ -58,6 +61,22 @@ def ssim(a: Tensor, b: Tensor) -> Tensor:
     if min(a.shape[-2:]) < SSIM_WINDOW:
         return torch.full((a.shape[0],), float("nan"), dtype=a.dtype, device=a.device)
     return structural_similarity_index_measure(a, b, data_range=1.0, reduction="none")
+
+
+def json_number(value: float | None):
+    """JSON has no inf or NaN: write them as the strings "inf", "-inf" and "nan"."""
+    if (
+        value is None
+        or (isinstance(value, float) and math.isfinite(value))
+        or isinstance(value, int)
+    ):
+        return value
+    return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+
+
+def number_from_json(value):
+    """The inverse of :func:`json_number`: "inf", "-inf" and "nan" back to floats."""
+    return float(value) if value in ("inf", "-inf", "nan") else value
 
 
 def linf_255(a: Tensor, b: Tensor) -> Tensor:

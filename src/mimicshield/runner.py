@@ -45,7 +45,7 @@ from .images import (
     to_array,
     write_atomically,
 )
-from .metrics import psnr, ssim
+from .metrics import json_number, number_from_json, psnr, ssim
 from .protector import Protector
 from .resolution import (
     padded_shape,
@@ -98,7 +98,11 @@ class FileResult:
     @classmethod
     def from_dict(cls, entry: dict) -> FileResult:
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in entry.items() if k in names})
+        values = {k: v for k, v in entry.items() if k in names}
+        for name in ("psnr", "ssim", "linf_255", "seconds"):  # written by json_number
+            if name in values:
+                values[name] = number_from_json(values[name])
+        return cls(**values)
 
 
 @dataclass
@@ -207,9 +211,19 @@ class Manifest:
         }
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / MANIFEST_NAME
-        text = json.dumps(manifest, indent=2)
+        # strict JSON, which jq and browsers read: PSNR is +inf for an unchanged image
+        text = json.dumps(_strict_json(manifest), indent=2, allow_nan=False)
         write_atomically(path, lambda temporary: temporary.write_text(text))
         return path
+
+
+def _strict_json(value):
+    """``value`` with every inf and NaN float written as :func:`json_number` writes it."""
+    if isinstance(value, dict):
+        return {key: _strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(item) for item in value]
+    return json_number(value) if isinstance(value, float) else value
 
 
 def settings_id(protector: Protector, options: OutputOptions, header: dict | None) -> str:
