@@ -112,6 +112,18 @@ def test_help_does_not_import_torch():
     assert result.stdout.strip() == "False"
 
 
+def test_an_output_folder_that_cannot_be_made_fails_before_the_model_loads(input_folder, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    out = blocker / "protected"  # a folder inside a file: never creatable, even as root
+    missing_model = str(tmp_path / "no-such-model")
+    result = run_cli("protect", str(input_folder), "-o", str(out), "--model", missing_model)
+    assert result.returncode == 1
+    assert f"-o {out}: cannot create the output folder" in result.stderr
+    assert "no such model" not in result.stderr  # it stopped before loading
+    assert "Traceback" not in result.stderr
+
+
 def test_output_that_is_a_file_is_refused_and_left_alone(input_folder, tmp_path):
     target = input_folder / "a.png"
     before = target.read_bytes()

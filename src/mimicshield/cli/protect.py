@@ -206,6 +206,10 @@ def protect(
     files, missing = collect_inputs(inputs, exclude=out)
     if not files:
         raise CLIError(f"No image files found in: {' '.join(inputs)}.")
+    try:  # before the model loads (minutes, gigabytes), not after the first image
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CLIError(f"-o {out}: cannot create the output folder ({error.strerror}).") from None
 
     target_image = None
     if target is not None:
