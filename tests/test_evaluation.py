@@ -300,3 +300,25 @@ def test_evaluate_cli_writes_report_and_metrics(tiny_model_dir, tmp_path):
     from test_report import check_in_chromium
 
     check_in_chromium(out / "report.html")
+
+
+def test_unreadable_images_are_left_out_with_a_warning(tiny_model_dir, tmp_path):
+    """A broken clean file or protected copy skips that image, not the evaluation."""
+    generator = torch.Generator().manual_seed(1)
+    for i in range(3):
+        image = torch.rand(3, 32, 32, generator=generator)
+        _save(image, tmp_path / "clean" / f"img{i}.png")
+        _save(image, tmp_path / "copy" / f"img{i}.png")
+    (tmp_path / "clean" / "img0.png").write_bytes(b"")  # a broken original
+    (tmp_path / "copy" / "img1.png").write_bytes(b"not a png")  # a broken protected copy
+    out = tmp_path / "eval"
+    args = ["evaluate", str(tmp_path / "clean"), str(tmp_path / "copy"), "-o", str(out)]
+    args += ["--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "fp32"]
+    args += ["--lpips-weights", str(LPIPS_FILE), "--resolution", "32", "-s", "sdedit"]
+    args += ["--strengths", "0.05", "--thumbnail-size", "32"]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "img0.png: empty file" in result.output and "img1.png" in result.output
+    document = json.loads((out / "metrics.json").read_text())
+    images = {r["image"] for r in document["records"] if r["source"] == "copy" and r["image"]}
+    assert images == {"img2"}

@@ -105,6 +105,16 @@ def test_ssim_of_images_smaller_than_its_window_is_nan():
     assert ssim(b, b).item() == pytest.approx(1.0)
 
 
+@requires_assets
+def test_lpips_of_images_too_small_for_alexnet_is_nan(lpips):
+    from mimicshield.metrics import LPIPS_MIN_SIZE
+
+    small = torch.rand(2, 3, LPIPS_MIN_SIZE - 1, 64)
+    assert torch.isnan(lpips(small, small)).all()
+    fits = torch.rand(1, 3, LPIPS_MIN_SIZE, LPIPS_MIN_SIZE)
+    assert lpips(fits, fits).item() == pytest.approx(0.0, abs=1e-6)
+
+
 def test_linf_255_is_exact():
     a = torch.zeros(2, 3, 4, 4)
     b = a.clone()

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .images import IMAGE_SUFFIXES, load_image, save_png
+from .images import IMAGE_SUFFIXES, ImageFileError, load_image, save_png
 from .metrics import LPIPS, json_number, psnr, ssim
 from .mimicry import Mimicry, MimicrySettings, Variant, fit_image
 
@@ -583,8 +583,11 @@ def evaluate(
         for metric, value in values.items():
             result.records.append(Record(source, scenario, strength, image, metric, float(value)))
 
-    # Native-resolution images, loaded once (the clean ones) or per method.
-    native_clean = {key: load_image(path).rgb for key, path in clean.files.items()}
+    # Native-resolution images, loaded once (the clean ones) or per method. A file that cannot
+    # be read is left out, with a warning, and the evaluation goes on without it.
+    native_clean = _readable(clean, result.warnings)
+    for m in methods:
+        m.files = {key: path for key, path in m.files.items() if key in native_clean}
     fitted: dict[str, dict[str, Tensor]] = {CLEAN: {}}
 
     def fit(tensor: Tensor) -> Tensor:
@@ -598,8 +601,14 @@ def evaluate(
     progress.start("imperceptibility", total)
     for m in methods:
         fitted[m.name] = {}
-        for key, path in m.files.items():
-            protected = load_image(path).rgb
+        for key, path in list(m.files.items()):
+            try:
+                protected = load_image(path).rgb
+            except ImageFileError as error:
+                result.warnings.append(f"{error} It is left out of the evaluation.")
+                del m.files[key]
+                progress.advance()
+                continue
             reference = native_clean[key]
             if protected.shape != reference.shape:
                 result.warnings.append(
@@ -629,6 +638,8 @@ def evaluate(
                 },
             )
             progress.advance()
+        if not m.files:
+            raise ValueError(f"{m.folder}: none of its images can be read.")
 
     def save(source: str, variant: Variant, name: str, image: Tensor) -> None:
         if out_dir is not None:
@@ -686,6 +697,22 @@ def evaluate(
                             row.numbers[r.metric] = r.value
     result.rows = list(rows.values())
     return result
+
+
+def _readable(source: Source, warnings: list[str]) -> dict[str, Tensor]:
+    """The RGB images of ``source`` that load, all at once (the clean ones are compared with
+    every method); each that does not becomes a warning and leaves ``source.files``. Raises
+    when none is left."""
+    images: dict[str, Tensor] = {}
+    for key, path in list(source.files.items()):
+        try:
+            images[key] = load_image(path).rgb
+        except ImageFileError as error:
+            warnings.append(f"{error} It is left out of the evaluation.")
+            del source.files[key]
+    if not images:
+        raise ValueError(f"{source.folder}: none of its images can be read.")
+    return images
 
 
 def _measure(result, suite, variant, source, outputs, reference_outputs, clean_images, add):

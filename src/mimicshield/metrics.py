@@ -47,6 +47,7 @@ def psnr(a: Tensor, b: Tensor) -> Tensor:
 
 
 SSIM_WINDOW = 11  # pixels: the Gaussian window of Wang et al. (2004), sigma 1.5
+LPIPS_MIN_SIZE = 31  # pixels a side: below, AlexNet's second max-pool gets an empty input
 
 
 def ssim(a: Tensor, b: Tensor) -> Tensor:
@@ -183,8 +184,12 @@ class LPIPS(nn.Module):
         return taps
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        """Per-image distance; NaN for images under :data:`LPIPS_MIN_SIZE` pixels a side, where
+        AlexNet's pooling layers have nothing left to pool."""
         _check_pair(a, b)
         n = a.shape[0]
+        if min(a.shape[-2:]) < LPIPS_MIN_SIZE:
+            return torch.full((n,), float("nan"), dtype=a.dtype, device=a.device)
         # One pass over both batches: [0, 1] -> [-1, 1] -> LPIPS ScalingLayer.
         x = torch.cat([a, b]).to(self.shift) * 2 - 1
         x = (x - self.shift) / self.scale
