@@ -215,5 +215,14 @@ def test_mimic_cli_writes_outputs(tiny_model_dir, tmp_path):
     record = json.loads((out / "mimic.json").read_text())
     assert record["settings"]["scenarios"] == ["sdedit-ddim"] and len(record["outputs"]) == 2
 
-    bad = CliRunner().invoke(app, [*args[:3], "-s", "nope"])
-    assert bad.exit_code != 0
+    bad = CliRunner().invoke(app, [*args[:4], "-s", "nope"])
+    assert bad.exit_code != 0 and "Unknown scenario 'nope'" in str(bad.exception)
+
+    # a broken file is left out and reported; the readable images are still mimicked
+    (inputs / "broken.png").write_bytes(b"")
+    partial_args = ["mimic", str(inputs), "-o", str(tmp_path / "p"), *args[4:]]
+    partial = CliRunner().invoke(app, partial_args, env={"COLUMNS": "200"})
+    assert partial.exit_code == 1, partial.output
+    assert "1 input(s) left out" in partial.output and "broken.png: empty file" in partial.output
+    assert (tmp_path / "p" / "sdedit-ddim@0.02" / "a.png").is_file()
+    assert len(json.loads((tmp_path / "p" / "mimic.json").read_text())["failed"]) == 1

@@ -237,10 +237,9 @@ def mimic(
         seed=seed,
     )
     files, missing = collect_inputs(inputs)
-    if missing:
-        raise CLIError("; ".join(m.error for m in missing))
     if not files:
         raise CLIError(f"No image files found in: {' '.join(inputs)}.")
+    failed = [m.error for m in missing]  # reported at the end; the readable images go on
     images = {}
     for item in files:
         try:
@@ -248,7 +247,9 @@ def mimic(
                 load_image(item.path).rgb, settings.resolution
             )
         except ImageFileError as error:
-            raise CLIError(str(error)) from error
+            failed.append(str(error))
+    if not images:
+        raise CLIError(f"None of the images can be read: {'; '.join(failed)}")
 
     mimicry = load_mimicry(settings, model, model_config, device, dtype, inpaint_model)
     err = Console(stderr=True)
@@ -286,10 +287,16 @@ def mimic(
         "inputs": [str(item.path) for item in files],
         "settings": settings.to_dict(),
         "outputs": outputs,
+        "failed": failed,
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "mimic.json").write_text(json.dumps(record, indent=2))
     err.print(f"{len(outputs)} file(s) written to {out}")
+    if failed:
+        err.print(f"{len(failed)} input(s) left out:")
+        for message in failed:
+            err.print(f"  {message}")
+        raise typer.Exit(code=1)
 
 
 mimic.__doc__ = (mimic.__doc__ or "") + "\n" + EXAMPLES
