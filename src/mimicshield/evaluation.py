@@ -601,12 +601,9 @@ def evaluate(
     progress.start("imperceptibility", total)
     for m in methods:
         fitted[m.name] = {}
-        for key, path in list(m.files.items()):
-            try:
-                protected = load_image(path).rgb
-            except ImageFileError as error:
-                result.warnings.append(f"{error} It is left out of the evaluation.")
-                del m.files[key]
+        for key in list(m.files):
+            protected = _load_or_leave_out(m, key, result.warnings)
+            if protected is None:
                 progress.advance()
                 continue
             reference = native_clean[key]
@@ -638,8 +635,7 @@ def evaluate(
                 },
             )
             progress.advance()
-        if not m.files:
-            raise ValueError(f"{m.folder}: none of its images can be read.")
+        _require_images(m)
 
     def save(source: str, variant: Variant, name: str, image: Tensor) -> None:
         if out_dir is not None:
@@ -699,20 +695,28 @@ def evaluate(
     return result
 
 
+def _load_or_leave_out(source: Source, key: str, warnings: list[str]) -> Tensor | None:
+    """Image ``key`` of ``source`` as RGB; if it cannot be read, a warning, and the image
+    leaves ``source.files`` (so no later stage looks for it)."""
+    try:
+        return load_image(source.files[key]).rgb
+    except ImageFileError as error:
+        warnings.append(f"{error} It is left out of the evaluation.")
+        del source.files[key]
+        return None
+
+
+def _require_images(source: Source) -> None:
+    if not source.files:
+        raise ValueError(f"{source.folder}: none of its images can be read.")
+
+
 def _readable(source: Source, warnings: list[str]) -> dict[str, Tensor]:
     """The RGB images of ``source`` that load, all at once (the clean ones are compared with
-    every method); each that does not becomes a warning and leaves ``source.files``. Raises
-    when none is left."""
-    images: dict[str, Tensor] = {}
-    for key, path in list(source.files.items()):
-        try:
-            images[key] = load_image(path).rgb
-        except ImageFileError as error:
-            warnings.append(f"{error} It is left out of the evaluation.")
-            del source.files[key]
-    if not images:
-        raise ValueError(f"{source.folder}: none of its images can be read.")
-    return images
+    every method). Raises when none is left."""
+    images = {key: _load_or_leave_out(source, key, warnings) for key in list(source.files)}
+    _require_images(source)
+    return {key: image for key, image in images.items() if image is not None}
 
 
 def _measure(result, suite, variant, source, outputs, reference_outputs, clean_images, add):
