@@ -131,3 +131,56 @@ def test_config_validation_and_repr(tiny_model):
     assert "method='sdst-'" in text and "r=3.0" in text and "steps=100" in text
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         Protector(tiny_model)(torch.full((1, 3, 32, 32), 2.0))
+
+
+def paper_loop(model, images, method, seeds, eps_255, alpha_255, steps, prompt="a photo"):
+    """The protection of issue 2 written out by hand: [-1, 1] units, a random start for
+    photoguard, per step t ~ U{0..999}, n and the posterior draw from each image's generator,
+    the step x <- clip(x0 + clip(x - alpha sign(g) - x0, -eps, eps), -1, 1), the 8-bit file."""
+    eps, alpha = 2 * eps_255 / 255, 2 * alpha_255 / 255
+    height, width = images.shape[-2:]
+    latent = model.latent_shape(height, width)
+    x0 = images * 2 - 1
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    x = x0.clone()
+    if method == "photoguard":
+        start = torch.stack([torch.rand(x0.shape[1:], generator=g) * 2 - 1 for g in generators])
+        x = (x0 + eps * start).clamp(-1, 1)
+    with torch.no_grad():
+        target = model.encode(target_pattern(height, width)[None] * 2 - 1)
+    cond = model.embed_prompt(prompt).expand(len(seeds), -1, -1)
+    abar = model.alphas_cumprod
+    for _ in range(steps):
+        if method == "sds-":
+            t = torch.cat([torch.randint(0, 1000, (1,), generator=g) for g in generators])
+            n = torch.stack([torch.randn(latent, generator=g) for g in generators])
+        posterior = torch.stack([torch.randn(latent, generator=g) for g in generators])
+        x = x.detach().requires_grad_(True)
+        z = model.encode(x, posterior)
+        if method == "sds-":  # g = J^T (eps_hat(z_t) - n), no UNet backward
+            with torch.no_grad():
+                a = abar[t].view(-1, 1, 1, 1)
+                z_t = a.sqrt() * z + (1 - a).sqrt() * n
+                residual = model.predict_noise(z_t, t, cond) - n
+            g = torch.autograd.grad((z * residual).sum(), x)[0]
+        else:  # photoguard: g = grad ||E(x) - E(y)||^2
+            g = torch.autograd.grad(((z - target) ** 2).sum(), x)[0]
+        x = (x0 + (x.detach() - alpha * g.sign() - x0).clamp(-eps, eps)).clamp(-1, 1)
+    levels = torch.round((x + 1) / 2 * 255)
+    clean = torch.round(images * 255)
+    return torch.minimum(torch.maximum(levels, clean - eps_255), clean + eps_255) / 255
+
+
+@pytest.mark.parametrize("method", ["sds-", "photoguard"])
+def test_the_protector_is_the_papers_loop_written_out(tiny_model, images_8bit, method):
+    """Pins the Protector's own wiring (units, random start, draws, projection, rounding), which
+    the per-method direction tests do not see: a wrong eps or alpha fails here."""
+    seeds = [4, 9]
+    protector = Protector(tiny_model, method, eps=16 / 255, step_size=1 / 255, steps=4)
+    got = protector.protect(images_8bit, seeds=seeds).images
+    want = paper_loop(tiny_model, images_8bit, method, seeds, 16, 1, 4)
+    assert torch.equal(got, want)
+    for eps_255, alpha_255 in [(2, 1), (16, 0.5)]:  # the check can fail: eps, alpha
+        assert not torch.equal(
+            got, paper_loop(tiny_model, images_8bit, method, seeds, eps_255, alpha_255, 4)
+        )

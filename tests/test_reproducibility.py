@@ -301,3 +301,23 @@ def test_mimicry_runs_in_deterministic_mode_without_refused_operations(
     assert not names & REFUSED_ON_CUDA
     if scenario in ("textual-inversion", "lora"):
         assert "aten.convolution_backward" in names  # training: the backward pass was recorded
+
+
+def test_purification_by_sdedit_runs_in_deterministic_mode(tiny_model_with_decoder, images_8bit):
+    """``purify sdedit`` and the web app's check call ``sdedit`` outside :class:`Mimicry`."""
+    from mimicshield.purify import sdedit_purify
+
+    modes = []
+    original = tiny_model_with_decoder.unet.forward
+
+    def forward(*args, **kwargs):
+        modes.append(torch.are_deterministic_algorithms_enabled())
+        return original(*args, **kwargs)
+
+    tiny_model_with_decoder.unet.forward = forward
+    try:
+        sdedit_purify(images_8bit, tiny_model_with_decoder)
+    finally:
+        del tiny_model_with_decoder.unet.forward
+    assert modes and all(modes)
+    assert not torch.are_deterministic_algorithms_enabled()

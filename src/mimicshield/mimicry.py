@@ -192,16 +192,18 @@ def sdedit(
 
     Every family works: the conditioning comes from ``model.condition`` at the images' pixel
     size, so SDXL also gets its pooled embedding and the time ids of an uncropped image.
+    Runs in deterministic mode, wherever it is called from (``purify sdedit``, the web app's
+    "Check protection", :class:`Mimicry`), so a seed repeats its bytes on CUDA too.
     """
     _require_decoder(model)
     x = images.to(model.device, torch.float32) * 2 - 1
-    with torch.no_grad():
+    with deterministic_algorithms(device=model.device), torch.no_grad():
         z0 = model.encode(x)
-    noise = _per_image_noise(z0.shape[1:], z0.shape[0], seed, z0.device)
-    cond = model.condition(prompt, z0.shape[0], images.shape[-2], images.shape[-1])
-    timesteps = sdedit_timesteps(strength, num_steps, model.num_train_timesteps, steps_offset)
-    z = sdedit_latents(model, z0, noise, cond, timesteps, multistep=multistep, callback=callback)
-    return decode(model, z).cpu()
+        noise = _per_image_noise(z0.shape[1:], z0.shape[0], seed, z0.device)
+        cond = model.condition(prompt, z0.shape[0], images.shape[-2], images.shape[-1])
+        steps = sdedit_timesteps(strength, num_steps, model.num_train_timesteps, steps_offset)
+        z = sdedit_latents(model, z0, noise, cond, steps, multistep=multistep, callback=callback)
+        return decode(model, z).cpu()
 
 
 # --- diffusers pipelines -----------------------------------------------------------------------
