@@ -440,3 +440,38 @@ def test_cli_loads_each_model_with_its_own_options(tiny_model, sdxl, tmp_path, m
 
     bad = CliRunner().invoke(app, [*base, "--model-weight", "1"])
     assert bad.exit_code != 0 and "one weight per --model" in str(bad.exception or bad.output)
+
+
+@pytest.mark.parametrize("command", ["mimic", "evaluate", "purify", "ui"])
+def test_every_command_that_loads_one_model_takes_family(tmp_path, monkeypatch, command):
+    """A single SD 2.x file is guessed 768-v; `--family sd2-base` must reach the loader from
+    every command, not only from `protect` (and `auto` means: detect it)."""
+    from PIL import Image
+
+    from mimicshield.cli.main import app
+
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_load(source, **kwargs):
+        calls.append(kwargs["family"])
+        raise Stop
+
+    monkeypatch.setattr("mimicshield.models.load_models", fake_load)
+    monkeypatch.setattr(
+        "mimicshield.webapp.launch", lambda service, **_: calls.append(service.defaults.family[0])
+    )
+    Image.new("RGB", (32, 32), (120, 60, 30)).save(tmp_path / "a.png")
+    (tmp_path / "p").mkdir()
+    arguments = {
+        "mimic": ["mimic", str(tmp_path / "a.png"), "-o", str(tmp_path / "o")],
+        "evaluate": ["evaluate", str(tmp_path), str(tmp_path / "p"), "-o", str(tmp_path / "o")],
+        "purify": ["purify", str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), "-m", "vae"],
+        "ui": ["ui"],
+    }[command]
+    for family in ["sd2-base", "auto"]:
+        options = ["--model", "sd2.ckpt", "--family", family, "--device", "cpu"]
+        CliRunner().invoke(app, [*arguments, *options])
+    assert calls == ["sd2-base", None]

@@ -364,6 +364,9 @@ def test_folders_are_read_recursively_without_the_output_or_hidden_files(tmp_pat
     assert len(missing) == 1 and "no such file" in missing[0].error
     pattern = str(folder / "**" / "*.png")
     assert len(collect_inputs([pattern], exclude=folder / "protected")[0]) == 1
+    # a pattern's matches keep their folders below its literal part, as a folder's files do
+    (found,), _ = collect_inputs([str(folder / "**" / "*.jpg")])
+    assert found.relative.as_posix() == "sub/b.jpg"
     # -o pointing at the input folder itself: the inputs are still found (and then protected
     # beside themselves only where that overwrites nothing)
     assert len(collect_inputs([str(folder)], exclude=folder)[0]) == 3

@@ -128,6 +128,10 @@ def collect_inputs(
 ) -> tuple[list[InputFile], list[FileResult]]:
     """Expand files, folders (recursively) and glob patterns into image files.
 
+    A file's output name (``InputFile.relative``) is its path below the folder named, or below
+    a pattern's literal part (``shots`` for ``shots/**/*.jpg``), so outputs mirror the inputs'
+    folders; a file named directly keeps its name.
+
     Files under ``exclude`` (the output folder) are left out when it lies inside a folder or
     pattern being read, so a rerun into ``photos/protected`` does not protect its own outputs.
     Returns the files found, and a failed result for each argument that matched nothing.
@@ -155,7 +159,7 @@ def collect_inputs(
             root = Path(*itertools.takewhile(_is_literal, path.parts))  # the part before * or ?
             for match in map(Path, matches):
                 if match.is_file() and wanted(match, root):
-                    found.setdefault(match.resolve(), InputFile(match, Path(match.name)))
+                    found.setdefault(match.resolve(), InputFile(match, match.relative_to(root)))
         else:
             missing.append(FileResult(argument, None, "failed", f"{argument}: no such file."))
     return list(found.values()), missing

@@ -30,7 +30,7 @@ from .mimic import (
     TiLrOpt,
     TiStepsOpt,
 )
-from .options import DeviceOpt, DtypeOpt, ModelConfigOpt, ModelOpt, SeedOpt
+from .options import DeviceOpt, DtypeOpt, FamilyOneOpt, ModelConfigOpt, ModelOpt, SeedOpt
 
 EXAMPLES = """
 Examples:
@@ -91,6 +91,7 @@ def evaluate(
     ] = None,
     model: ModelOpt = DEFAULT_MODEL_ID,
     model_config: ModelConfigOpt = None,
+    family: FamilyOneOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     seed: SeedOpt = 0,
@@ -145,7 +146,7 @@ def evaluate(
         raise CLIError("--thumbnail-size must be at least 16.")
 
     purifications = parse_purify_option(purify)
-    mimicry = load_mimicry(settings, model, model_config, device, dtype, inpaint_model)
+    mimicry = load_mimicry(settings, model, model_config, device, dtype, inpaint_model, family)
     purified_dirs = write_purified_folders(
         clean_dir, protected_dirs, purifications, out, mimicry.model
     )

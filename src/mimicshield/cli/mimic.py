@@ -14,7 +14,15 @@ from typing import Annotated
 import typer
 
 from ..defaults import DEFAULT_MODEL as DEFAULT_MODEL_ID
-from .options import DeviceOpt, DtypeOpt, ModelConfigOpt, ModelOpt, SeedOpt
+from .options import (
+    DeviceOpt,
+    DtypeOpt,
+    FamilyOneOpt,
+    ModelConfigOpt,
+    ModelOpt,
+    SeedOpt,
+    family_or_none,
+)
 
 EXAMPLES = """
 Examples:
@@ -112,7 +120,9 @@ def make_settings(**options) -> object:
     return MimicrySettings(scenarios=scenarios, **options)
 
 
-def load_mimicry(settings, model: str, model_config, device: str, dtype: str, inpaint_model):
+def load_mimicry(
+    settings, model: str, model_config, device: str, dtype: str, inpaint_model, family=None
+):
     """Load the model (with its VAE decoder) and, when given, the inpainting model."""
     from rich.console import Console
 
@@ -122,7 +132,12 @@ def load_mimicry(settings, model: str, model_config, device: str, dtype: str, in
     err = Console(stderr=True)
     with err.status(f"Loading {model} ..."):
         loaded = load_models(
-            model, device=device, dtype=dtype, with_decoder=True, single_file_config=model_config
+            model,
+            device=device,
+            dtype=dtype,
+            with_decoder=True,
+            single_file_config=model_config,
+            family=family_or_none(family),
         )
     inpainter = None
     if inpaint_model is not None and "inpaint" in settings.scenarios:
@@ -204,6 +219,7 @@ def mimic(
     lora_rank: LoraRankOpt = 4,
     model: ModelOpt = DEFAULT_MODEL_ID,
     model_config: ModelConfigOpt = None,
+    family: FamilyOneOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     seed: SeedOpt = 0,
@@ -251,7 +267,7 @@ def mimic(
     if not images:
         raise CLIError(f"None of the images can be read: {'; '.join(failed)}")
 
-    mimicry = load_mimicry(settings, model, model_config, device, dtype, inpaint_model)
+    mimicry = load_mimicry(settings, model, model_config, device, dtype, inpaint_model, family)
     err = Console(stderr=True)
     outputs: list[str] = []
     with RichProgress(err) as progress:

@@ -52,6 +52,22 @@ FamilyOpt = Annotated[
         "several --model, one per model in order",
     ),
 ]
+# mimic, evaluate, purify, ui: one model
+FamilyOneOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--family",
+        help="sd1, sd2-base, sd2-v, sdxl or auto (default: detected from the files; a single SD "
+        "2.x file is taken as sd2-v)",
+    ),
+]
+
+
+def family_or_none(family: str | None) -> str | None:
+    """``auto`` and no value both mean: detect the family from the files."""
+    return None if family in (None, "auto") else family
+
+
 DeviceOpt = Annotated[str, typer.Option(help="auto, cuda, mps or cpu")]
 DtypeOpt = Annotated[
     str,

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from .options import DeviceOpt, DtypeOpt, ModelConfigOpt
+from .options import DeviceOpt, DtypeOpt, FamilyOneOpt, ModelConfigOpt, family_or_none
 
 EXAMPLES = """
 Examples:
@@ -20,7 +20,9 @@ Examples:
 """
 
 
-def _load_purification_model(source: str, device: str, dtype: str, config: str | None):
+def _load_purification_model(
+    source: str, device: str, dtype: str, config: str | None, family: str | None = None
+):
     """An SD model with its decoder, or TAEF2 when ``source`` is a folder of taef2_*.pth files."""
     from ..taesd import ENCODER_FILE, TinyAutoencoderLatents
 
@@ -29,7 +31,12 @@ def _load_purification_model(source: str, device: str, dtype: str, config: str |
     from ..models import load_models
 
     return load_models(
-        source, device=device, dtype=dtype, with_decoder=True, single_file_config=config
+        source,
+        device=device,
+        dtype=dtype,
+        with_decoder=True,
+        single_file_config=config,
+        family=family_or_none(family),
     )
 
 
@@ -53,6 +60,7 @@ def purify(
         ),
     ] = None,
     model_config: ModelConfigOpt = None,
+    family: FamilyOneOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
 ) -> None:
@@ -82,7 +90,7 @@ def purify(
         chosen = [p for p in chosen if p.needs is None]
     elif needs_model:
         with err.status(f"Loading {model} ..."):
-            loaded = _load_purification_model(model, device, dtype, model_config)
+            loaded = _load_purification_model(model, device, dtype, model_config, family)
         skipped = [p.name for p in chosen if not p.applicable(loaded)]
         if skipped and methods.strip() != "all":
             raise CLIError(f"{', '.join(skipped)}: not applicable to {model}.")

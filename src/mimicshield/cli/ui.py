@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from ..defaults import DEFAULT_MODEL as DEFAULT_MODEL_ID
-from .options import DeviceOpt, DtypeOpt, ModelConfigOpt, ModelOpt
+from .options import DeviceOpt, DtypeOpt, FamilyOneOpt, ModelConfigOpt, ModelOpt, family_or_none
 
 EXAMPLES = """
 Examples:
@@ -22,6 +22,7 @@ Examples:
 def ui(
     model: ModelOpt = DEFAULT_MODEL_ID,
     model_config: ModelConfigOpt = None,
+    family: FamilyOneOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     host: Annotated[
@@ -80,7 +81,13 @@ def ui(
             f"{model}."
         )
     service = ProtectionService(
-        ProtectSettings(model=model, model_config=model_config, device=device, dtype=dtype),
+        ProtectSettings(
+            model=model,
+            model_config=model_config,
+            family=family_or_none(family),
+            device=device,
+            dtype=dtype,
+        ),
         limits=UploadLimits(
             max_images=max_images,
             max_file_bytes=int(max_file_mb * 2**20),
