@@ -17,8 +17,8 @@ diffusers' training scripts do), and, for reference, without any resize (the att
 the file as it is). Usage (a few minutes on one H200; on a CPU use the small settings)::
 
     python scripts/measure_work_size.py --method encoder --scales 1 2 4 --tile-size 4096
-    # on a CPU, scaled down (shorter sides 216-384 px against an attacker at 128): about a
-    # minute per image on 2 cores
+    # on a CPU, scaled down (the first two images: shorter sides 216-280 px, against an
+    # attacker at 128): about a minute per image on 2 cores
     python scripts/measure_work_size.py --scales 0.5 --attacker-size 128 --work-size 128 \\
         --steps 10 --step-size 4 --limit 2
 """

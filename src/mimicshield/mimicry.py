@@ -749,7 +749,7 @@ def lora_mimicry(
         from peft.utils import get_peft_model_state_dict
     except ImportError as error:
         raise ImportError(
-            "LoRA mimicry needs peft: pip install 'mimicshield[evaluate]' (or pip install peft)."
+            "LoRA mimicry needs peft: pip install 'peft>=0.13' (or '.[evaluate]' in a checkout)."
         ) from error
 
     unet = model.unet

@@ -418,7 +418,8 @@ def load_models(
     Args:
         source: a hub id, a local diffusers folder, or a single ``.safetensors``/``.ckpt`` file.
         device: ``auto``, ``cuda``, ``mps`` or ``cpu``.
-        dtype: ``auto``, ``fp32``, ``fp16`` or ``bf16``; the VAE stays fp32 where fp16 overflows.
+        dtype: ``auto``, ``fp32``, ``fp16``, ``bf16`` or a ``torch.dtype``; the VAE stays fp32
+            where fp16 overflows (its config's ``force_upcast``).
         with_decoder: keep the VAE decoder (for mimicry simulations); dropped otherwise.
         single_file_config: for a single file, a diffusers folder (or hub id) whose configs and
             tokenizer describe the checkpoint's architecture, VAE scale and scheduler. Without it

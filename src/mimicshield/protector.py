@@ -35,7 +35,10 @@ class ProtectionConfig:
     """Everything that defines the maths of a run; serialised into the manifest.
 
     ``eps`` and ``step_size`` are on the [0, 1] pixel scale (16/255 means 16 grey levels).
-    ``robust`` names the transforms of :mod:`mimicshield.robust` to optimise over (EOT).
+    ``random_start`` None takes the method's own choice. ``quantize_levels`` rounds the result
+    to that many levels within ``eps`` (255: what an 8-bit file can hold); None leaves it
+    unrounded. ``robust`` names the transforms of :mod:`mimicshield.robust` to optimise over
+    (EOT).
     """
 
     method: str = DEFAULT_METHOD
@@ -87,7 +90,8 @@ class Protector:
 
     Arguments:
         model: a :class:`~mimicshield.models.LatentDiffusion` (or any object with ``encode``,
-            ``predict_noise``, ``alphas_cumprod``, ``condition`` and ``latent_shape``), or an
+            ``predict_noise``, ``alphas_cumprod``, ``num_train_timesteps``, ``condition``,
+            ``latent_shape`` and ``device``), or an
             :class:`~mimicshield.ensemble.Ensemble` of them: each step then follows the
             weighted sum of the models' directions, each with its own draws and conditioning.
         method: one of :data:`mimicshield.methods.METHODS`. (Default: ``"sds-"``)
@@ -103,7 +107,8 @@ class Protector:
         **config: the fields of :class:`ProtectionConfig` (eps, step_size, steps, prompt, ...).
 
     Shape:
-        images: (N, 3, H, W) in [0, 1], or PIL images; the output has the same type and size.
+        images: (N, 3, H, W) in [0, 1], or PIL images; the output has the same type and size
+        (tensors on the CPU, rounded as ``quantize_levels`` says; PIL images as 8-bit RGB).
 
     Examples::
         >>> protector = Protector(model, method="sds-", eps=16/255, steps=100)

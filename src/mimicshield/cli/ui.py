@@ -65,7 +65,9 @@ def ui(
     try:
         import gradio  # noqa: F401
     except ImportError:
-        raise CLIError('The web app needs Gradio: pip install "mimicshield[ui]".') from None
+        raise CLIError(
+            'The web app needs Gradio: pip install "gradio>=5" (or ".[ui]" in a checkout).'
+        ) from None
     from ..webapp import ProtectionService, ProtectSettings, UploadLimits, is_loopback, launch
 
     if min(max_images, max_file_mb, max_megapixels) <= 0:
