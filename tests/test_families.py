@@ -475,3 +475,54 @@ def test_every_command_that_loads_one_model_takes_family(tmp_path, monkeypatch, 
         options = ["--model", "sd2.ckpt", "--family", family, "--device", "cpu"]
         CliRunner().invoke(app, [*arguments, *options])
     assert calls == ["sd2-base", None]
+
+
+# ------------------------------------------------------------------ the steps, from the formulas
+
+
+def _direction_by_hand(model, scheduler, method, x, t, noise, posterior, cond):
+    """sds- or advdm+ written from the raw diffusers modules, not the package's adapter:
+    E(x) = s (mean + std n_post), z_t = sqrt(abar) z + sqrt(1 - abar) n, the UNet with SDXL's
+    added conditioning, and a v output turned into eps = sqrt(abar) v + sqrt(1 - abar) z_t."""
+    x = x.clone().requires_grad_(True)
+    dist = model.vae.encode(x).latent_dist
+    z = model.vae.config.scaling_factor * (dist.mean + dist.std * posterior)
+    abar = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    added = None
+    if cond.pooled is not None:
+        added = {"text_embeds": cond.pooled, "time_ids": cond.time_ids}
+
+    def eps_hat(latent):
+        z_t = abar.sqrt() * latent + (1 - abar).sqrt() * noise
+        out = model.unet(
+            z_t, t, encoder_hidden_states=cond.hidden_states, added_cond_kwargs=added
+        ).sample
+        if scheduler.config.prediction_type == "v_prediction":
+            out = abar.sqrt() * out + (1 - abar).sqrt() * z_t
+        return out
+
+    if method == "sds-":
+        with torch.no_grad():
+            residual = eps_hat(z) - noise
+        return -torch.autograd.grad((z * residual).sum(), x)[0]
+    per_image = ((eps_hat(z) - noise) ** 2).flatten(1).mean(1)  # advdm+: ascend L_S
+    return torch.autograd.grad(per_image.sum(), x)[0]
+
+
+@pytest.mark.parametrize("family", ["sd2-v", "sdxl"])
+@pytest.mark.parametrize("method", ["sds-", "advdm+"])
+def test_steps_of_other_families_match_their_formulas(family, method, family_dirs, sd2v, sdxl):
+    from mimicshield.methods import METHODS
+
+    model = {"sd2-v": sd2v, "sdxl": sdxl}[family]
+    scheduler = DDPMScheduler.from_pretrained(family_dirs[family], subfolder="scheduler")
+    generator = torch.Generator().manual_seed(3)
+    x = torch.rand(2, 3, 32, 32, generator=generator) * 2 - 1
+    noise, posterior = torch.randn(2, 2, 4, 4, 4, generator=generator)
+    t = torch.tensor([40, 900])
+    cond = model.condition(PROMPT, 2, 32, 32)
+    inputs = StepInputs(t=t, noise=noise, cond=cond, posterior_noise=posterior)
+    got = METHODS[method].direction(model, x, inputs)
+    want = _direction_by_hand(model, scheduler, method, x, t, noise, posterior, cond)
+    assert want.abs().max() > 0
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * want.abs().max().item())
