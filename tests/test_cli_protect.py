@@ -157,6 +157,9 @@ def test_work_size_option_reaches_the_manifest(tmp_path, folder, preloaded):
         (["--batch-size", "many"], "a number or 'auto'"),
         (["--cuda-graphs", "--compile"], "does not combine"),
         (["--cuda-graphs", "--low-memory"], "does not combine"),
+        (["--eps", "-4"], "--eps must be in (0, 255], in 1/255 units; got -4"),
+        (["--step-size", "1e9"], "--step-size must be in (0, 255], in 1/255 units; got 1e+09"),
+        (["--steps", "0"], "--steps must be at least 1"),
     ],
 )
 def test_bad_options_are_one_line_errors(tmp_path, folder, options, message):
@@ -216,3 +219,14 @@ def test_a_small_image_is_protected_at_its_own_size(tmp_path, preloaded):
     changed = np.asarray(Image.open(tmp_path / "out" / "thumb.png")).astype(int)
     # three signed steps of 1/255 move most pixels; averaged away, few would move at all
     assert np.abs(changed - np.asarray(Image.open(image)).astype(int)).mean() > 0.5
+
+
+def test_a_manifest_json_that_is_not_ours_is_never_overwritten(tmp_path, folder):
+    out = tmp_path / "out"
+    out.mkdir()
+    for text in ('{"my": "important data"}', "not json"):
+        (out / "manifest.json").write_text(text)
+        result = invoke(str(folder), "-o", str(out))
+        assert isinstance(result.exception, CLIError), result.output
+        assert "not written by mimicshield" in str(result.exception)
+        assert (out / "manifest.json").read_text() == text

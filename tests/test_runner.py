@@ -241,8 +241,13 @@ def test_the_manifest_keeps_earlier_files_and_notices_changes(tmp_path, engine):
 
     # other settings: refused without --overwrite, redone with it
     stronger = NoiseEngine(eps=16 / 255)
+    before = load_manifest(out)["images"]
     _, by_name = run(folder, out, stronger)
     assert "different settings" in by_name["b/y.png"].error
+    # the refusal wrote nothing: the earlier command still finds its outputs done
+    assert load_manifest(out)["images"] == before
+    _, by_name = run(folder, out, engine)
+    assert by_name["b/y.png"].status == "skipped"
     _, by_name = run(folder, out, stronger, overwrite=True)
     assert {r.status for r in by_name.values()} == {"protected"}
 

@@ -180,6 +180,27 @@ def load_manifest(out_dir: Path) -> dict:
     return manifest if isinstance(manifest, dict) else {}
 
 
+class ForeignManifestError(ValueError):
+    """``OUT/manifest.json`` exists but is not ours: rewriting it would lose the user's file."""
+
+
+def check_manifest(out_dir: Path) -> None:
+    """Raise :class:`ForeignManifestError` unless ``OUT/manifest.json`` is absent or ours.
+
+    Ours means a JSON object with ``mimicshield_version``, as :meth:`Manifest.write` writes
+    it (atomically, so a crash never leaves a half-written one).
+    """
+    path = Path(out_dir) / MANIFEST_NAME
+    if not path.exists():
+        return
+    manifest = load_manifest(out_dir)
+    if "mimicshield_version" not in manifest:
+        raise ForeignManifestError(
+            f"-o {out_dir}: {MANIFEST_NAME} there was not written by mimicshield and would be "
+            "overwritten; move it or choose another -o."
+        )
+
+
 class Manifest:
     """``OUT/manifest.json``: this run's header, and one entry per input (earlier runs kept).
 
@@ -188,6 +209,8 @@ class Manifest:
     """
 
     def __init__(self, out_dir: Path, header: dict | None) -> None:
+        if header is not None:
+            check_manifest(out_dir)
         self.out_dir = out_dir
         self.header = header
         self.entries: dict[str, dict] = {}
@@ -200,7 +223,16 @@ class Manifest:
         return FileResult.from_dict(entry) if entry else None
 
     def record(self, result: FileResult) -> None:
+        """Keep ``result``; but a failure never replaces the entry of a finished output.
+
+        Outputs are written atomically, so a failed attempt (refused, say, because the settings
+        changed) left the earlier output as its entry describes it: keeping the entry lets the
+        earlier command still resume.
+        """
         if result.relative is None:
+            return
+        earlier = self.entries.get(result.relative, {})
+        if result.status == "failed" and earlier.get("status") in ("protected", "skipped"):
             return
         self.entries[result.relative] = asdict(result)
         if self.header is not None:

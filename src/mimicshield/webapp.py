@@ -267,12 +267,16 @@ class ProtectSettings:
             )
         if not 0 < self.eps <= 255:
             raise ValueError(f"ε must be between 1 and 255 (in 1/255 units); got {self.eps:g}.")
+        if not 0 < self.step_size <= 255:
+            raise ValueError(f"α must be in (0, 255] (in 1/255 units); got {self.step_size:g}.")
         if self.cuda_graphs and (self.compile_networks or self.low_memory):
             raise ValueError(
                 "CUDA graphs do not combine with torch.compile or low memory; choose one."
             )
-        if self.steps < 0 or self.batch_size < 0:
-            raise ValueError("Steps and the batch size must be at least 0 (0: automatic).")
+        if self.steps < 1:
+            raise ValueError(f"Steps must be at least 1; got {self.steps}.")
+        if self.batch_size < 0:
+            raise ValueError("The batch size must be at least 0 (0: automatic).")
         if self.tile_size < 64:
             raise ValueError(f"The tile size must be at least 64; got {self.tile_size}.")
         if self.file_format not in ("png", "jpeg"):
@@ -1209,7 +1213,7 @@ def build_app(service: ProtectionService):
                             list(METHODS), value=defaults.method, **opt("method")
                         ),
                         "steps": gr.Number(
-                            value=defaults.steps, precision=0, minimum=0, **opt("steps")
+                            value=defaults.steps, precision=0, minimum=1, **opt("steps")
                         ),
                         "step_size": gr.Number(
                             value=defaults.step_size, minimum=0.01, **opt("step_size")

@@ -156,11 +156,24 @@ def protect(
     from ..models import load_models
     from ..protector import CATEGORY_PROMPTS, DEFAULT_PROMPT, Protector
     from ..resolution import parse_work_size
-    from ..runner import OutputOptions, collect_inputs, protect_files
+    from ..runner import (
+        ForeignManifestError,
+        OutputOptions,
+        check_manifest,
+        collect_inputs,
+        protect_files,
+    )
     from .errors import CLIError
     from .progress import ProtectProgress, print_results
 
     chosen = get_method(method)
+    # in the units the user typed, before the model loads (the Protector checks them again)
+    if not 0 < eps <= 255:
+        raise CLIError(f"--eps must be in (0, 255], in 1/255 units; got {eps:g}.")
+    if not 0 < step_size <= 255:
+        raise CLIError(f"--step-size must be in (0, 255], in 1/255 units; got {step_size:g}.")
+    if steps < 1:
+        raise CLIError(f"--steps must be at least 1; got {steps}.")
     if prompt is not None and category is not None:
         raise CLIError("Give --prompt or --category, not both.")
     if target is not None and not chosen.needs_target:
@@ -210,6 +223,10 @@ def protect(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise CLIError(f"-o {out}: cannot create the output folder ({error.strerror}).") from None
+    try:
+        check_manifest(out)
+    except ForeignManifestError as error:
+        raise CLIError(str(error)) from None
 
     target_image = None
     if target is not None:
