@@ -226,3 +226,19 @@ def test_mimic_cli_writes_outputs(tiny_model_dir, tmp_path):
     assert "1 input(s) left out" in partial.output and "broken.png: empty file" in partial.output
     assert (tmp_path / "p" / "sdedit-ddim@0.02" / "a.png").is_file()
     assert len(json.loads((tmp_path / "p" / "mimic.json").read_text())["failed"]) == 1
+
+    # a rerun into the same folder is refused before the model loads, and loses nothing
+    (inputs / "broken.png").unlink()
+    before = (out / "sdedit-ddim@0.02" / "a.png").read_bytes()
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 1 and "exist already" in str(again.exception)
+    assert (out / "sdedit-ddim@0.02" / "a.png").read_bytes() == before
+    assert CliRunner().invoke(app, [*args, "--overwrite"]).exit_code == 0
+
+    # a.jpg beside a.png: one output name, so the second is refused, not written over the first
+    Image.new("RGB", (40, 32), (10, 80, 30)).save(inputs / "a.jpg")
+    clash_args = ["mimic", str(inputs), "-o", str(tmp_path / "c"), *args[4:]]
+    clash = CliRunner().invoke(app, clash_args, env={"COLUMNS": "200"})
+    assert clash.exit_code == 1 and "same output name" in clash.output
+    record = json.loads((tmp_path / "c" / "mimic.json").read_text())
+    assert len(record["outputs"]) == 2 and len(record["failed"]) == 1

@@ -223,3 +223,42 @@ def test_evaluate_purify_adds_purified_sources_and_surviving_distortion(tiny_mod
     table = table.split("</table>")[0]
     mean = sum(r["value"] for r in surviving) / 2
     assert "<th>jpeg75</th>" in table and f"<td>{mean:.2f}</td>" in table
+
+
+def test_purify_never_writes_over_an_input_another_output_or_an_earlier_file(tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from mimicshield.cli.main import app
+
+    folder = tmp_path / "jpeg75"
+    folder.mkdir()
+    pixels = torch.randint(0, 256, (16, 16, 3), generator=torch.Generator().manual_seed(2))
+    Image.fromarray(pixels.to(torch.uint8).numpy()).save(folder / "mine.png")
+    Image.fromarray(pixels.to(torch.uint8).numpy()).save(folder / "mine.jpg")
+    original = (folder / "mine.png").read_bytes()
+
+    # -o the parent: jpeg75/mine.png would be the output of jpeg75 for mine.png
+    named = [str(folder / "mine.png"), str(folder / "mine.jpg")]
+    result = CliRunner().invoke(app, ["purify", *named, "-o", str(tmp_path), "-m", "jpeg75"])
+    assert result.exit_code == 1
+    assert "would overwrite an input" in result.output
+    assert (folder / "mine.png").read_bytes() == original
+
+    # mine.jpg and mine.png share an output name: one is written, the other refused
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["purify", str(folder), "-o", str(out), "-m", "blur"])
+    assert result.exit_code == 1 and "same output name" in result.output
+    assert "Wrote 1 images" in result.output
+    written = (out / "blur" / "mine.png").read_bytes()
+
+    # a rerun is refused as a whole before anything is written, unless --overwrite
+    again = CliRunner().invoke(
+        app, ["purify", str(folder / "mine.png"), "-o", str(out), "-m", "blur"]
+    )
+    assert again.exit_code == 1 and "exist already" in str(again.exception)
+    assert (out / "blur" / "mine.png").read_bytes() == written
+    replaced = CliRunner().invoke(
+        app, ["purify", str(folder / "mine.png"), "-o", str(out), "-m", "blur", "--overwrite"]
+    )
+    assert replaced.exit_code == 0, replaced.output

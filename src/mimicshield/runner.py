@@ -169,6 +169,47 @@ def _is_literal(part: str) -> bool:
     return not glob.has_magic(part)
 
 
+class OutputClaims:
+    """The output paths one run hands out: never onto an input, never one path twice.
+
+    ``protect``, ``purify`` and ``mimic`` ask it before writing, so two inputs with one output
+    name (``a.jpg`` and ``a.png``) or an ``-o`` that leads back onto the inputs refuse a file
+    with a message instead of overwriting one.
+    """
+
+    def __init__(self, inputs: Iterable[Path]) -> None:
+        self.inputs = {Path(path).resolve() for path in inputs}
+        self.claimed: dict[Path, Path] = {}
+
+    def refusal(self, source: Path, destination: Path) -> str | None:
+        """Why ``source`` may not write ``destination``, or None when it may."""
+        resolved = destination.resolve()
+        if resolved in self.inputs:
+            return (
+                f"{source}: its output {destination} would overwrite an input; choose another -o."
+            )
+        if resolved in self.claimed:
+            return (
+                f"{source}: same output name {destination} as {self.claimed[resolved]}; rename one."
+            )
+        return None
+
+    def claim(self, source: Path, destination: Path) -> None:
+        self.claimed[destination.resolve()] = source
+
+
+def existing_outputs_error(destinations: Iterable[Path], out_dir: Path) -> str | None:
+    """For commands without a manifest to resume from (``purify``, ``mimic``): a message when
+    any destination exists already, since overwriting it could lose a file of the user's."""
+    existing = [path for path in destinations if path.exists()]
+    if not existing:
+        return None
+    return (
+        f"-o {out_dir}: {len(existing)} output(s) exist already (first: {existing[0]}); "
+        "pass --overwrite to replace them, or choose another -o."
+    )
+
+
 def load_manifest(out_dir: Path) -> dict:
     path = Path(out_dir) / MANIFEST_NAME
     if not path.is_file():
@@ -330,23 +371,22 @@ def protect_files(
         if on_image_done is not None:
             on_image_done(result)
 
-    inputs = {item.path.resolve() for item in files}
-    claimed: dict[Path, Path] = {}
+    claims = OutputClaims(item.path for item in files)
     groups: dict[tuple[int, int], list[_Job]] = {}
     for item in files:
         relative = item.relative.as_posix()
         previous = manifest.previous(relative)
         if not overwrite and _is_complete(previous, item, out_dir, settings):
             kept = {**asdict(previous), "status": "skipped", "input": str(item.path)}
-            claimed[(out_dir / previous.output).resolve()] = item.path
+            claims.claim(item.path, out_dir / previous.output)
             record(FileResult(**kept))
             continue
         try:
-            job = _plan(item, out_dir, options, inputs, claimed, overwrite, previous, settings)
+            job = _plan(item, out_dir, options, claims, overwrite, previous, settings)
         except ImageFileError as error:
             record(FileResult(str(item.path), None, "failed", str(error), relative=relative))
             continue
-        claimed[job.destination.resolve()] = item.path
+        claims.claim(item.path, job.destination)
         key = padded_shape(*work_shape(job.header.height, job.header.width, options.work_size))
         groups.setdefault(key, []).append(job)
 
@@ -379,8 +419,7 @@ def _plan(
     item: InputFile,
     out_dir: Path,
     options: OutputOptions,
-    inputs: set[Path],
-    claimed: dict[Path, Path],
+    claims: OutputClaims,
     overwrite: bool,
     previous: FileResult | None,
     settings: str,
@@ -390,15 +429,8 @@ def _plan(
     plan = plan_output(header, options.file_format)
     output = item.relative.with_suffix(plan.suffix)
     destination = out_dir / output
-    resolved = destination.resolve()
-    if resolved in inputs:
-        raise ImageFileError(
-            f"{item.path}: its output {destination} would overwrite an input; choose another -o."
-        )
-    if resolved in claimed:
-        raise ImageFileError(
-            f"{item.path}: same output name {destination} as {claimed[resolved]}; rename one."
-        )
+    if (refusal := claims.refusal(item.path, destination)) is not None:
+        raise ImageFileError(refusal)
     if destination.exists() and not overwrite:
         why = "is not recorded in the manifest"
         if previous is not None and previous.settings not in (None, settings):

@@ -150,7 +150,7 @@ def evaluate(
     purified_dirs = write_purified_folders(
         clean_dir, protected_dirs, purifications, out, mimicry.model
     )
-    err = Console(stderr=True)
+    err = Console(stderr=True, log_path=False)
     with err.status("Loading metric models ..."):
         lpips = LPIPS.from_file(resolve_lpips_weights(lpips_weights), mimicry.model.device)
         clip_model = ClipImageEmbedder.from_pretrained(clip, mimicry.model.device) if clip else None

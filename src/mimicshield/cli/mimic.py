@@ -129,7 +129,7 @@ def load_mimicry(
     from ..mimicry import Mimicry
     from ..models import load_models
 
-    err = Console(stderr=True)
+    err = Console(stderr=True, log_path=False)
     with err.status(f"Loading {model} ..."):
         loaded = load_models(
             model,
@@ -223,6 +223,9 @@ def mimic(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     seed: SeedOpt = 0,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="replace outputs that exist already")
+    ] = False,
 ) -> None:
     """Simulate mimicry on images; writes OUT/<scenario>/... PNGs and OUT/mimic.json."""
     import torch
@@ -230,7 +233,7 @@ def mimic(
 
     from ..images import ImageFileError, load_image, save_png
     from ..mimicry import fit_image
-    from ..runner import collect_inputs
+    from ..runner import OutputClaims, collect_inputs, existing_outputs_error
     from .errors import CLIError
 
     settings = make_settings(
@@ -256,22 +259,39 @@ def mimic(
     if not files:
         raise CLIError(f"No image files found in: {' '.join(inputs)}.")
     failed = [m.error for m in missing]  # reported at the end; the readable images go on
+    variants = settings.variants()
+    claims = OutputClaims(item.path for item in files)
     images = {}
     for item in files:
+        name = item.relative.with_suffix("").as_posix()
+        destinations = [out / v.key / f"{name}.png" for v in variants if v.paired]
+        refusals = [claims.refusal(item.path, path) for path in destinations]
+        if refused := next((message for message in refusals if message), None):
+            failed.append(refused)
+            continue
         try:
-            images[item.relative.with_suffix("").as_posix()] = fit_image(
-                load_image(item.path).rgb, settings.resolution
-            )
+            images[name] = fit_image(load_image(item.path).rgb, settings.resolution)
         except ImageFileError as error:
             failed.append(str(error))
+            continue
+        for path in destinations:
+            claims.claim(item.path, path)
     if not images:
         raise CLIError(f"None of the images can be read: {'; '.join(failed)}")
+    if not overwrite:
+        planned = [out / "mimic.json", *claims.claimed]
+        for variant in (v for v in variants if not v.paired):
+            folder = out / variant.key
+            planned.append(folder / f"{variant.scenario}_weights.safetensors")
+            planned.extend(folder / f"sample_{i:03d}.png" for i in range(settings.num_samples))
+        if (message := existing_outputs_error(planned, out)) is not None:
+            raise CLIError(message)
 
     mimicry = load_mimicry(settings, model, model_config, device, dtype, inpaint_model, family)
-    err = Console(stderr=True)
+    err = Console(stderr=True, log_path=False)
     outputs: list[str] = []
     with RichProgress(err) as progress:
-        for variant in settings.variants():
+        for variant in variants:
             folder = out / variant.key
             steps = mimicry.steps(variant)
             if variant.paired:

@@ -63,6 +63,9 @@ def purify(
     family: FamilyOneOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="replace outputs that exist already")
+    ] = False,
 ) -> None:
     """Purify images (JPEG, resizing, cropping, blur, noise, filtering, VAE, SDEdit).
 
@@ -73,7 +76,7 @@ def purify(
 
     from ..images import ImageFileError, load_image, save_png
     from ..purify import NotApplicableError, parse_purifications
-    from ..runner import collect_inputs
+    from ..runner import OutputClaims, collect_inputs, existing_outputs_error
     from .errors import CLIError
 
     try:
@@ -88,7 +91,28 @@ def purify(
             raise CLIError(f"{', '.join(needs_model)} need --model (the model to purify with).")
         err.print(f"[yellow]note:[/yellow] skipping {', '.join(needs_model)} (no --model given).")
         chosen = [p for p in chosen if p.needs is None]
-    elif needs_model:
+
+    files, missing = collect_inputs(inputs, exclude=out)
+    if not files:
+        raise CLIError(f"No image files found in: {' '.join(inputs)}.")
+    failures = [result.error for result in missing]
+    claims = OutputClaims(file.path for file in files)
+    planned = []  # (file, {purification name: destination}), checked before anything loads
+    for file in files:
+        destinations = {p.name: out / p.name / file.relative.with_suffix(".png") for p in chosen}
+        refusals = [claims.refusal(file.path, path) for path in destinations.values()]
+        if refused := next((message for message in refusals if message), None):
+            failures.append(refused)
+            continue
+        for path in destinations.values():
+            claims.claim(file.path, path)
+        planned.append((file, destinations))
+    if not overwrite:
+        every = [path for _, destinations in planned for path in destinations.values()]
+        if (message := existing_outputs_error(every, out)) is not None:
+            raise CLIError(message)
+
+    if needs_model and model is not None:
         with err.status(f"Loading {model} ..."):
             loaded = _load_purification_model(model, device, dtype, model_config, family)
         skipped = [p.name for p in chosen if not p.applicable(loaded)]
@@ -98,12 +122,8 @@ def purify(
             err.print(f"[yellow]note:[/yellow] {', '.join(skipped)} not applicable to {model}.")
         chosen = [p for p in chosen if p.applicable(loaded)]
 
-    files, missing = collect_inputs(inputs, exclude=out)
-    if not files:
-        raise CLIError(f"No image files found in: {' '.join(inputs)}.")
-    failures = [result.error for result in missing]
     written = 0
-    for file in files:
+    for file, destinations in planned:
         try:
             loaded_image = load_image(file.path)
         except ImageFileError as error:
@@ -116,8 +136,7 @@ def purify(
                     result = purification(image, loaded)
             except NotApplicableError as error:
                 raise CLIError(str(error)) from error
-            destination = out / purification.name / file.relative.with_suffix(".png")
-            save_png(result[0], destination, alpha=loaded_image.alpha)
+            save_png(result[0], destinations[purification.name], alpha=loaded_image.alpha)
             written += 1
     for failure in failures:
         err.print(f"[red]failed:[/red] {failure}")
