@@ -138,8 +138,18 @@ def test_bench_rejects_bad_settings():
         BenchSettings(dtypes=("fp8",))
     with pytest.raises(ValueError, match="exclude each other"):
         BenchSettings(channels_last=True, channels_first=True)
+    with pytest.raises(ValueError, match="--threads must be >= 1"):
+        BenchSettings(threads=0)
     result = CliRunner().invoke(app, ["bench", "--tiny", "--res", "30"])
     assert result.exit_code != 0
+
+
+def test_a_json_out_that_is_a_folder_fails_before_any_timing(tmp_path, monkeypatch):
+    from mimicshield.cli.errors import CLIError
+
+    monkeypatch.setattr("mimicshield.bench.run_bench", lambda *a, **k: pytest.fail("timed"))
+    result = CliRunner().invoke(app, ["bench", "--tiny", "--json-out", str(tmp_path)])
+    assert isinstance(result.exception, CLIError) and "is a folder" in str(result.exception)
 
 
 def test_a_failing_configuration_is_recorded_not_raised():

@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -135,6 +136,16 @@ def test_pair_folders_matches_by_relative_path_and_stem(tmp_path):
     assert sorted(methods[0].files) == ["a", "sub/b"] and methods[1].missing == ["sub/b"]
     with pytest.raises(ValueError, match="none of its images"):
         pair_folders(tmp_path / "p2", [tmp_path / "clean" / "sub"])
+
+    # a.png beside a.jpg: one key, so the first in sorted order (the one protect protected)
+    # is kept and the other is reported, not silently dropped
+    _save(image, tmp_path / "clean" / "a.png")
+    clean, _ = pair_folders(tmp_path / "clean", [tmp_path / "p1"])
+    assert clean.files["a"].name == "a.jpg"
+    assert [(a.name, b.name) for a, b in clean.ambiguous] == [("a.png", "a.jpg")]
+    # a manifest.json that is not a JSON object names no method (it used to raise)
+    (tmp_path / "p2" / "manifest.json").write_text("[1, 2]")
+    assert [m.name for m in pair_folders(tmp_path / "clean", [tmp_path / "p2"])[1]] == ["p2"]
 
 
 # --- metric models -----------------------------------------------------------------------------
@@ -317,8 +328,10 @@ def test_unreadable_images_are_left_out_with_a_warning(tiny_model_dir, tmp_path)
     args += ["--lpips-weights", str(LPIPS_FILE), "--resolution", "32", "-s", "sdedit"]
     args += ["--strengths", "0.05", "--thumbnail-size", "32"]
     result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output  # everything else is written, as protect does
     assert "img0.png: empty file" in result.output and "img1.png" in result.output
+    assert "2 image(s) left out" in result.output
     document = json.loads((out / "metrics.json").read_text())
     images = {r["image"] for r in document["records"] if r["source"] == "copy" and r["image"]}
     assert images == {"img2"}
+    assert sorted(Path(p).name for p in document["left_out"]) == ["img0.png", "img1.png"]

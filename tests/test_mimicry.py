@@ -242,3 +242,16 @@ def test_mimic_cli_writes_outputs(tiny_model_dir, tmp_path):
     assert clash.exit_code == 1 and "same output name" in clash.output
     record = json.loads((tmp_path / "c" / "mimic.json").read_text())
     assert len(record["outputs"]) == 2 and len(record["failed"]) == 1
+
+
+def test_bad_strengths_are_named_in_the_error():
+    from mimicshield.cli.errors import CLIError
+    from mimicshield.cli.mimic import parse_floats
+
+    assert parse_floats("0.3, 0.1,0.3", "--strengths") == (0.1, 0.3)
+    with pytest.raises(
+        CLIError, match=r"--strengths: Strengths must be in \(0, 1\]; got \[0.0, 1.5\]"
+    ):
+        parse_floats("0,1.5", "--strengths")
+    with pytest.raises(CLIError, match="--strengths: give numbers separated by commas; got 'abc'"):
+        parse_floats("abc", "--strengths")

@@ -169,6 +169,8 @@ class BenchSettings:
             resolve_dtype(dtype, torch.device("cpu"))  # a typo fails before anything is built
         if not self.batches or min(self.batches) < 1:
             raise ValueError(f"--batch sizes must be >= 1; got {list(self.batches)}.")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads must be >= 1; got {self.threads}.")
         factor = architecture(self.tiny).latent_factor
         if self.res < factor or self.res % factor:
             raise ValueError(f"--res must be a positive multiple of {factor}; got {self.res}.")

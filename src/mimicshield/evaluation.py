@@ -395,14 +395,23 @@ class Source:
     folder: Path
     files: dict[str, Path]  # image key (relative path without suffix) -> file
     missing: list[str] = field(default_factory=list)
+    # files left out because another has the same key (cat.jpg beside cat.png): (left out, kept)
+    ambiguous: list[tuple[Path, Path]] = field(default_factory=list)
 
 
-def _image_files(folder: Path) -> dict[str, Path]:
+def _image_files(folder: Path) -> tuple[dict[str, Path], list[tuple[Path, Path]]]:
+    """The folder's images by key; of two with one key, the first in sorted order is kept,
+    the one ``mimicshield protect`` protected (it refuses the second: same output name)."""
     files: dict[str, Path] = {}
+    ambiguous: list[tuple[Path, Path]] = []
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith("."):
-            files.setdefault(path.relative_to(folder).with_suffix("").as_posix(), path)
-    return files
+            key = path.relative_to(folder).with_suffix("").as_posix()
+            if key in files:
+                ambiguous.append((path, files[key]))
+            else:
+                files[key] = path
+    return files, ambiguous
 
 
 def _method_label(folder: Path) -> str:
@@ -410,8 +419,9 @@ def _method_label(folder: Path) -> str:
     manifest = folder / "manifest.json"
     if manifest.is_file():
         try:
-            method = json.loads(manifest.read_text()).get("parameters", {}).get("method")
-        except (OSError, json.JSONDecodeError):
+            parameters = json.loads(manifest.read_text()).get("parameters", {})
+            method = parameters.get("method") if isinstance(parameters, dict) else None
+        except (OSError, ValueError, AttributeError):  # not JSON, or not a JSON object
             method = None
         if method:
             return str(method)
@@ -426,7 +436,8 @@ def pair_folders(clean_dir: Path, protected_dirs: Sequence[Path]) -> tuple[Sourc
     clean_dir = Path(clean_dir)
     if not clean_dir.is_dir():
         raise FileNotFoundError(f"{clean_dir}: no such folder.")
-    clean = Source(CLEAN, clean_dir, _image_files(clean_dir))
+    clean_files, clean_ambiguous = _image_files(clean_dir)
+    clean = Source(CLEAN, clean_dir, clean_files, ambiguous=clean_ambiguous)
     if not clean.files:
         raise ValueError(f"{clean_dir}: no images found.")
     methods: list[Source] = []
@@ -442,12 +453,12 @@ def pair_folders(clean_dir: Path, protected_dirs: Sequence[Path]) -> tuple[Sourc
                 else str(folder)
             )
         used.add(label)
-        found = _image_files(folder)
+        found, ambiguous = _image_files(folder)
         files = {key: found[key] for key in clean.files if key in found}
         missing = [key for key in clean.files if key not in found]
         if not files:
             raise ValueError(f"{folder}: none of its images match a file in {clean_dir}.")
-        methods.append(Source(label, folder, files, missing))
+        methods.append(Source(label, folder, files, missing, ambiguous=ambiguous))
     return clean, methods
 
 
@@ -511,6 +522,7 @@ class EvaluationResult:
     galleries: list[Gallery] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    left_out: list[str] = field(default_factory=list)  # files not evaluated: unreadable, ambiguous
     created: str = field(
         default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds")
     )
@@ -570,6 +582,13 @@ def evaluate(
         result.notes.append("FID and precision/recall were not computed: no --fid-weights given.")
     if suite.clip is None:
         result.notes.append("CLIP similarity was not computed: no --clip model given.")
+    for source in (clean, *methods):
+        for left_out, kept in source.ambiguous:
+            result.warnings.append(
+                f"{left_out}: left out, {kept.name} has the same name without its suffix "
+                "(rename one to evaluate both)."
+            )
+            result.left_out.append(str(left_out))
     for m in methods:
         if m.missing:
             result.warnings.append(
@@ -585,7 +604,7 @@ def evaluate(
 
     # Native-resolution images, loaded once (the clean ones) or per method. A file that cannot
     # be read is left out, with a warning, and the evaluation goes on without it.
-    native_clean = _readable(clean, result.warnings)
+    native_clean = _readable(clean, result)
     for m in methods:
         m.files = {key: path for key, path in m.files.items() if key in native_clean}
     fitted: dict[str, dict[str, Tensor]] = {CLEAN: {}}
@@ -602,7 +621,7 @@ def evaluate(
     for m in methods:
         fitted[m.name] = {}
         for key in list(m.files):
-            protected = _load_or_leave_out(m, key, result.warnings)
+            protected = _load_or_leave_out(m, key, result)
             if protected is None:
                 progress.advance()
                 continue
@@ -695,14 +714,14 @@ def evaluate(
     return result
 
 
-def _load_or_leave_out(source: Source, key: str, warnings: list[str]) -> Tensor | None:
+def _load_or_leave_out(source: Source, key: str, result: EvaluationResult) -> Tensor | None:
     """Image ``key`` of ``source`` as RGB; if it cannot be read, a warning, and the image
     leaves ``source.files`` (so no later stage looks for it)."""
     try:
         return load_image(source.files[key]).rgb
     except ImageFileError as error:
-        warnings.append(f"{error} It is left out of the evaluation.")
-        del source.files[key]
+        result.warnings.append(f"{error} It is left out of the evaluation.")
+        result.left_out.append(str(source.files.pop(key)))
         return None
 
 
@@ -711,10 +730,10 @@ def _require_images(source: Source) -> None:
         raise ValueError(f"{source.folder}: none of its images can be read.")
 
 
-def _readable(source: Source, warnings: list[str]) -> dict[str, Tensor]:
+def _readable(source: Source, result: EvaluationResult) -> dict[str, Tensor]:
     """The RGB images of ``source`` that load, all at once (the clean ones are compared with
     every method). Raises when none is left."""
-    images = {key: _load_or_leave_out(source, key, warnings) for key in list(source.files)}
+    images = {key: _load_or_leave_out(source, key, result) for key in list(source.files)}
     _require_images(source)
     return {key: image for key, image in images.items() if image is not None}
 
@@ -807,6 +826,7 @@ def write_metrics(result: EvaluationResult, out_dir: Path) -> tuple[Path, Path]:
         "scenarios": [asdict(v) | {"key": v.key} for v in result.variants],
         "notes": result.notes,
         "warnings": result.warnings,
+        "left_out": result.left_out,
         "metrics": {name: asdict(info) for name, info in METRICS.items()},
         "summary": [{**asdict(s), "mean": json_number(s.mean)} for s in summarize(result.records)],
         "records": [{**asdict(r), "value": json_number(r.value)} for r in result.records],

@@ -1076,7 +1076,8 @@ class Mimicry:
 
 def strength_grid(values: Sequence[float]) -> tuple[float, ...]:
     """Validate a list of strengths in (0, 1], sorted and deduplicated."""
-    grid = tuple(sorted({float(v) for v in values}))
+    given = [float(v) for v in values]  # once: ``values`` may be a generator
+    grid = tuple(sorted(set(given)))
     if not grid or any(not (0 < v <= 1) or math.isnan(v) for v in grid):
-        raise ValueError(f"Strengths must be in (0, 1]; got {list(values)}.")
+        raise ValueError(f"Strengths must be in (0, 1]; got {given}.")
     return grid

@@ -163,6 +163,7 @@ def bench(
     from rich.console import Console
 
     from ..bench import BenchSettings, run_bench
+    from .errors import CLIError
 
     settings = BenchSettings(
         res=res,
@@ -186,6 +187,8 @@ def bench(
         seed=seed,
         threads=threads,
     )
+    if json_out is not None and json_out.is_dir():  # found now, not after minutes of timing
+        raise CLIError(f"--json-out {json_out}: is a folder; give a file name.")
     err = Console(stderr=True)
     command = " ".join(["mimicshield", *sys.argv[1:]])
 

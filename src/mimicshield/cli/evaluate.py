@@ -144,6 +144,12 @@ def evaluate(
             raise CLIError(f"{folder}: no such folder.")
     if thumbnail_size < 16:
         raise CLIError("--thumbnail-size must be at least 16.")
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"-o {out}: exists and is not a folder; give a folder for the results.")
+    try:  # before the model loads, not after the first scenario
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CLIError(f"-o {out}: cannot create the output folder ({error.strerror}).") from None
 
     purifications = parse_purify_option(purify)
     mimicry = load_mimicry(settings, model, model_config, device, dtype, inpaint_model, family)
@@ -183,6 +189,9 @@ def evaluate(
     err.print(
         f"Done in {time.perf_counter() - started:.1f} s: {report_path}, {csv_path}, {json_path}"
     )
+    if result.left_out:  # as protect, purify and mimic: the rest is done, but not everything
+        err.print(f"{len(result.left_out)} image(s) left out (see the warnings above).")
+        raise typer.Exit(code=1)
 
 
 def print_summary(result, console) -> None:

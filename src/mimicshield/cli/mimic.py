@@ -86,8 +86,13 @@ def parse_floats(text: str, option: str) -> tuple[float, ...]:
     from ..mimicry import strength_grid
     from .errors import CLIError
 
+    parts = [part.strip() for part in text.split(",") if part.strip()]
     try:
-        return strength_grid(float(part) for part in text.split(",") if part.strip())
+        values = [float(part) for part in parts]
+    except ValueError:
+        raise CLIError(f"{option}: give numbers separated by commas; got {text!r}.") from None
+    try:
+        return strength_grid(values)
     except ValueError as error:
         raise CLIError(f"{option}: {error}") from error
 
