@@ -230,3 +230,35 @@ def test_a_manifest_json_that_is_not_ours_is_never_overwritten(tmp_path, folder)
         assert isinstance(result.exception, CLIError), result.output
         assert "not written by mimicshield" in str(result.exception)
         assert (out / "manifest.json").read_text() == text
+
+
+def test_the_overall_bar_counts_images_and_the_current_one_steps():
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from mimicshield.cli.progress import ProtectProgress
+
+    out = io.StringIO()
+    item = SimpleNamespace(path=Path("a.png"))
+    done = SimpleNamespace(status="protected", error=None, note=None, input="a.png")
+    with ProtectProgress(3, 4, console=Console(file=out, width=200)) as bars:
+        bars.image_started(item, 1)
+        bars.step(1, 4)
+        bars.step(2, 4)
+        fields = {task.description: task.fields["count"] for task in bars.progress.tasks}
+        assert fields == {"all images": "0/3 images", "a.png": "step 2/4"}
+        bars.step(3, 4)
+        bars.step(4, 4)
+        bars.image_done(done)
+        bars.image_done(SimpleNamespace(status="skipped", error=None, note=None, input="b.png"))
+        overall = bars.progress.tasks[0]
+        assert overall.fields["count"] == "2/3 images" and overall.completed == 8
+
+
+def test_an_empty_prompt_is_kept(tmp_path, folder, preloaded):
+    result = invoke(str(folder / "art.png"), "-o", str(tmp_path / "out"), "--prompt", "")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["parameters"]["prompt"] == ""

@@ -262,3 +262,24 @@ def test_purify_never_writes_over_an_input_another_output_or_an_earlier_file(tmp
         app, ["purify", str(folder / "mine.png"), "-o", str(out), "-m", "blur", "--overwrite"]
     )
     assert replaced.exit_code == 0, replaced.output
+
+
+def test_a_user_can_raise_the_pixel_limit_for_a_trusted_large_image(tmp_path, monkeypatch):
+    import warnings
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from mimicshield.cli.main import app
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # refused above 200 pixels
+    pixels = torch.randint(0, 256, (40, 40, 3), generator=torch.Generator().manual_seed(3))
+    Image.fromarray(pixels.to(torch.uint8).numpy()).save(tmp_path / "scan.png")
+    args = ["purify", str(tmp_path / "scan.png"), "-o", str(tmp_path / "out"), "-m", "blur"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        refused = CliRunner().invoke(app, args, env={"COLUMNS": "300"})
+        assert refused.exit_code == 1 and "MIMICSHIELD_MAX_MEGAPIXELS" in refused.output
+        allowed = CliRunner().invoke(app, args, env={"MIMICSHIELD_MAX_MEGAPIXELS": "0.002"})
+    assert allowed.exit_code == 0, allowed.output
+    assert Image.open(tmp_path / "out" / "blur" / "scan.png").size == (40, 40)

@@ -143,7 +143,8 @@ def _reading(path: Path) -> Iterator[None]:
         raise ImageFileError(f"{path}: not an image Pillow can read.") from error
     except Image.DecompressionBombError as error:
         raise ImageFileError(
-            f"{path}: too many pixels ({error}); raise PIL.Image.MAX_IMAGE_PIXELS if you trust it."
+            f"{path}: too many pixels ({error}); if you trust the file, set "
+            "MIMICSHIELD_MAX_MEGAPIXELS to its size in megapixels or more."
         ) from error
     except PermissionError as error:
         raise ImageFileError(f"{path}: permission denied.") from error

@@ -165,6 +165,13 @@ def collect_inputs(
     return list(found.values()), missing
 
 
+def no_inputs_message(arguments: Iterable[str], missing: list[FileResult]) -> str:
+    """Why a run has nothing to do: the paths that do not exist, else no images in them."""
+    if missing:
+        return " ".join(result.error for result in missing if result.error)
+    return f"No image files found in: {' '.join(arguments)}."
+
+
 def _is_literal(part: str) -> bool:
     return not glob.has_magic(part)
 

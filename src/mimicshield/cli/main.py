@@ -23,6 +23,24 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+MAX_MEGAPIXELS_VARIABLE = "MIMICSHIELD_MAX_MEGAPIXELS"
+
+
+@app.callback()
+def _settings() -> None:
+    """Protect images against diffusion-based mimicry (Xue et al., ICLR 2024)."""
+    # Pillow refuses images over twice MAX_IMAGE_PIXELS (decompression bombs); a user who
+    # trusts a larger scan or panorama raises the limit here, as no CLI user can in Python.
+    megapixels = os.environ.get(MAX_MEGAPIXELS_VARIABLE)
+    if megapixels:
+        from PIL import Image
+
+        try:
+            Image.MAX_IMAGE_PIXELS = int(float(megapixels) * 1e6) // 2
+        except ValueError:
+            raise CLIError(f"{MAX_MEGAPIXELS_VARIABLE}: not a number: {megapixels!r}.") from None
+
+
 app.command("protect")(protect_command.protect)
 app.command("methods")(methods_command.methods)
 app.command("bench")(bench_command.bench)
@@ -47,7 +65,8 @@ def main() -> None:
         if os.environ.get("MIMICSHIELD_DEBUG") or not isinstance(error, _known_errors()):
             raise
         print(f"Error: {error}", file=sys.stderr)
-        print("(set MIMICSHIELD_DEBUG=1 for a full traceback)", file=sys.stderr)
+        if not isinstance(error, CLIError):  # a CLIError is about the user's input: complete
+            print("(set MIMICSHIELD_DEBUG=1 for a full traceback)", file=sys.stderr)
         sys.exit(1)
 
 

@@ -238,7 +238,12 @@ def mimic(
 
     from ..images import ImageFileError, load_image, save_png
     from ..mimicry import fit_image
-    from ..runner import OutputClaims, collect_inputs, existing_outputs_error
+    from ..runner import (
+        OutputClaims,
+        collect_inputs,
+        existing_outputs_error,
+        no_inputs_message,
+    )
     from .errors import CLIError
 
     settings = make_settings(
@@ -262,11 +267,12 @@ def mimic(
     )
     files, missing = collect_inputs(inputs)
     if not files:
-        raise CLIError(f"No image files found in: {' '.join(inputs)}.")
+        raise CLIError(no_inputs_message(inputs, missing))
     failed = [m.error for m in missing]  # reported at the end; the readable images go on
     variants = settings.variants()
     claims = OutputClaims(item.path for item in files)
     images = {}
+    mimicked: list[str] = []  # the input files behind ``images``
     for item in files:
         name = item.relative.with_suffix("").as_posix()
         destinations = [out / v.key / f"{name}.png" for v in variants if v.paired]
@@ -281,6 +287,7 @@ def mimic(
             continue
         for path in destinations:
             claims.claim(item.path, path)
+        mimicked.append(str(item.path))
     if not images:
         raise CLIError(f"None of the images can be read: {'; '.join(failed)}")
     if not overwrite:
@@ -325,7 +332,7 @@ def mimic(
     record = {
         "mimicshield_version": __version__,
         "model": model,
-        "inputs": [str(item.path) for item in files],
+        "inputs": mimicked,
         "settings": settings.to_dict(),
         "outputs": outputs,
         "failed": failed,

@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.progress import (
     BarColumn,
-    MofNCompleteColumn,
     Progress,
     TextColumn,
     TimeElapsedColumn,
@@ -36,17 +35,24 @@ class ProtectProgress:
         self.progress = Progress(
             TextColumn("{task.description}", justify="left"),
             BarColumn(),
-            MofNCompleteColumn(),
+            # the overall bar moves step by step but counts images; the current one counts steps
+            TextColumn("{task.fields[count]}", justify="right"),
             TimeElapsedColumn(),
             TextColumn("ETA"),
             TimeRemainingColumn(),
             console=console,
             transient=False,
         )
-        self.overall = self.progress.add_task("all images", total=total_images * self.steps)
-        self.current = self.progress.add_task("", total=self.steps, visible=False)
-        self.done_steps = 0
+        self.total_images = total_images
+        self.images_done = 0
+        self.overall = self.progress.add_task(
+            "all images", total=total_images * self.steps, count=self._images_count()
+        )
+        self.current = self.progress.add_task("", total=self.steps, visible=False, count="")
         self.batch = 1
+
+    def _images_count(self) -> str:
+        return f"{self.images_done}/{self.total_images} images"
 
     def __enter__(self) -> ProtectProgress:
         self.progress.start()
@@ -60,11 +66,15 @@ class ProtectProgress:
         self.batch = batch
         if self._started_at is None:
             self._started_at = time.perf_counter()
-        self.progress.reset(self.current, total=self.steps, description=label, visible=True)
+        self.progress.reset(
+            self.current, total=self.steps, description=label, visible=True, count=""
+        )
 
     def step(self, step: int, total: int) -> None:
         # ``total`` exceeds the step count when a large image is protected tile by tile.
-        self.progress.update(self.current, completed=step, total=total)
+        self.progress.update(
+            self.current, completed=step, total=total, count=f"step {step}/{total}"
+        )
         self.progress.update(self.overall, advance=self.batch * self.steps / max(total, 1))
         if self.first_step_note and self._started_at is not None:
             seconds = time.perf_counter() - self._started_at
@@ -72,8 +82,9 @@ class ProtectProgress:
             self.first_step_note = None
 
     def image_done(self, result: FileResult) -> None:
-        if result.status != "protected":
-            self.progress.update(self.overall, advance=self.steps)
+        self.images_done += 1
+        advance = 0 if result.status == "protected" else self.steps  # its steps never ran
+        self.progress.update(self.overall, advance=advance, count=self._images_count())
         if result.status == "failed":
             self.progress.console.print(f"[red]failed[/red] {result.error}")
         elif result.status == "protected" and result.note:

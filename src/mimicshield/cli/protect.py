@@ -161,6 +161,7 @@ def protect(
         OutputOptions,
         check_manifest,
         collect_inputs,
+        no_inputs_message,
         protect_files,
     )
     from .errors import CLIError
@@ -218,7 +219,7 @@ def protect(
         raise CLIError(f"-o {out}: exists and is not a folder; give a folder for the outputs.")
     files, missing = collect_inputs(inputs, exclude=out)
     if not files:
-        raise CLIError(f"No image files found in: {' '.join(inputs)}.")
+        raise CLIError(no_inputs_message(inputs, missing))
     try:  # before the model loads (minutes, gigabytes), not after the first image
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -263,7 +264,9 @@ def protect(
     if work_size is None:
         sizes = [m.native_size for m in loaded_models]
         options = replace(options, work_size=default_work_size(options.work_size, sizes))
-    chosen_prompt = CATEGORY_PROMPTS[category.value] if category else (prompt or DEFAULT_PROMPT)
+    chosen_prompt = DEFAULT_PROMPT if prompt is None else prompt  # "" is a prompt: unconditional
+    if category is not None:
+        chosen_prompt = CATEGORY_PROMPTS[category.value]
     protector = Protector(
         engine,
         method,

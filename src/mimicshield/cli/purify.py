@@ -76,7 +76,12 @@ def purify(
 
     from ..images import ImageFileError, load_image, save_png
     from ..purify import NotApplicableError, parse_purifications
-    from ..runner import OutputClaims, collect_inputs, existing_outputs_error
+    from ..runner import (
+        OutputClaims,
+        collect_inputs,
+        existing_outputs_error,
+        no_inputs_message,
+    )
     from .errors import CLIError
 
     try:
@@ -94,7 +99,7 @@ def purify(
 
     files, missing = collect_inputs(inputs, exclude=out)
     if not files:
-        raise CLIError(f"No image files found in: {' '.join(inputs)}.")
+        raise CLIError(no_inputs_message(inputs, missing))
     failures = [result.error for result in missing]
     claims = OutputClaims(file.path for file in files)
     planned = []  # (file, {purification name: destination}), checked before anything loads
