@@ -269,6 +269,28 @@ def test_schedule_follows_num_train_timesteps(custom_model_dir, reference):
     )
 
 
+def test_inference_steps_land_where_the_checkpoints_scheduler_puts_them(custom_model_dir):
+    """SDEdit and the pipelines place their DDIM steps by the config's timestep_spacing and
+    steps_offset ("trailing", offset 1 here, on 500 training steps), as diffusers' own
+    scheduler built from that config does, not by SD 1.x's "leading"."""
+    from diffusers import DDIMScheduler
+
+    from mimicshield.mimicry import ddim_scheduler, model_timesteps
+
+    model = load_models(str(custom_model_dir), **CPU)
+    assert (model.timestep_spacing, model.steps_offset) == ("trailing", 1)
+    config = json.loads((custom_model_dir / "scheduler" / "scheduler_config.json").read_text())
+    own = DDIMScheduler.from_config(config)
+    own.set_timesteps(50)
+    assert model_timesteps(model, 1.0, 50) == [int(t) for t in own.timesteps]
+    assert model_timesteps(model, 1.0, 50)[0] == 499  # trailing starts at the last step
+    assert model_timesteps(model, 0.1, 50) == [int(t) for t in own.timesteps[-5:]]
+    ours = ddim_scheduler(model)
+    ours.set_timesteps(50)
+    assert ours.timesteps.tolist() == own.timesteps.tolist()
+    torch.testing.assert_close(ours.alphas_cumprod, own.alphas_cumprod)
+
+
 @pytest.mark.parametrize("prediction_type", ["sample", "x0"])
 def test_unknown_prediction_types_are_refused(prediction_type, tiny_model_dir, tmp_path):
     folder = copy_tiny_model(

@@ -99,11 +99,23 @@ def ddim_step(
 
 
 def ddim_timesteps(
-    num_steps: int = DDIM_STEPS, num_train_timesteps: int = 1000, steps_offset: int = 1
+    num_steps: int = DDIM_STEPS,
+    num_train_timesteps: int = 1000,
+    steps_offset: int = 1,
+    spacing: str = "leading",
 ) -> list[int]:
-    """The "leading" DDIM schedule of SD 1.x/2.x, ascending: [1, 11, ..., 991] for 100 steps."""
-    ratio = num_train_timesteps // num_steps
-    return [i * ratio + steps_offset for i in range(num_steps)]
+    """The DDIM schedule, ascending, placed as diffusers places it for the checkpoint's
+    ``timestep_spacing`` and ``steps_offset``: "leading" with offset 1 (SD 1.x/2.x, SDXL) gives
+    [1, 11, ..., 991] for 100 steps; "trailing" (zero-SNR fine-tunes) [9, 19, ..., 999]."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(
+        num_train_timesteps=num_train_timesteps,
+        steps_offset=steps_offset,
+        timestep_spacing=spacing,
+    )
+    scheduler.set_timesteps(num_steps)
+    return sorted(int(t) for t in scheduler.timesteps)
 
 
 def sdedit_timesteps(
@@ -111,6 +123,7 @@ def sdedit_timesteps(
     num_steps: int = DDIM_STEPS,
     num_train_timesteps: int = 1000,
     steps_offset: int = 1,
+    spacing: str = "leading",
 ) -> list[int]:
     """The timesteps SDEdit visits, descending. The first is where the noise is added.
 
@@ -120,8 +133,15 @@ def sdedit_timesteps(
     if not 0 < strength <= 1:
         raise ValueError(f"SDEdit `strength` must be in (0, 1]; got {strength}.")
     count = max(1, min(num_steps, round(strength * num_steps)))
-    schedule = ddim_timesteps(num_steps, num_train_timesteps, steps_offset)
+    schedule = ddim_timesteps(num_steps, num_train_timesteps, steps_offset, spacing)
     return schedule[:count][::-1]
+
+
+def model_timesteps(model: LatentDiffusion, strength: float, num_steps: int) -> list[int]:
+    """:func:`sdedit_timesteps` on the model's own schedule and its scheduler's spacing."""
+    return sdedit_timesteps(
+        strength, num_steps, model.num_train_timesteps, model.steps_offset, model.timestep_spacing
+    )
 
 
 @torch.no_grad()
@@ -185,7 +205,6 @@ def sdedit(
     num_steps: int = DDIM_STEPS,
     prompt: str = "",
     seed: int = 0,
-    steps_offset: int = 1,
     callback: StepCallback | None = None,
 ) -> Tensor:
     """SDEdit as in the paper: no guidance, the empty prompt, E(x) the posterior mean.
@@ -201,7 +220,7 @@ def sdedit(
         z0 = model.encode(x)
         noise = _per_image_noise(z0.shape[1:], z0.shape[0], seed, z0.device)
         cond = model.condition(prompt, z0.shape[0], images.shape[-2], images.shape[-1])
-        steps = sdedit_timesteps(strength, num_steps, model.num_train_timesteps, steps_offset)
+        steps = model_timesteps(model, strength, num_steps)
         z = sdedit_latents(model, z0, noise, cond, steps, multistep=multistep, callback=callback)
         return decode(model, z).cpu()
 
@@ -216,12 +235,10 @@ def betas_from_alphas_cumprod(alphas_cumprod: Tensor) -> Tensor:
     return (1 - abar / previous).float()
 
 
-def ddim_scheduler(model: LatentDiffusion, steps_offset: int = 1):
-    """A DDIM scheduler with exactly the model's noise schedule and ``prediction_type``.
-
-    The "leading" spacing with offset 1 is SD 1.x/2.x's and SDXL's own (their Euler scheduler
-    places the same timesteps); a v-prediction model gets a v-prediction scheduler.
-    """
+def ddim_scheduler(model: LatentDiffusion):
+    """A DDIM scheduler with exactly the model's noise schedule, ``prediction_type``,
+    ``timestep_spacing`` and ``steps_offset``: the steps land where the checkpoint's own
+    scheduler puts them ("leading", offset 1, for SD 1.x/2.x and SDXL)."""
     from diffusers import DDIMScheduler
 
     return DDIMScheduler(
@@ -229,9 +246,9 @@ def ddim_scheduler(model: LatentDiffusion, steps_offset: int = 1):
         trained_betas=betas_from_alphas_cumprod(model.alphas_cumprod).numpy(),
         clip_sample=False,
         set_alpha_to_one=False,
-        steps_offset=steps_offset,
+        steps_offset=model.steps_offset,
         prediction_type=model.prediction_type,
-        timestep_spacing="leading",
+        timestep_spacing=model.timestep_spacing,
     )
 
 
@@ -957,8 +974,7 @@ class Mimicry:
         if variant.scenario == "sdedit-onestep":
             return 1
         if variant.scenario == "sdedit-ddim":
-            train_steps = self.model.num_train_timesteps
-            return len(sdedit_timesteps(variant.strength, s.sdedit_steps, train_steps))
+            return len(model_timesteps(self.model, variant.strength, s.sdedit_steps))
         if variant.scenario == "img2img":
             return max(1, int(s.sample_steps * variant.strength))
         if variant.scenario == "inpaint":

@@ -198,6 +198,9 @@ class LatentDiffusion:
     text_encoder_2: torch.nn.Module | None = None
     tokenizer_2: object | None = None
     family: str = "sd1"
+    # where the checkpoint's scheduler places inference steps (SDEdit, the mimicry pipelines)
+    timestep_spacing: str = "leading"
+    steps_offset: int = 1
     _prompt_cache: dict[str, Conditioning] = field(default_factory=dict, repr=False)
 
     @property
@@ -489,6 +492,8 @@ def load_models(
         text_encoder_2=text_encoder_2,
         tokenizer_2=parts.get("tokenizer_2"),
         family=chosen.name,
+        timestep_spacing=str(scheduler.config.get("timestep_spacing", "leading")),
+        steps_offset=int(scheduler.config.get("steps_offset", 0)),
     )
 
 
