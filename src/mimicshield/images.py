@@ -328,9 +328,19 @@ def _read_png16(path: Path) -> np.ndarray:
     return np.ascontiguousarray(array[..., [2, 1, 0, 3][: array.shape[2]]])  # BGR(A) -> RGB(A)
 
 
+# The creation date in an ICC profile's header: bytes 24-35 (six big-endian uint16).
+ICC_DATE = slice(24, 36)
+FIXED_ICC_DATE = struct.pack(">6H", 2000, 1, 1, 0, 0, 0)
+
+
 @lru_cache(maxsize=1)
 def _srgb_profile() -> bytes:
-    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    """littleCMS's sRGB profile with a fixed creation date: it stamps the current time, and the
+    same input must give the same output bytes whenever it is protected. (The profile ID,
+    bytes 84-99, is left zero, "not computed", so the date is free to change.)"""
+    profile = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    profile[ICC_DATE] = FIXED_ICC_DATE
+    return bytes(profile)
 
 
 def _cmyk_to_srgb(image: Image.Image, icc: bytes | None) -> tuple[Image.Image, str]:
