@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import struct
 import json
 import shutil
+import struct
 import subprocess
 import warnings
 from fractions import Fraction
