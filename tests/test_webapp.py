@@ -229,11 +229,16 @@ def test_cancel_stops_a_job_at_its_next_step(service, tmp_path):
     time.sleep(0.3)
     assert worker.is_alive() and progress.step >= 2
     service.cancel("tab-1")
+    service.arm("tab-1")  # Protect pressed right after Cancel: the running job still stops
     worker.join(30)
     assert not worker.is_alive(), "the job did not stop"
     assert isinstance(outcome[0], JobCancelled)
     assert progress.step < 1000  # stopped within a step or two, not at the end
     assert not list(service.session_folder("tab-1").rglob("protected/*.png"))
+    # ... and the job that Protect queued is not cancelled by the Cancel before it
+    assert not service.cancel_requested("tab-1")
+    job = service.protect("tab-1", _uploads(service, art), service.defaults)
+    assert not job.cancelled and len(job.protected) == 1
 
 
 def test_jobs_of_several_tabs_run_one_at_a_time(service, tmp_path):

@@ -535,8 +535,10 @@ class ProtectionService:
         self._auto_batch = None  # the batch-size rule of the loaded models
         self._model_key: tuple | None = None
         self._lpips = None
-        self._cancel: dict[str, threading.Event] = {}
-        self._active: set[str] = set()  # sessions with a job running
+        # Cancellation belongs to each job: a tab's next job takes the flag armed for it, so
+        # a Cancel pressed just before another Protect still stops the job that was running.
+        self._armed: dict[str, threading.Event] = {}  # the flag a tab's next job takes
+        self._running: dict[str, set[threading.Event]] = {}  # flags of a tab's started jobs
         self._ended: set[str] = set()  # closed tabs whose job is still stopping
         self.busy = False
         self.closed = False
@@ -627,19 +629,32 @@ class ProtectionService:
     # -- sessions and cancellation
 
     def arm(self, session: str) -> None:
-        """Called when the user presses a run button, before the job waits in the queue."""
-        self._cancel.setdefault(session, threading.Event()).clear()
+        """Called when the user presses a run button, before the job waits in the queue: the
+        coming job gets a flag of its own (an earlier job's Cancel stays in force)."""
+        self._armed[session] = threading.Event()
 
     def cancel(self, session: str) -> None:
-        self._cancel.setdefault(session, threading.Event()).set()
+        """Stop every job of this tab: the running one and the one waiting in the queue."""
+        self._armed.setdefault(session, threading.Event()).set()
+        for event in self._running.get(session, ()):
+            event.set()
 
     def cancel_requested(self, session: str) -> bool:
-        event = self._cancel.get(session)
-        return event is not None and event.is_set()
+        events = [*self._running.get(session, ()), self._armed.get(session)]
+        return any(event is not None and event.is_set() for event in events)
 
-    def _raise_if_cancelled(self, session: str) -> None:
-        if self.cancel_requested(session) or self.closed:
+    def _start_job(self, session: str) -> threading.Event:
+        """The cancel flag of a job of ``session`` that starts now (armed, or a fresh one)."""
+        event = self._armed.pop(session, None) or threading.Event()
+        self._running.setdefault(session, set()).add(event)
+        return event
+
+    def _raise_if_cancelled(self, cancel: threading.Event) -> None:
+        if cancel.is_set() or self.closed:
             raise JobCancelled()
+
+    def _is_running(self, session: str) -> bool:
+        return bool(self._running.get(session))
 
     def session_folder(self, session: str) -> Path:
         return self.sessions_dir / _session_folder_name(session)
@@ -647,27 +662,29 @@ class ProtectionService:
     def end_session(self, session: str) -> None:
         """The tab was closed: stop its job and delete its files (once the job has stopped)."""
         self.cancel(session)
-        if session in self._active:
+        if self._is_running(session):
             self._ended.add(session)
         else:
             self._forget(session)
 
     def _forget(self, session: str) -> None:
         shutil.rmtree(self.session_folder(session), ignore_errors=True)
-        self._cancel.pop(session, None)
+        self._armed.pop(session, None)
         self._ended.discard(session)
 
-    def _leave(self, session: str) -> None:
+    def _leave(self, session: str, cancel: threading.Event) -> None:
         """A job of ``session`` is over."""
-        self._active.discard(session)
-        if session in self._ended:
-            self._forget(session)
+        self._running.get(session, set()).discard(cancel)
+        if not self._is_running(session):
+            self._running.pop(session, None)
+            if session in self._ended:
+                self._forget(session)
 
     def _sweep(self) -> None:
         """Remove the folders of sessions whose tabs went away without saying so."""
         if not self.sessions_dir.is_dir():
             return
-        live = {_session_folder_name(s) for s in self._active}
+        live = {_session_folder_name(s) for s in self._running}
         now = time.time()
         for folder in self.sessions_dir.iterdir():
             if folder.name not in live and now - folder.stat().st_mtime > STALE_SECONDS:
@@ -702,7 +719,7 @@ class ProtectionService:
         progress = progress or JobProgress()
         if not uploads:
             raise ValueError("No images to protect.")
-        self._active.add(session)
+        cancel = self._start_job(session)
         try:
             self._sweep()
             folder = self.session_folder(session)
@@ -726,20 +743,20 @@ class ProtectionService:
             with self._gpu:
                 self.busy = True
                 try:
-                    self._raise_if_cancelled(session)
+                    self._raise_if_cancelled(cancel)
                     progress.phase = f"Loading {', '.join(settings.model)}"
                     models = self.models_for(settings)
                     dtype = str(models[0].dtype).removeprefix("torch.")
                     job.device = f"{self.device_label(str(models[0].device))} · {dtype}"
-                    self._raise_if_cancelled(session)
-                    self._run(session, job, files, by_path, out_dir, models, target, progress)
+                    self._raise_if_cancelled(cancel)
+                    self._run(cancel, job, files, by_path, out_dir, models, target, progress)
                 finally:
                     self.busy = False
             return job
         finally:
-            self._leave(session)
+            self._leave(session, cancel)
 
-    def _run(self, session, job, files, by_path, out_dir, models, target, progress) -> None:
+    def _run(self, cancel, job, files, by_path, out_dir, models, target, progress) -> None:
         from .ensemble import Ensemble
         from .runner import protect_files
 
@@ -762,12 +779,12 @@ class ProtectionService:
         }
 
         def image_started(item, batch: int) -> None:
-            self._raise_if_cancelled(session)
+            self._raise_if_cancelled(cancel)
             progress.start_image(item.relative.as_posix(), batch)
 
         def step(done: int, total: int) -> None:
             progress.on_step(done, total)
-            self._raise_if_cancelled(session)
+            self._raise_if_cancelled(cancel)
 
         def image_done(result) -> None:
             image = by_path[result.input]
@@ -844,13 +861,13 @@ class ProtectionService:
         image = job.image(name)
         if image is None:
             raise ValueError("Choose a protected image first.")
-        self._active.add(session)
+        cancel = self._start_job(session)
         try:
             progress.phase = "Waiting for the previous job to stop"
             with self._gpu:
                 self.busy = True
                 try:
-                    self._raise_if_cancelled(session)
+                    self._raise_if_cancelled(cancel)
                     progress.phase = f"Loading {job.settings.model[0]}"
                     model = self.models_for(job.settings)[0]  # an ensemble's first model
                     resolution = model.native_size or 512
@@ -862,7 +879,7 @@ class ProtectionService:
 
                     def step(done: int, total: int) -> None:
                         progress.on_step(done, total)
-                        self._raise_if_cancelled(session)
+                        self._raise_if_cancelled(cancel)
 
                     outputs = sdedit(
                         model,
@@ -874,7 +891,7 @@ class ProtectionService:
                 finally:
                     self.busy = False
         finally:
-            self._leave(session)
+            self._leave(session, cancel)
         folder = job.folder / "check" / Path(image.name).stem
         result = CheckResult(
             save_png(outputs[0], folder / "sdedit-clean.png"),
@@ -895,8 +912,9 @@ class ProtectionService:
     def close(self) -> None:
         """Stop every job and delete every temporary file this app made."""
         self.closed = True
-        for event in self._cancel.values():
-            event.set()
+        for events in list(self._running.values()):
+            for event in list(events):
+                event.set()
         if self._owns_root:
             shutil.rmtree(self.work_root, ignore_errors=True)
         else:
