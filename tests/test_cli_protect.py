@@ -160,6 +160,7 @@ def test_work_size_option_reaches_the_manifest(tmp_path, folder, preloaded):
         (["--eps", "-4"], "--eps must be in (0, 255], in 1/255 units; got -4"),
         (["--step-size", "1e9"], "--step-size must be in (0, 255], in 1/255 units; got 1e+09"),
         (["--steps", "0"], "--steps must be at least 1"),
+        (["--seed", str(10**20)], "--seed must be between 0 and"),
     ],
 )
 def test_bad_options_are_one_line_errors(tmp_path, folder, options, message):

@@ -119,6 +119,12 @@ def test_settings_make_the_same_checks_as_the_cli():
         ProtectSettings(cuda_graphs=True, low_memory=True)
     with pytest.raises(ValueError, match="at least 0"):
         ProtectSettings(batch_size=-1)
+    with pytest.raises(ValueError, match="Steps must be at least 1"):
+        ProtectSettings(steps=0)
+    with pytest.raises(ValueError, match="seed must be between 0 and"):
+        ProtectSettings(seed=10**20)
+    with pytest.raises(ValueError, match="α must be in"):
+        ProtectSettings(step_size=0)
     assert ProtectSettings(category="anime").chosen_prompt == "an anime picture"
 
 
@@ -146,6 +152,11 @@ def test_the_page_offers_every_cli_option_and_the_presets_set_eps():
         assert custom.work_size is None  # the CLI's default, raised to the models' size
         with pytest.raises(ValueError, match="one value per model"):
             _settings_from_page(service, {**values, "family": "sd1"}, "light", 8)
+        # an emptied number box, or a fraction where a whole number belongs, names the box
+        with pytest.raises(ValueError, match="^Steps: enter a number.$"):
+            _settings_from_page(service, {**values, "steps": None}, "light", 8)
+        with pytest.raises(ValueError, match="^Seed: enter a whole number; got 2.5.$"):
+            _settings_from_page(service, {**values, "seed": 2.5}, "light", 8)
     finally:
         service.close()
 

@@ -22,6 +22,8 @@ from .robust import EOT, parse_robust
 from .targets import target_pattern
 
 DEFAULT_PROMPT = "a photo"
+# torch's generators take seeds below 2**64; tiles and EOT add small offsets to the seed
+MAX_SEED = 2**63 - 1
 CATEGORY_PROMPTS = {
     "portrait": "a portrait photo",
     "anime": "an anime picture",
@@ -62,6 +64,8 @@ class ProtectionConfig:
             raise ValueError(f"`step_size` must be in (0, 1]; got {self.step_size}.")
         if self.steps < 0:
             raise ValueError(f"`steps` must be >= 0; got {self.steps}.")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"`seed` must be between 0 and {MAX_SEED}; got {self.seed}.")
         if self.posterior not in ("sample", "mean"):
             raise ValueError(f"`posterior` must be 'sample' or 'mean'; got {self.posterior!r}.")
 

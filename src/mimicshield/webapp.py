@@ -41,7 +41,7 @@ from torch import Tensor
 from .defaults import DEFAULT_METHOD, DEFAULT_MODEL, DEFAULT_TILE_SIZE, DEFAULT_WORK_SIZE
 from .images import IMAGE_SUFFIXES, ImageFileError, load_image, probe_image
 from .methods import METHODS, get_method
-from .protector import CATEGORY_PROMPTS, DEFAULT_PROMPT
+from .protector import CATEGORY_PROMPTS, DEFAULT_PROMPT, MAX_SEED
 from .resolution import parse_work_size
 from .robust import ROBUST_TRANSFORMS
 
@@ -275,6 +275,8 @@ class ProtectSettings:
             )
         if self.steps < 1:
             raise ValueError(f"Steps must be at least 1; got {self.steps}.")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"The seed must be between 0 and {MAX_SEED}; got {self.seed}.")
         if self.batch_size < 0:
             raise ValueError("The batch size must be at least 0 (0: automatic).")
         if self.tile_size < 64:
@@ -1099,6 +1101,20 @@ ADVANCED = [  # (name, label): the advanced options, in the order of `mimicshiel
     ("strip_metadata", "Privacy: remove EXIF (GPS too), XMP and text comments (ICC kept)"),
 ]
 NO_CATEGORY = "none"
+LABELS = dict(ADVANCED)
+
+
+def _page_number(values: dict[str, object], name: str, whole: bool = False) -> float:
+    """A number box of the page, or a message naming the box (an emptied box gives None)."""
+    value = values.get(name)
+    label = LABELS.get(name, name).split(" (")[0]
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"{label}: enter a number.") from None
+    if whole and not number.is_integer():
+        raise ValueError(f"{label}: enter a whole number; got {number:g}.")
+    return int(number) if whole else number
 
 
 def _as_text(values: Sequence[object] | None) -> str:
@@ -1133,24 +1149,24 @@ def _settings_from_page(
         dtype=str(values["dtype"]),
         method=str(values["method"]),
         eps=float(eps),
-        steps=int(values["steps"]),
-        step_size=float(values["step_size"]),
+        steps=_page_number(values, "steps", whole=True),
+        step_size=_page_number(values, "step_size"),
         prompt=(str(values.get("prompt") or "").strip() or None),
         category=None if category in (None, NO_CATEGORY) else str(category),
         target=service.validate_target(target) if target else None,
-        seed=int(values["seed"]),
-        batch_size=int(values["batch_size"]),
+        seed=_page_number(values, "seed", whole=True),
+        batch_size=_page_number(values, "batch_size", whole=True),
         posterior=str(values["posterior"]),
-        sdst_r=float(values["sdst_r"]),
+        sdst_r=_page_number(values, "sdst_r"),
         robust=tuple(values.get("robust") or ()),
         low_memory=bool(values["low_memory"]),
         compile_networks=bool(values["compile_networks"]),
         cuda_graphs=bool(values["cuda_graphs"]),
         nondeterministic=bool(values["nondeterministic"]),
         work_size=work_size or None,
-        tile_size=int(values["tile_size"]),
+        tile_size=_page_number(values, "tile_size", whole=True),
         file_format=str(values["file_format"]),
-        quality=int(values["quality"]),
+        quality=_page_number(values, "quality", whole=True),
         metadata=bool(values["metadata"]),
         strip_metadata=bool(values["strip_metadata"]),
     )

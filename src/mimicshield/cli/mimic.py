@@ -100,6 +100,7 @@ def parse_floats(text: str, option: str) -> tuple[float, ...]:
 def make_settings(**options) -> object:
     """Build :class:`~mimicshield.mimicry.MimicrySettings` from the shared CLI options."""
     from ..mimicry import MimicrySettings, parse_scenarios
+    from ..protector import MAX_SEED
     from .errors import CLIError
 
     try:
@@ -112,6 +113,8 @@ def make_settings(**options) -> object:
     )
     if options["resolution"] < 0:
         raise CLIError("--resolution must be 0 (native size) or a positive size.")
+    if not 0 <= options["seed"] <= MAX_SEED:
+        raise CLIError(f"--seed must be between 0 and {MAX_SEED}; got {options['seed']}.")
     for name in ("sample_steps", "sdedit_steps", "num_samples"):
         if options[name] < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be at least 1.")

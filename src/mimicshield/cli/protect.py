@@ -154,7 +154,7 @@ def protect(
     from ..images import ImageFileError, load_image
     from ..methods import get_method
     from ..models import load_models
-    from ..protector import CATEGORY_PROMPTS, DEFAULT_PROMPT, Protector
+    from ..protector import CATEGORY_PROMPTS, DEFAULT_PROMPT, MAX_SEED, Protector
     from ..resolution import parse_work_size
     from ..runner import (
         ForeignManifestError,
@@ -175,6 +175,8 @@ def protect(
         raise CLIError(f"--step-size must be in (0, 255], in 1/255 units; got {step_size:g}.")
     if steps < 1:
         raise CLIError(f"--steps must be at least 1; got {steps}.")
+    if not 0 <= seed <= MAX_SEED:
+        raise CLIError(f"--seed must be between 0 and {MAX_SEED}; got {seed}.")
     if prompt is not None and category is not None:
         raise CLIError("Give --prompt or --category, not both.")
     if target is not None and not chosen.needs_target:
