@@ -197,6 +197,10 @@ def test_a_job_writes_what_the_cli_writes(service, tmp_path, tiny_model_dir, mon
         assert sorted(archive.namelist()) == ["art.png", "manifest.json"]
         manifest = json.loads(archive.read("manifest.json"))
     assert manifest["parameters"]["method"] == "sds-" and manifest["images"][0]["linf_255"] <= 16
+    # the zip's manifest names the uploaded file, not the server's copy (whose path names the
+    # session)
+    assert manifest["images"][0]["input"] == "art.png"
+    assert str(service.work_root) not in json.dumps(manifest)
 
     # The same options on the command line give the same bytes: same metadata, same pixels.
     out = tmp_path / "cli"
@@ -479,3 +483,13 @@ def test_the_app_in_headless_chromium(running_app, tmp_path):
     server.terminate()
     server.wait(30)
     assert not work_root.exists()
+
+
+def test_a_failed_image_is_reported_under_the_name_it_was_uploaded_as(service, tmp_path):
+    rgba = tmp_path / "logo.png"
+    Image.fromarray(noise(24, 32, seed=5)).convert("RGBA").save(rgba)
+    settings = replace(service.defaults, file_format="jpeg")  # JPEG cannot keep the alpha
+    job = service.protect("tab-1", _uploads(service, rgba), settings)
+    [image] = job.images
+    assert image.status == "failed" and image.error.startswith("logo.png: ")
+    assert str(service.work_root) not in image.error

@@ -19,6 +19,7 @@ The module has two halves:
 # No `from __future__ import annotations`: Gradio reads the `gr.Request` annotations of the
 # event handlers at runtime to inject the request, and string annotations hide them.
 import html
+import json
 import math
 import os
 import re
@@ -436,6 +437,7 @@ class ImageResult:
     before: Path | None = None
     after: Path | None = None
     perturbation: Path | None = None
+    uploaded_as: str = ""  # the file name the user uploaded (``name`` is made unique)
 
 
 @dataclass
@@ -495,6 +497,16 @@ def amplify(protected: Tensor, clean: Tensor, eps: float) -> Tensor:
 
 def _session_folder_name(session: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", session)[:64] or "anonymous"
+
+
+def _user_manifest(path: Path, job: "Job") -> str:
+    """The job's manifest.json as the user gets it in the zip: each ``input`` is the name of
+    the file they uploaded, not the server's temporary copy (whose path names the session)."""
+    manifest = json.loads(path.read_text())
+    uploaded = {str(image.input): image.uploaded_as or image.name for image in job.images}
+    for entry in manifest.get("images", []):
+        entry["input"] = uploaded.get(entry.get("input"), Path(str(entry.get("input"))).name)
+    return json.dumps(manifest, indent=2)
 
 
 class ProtectionService:
@@ -735,7 +747,7 @@ class ProtectionService:
                 path = inputs_dir / name
                 shutil.copyfile(upload.path, path)
                 files.append(InputFile(path, Path(name)))
-                by_path[str(path)] = ImageResult(name, path)
+                by_path[str(path)] = ImageResult(name, path, uploaded_as=upload.name)
                 job.images.append(by_path[str(path)])
             target = None
             if settings.target:
@@ -790,7 +802,9 @@ class ProtectionService:
 
         def image_done(result) -> None:
             image = by_path[result.input]
-            image.status, image.error, image.note = result.status, result.error, result.note
+            # messages name the user's file, not the server's temporary copy of it
+            error = result.error.replace(result.input, image.uploaded_as) if result.error else None
+            image.status, image.error, image.note = result.status, error, result.note
             image.psnr, image.ssim = result.psnr, result.ssim
             image.linf_255, image.seconds = result.linf_255, result.seconds
             if result.output:
@@ -846,7 +860,7 @@ class ProtectionService:
                 archive.write(image.output, image.output.relative_to(out_dir).as_posix())
             manifest = out_dir / "manifest.json"
             if manifest.is_file():
-                archive.write(manifest, manifest.name)
+                archive.writestr(manifest.name, _user_manifest(manifest, job))
         return path
 
     # -- the check
