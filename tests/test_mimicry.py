@@ -255,3 +255,18 @@ def test_bad_strengths_are_named_in_the_error():
         parse_floats("0,1.5", "--strengths")
     with pytest.raises(CLIError, match="--strengths: give numbers separated by commas; got 'abc'"):
         parse_floats("abc", "--strengths")
+
+
+def test_pipelines_that_cannot_run_an_fp16_sd_model_are_refused_before_any_training(
+    tiny_model_dir,
+):
+    """fp16 with an upcast VAE: diffusers' SD 1.x/2.x pipelines need one dtype. The refusal
+    comes when the scenarios are chosen, not after textual inversion or LoRA has trained."""
+    from mimicshield.models import load_models
+
+    half = load_models(str(tiny_model_dir), device="cpu", dtype="fp16", with_decoder=True)
+    assert (half.vae_dtype, half.dtype) == (torch.float32, torch.float16)
+    for scenario in ("img2img", "inpaint", "textual-inversion", "lora"):
+        with pytest.raises(ValueError, match=f"^{scenario}: .*Use --dtype bf16 or fp32"):
+            M.Mimicry(half, M.MimicrySettings(scenarios=[scenario]))
+    M.Mimicry(half, M.MimicrySettings(scenarios=["sdedit-onestep", "sdedit-ddim"]))  # our own

@@ -267,6 +267,22 @@ def pipeline_class(kind: str, model: LatentDiffusion):
     return getattr(diffusers, PIPELINES[kind][model.is_xl])
 
 
+def pipeline_dtype_problem(model: LatentDiffusion) -> str | None:
+    """Why diffusers' SD 1.x/2.x pipelines cannot run this model, or None.
+
+    They need one dtype for the VAE and the UNet and do not upcast; with fp16 and a VAE whose
+    config says ``force_upcast`` (the SD VAE overflows in fp16) the model holds them apart.
+    SDXL's pipelines upcast by themselves (:func:`build_pipeline` handles it).
+    """
+    if model.is_xl or model.vae_dtype == model.dtype:
+        return None
+    return (
+        f"The diffusers pipelines need one dtype for the VAE and the UNet; {model.name or 'this'} "
+        f"runs the VAE in {model.vae_dtype} and the UNet in {model.dtype}. Use --dtype bf16 or "
+        "fp32."
+    )
+
+
 def build_pipeline(
     cls,
     model: LatentDiffusion,
@@ -288,13 +304,9 @@ def build_pipeline(
         family = "an SDXL" if model.is_xl else "an SD 1.x/2.x"
         raise ValueError(f"{cls.__name__} does not fit {family} model; use pipeline_class().")
     vae = model.vae
+    if (problem := pipeline_dtype_problem(model)) is not None:
+        raise ValueError(problem)
     if model.vae_dtype != model.dtype:
-        if not model.is_xl:
-            raise ValueError(
-                f"The diffusers pipelines need one dtype for the VAE and the UNet; this model runs "
-                f"the VAE in {model.vae_dtype} and the UNet in {model.dtype}. Use --dtype bf16 or "
-                "fp32."
-            )
         # fp16 with force_upcast, so the model holds its VAE in fp32. diffusers' SDXL pipelines
         # expect the VAE in the UNet's dtype: they cast it to fp32 to encode and decode, and
         # back to fp16 after. Done to the model's VAE, that would round its weights to fp16 for
@@ -834,6 +846,7 @@ SCENARIOS = {
         Scenario("lora", False, "DreamBooth-LoRA (peft) on the set, then generate"),
     )
 }
+PIPELINE_SCENARIOS = ("img2img", "inpaint", "textual-inversion", "lora")
 SCENARIO_ALIASES = {
     "sdedit": ("sdedit-onestep", "sdedit-ddim"),
     "ti": ("textual-inversion",),
@@ -967,6 +980,14 @@ class Mimicry:
         self.model = model
         self.settings = settings or MimicrySettings()
         self.inpaint_model = inpaint_model
+        # img2img, inpaint and the samples of textual inversion and LoRA run diffusers'
+        # pipelines: refuse now, not after the training scenarios' minutes of training
+        for scenario in self.settings.scenarios:
+            runs = inpaint_model if scenario == "inpaint" and inpaint_model else model
+            if scenario not in PIPELINE_SCENARIOS:
+                continue
+            if (problem := pipeline_dtype_problem(runs)) is not None:
+                raise ValueError(f"{scenario}: {problem}")
 
     def steps(self, variant: Variant) -> int:
         """UNet calls per image (paired) or training + sampling steps (sets), for progress."""
