@@ -270,3 +270,27 @@ def test_pipelines_that_cannot_run_an_fp16_sd_model_are_refused_before_any_train
         with pytest.raises(ValueError, match=f"^{scenario}: .*Use --dtype bf16 or fp32"):
             M.Mimicry(half, M.MimicrySettings(scenarios=[scenario]))
     M.Mimicry(half, M.MimicrySettings(scenarios=["sdedit-onestep", "sdedit-ddim"]))  # our own
+
+
+def test_a_single_file_inpainting_model_loads_with_its_own_config(tiny_model_dir, tmp_path):
+    """A 9-channel single file: --inpaint-model-config gives its architecture (the main
+    model's --model-config does not reach it)."""
+    from PIL import Image
+
+    from mimicshield.testing import (
+        copy_tiny_model,
+        save_tiny_inpainting_model,
+        save_tiny_single_file,
+    )
+
+    folder = save_tiny_inpainting_model(tmp_path / "inpaint")
+    single = save_tiny_single_file(folder, tmp_path / "inpaint.safetensors")
+    config = copy_tiny_model(folder, tmp_path / "inpaint-config", weights=False)
+    Image.new("RGB", (32, 32), (200, 80, 30)).save(tmp_path / "a.png")
+    args = ["mimic", str(tmp_path / "a.png"), "-o", str(tmp_path / "out"), "-s", "inpaint"]
+    args += ["--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "fp32"]
+    args += ["--resolution", "32", "--sample-steps", "2", "--inpaint-model", str(single)]
+    args += ["--inpaint-model-config", str(config)]
+    result = CliRunner().invoke(app, args, env={"HF_HUB_OFFLINE": "1"})
+    assert result.exit_code == 0, result.output
+    assert Image.open(tmp_path / "out" / "inpaint" / "a.png").size == (32, 32)

@@ -15,6 +15,7 @@ from .mimic import (
     GuidanceOpt,
     Img2ImgStrengthsOpt,
     InpaintKeepOpt,
+    InpaintModelConfigOpt,
     InpaintModelOpt,
     LoraLrOpt,
     LoraRankOpt,
@@ -71,6 +72,7 @@ def evaluate(
     mask: MaskOpt = None,
     inpaint_keep: InpaintKeepOpt = 0.6,
     inpaint_model: InpaintModelOpt = None,
+    inpaint_model_config: InpaintModelConfigOpt = None,
     num_samples: NumSamplesOpt = 4,
     ti_steps: TiStepsOpt = 300,
     ti_lr: TiLrOpt = 5e-3,
@@ -152,7 +154,9 @@ def evaluate(
         raise CLIError(f"-o {out}: cannot create the output folder ({error.strerror}).") from None
 
     purifications = parse_purify_option(purify)
-    mimicry = load_mimicry(settings, model, model_config, device, dtype, inpaint_model, family)
+    mimicry = load_mimicry(
+        settings, model, model_config, device, dtype, inpaint_model, family, inpaint_model_config
+    )
     purified_dirs = write_purified_folders(
         clean_dir, protected_dirs, purifications, out, mimicry.model
     )

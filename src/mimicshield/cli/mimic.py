@@ -70,6 +70,13 @@ InpaintModelOpt = Annotated[
     str | None,
     typer.Option(help="an inpainting checkpoint (9-channel UNet); default: --model itself"),
 ]
+InpaintModelConfigOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="for a single-file --inpaint-model: a diffusers folder of the same inpainting "
+        "model (its configs describe the 9-channel UNet; works offline)"
+    ),
+]
 NumSamplesOpt = Annotated[int, typer.Option(help="images generated after TI / LoRA training")]
 TiStepsOpt = Annotated[int, typer.Option(help="textual-inversion training steps")]
 TiLrOpt = Annotated[float, typer.Option("--ti-lr", help="textual-inversion learning rate")]
@@ -129,13 +136,21 @@ def make_settings(**options) -> object:
 
 
 def load_mimicry(
-    settings, model: str, model_config, device: str, dtype: str, inpaint_model, family=None
+    settings,
+    model: str,
+    model_config,
+    device: str,
+    dtype: str,
+    inpaint_model,
+    family=None,
+    inpaint_model_config=None,
 ):
     """Load the model (with its VAE decoder) and, when given, the inpainting model."""
     from rich.console import Console
 
     from ..mimicry import Mimicry
-    from ..models import load_models
+    from ..models import ModelLoadError, load_models
+    from .errors import CLIError
 
     err = Console(stderr=True, log_path=False)
     with err.status(f"Loading {model} ..."):
@@ -150,7 +165,19 @@ def load_mimicry(
     inpainter = None
     if inpaint_model is not None and "inpaint" in settings.scenarios:
         with err.status(f"Loading {inpaint_model} ..."):
-            inpainter = load_models(inpaint_model, device=device, dtype=dtype, with_decoder=True)
+            try:
+                inpainter = load_models(
+                    inpaint_model,
+                    device=device,
+                    dtype=dtype,
+                    with_decoder=True,
+                    single_file_config=inpaint_model_config,
+                )
+            except ModelLoadError as error:
+                raise CLIError(
+                    f"--inpaint-model: {error} (For the inpainting model that option is "
+                    "--inpaint-model-config.)"
+                ) from None
     return Mimicry(loaded, settings, inpaint_model=inpainter)
 
 
@@ -219,6 +246,7 @@ def mimic(
     mask: MaskOpt = None,
     inpaint_keep: InpaintKeepOpt = 0.6,
     inpaint_model: InpaintModelOpt = None,
+    inpaint_model_config: InpaintModelConfigOpt = None,
     num_samples: NumSamplesOpt = 4,
     ti_steps: TiStepsOpt = 300,
     ti_lr: TiLrOpt = 5e-3,
@@ -302,7 +330,9 @@ def mimic(
         if (message := existing_outputs_error(planned, out)) is not None:
             raise CLIError(message)
 
-    mimicry = load_mimicry(settings, model, model_config, device, dtype, inpaint_model, family)
+    mimicry = load_mimicry(
+        settings, model, model_config, device, dtype, inpaint_model, family, inpaint_model_config
+    )
     err = Console(stderr=True, log_path=False)
     outputs: list[str] = []
     with RichProgress(err) as progress:
