@@ -94,8 +94,23 @@ def textural_loss(z: Tensor, z_target: Tensor) -> Tensor:
     return (z - z_target).pow(2).flatten(1).sum(1)
 
 
-def _gradient(loss: Tensor, x: Tensor) -> Tensor:
-    return torch.autograd.grad(loss.sum(), x)[0]
+# L_S is a mean over every latent element, so at 512 px the gradient reaching the UNet's output
+# is about 2|eps_hat - n| / 16384 ~ 1e-4, at the edge of fp16's normal range (6.1e-5), and
+# smaller at larger sizes: an fp16 UNet backward then loses it to underflow. Scaling the loss
+# (and the gradient back) keeps it representable, as mixed-precision training's loss scaling
+# does; the step's sign and its value in fp32 are unchanged.
+FP16_LOSS_SCALE = 2.0**12
+
+
+def loss_scale(model) -> float:
+    """The factor the UNet-backpropagating losses are scaled by: only for fp16 UNets."""
+    return FP16_LOSS_SCALE if getattr(model, "dtype", None) == torch.float16 else 1.0
+
+
+def _gradient(loss: Tensor, x: Tensor, scale: float = 1.0) -> Tensor:
+    """d(sum of loss)/dx, computed on ``scale * loss`` and divided back (see FP16_LOSS_SCALE)."""
+    gradient = torch.autograd.grad(loss.sum() * scale, x)[0]
+    return gradient / scale if scale != 1.0 else gradient
 
 
 def _require(value: Tensor | None, what: str, method: str) -> Tensor:
@@ -142,13 +157,13 @@ def _sds_residual(model, z: Tensor, inputs: StepInputs) -> Tensor:
 def advdm_plus(model, x: Tensor, inputs: StepInputs) -> Tensor:
     """AdvDM: ascend L_S, backpropagating through the UNet and the encoder."""
     x = x.detach().requires_grad_(True)
-    return _gradient(_semantic_loss_with_grad(model, x, inputs), x)
+    return _gradient(_semantic_loss_with_grad(model, x, inputs), x, loss_scale(model))
 
 
 def advdm_minus(model, x: Tensor, inputs: StepInputs) -> Tensor:
     """AdvDM(-): descend L_S (Xue et al. Sec. 4.2)."""
     x = x.detach().requires_grad_(True)
-    return -_gradient(_semantic_loss_with_grad(model, x, inputs), x)
+    return -_gradient(_semantic_loss_with_grad(model, x, inputs), x, loss_scale(model))
 
 
 def photoguard(model, x: Tensor, inputs: StepInputs) -> Tensor:
