@@ -291,6 +291,28 @@ def test_inference_steps_land_where_the_checkpoints_scheduler_puts_them(custom_m
     torch.testing.assert_close(ours.alphas_cumprod, own.alphas_cumprod)
 
 
+@pytest.mark.parametrize(
+    ("component", "config", "needle"),
+    [
+        ("scheduler", {"_class_name": "EDMEulerScheduler"}, "EDMEulerScheduler"),
+        ("scheduler", {"_class_name": "FlowMatchEulerDiscreteScheduler"}, "FlowMatch"),
+        ("vae", {"shift_factor": 0.1159}, "shift_factor"),
+        ("vae", {"latents_mean": [0.0] * 4, "latents_std": [1.0] * 4}, "latents_mean"),
+    ],
+)
+def test_noise_processes_and_latent_spaces_the_maths_does_not_cover_are_refused(
+    component, config, needle, tiny_model_dir, tmp_path
+):
+    """Without a model_index.json naming the pipeline, the scheduler's class and the VAE's
+    latent normalisation are what tell an EDM, flow-matching or shifted-latent model apart;
+    read as SD, its default betas or unshifted latents would be silently wrong."""
+    folder = copy_tiny_model(tiny_model_dir, tmp_path / "sd", **{component: config})
+    (folder / "model_index.json").unlink(missing_ok=True)
+    with pytest.raises(UnsupportedModelError) as error:
+        load_models(str(folder), **CPU)
+    _assert_one_line(error, needle)
+
+
 @pytest.mark.parametrize("prediction_type", ["sample", "x0"])
 def test_unknown_prediction_types_are_refused(prediction_type, tiny_model_dir, tmp_path):
     folder = copy_tiny_model(

@@ -351,6 +351,33 @@ def _check_supported(prediction_type: str, source: str, hint: str = "") -> None:
         )
 
 
+# Schedulers of models whose maths is not DDPM's (flow matching, EDM/Karras sigmas): a
+# DDPMScheduler read from their config would fall back to default betas, silently wrong.
+UNSUPPORTED_SCHEDULERS = ("FlowMatch", "EDM")
+
+
+def _check_scheduler_class(class_name: str, source: str) -> None:
+    """Refuse a scheduler config whose noise process is not the DDPM one the maths assumes."""
+    if any(kind in class_name for kind in UNSUPPORTED_SCHEDULERS):
+        raise UnsupportedModelError(
+            f"Model {source!r} has a {class_name} scheduler (not a DDPM noise schedule); this "
+            "version supports SD 1.x, SD 2.x and SDXL checkpoints only."
+        )
+
+
+def _check_latent_space(vae: torch.nn.Module, source: str) -> None:
+    """Refuse a VAE that shifts or normalises its latents (``shift_factor``, ``latents_mean``:
+    SD3, FLUX and Playground-v2.5-style VAEs): E(x) here is ``scaling_factor * mean`` only."""
+    config = vae.config
+    shifted = config.get("shift_factor") not in (None, 0, 0.0)
+    if shifted or config.get("latents_mean") is not None or config.get("latents_std") is not None:
+        raise UnsupportedModelError(
+            f"Model {source!r}: its VAE shifts or normalises latents (shift_factor / "
+            "latents_mean / latents_std); this version supports the SD 1.x, SD 2.x and SDXL "
+            "latent spaces only."
+        )
+
+
 CPU_ALIGNMENT = 64  # bytes: what PyTorch's own CPU allocator gives every new tensor
 
 
@@ -466,6 +493,7 @@ def load_models(
         configured = scheduler.config.get("prediction_type", "epsilon")
         prediction_type = chosen.prediction_type or configured
         _check_supported(prediction_type, source)
+        _check_latent_space(vae, source)
         vae_dtype = prepare_components(
             vae,
             [unet, text_encoder, text_encoder_2],
@@ -577,6 +605,13 @@ def _load_diffusers_folder(source: str, local_files_only: bool, family: str | No
                 ) from error
             raise _load_error(source, error, local_files_only) from error
 
+    try:  # the class the checkpoint names, before DDPMScheduler reads its config as its own
+        scheduler_class = DDPMScheduler.load_config(
+            source, subfolder="scheduler", local_files_only=local_files_only
+        ).get("_class_name", "")
+    except (OSError, ValueError):
+        scheduler_class = ""  # the load below reports a missing or broken config
+    _check_scheduler_class(str(scheduler_class), source)
     parts = {
         "scheduler": load("scheduler", DDPMScheduler),
         "vae": load("vae", AutoencoderKL),
