@@ -11,6 +11,7 @@ import io
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -292,10 +293,17 @@ def test_temporary_files_go_with_the_tab_and_the_app(tmp_path, tiny_model_dir):
     service = ProtectionService(ProtectSettings(model=str(tiny_model_dir), **FAST))
     root = service.work_root
     assert root.is_dir() and root.name.startswith("mimicshield-ui-")
-    job = service.protect("tab-1", _uploads(service, _png(tmp_path / "a.png")), service.defaults)
+    # Gradio's cached copy of the upload: the user's original, removed with the tab
+    cached = service.cache_dir / "d41d8c" / "a.png"
+    cached.parent.mkdir(parents=True)
+    _png(cached)
+    outside = _png(tmp_path / "outside.png")  # a path outside the cache is never deleted
+    service.remember_uploads("tab-1", [str(cached), str(outside)])
+    job = service.protect("tab-1", _uploads(service, cached), service.defaults)
     assert job.folder.is_dir()
     service.end_session("tab-1")  # the tab was closed
     assert not service.session_folder("tab-1").exists()
+    assert not cached.exists() and outside.exists()
     service.close()
     assert not root.exists()
 
@@ -493,3 +501,10 @@ def test_a_failed_image_is_reported_under_the_name_it_was_uploaded_as(service, t
     [image] = job.images
     assert image.status == "failed" and image.error.startswith("logo.png: ")
     assert str(service.work_root) not in image.error
+
+
+def test_checking_results_that_were_swept_away_says_so(service, tmp_path):
+    job = service.protect("tab-1", _uploads(service, _png(tmp_path / "a.png")), service.defaults)
+    shutil.rmtree(job.folder)  # what the sweep of folders older than two hours does
+    with pytest.raises(ValueError, match="expired.*protect the images again"):
+        service.check("tab-1", job, "a.png")

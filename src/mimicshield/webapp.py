@@ -553,6 +553,7 @@ class ProtectionService:
         # a Cancel pressed just before another Protect still stops the job that was running.
         self._armed: dict[str, threading.Event] = {}  # the flag a tab's next job takes
         self._running: dict[str, set[threading.Event]] = {}  # flags of a tab's started jobs
+        self._uploads: dict[str, set[Path]] = {}  # Gradio's cached copies of a tab's uploads
         self._ended: set[str] = set()  # closed tabs whose job is still stopping
         self.busy = False
         self.closed = False
@@ -681,8 +682,17 @@ class ProtectionService:
         else:
             self._forget(session)
 
+    def remember_uploads(self, session: str, paths: Iterable[str | Path]) -> None:
+        """Gradio's cached copies of the files a tab uploaded, deleted when the tab closes."""
+        cache = self.cache_dir.resolve()
+        for path in map(Path, paths):
+            if path.resolve().is_relative_to(cache):  # never a file outside the app's cache
+                self._uploads.setdefault(session, set()).add(path)
+
     def _forget(self, session: str) -> None:
         shutil.rmtree(self.session_folder(session), ignore_errors=True)
+        for path in self._uploads.pop(session, ()):
+            path.unlink(missing_ok=True)
         self._armed.pop(session, None)
         self._ended.discard(session)
 
@@ -877,6 +887,12 @@ class ProtectionService:
         image = job.image(name)
         if image is None:
             raise ValueError("Choose a protected image first.")
+        if not (image.input.is_file() and image.output and image.output.is_file()):
+            hours = STALE_SECONDS // 3600
+            raise ValueError(
+                f"These results have expired (files are kept {hours} hours after the last job); "
+                "protect the images again."
+            )
         cancel = self._start_job(session)
         try:
             progress.phase = "Waiting for the previous job to stop"
@@ -1375,9 +1391,10 @@ def build_app(service: ProtectionService):
 
         # -- uploads are checked as they arrive, and again when the job starts
 
-        def on_upload(paths: list[str] | None):
+        def on_upload(paths: list[str] | None, request: gr.Request):
             if not paths:
                 return ""
+            service.remember_uploads(request.session_hash, paths)
             accepted, problems = service.validate(paths)
             parts = []
             if accepted:
