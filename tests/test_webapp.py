@@ -31,6 +31,7 @@ from typer.testing import CliRunner
 pytest.importorskip("gradio", reason="the web app needs gradio (pip install -e '.[ui]')")
 
 from mimicshield.cli.main import app as cli_app  # noqa: E402
+from mimicshield.images import ImageFileError  # noqa: E402
 from mimicshield.metadata import DMI_PROHIBITED_AIML  # noqa: E402
 from mimicshield.webapp import (  # noqa: E402
     ADVANCED,
@@ -104,6 +105,15 @@ def test_uploads_are_checked_by_content_size_pixels_and_count(tmp_path):
     assert str(tmp_path) not in text  # messages name the file, never a server path
     _, problems = validate_uploads([heavy], limits)
     assert "heavy.png:" in problems[0] and "MB per file" in problems[0]
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    assert validate_uploads([empty], limits)[1] == ["empty.png: empty file (0 bytes)."]
+    service = ProtectionService(work_root=tmp_path / "w")
+    try:  # a bad target image says it is the target
+        with pytest.raises(ImageFileError, match="^Target image notes.png: not an image"):
+            service.validate_target(renamed_text)
+    finally:
+        service.close()
 
 
 def test_settings_make_the_same_checks_as_the_cli():

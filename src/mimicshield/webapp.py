@@ -97,6 +97,8 @@ def _check_upload(path: Path, name: str, limits: UploadLimits) -> Upload:
         size = path.stat().st_size
     except OSError as error:
         raise ImageFileError(f"{name}: could not be read ({error.strerror}).") from None
+    if size == 0:
+        raise ImageFileError(f"{name}: empty file (0 bytes).")
     if size > limits.max_file_bytes:
         raise ImageFileError(
             f"{name}: {size / 2**20:.1f} MB is more than this app's limit of "
@@ -722,7 +724,10 @@ class ProtectionService:
     def validate_target(self, path: str | Path | None) -> str | None:
         if not path:
             return None
-        return str(_check_upload(Path(path), Path(path).name, self.limits).path)
+        try:
+            return str(_check_upload(Path(path), Path(path).name, self.limits).path)
+        except ImageFileError as error:
+            raise ImageFileError(f"Target image {error}") from None
 
     # -- protection
 
