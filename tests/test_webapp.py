@@ -518,3 +518,12 @@ def test_checking_results_that_were_swept_away_says_so(service, tmp_path):
     shutil.rmtree(job.folder)  # what the sweep of folders older than two hours does
     with pytest.raises(ValueError, match="expired.*protect the images again"):
         service.check("tab-1", job, "a.png")
+
+
+def test_a_mistyped_model_fails_when_the_app_starts(tmp_path, monkeypatch):
+    from mimicshield.models import ModelLoadError
+
+    monkeypatch.setattr("mimicshield.webapp.launch", lambda *a, **k: pytest.fail("launched"))
+    result = CliRunner().invoke(cli_app, ["ui", "--model", str(tmp_path / "nope")])
+    assert isinstance(result.exception, ModelLoadError)
+    assert "no such model folder" in str(result.exception)

@@ -338,6 +338,19 @@ def _load_error(source: str, cause: Exception, local_files_only: bool) -> ModelL
     )
 
 
+def check_model_source(source: str) -> None:
+    """Fail at once on a path that is not there or not a model (before minutes of loading,
+    or, in the web app, before the first job); a hub id is only checked when it loads."""
+    path = Path(source).expanduser()
+    if not path.exists() and _looks_like_path(source):
+        raise ModelLoadError(f"{source}: no such model folder or checkpoint file.")
+    if path.is_file() and path.suffix not in SINGLE_FILE_SUFFIXES:
+        raise ModelLoadError(
+            f"{source}: not a model; --model takes a hub id, a diffusers folder, or a "
+            ".safetensors/.ckpt checkpoint."
+        )
+
+
 def _check_supported(prediction_type: str, source: str, hint: str = "") -> None:
     """Refuse what the maths does not cover: every method needs eps_theta.
 
@@ -474,14 +487,8 @@ def load_models(
 
         get_family(family)  # an unknown name fails before anything loads
     source = str(source)
+    check_model_source(source)
     path = Path(source).expanduser()
-    if not path.exists() and _looks_like_path(source):
-        raise ModelLoadError(f"{source}: no such model folder or checkpoint file.")
-    if path.is_file() and path.suffix not in SINGLE_FILE_SUFFIXES:
-        raise ModelLoadError(
-            f"{source}: not a model; --model takes a hub id, a diffusers folder, or a "
-            ".safetensors/.ckpt checkpoint."
-        )
     with _quiet_loading():
         if path.is_file():
             parts, chosen = _load_single_file(path, single_file_config, local_files_only, family)

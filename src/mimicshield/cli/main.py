@@ -57,6 +57,14 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     return (CLIError, ImageFileError, ModelLoadError, OSError, ValueError)
 
 
+def _input_errors() -> tuple[type[BaseException], ...]:
+    """Errors whose message says all about a bad input: no traceback hint after them."""
+    from ..images import ImageFileError
+    from ..models import ModelLoadError
+
+    return (CLIError, ImageFileError, ModelLoadError)
+
+
 def main() -> None:
     """Run the app; known errors print ``Error: ...`` on stderr and exit 1."""
     try:
@@ -65,7 +73,7 @@ def main() -> None:
         if os.environ.get("MIMICSHIELD_DEBUG") or not isinstance(error, _known_errors()):
             raise
         print(f"Error: {error}", file=sys.stderr)
-        if not isinstance(error, CLIError):  # a CLIError is about the user's input: complete
+        if not isinstance(error, _input_errors()):  # about the user's input: complete
             print("(set MIMICSHIELD_DEBUG=1 for a full traceback)", file=sys.stderr)
         sys.exit(1)
 

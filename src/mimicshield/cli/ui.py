@@ -59,7 +59,7 @@ def ui(
 
     from rich.console import Console
 
-    from ..models import resolve_device
+    from ..models import check_model_source, resolve_device
     from .errors import CLIError
 
     try:
@@ -73,6 +73,7 @@ def ui(
     if min(max_images, max_file_mb, max_megapixels) <= 0:
         raise CLIError("--max-images, --max-file-mb and --max-megapixels must be positive.")
     resolve_device(device)  # fail now, not at the first job
+    check_model_source(model)
     exposed = share or not is_loopback(host)
     err = Console(stderr=True)
     if exposed:
