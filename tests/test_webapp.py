@@ -527,3 +527,16 @@ def test_a_mistyped_model_fails_when_the_app_starts(tmp_path, monkeypatch):
     result = CliRunner().invoke(cli_app, ["ui", "--model", str(tmp_path / "nope")])
     assert isinstance(result.exception, ModelLoadError)
     assert "no such model folder" in str(result.exception)
+
+
+def test_a_port_in_use_says_to_choose_another_with_port(tmp_path):
+    from mimicshield.webapp import launch
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        service = ProtectionService(work_root=tmp_path / "w")
+        with pytest.raises(OSError, match=f"port {port}.*with --port") as error:
+            launch(service, port=port, block=False, quiet=True)
+    assert "GRADIO_SERVER_PORT" not in str(error.value)

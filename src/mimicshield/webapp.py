@@ -1670,19 +1670,26 @@ def launch(
     running = None
     try:
         demo = build_app(service)
-        _, url, _ = demo.launch(
-            server_name=host,
-            server_port=port,
-            share=share,
-            inbrowser=open_browser,
-            prevent_thread_lock=True,
-            max_file_size=service.limits.max_file_bytes,
-            allowed_paths=[str(service.work_root)],
-            show_error=False,
-            quiet=quiet,
-            ssr_mode=False,
-            **_private_launch_options(),
-        )
+        try:
+            _, url, _ = demo.launch(
+                server_name=host,
+                server_port=port,
+                share=share,
+                inbrowser=open_browser,
+                prevent_thread_lock=True,
+                max_file_size=service.limits.max_file_bytes,
+                allowed_paths=[str(service.work_root)],
+                show_error=False,
+                quiet=quiet,
+                ssr_mode=False,
+                **_private_launch_options(),
+            )
+        except OSError as error:  # Gradio's advice names its own environment variables
+            where = f"port {port}" if port else "a free port from 7860"
+            reason = _one_line(error).split(". ")[0]  # not its advice, which is for Python
+            raise OSError(
+                f"Cannot listen on {host}, {where} ({reason}); choose another with --port."
+            ) from None
         running = RunningApp(url or f"http://{host}:{demo.server_port}/", demo, service, previous)
         if block:
             demo.block_thread()
