@@ -294,3 +294,22 @@ def test_a_single_file_inpainting_model_loads_with_its_own_config(tiny_model_dir
     result = CliRunner().invoke(app, args, env={"HF_HUB_OFFLINE": "1"})
     assert result.exit_code == 0, result.output
     assert Image.open(tmp_path / "out" / "inpaint" / "a.png").size == (32, 32)
+
+
+def test_fp16_training_scales_its_loss_and_skips_a_step_that_overflows():
+    """Textual inversion and LoRA on an fp16 UNet: a gradient that underflows to 0 in fp16
+    survives with the loss scaled, comes back at its fp32 value, and an overflow skips the step."""
+    weight = torch.ones(4, requires_grad=True)
+
+    def loss_of(factor: float) -> torch.Tensor:
+        half = weight.half() * torch.tensor(1e-5, dtype=torch.float16)  # an fp16 layer
+        return (half.float() * factor).sum()
+
+    assert M._scaled_backward(loss_of(1e-4), [weight], 1.0)
+    assert torch.all(weight.grad == 0)  # 1e-4 * 1e-5 underflows in fp16
+    weight.grad = None
+    assert M._scaled_backward(loss_of(1e-4), [weight], 2.0**12)
+    torch.testing.assert_close(weight.grad, torch.full((4,), 1e-9), rtol=2e-2, atol=0)
+    weight.grad = None
+    assert not M._scaled_backward(loss_of(1e12), [weight], 2.0**12)  # inf in fp16
+    assert weight.grad is None

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .methods import v_target
+from .methods import loss_scale, v_target
 from .models import Conditioning, LatentDiffusion, sdxl_time_ids
 from .reproducibility import deterministic_algorithms
 
@@ -579,6 +579,26 @@ def _denoising_loss(
     return F.mse_loss(prediction.float(), target)
 
 
+def _scaled_backward(loss: Tensor, params: Sequence[Tensor], scale: float) -> bool:
+    """``loss.backward()`` with a static loss scale, the gradients divided back.
+
+    An fp16 UNet's backward loses the denoising loss's small gradients to underflow (see
+    :data:`mimicshield.methods.FP16_LOSS_SCALE`); scaled, they stay representable. Returns
+    False, with the gradients cleared, if scaling overflowed: the optimiser skips that step, as
+    mixed-precision training's gradient scaler does.
+    """
+    (loss * scale).backward()
+    grads = [p.grad for p in params if p.grad is not None]
+    if scale != 1.0:
+        for grad in grads:
+            grad.div_(scale)
+    if all(torch.isfinite(grad).all() for grad in grads):
+        return True
+    for p in params:
+        p.grad = None
+    return False
+
+
 def _batches(count: int, batch_size: int, steps: int, generator: torch.Generator):
     """Image indices for each step: shuffled epochs, so every image is seen equally often."""
     order: list[int] = []
@@ -712,8 +732,8 @@ def textual_inversion_mimicry(
         else:
             cond = cond.expand(len(batch), -1, -1)
         loss = _denoising_loss(model, images[batch], cond, generator)
-        loss.backward()
-        optimizer.step()
+        if _scaled_backward(loss, weights, loss_scale(model)):
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         for placeholder in placeholders:  # only the new token's rows learn
             placeholder.restore_other_rows()
@@ -798,8 +818,8 @@ def lora_mimicry(
         batches = _batches(len(images), schedule.batch_size, schedule.steps, generator)
         for step, batch in enumerate(batches):
             loss = _denoising_loss(model, images[batch], cond.expand(len(batch)), generator)
-            loss.backward()
-            optimizer.step()
+            if _scaled_backward(loss, params, loss_scale(model)):
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if callback is not None:
                 callback(step + 1, schedule.steps)
