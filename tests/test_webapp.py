@@ -30,6 +30,7 @@ from typer.testing import CliRunner
 
 pytest.importorskip("gradio", reason="the web app needs gradio (pip install -e '.[ui]')")
 
+from mimicshield import webapp  # noqa: E402
 from mimicshield.cli.main import app as cli_app  # noqa: E402
 from mimicshield.images import ImageFileError  # noqa: E402
 from mimicshield.metadata import DMI_PROHIBITED_AIML  # noqa: E402
@@ -495,9 +496,15 @@ def test_the_app_in_headless_chromium(running_app, tmp_path):
     assert json.loads(archive.read("manifest.json"))["parameters"]["eps"] == pytest.approx(8 / 255)
     assert "mimicry of the protected image: 0." in check and "strength 0.3" in check
 
-    # Stopping the app removes its temporary files (uploads, jobs, Gradio's cache).
+    # Results and previews are served from the job's folder, never copied into Gradio's
+    # cache, so a closed tab's folder takes them all with it.
     work_root = Path(re.search(r"Temporary files: (\S+)", log.read_text())[1])
     assert work_root.is_dir()
+    cache, sessions = work_root / "uploads", work_root / "uploads" / "sessions"
+    copied = {p.name for p in cache.rglob("*") if p.is_file() and sessions not in p.parents}
+    ours = {"before.png", "after.png", "perturbation.png", "sdedit-clean.png", webapp.ZIP_NAME}
+    assert not copied & ours, copied
+    # Stopping the app removes its temporary files (uploads, jobs, Gradio's cache).
     server.terminate()
     server.wait(30)
     assert not work_root.exists()

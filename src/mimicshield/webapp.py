@@ -543,8 +543,10 @@ class ProtectionService:
         root = tempfile.mkdtemp(prefix="mimicshield-ui-") if work_root is None else work_root
         self.work_root = Path(root)
         self.work_root.mkdir(parents=True, exist_ok=True)
-        self.cache_dir = self.work_root / "uploads"
-        self.sessions_dir = self.work_root / "sessions"
+        self.cache_dir = self.work_root / "uploads"  # Gradio's cache (GRADIO_TEMP_DIR)
+        # Jobs live inside Gradio's cache: Gradio serves files there as they are, where it
+        # copies any other file it shows into the cache, and a closed tab's copies would stay.
+        self.sessions_dir = self.cache_dir / "sessions"
         self._gpu = threading.Lock()  # held while a job computes: one at a time
         self._model_lock = threading.Lock()
         self._models: list = []
