@@ -283,3 +283,40 @@ def test_a_user_can_raise_the_pixel_limit_for_a_trusted_large_image(tmp_path, mo
         allowed = CliRunner().invoke(app, args, env={"MIMICSHIELD_MAX_MEGAPIXELS": "0.002"})
     assert allowed.exit_code == 0, allowed.output
     assert Image.open(tmp_path / "out" / "blur" / "scan.png").size == (40, 40)
+
+
+def test_guided_filter_is_he_et_al_with_a_colour_guide_computed_window_by_window():
+    """Eq. 19-21 of He et al., by hand: per window, a = (Sigma + eps U)^-1 cov(I, p) and
+    b = mean(p) - a^T mean(I); each pixel averages the a, b of the windows that contain it.
+    Windows at the border read the mirrored image (OpenCV's BORDER_REFLECT)."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(4)
+    guide = (torch.rand(7, 6, 3, generator=g) * 255).double().numpy()
+    source = (torch.rand(7, 6, 3, generator=g) * 255).double().numpy()
+    radius, eps = 1, 16.0
+    pad = ((radius, radius), (radius, radius), (0, 0))
+    big_i, big_p = np.pad(guide, pad, mode="symmetric"), np.pad(source, pad, mode="symmetric")
+    height, width = guide.shape[:2]
+    a = np.zeros((height, width, 3, 3))
+    b = np.zeros((height, width, 3))
+    for y in range(height):
+        for x in range(width):
+            window_i = big_i[y : y + 2 * radius + 1, x : x + 2 * radius + 1].reshape(-1, 3)
+            window_p = big_p[y : y + 2 * radius + 1, x : x + 2 * radius + 1].reshape(-1, 3)
+            mu, mean_p = window_i.mean(0), window_p.mean(0)
+            sigma = window_i.T @ window_i / len(window_i) - np.outer(mu, mu)
+            cov = window_i.T @ window_p / len(window_p) - np.outer(mu, mean_p)
+            a[y, x] = np.linalg.solve(sigma + eps * np.eye(3), cov)
+            b[y, x] = mean_p - a[y, x].T @ mu
+    big_a = np.pad(a, pad + ((0, 0),), mode="symmetric")
+    big_b = np.pad(b, pad, mode="symmetric")
+    want = np.zeros_like(source)
+    for y in range(height):
+        for x in range(width):
+            mean_a = big_a[y : y + 2 * radius + 1, x : x + 2 * radius + 1].mean((0, 1))
+            mean_b = big_b[y : y + 2 * radius + 1, x : x + 2 * radius + 1].mean((0, 1))
+            want[y, x] = mean_a.T @ guide[y, x] + mean_b
+    np.testing.assert_allclose(
+        guided_filter(guide, source, radius, eps), want, rtol=1e-6, atol=1e-6
+    )

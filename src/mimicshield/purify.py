@@ -152,24 +152,42 @@ def jpeg(images: Tensor, quality: int = 75) -> Tensor:
 # --- AdverseCleaner-style filtering -------------------------------------------------------------
 
 
-def guided_filter(guide: np.ndarray, source: np.ndarray, radius: int, eps: float) -> np.ndarray:
-    """He et al.'s guided filter, per channel: q = mean(a) * I + mean(b) over (2r+1)^2 boxes.
-
-    a = cov(I, p) / (var(I) + eps), b = mean(p) - a mean(I). Where the guide has edges
-    (var(I) >> eps) the output follows the guide; in flat regions it follows the smoothed source.
-    Arrays are float32 (H, W, C); ``eps`` is in squared pixel units of those arrays.
-    """
+def box_mean(x: np.ndarray, radius: int) -> np.ndarray:
+    """Mean over (2r+1)^2 boxes, edges mirrored (OpenCV's BORDER_REFLECT, as ximgproc's)."""
     import cv2
 
-    def box(x: np.ndarray) -> np.ndarray:
-        return cv2.boxFilter(x, -1, (2 * radius + 1, 2 * radius + 1), normalize=True)
+    size = (2 * radius + 1, 2 * radius + 1)
+    return cv2.boxFilter(x, -1, size, normalize=True, borderType=cv2.BORDER_REFLECT)
 
-    mean_i, mean_p = box(guide), box(source)
-    cov_ip = box(guide * source) - mean_i * mean_p
-    var_i = box(guide * guide) - mean_i * mean_i
-    a = cov_ip / (var_i + eps)
-    b = mean_p - a * mean_i
-    return box(a) * guide + box(b)
+
+def guided_filter(guide: np.ndarray, source: np.ndarray, radius: int, eps: float) -> np.ndarray:
+    """He et al.'s guided filter with a colour guide (their Eq. 19-21): q = mean(a)^T I + mean(b).
+
+    In each box, a = (Sigma + eps U)^-1 cov(I, p) and b = mean(p) - a^T mean(I), with Sigma the
+    3x3 covariance of the guide's colours. Where the guide has edges (Sigma >> eps) the output
+    follows the guide; in flat regions it follows the smoothed source. Arrays are float (H, W,
+    3); ``eps`` is a variance in the squared units of those arrays (16 on the 0-255 scale, as
+    AdverseCleaner passes to OpenCV's guided filter).
+    """
+    guide, source = guide.astype(np.float64), source.astype(np.float64)
+    channels = guide.shape[-1]
+    mean_i, mean_p = box_mean(guide, radius), box_mean(source, radius)
+    # Sigma[..., j, k] = mean(I_j I_k) - mean(I_j) mean(I_k); cov[..., j, c] likewise with p_c
+    sigma = np.empty((*guide.shape[:2], channels, channels))
+    cov = np.empty((*guide.shape[:2], channels, source.shape[-1]))
+    for j in range(channels):
+        for k in range(channels):
+            sigma[..., j, k] = box_mean(guide[..., j] * guide[..., k], radius)
+        sigma[..., j, :] -= mean_i[..., j, None] * mean_i
+        for c in range(source.shape[-1]):
+            cov[..., j, c] = box_mean(guide[..., j] * source[..., c], radius)
+        cov[..., j, :] -= mean_i[..., j, None] * mean_p
+    a = np.linalg.solve(sigma + eps * np.eye(channels), cov)  # (H, W, 3, C)
+    b = mean_p - np.einsum("hwjc,hwj->hwc", a, mean_i)
+    mean_a = np.stack(
+        [box_mean(np.ascontiguousarray(a[..., j, :]), radius) for j in range(channels)], axis=2
+    )
+    return np.einsum("hwjc,hwj->hwc", mean_a, guide) + box_mean(b, radius)
 
 
 def adverse_cleaner(
@@ -187,19 +205,21 @@ def adverse_cleaner(
 
     The bilateral passes wash out pixel-level noise but also soften texture; the guided filter,
     with the unfiltered image as guide, puts the input's edges back onto the smoothed result.
-    Sigmas and ``guided_eps`` are on the 0-255 scale (``guided_eps`` squared, as a variance).
+    The parameters are AdverseCleaner's: sigmas on the 0-255 scale, ``guided_eps`` a variance
+    on that scale, and 8-bit images between passes, as its OpenCV calls keep them.
     """
     import cv2
 
     out = []
     for image in images:
-        original = _to_uint8(image).astype(np.float32)
+        original = np.ascontiguousarray(_to_uint8(image))
         smoothed = original
         for _ in range(bilateral_passes):
             smoothed = cv2.bilateralFilter(smoothed, diameter, sigma_color, sigma_space)
         for _ in range(guided_passes):
-            smoothed = guided_filter(original, smoothed, guided_radius, guided_eps**2)
-        out.append(_from_array(np.clip(smoothed / 255, 0, 1).astype(np.float32), images))
+            filtered = guided_filter(original, smoothed, guided_radius, guided_eps)
+            smoothed = np.clip(np.round(filtered), 0, 255).astype(np.uint8)
+        out.append(_from_array(smoothed.astype(np.float32) / 255, images))
     return torch.stack(out)
 
 
