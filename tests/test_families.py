@@ -471,8 +471,10 @@ def test_every_command_that_loads_one_model_takes_family(tmp_path, monkeypatch, 
         "purify": ["purify", str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), "-m", "vae"],
         "ui": ["ui"],
     }[command]
+    checkpoint = tmp_path / "sd2.ckpt"  # ui checks that a model path exists before it starts
+    checkpoint.write_bytes(b"weights")
     for family in ["sd2-base", "auto"]:
-        options = ["--model", "sd2.ckpt", "--family", family, "--device", "cpu"]
+        options = ["--model", str(checkpoint), "--family", family, "--device", "cpu"]
         CliRunner().invoke(app, [*arguments, *options])
     assert calls == ["sd2-base", None]
 
