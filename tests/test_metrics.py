@@ -128,3 +128,28 @@ def test_linf_255_is_exact():
 def test_metrics_reject_mismatched_shapes():
     with pytest.raises(ValueError):
         psnr(torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 5))
+
+
+def test_ssim_is_wang_et_al_over_the_windows_inside_the_image():
+    """Eq. 13 of Wang et al. (2004) by hand: an 11x11 Gaussian window (sigma 1.5), C1 =
+    (0.01)^2, C2 = (0.03)^2, the map averaged over channels and the valid windows only."""
+    generator = torch.Generator().manual_seed(3)
+    a = torch.nn.functional.interpolate(torch.rand(2, 3, 6, 7, generator=generator), size=(30, 36))
+    b = (a + 0.05 * torch.randn(a.shape, generator=generator)).clamp(0, 1)
+    x = torch.arange(11, dtype=torch.float64) - 5
+    g = torch.exp(-(x**2) / (2 * 1.5**2))
+    window = torch.outer(g, g) / g.sum() ** 2
+    kernel = window.expand(3, 1, 11, 11)
+
+    def mean(t):
+        return torch.nn.functional.conv2d(t.double(), kernel, groups=3)  # valid windows only
+
+    mu_a, mu_b = mean(a), mean(b)
+    var_a, var_b = mean(a * a) - mu_a**2, mean(b * b) - mu_b**2
+    cov = mean(a * b) - mu_a * mu_b
+    c1, c2 = 0.01**2, 0.03**2
+    ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / (
+        (mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2)
+    )
+    want = ssim_map.flatten(1).mean(1).float()
+    torch.testing.assert_close(ssim(a, b), want, rtol=0, atol=1e-5)

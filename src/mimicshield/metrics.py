@@ -51,7 +51,8 @@ LPIPS_MIN_SIZE = 31  # pixels a side: below, AlexNet's second max-pool gets an e
 
 
 def ssim(a: Tensor, b: Tensor) -> Tensor:
-    """Structural similarity (11x11 Gaussian window, sigma 1.5, data range 1) per image.
+    """Structural similarity (11x11 Gaussian window, sigma 1.5, data range 1) per image: the
+    mean over channels and over the windows that lie inside the image, as Wang et al. define it.
 
     Images smaller than the window have no SSIM: NaN (torchmetrics would fail on them).
     """
@@ -61,7 +62,13 @@ def ssim(a: Tensor, b: Tensor) -> Tensor:
     _check_pair(a, b)
     if min(a.shape[-2:]) < SSIM_WINDOW:
         return torch.full((a.shape[0],), float("nan"), dtype=a.dtype, device=a.device)
-    return structural_similarity_index_measure(a, b, data_range=1.0, reduction="none")
+    _, full = structural_similarity_index_measure(
+        a, b, data_range=1.0, reduction="none", return_full_image=True
+    )
+    # torchmetrics averages a map it computed on a reflection-padded image; Wang et al. (and
+    # skimage) average only the windows inside the image: crop the padded border away.
+    border = SSIM_WINDOW // 2
+    return full[..., border:-border, border:-border].flatten(1).mean(1)
 
 
 def json_number(value: float | None):
