@@ -110,6 +110,9 @@ def test_surviving_distortion_is_one_for_identity_and_zero_for_a_constant(tiny_m
     )
     flat = surviving_distortion(tiny_model, lambda x: torch.full_like(x, 0.5), protected, clean)
     assert torch.all(flat == 0)
+    # an unchanged "protected" image has no shift that could survive: NaN, not 0 (removed)
+    same = surviving_distortion(tiny_model, lambda x: x, clean, clean)
+    assert torch.isnan(same).all()
 
 
 def test_parse_purifications():

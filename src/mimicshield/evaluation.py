@@ -319,10 +319,11 @@ class ClipImageEmbedder:
     @torch.no_grad()
     def __call__(self, images: Tensor) -> Tensor:
         x = images.to(self.device, torch.float32)
+        # shorter side to image_size, the longer one truncated, as CLIPImageProcessor does
         scale = self.image_size / min(x.shape[2], x.shape[3])
         size = (
-            max(self.image_size, round(x.shape[2] * scale)),
-            max(self.image_size, round(x.shape[3] * scale)),
+            max(self.image_size, int(x.shape[2] * scale)),
+            max(self.image_size, int(x.shape[3] * scale)),
         )
         x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
         top, left = (size[0] - self.image_size) // 2, (size[1] - self.image_size) // 2

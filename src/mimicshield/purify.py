@@ -27,6 +27,7 @@ __all__ = [
     "NotApplicableError",
     "Purification",
     "adverse_cleaner",
+    "box_mean",
     "crop_resize",
     "gaussian_blur",
     "gaussian_noise",
@@ -41,6 +42,7 @@ __all__ = [
     "resize_to_work_size",
     "sdedit_purify",
     "surviving_distortion",
+    "survival_ratio",
     "vae_roundtrip",
 ]
 
@@ -366,4 +368,10 @@ def surviving_distortion(
         purification = partial(purification, model=model)
     before = latent_distance(model, protected, clean)
     after = latent_distance(model, purification(protected), purification(clean))
-    return after / before.clamp_min(1e-12)
+    return survival_ratio(after, before)
+
+
+def survival_ratio(after: Tensor, before: Tensor) -> Tensor:
+    """after / before; NaN where before is 0: an image the protection left unchanged has no
+    shift that could survive (0 would read as "the purification removed it")."""
+    return torch.where(before > 0, after / before.clamp_min(1e-12), float("nan"))

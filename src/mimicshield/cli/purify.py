@@ -208,15 +208,18 @@ def surviving_records(clean_dir: Path, protected_dirs, purifications, model, fit
     import torch
 
     from ..evaluation import Record, pair_folders
-    from ..images import load_image
-    from ..purify import latent_distance
+    from ..images import ImageFileError, load_image
+    from ..purify import latent_distance, survival_ratio
     from ..report import SURVIVING_METRIC
 
     clean, methods = pair_folders(clean_dir, protected_dirs)
     records = []
     for method in methods:
         for key, path in method.files.items():
-            x0, x_adv = load_image(clean.files[key]).rgb[None], load_image(path).rgb[None]
+            try:
+                x0, x_adv = load_image(clean.files[key]).rgb[None], load_image(path).rgb[None]
+            except ImageFileError:
+                continue  # left out of the evaluation already, with a warning
             if x_adv.shape != x0.shape:
                 continue  # evaluate warns about mismatched sizes already
             before = latent_distance(model, fit(x_adv[0])[None], fit(x0[0])[None])
@@ -224,7 +227,7 @@ def surviving_records(clean_dir: Path, protected_dirs, purifications, model, fit
                 with torch.no_grad():
                     a, b = purification(x_adv, model)[0], purification(x0, model)[0]
                 after = latent_distance(model, fit(a)[None], fit(b)[None])
-                value = (after / before.clamp_min(1e-12)).item()
+                value = survival_ratio(after, before).item()
                 scenario = f"purify-{purification.name}"
                 records.append(Record(method.name, scenario, None, key, SURVIVING_METRIC, value))
     return records
