@@ -140,3 +140,24 @@ def test_report_tables_show_infinity_and_baseline(tmp_path):
 def test_report_opens_in_headless_chromium(tmp_path):
     path = write_report(_result(), tmp_path / "report.html")
     check_in_chromium(path)
+
+
+def test_best_counts_infinite_values_instead_of_dropping_them():
+    """Mimicry that matched the clean one on three images of four (PSNR +inf against the clean
+    mimicry) is not the best protection because its fourth image scored 20 dB."""
+    from mimicshield.evaluation import Record, summarize
+    from mimicshield.report import _best
+
+    inf = float("inf")
+    records = [
+        Record(source, "sdedit-ddim", 0.1, f"img{i}", "psnr_vs_clean_mimicry", value)
+        for source, values in {"A": [inf, inf, inf, 20.0], "B": [25.0] * 4}.items()
+        for i, value in enumerate(values)
+    ]
+    summaries = {s.source: s for s in summarize(records)}
+    assert summaries["A"].mean == 20.0 and summaries["A"].n_inf == 3  # as the table shows it
+    assert _best(summaries, "psnr_vs_clean_mimicry") == {"B"}  # lower is better
+    records = [Record("A", "imperceptibility", None, "x", "psnr", inf)]
+    records += [Record("B", "imperceptibility", None, "x", "psnr", 40.0)]
+    summaries = {s.source: s for s in summarize(records)}
+    assert _best(summaries, "psnr") == {"A"}  # an unchanged image is the most imperceptible

@@ -773,10 +773,17 @@ class Summary:
     mean: float
     n: int
     n_inf: int
+    n_neg_inf: int = 0  # of the n_inf, how many are -inf
 
     @property
     def all_inf(self) -> bool:
         return self.n_inf == self.n and self.n > 0
+
+    def rank_key(self) -> tuple[float, float]:
+        """What "best" compares: first the net share of +inf values (a mean over all values
+        would be infinite), then the mean of the finite ones."""
+        net = (self.n_inf - 2 * self.n_neg_inf) / self.n if self.n else 0.0
+        return net, self.mean if math.isfinite(self.mean) else 0.0
 
 
 def summarize(records: Sequence[Record]) -> list[Summary]:
@@ -798,7 +805,10 @@ def summarize(records: Sequence[Record]) -> list[Summary]:
             mean = infinite[0]
         else:
             mean = float("nan")
-        out.append(Summary(source, scenario, strength, metric, mean, len(values), len(infinite)))
+        negative = sum(1 for v in infinite if v < 0)
+        out.append(
+            Summary(source, scenario, strength, metric, mean, len(values), len(infinite), negative)
+        )
     return out
 
 

@@ -240,9 +240,13 @@ def _summary_index(result: EvaluationResult) -> dict[tuple, Summary]:
     return {(s.source, s.scenario, s.strength, s.metric): s for s in summarize(result.records)}
 
 
-def _best(values: dict[str, float], metric: str) -> set[str]:
-    """The sources with the best finite-or-infinite value for ``metric`` (ties all marked)."""
-    usable = {k: v for k, v in values.items() if v is not None and not math.isnan(v)}
+def _best(summaries: dict[str, Summary], metric: str) -> set[str]:
+    """The sources with the best value for ``metric`` (ties all marked).
+
+    Infinite values count (a source whose mimicry matched the clean one on three images of
+    four, PSNR +inf, is not the best protection for its fourth): see ``Summary.rank_key``.
+    """
+    usable = {k: s.rank_key() for k, s in summaries.items() if not math.isnan(s.mean)}
     if not usable or metric not in METRICS:
         return set()
     pick = max if METRICS[metric].higher_is_better else min
@@ -274,7 +278,7 @@ def _table(
     best = {
         m: _best(
             {
-                s: index[(s, scenario, strength, m)].mean
+                s: index[(s, scenario, strength, m)]
                 for s in sources
                 if s != CLEAN and (s, scenario, strength, m) in index
             },
@@ -364,7 +368,7 @@ def _overview(result: EvaluationResult, index: dict[tuple, Summary], sources: Se
                 cells.append("<td>–</td>")
                 continue
             others = {
-                s: index[(s, v.scenario, v.strength, m)].mean
+                s: index[(s, v.scenario, v.strength, m)]
                 for s in sources
                 if s != CLEAN and (s, v.scenario, v.strength, m) in index
             }
