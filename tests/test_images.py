@@ -352,6 +352,20 @@ def test_16_bit_tiff_keeps_upright_pixels_and_the_main_exif_tags(tmp_path):
     assert "Ann Artist" in xmp and DMI_PROHIBITED_AIML in xmp
 
 
+@pytest.mark.parametrize("compression", ["lzw", "zlib"])
+def test_compressed_16_bit_tiffs_are_read_at_16_bits(tmp_path, compression):
+    """Scanners and Photoshop write LZW; tifffile needs imagecodecs for it (a dependency)."""
+    import tifffile
+
+    pixels = noise(12, 10, 3, seed=8, dtype=np.uint16)
+    path = tmp_path / "scan.tif"
+    tifffile.imwrite(path, pixels, photometric="rgb", compression=compression)
+    loaded = load_image(path)
+    assert loaded.bits == 16
+    values = (loaded.rgb * 65535).round().to(torch.int64).numpy().transpose(1, 2, 0)
+    assert np.array_equal(values, pixels)
+
+
 def test_16_bit_tiff_notes_the_exif_it_cannot_hold(tmp_path):
     tiff16(tmp_path / "deep.tif")
     loaded = load_image(tmp_path / "deep.tif")
