@@ -188,7 +188,7 @@ def _require_decoder(model: LatentDiffusion) -> None:
 
 
 def _per_image_noise(shape: Sequence[int], batch: int, seed: int, device) -> Tensor:
-    """One draw per image from its own generator, so a result does not depend on the batch."""
+    """One draw per image from its own generator, so the draws do not depend on the batch."""
     draws = [
         torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed))
         for _ in range(batch)

@@ -165,7 +165,7 @@ class Protector:
         Args:
             images: (N, 3, H, W) in [0, 1].
             seeds: one seed per image (default: the config's seed for all). Each image draws
-                from its own generator, so its result does not depend on the batch around it.
+                from its own generator, so its random draws do not depend on the batch around it.
             callback: ``callback(step, total_steps)`` after every step, for progress bars.
         """
         _check_images(images)
