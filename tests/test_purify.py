@@ -283,7 +283,7 @@ def test_a_user_can_raise_the_pixel_limit_for_a_trusted_large_image(tmp_path, mo
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         refused = CliRunner().invoke(app, args, env={"COLUMNS": "300"})
         assert refused.exit_code == 1 and "MIMICSHIELD_MAX_MEGAPIXELS" in refused.output
-        allowed = CliRunner().invoke(app, args, env={"MIMICSHIELD_MAX_MEGAPIXELS": "0.002"})
+        allowed = CliRunner().invoke(app, args, env={"MIMICSHIELD_MAX_MEGAPIXELS": "0.0032"})
     assert allowed.exit_code == 0, allowed.output
     assert Image.open(tmp_path / "out" / "blur" / "scan.png").size == (40, 40)
 
