@@ -335,3 +335,4 @@ def test_unreadable_images_are_left_out_with_a_warning(tiny_model_dir, tmp_path)
     images = {r["image"] for r in document["records"] if r["source"] == "copy" and r["image"]}
     assert images == {"img2"}
     assert sorted(Path(p).name for p in document["left_out"]) == ["img0.png", "img1.png"]
+    assert [source["images"] for source in document["sources"]] == [2, 1]  # as evaluated

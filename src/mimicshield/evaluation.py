@@ -656,6 +656,9 @@ def evaluate(
             )
             progress.advance()
         _require_images(m)
+    # what was evaluated: without the files left out as unreadable
+    for entry, source in zip(result.sources, (clean, *methods), strict=True):
+        entry["images"] = len(source.files)
 
     def save(source: str, variant: Variant, name: str, image: Tensor) -> None:
         if out_dir is not None:
