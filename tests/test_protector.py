@@ -143,8 +143,10 @@ def paper_loop(model, images, method, seeds, eps_255, alpha_255, steps, prompt="
     x0 = images * 2 - 1
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     x = x0.clone()
+    grey = bool((x0[:, :1] == x0).all())  # then one perturbation for the three channels
     if method == "photoguard":
         start = torch.stack([torch.rand(x0.shape[1:], generator=g) * 2 - 1 for g in generators])
+        start = start[:, :1].expand_as(start) if grey else start
         x = (x0 + eps * start).clamp(-1, 1)
     with torch.no_grad():
         target = model.encode(target_pattern(height, width)[None] * 2 - 1)
@@ -165,6 +167,8 @@ def paper_loop(model, images, method, seeds, eps_255, alpha_255, steps, prompt="
             g = torch.autograd.grad((z * residual).sum(), x)[0]
         else:  # photoguard: g = grad ||E(x) - E(y)||^2
             g = torch.autograd.grad(((z - target) ** 2).sum(), x)[0]
+        if grey:  # the gradient with respect to the grey value: the sum over channels
+            g = g.sum(1, keepdim=True).expand_as(g)
         x = (x0 + (x.detach() - alpha * g.sign() - x0).clamp(-eps, eps)).clamp(-1, 1)
     levels = torch.round((x + 1) / 2 * 255)
     clean = torch.round(images * 255)
@@ -184,3 +188,16 @@ def test_the_protector_is_the_papers_loop_written_out(tiny_model, images_8bit, m
         assert not torch.equal(
             got, paper_loop(tiny_model, images_8bit, method, seeds, eps_255, alpha_255, 4)
         )
+
+
+@pytest.mark.parametrize("method", ["sds-", "photoguard"])
+def test_a_grey_image_gets_one_perturbation_for_its_three_channels(tiny_model, method):
+    """It steps along the sign of the summed channel gradients and stays grey (three
+    independent perturbations averaged at saving were weaker, and not a sign step)."""
+    generator = torch.Generator().manual_seed(7)
+    grey = torch.randint(0, 256, (2, 1, 32, 32), generator=generator).float() / 255
+    images = grey.expand(2, 3, 32, 32).contiguous()
+    got = Protector(tiny_model, method, eps=16 / 255, step_size=1 / 255, steps=4)
+    got = got.protect(images, seeds=[4, 9]).images
+    assert torch.equal(got, paper_loop(tiny_model, images, method, [4, 9], 16, 1, 4))
+    assert torch.equal(got[:, 0], got[:, 1]) and torch.equal(got[:, 1], got[:, 2])

@@ -110,6 +110,9 @@ class Protector:
             non-deterministic kernels.
         **config: the fields of :class:`ProtectionConfig` (eps, step_size, steps, prompt, ...).
 
+    A grey image (three equal channels) gets one perturbation for all three channels, so it
+    stays grey: each step follows the sign of the channel gradients' sum.
+
     Shape:
         images: (N, 3, H, W) in [0, 1], or PIL images; the output has the same type and size
         (tensors on the CPU, rounded as ``quantize_levels`` says; PIL images as 8-bit RGB).
@@ -192,10 +195,18 @@ class Protector:
         ):
             direction_fn = GraphedDirection(direction_fn)
 
+        # A grey image (three equal channels) gets one perturbation for all three: its step
+        # follows the sum of the channel gradients (the gradient with respect to the grey value)
+        # and it stays grey, instead of three independent ones averaged into a weaker one.
+        grey = (x0[:, :1] == x0).flatten(1).all(1).view(-1, 1, 1, 1)
+
+        def one_for_grey(t: Tensor, reduce) -> Tensor:
+            return torch.where(grey, reduce(t).expand_as(t), t) if grey.any() else t
+
         start = None
         if cfg.uses_random_start:
             start = _stack(lambda g: torch.rand(x0.shape[1:], generator=g) * 2 - 1, generators)
-            start = start.to(device) * eps
+            start = one_for_grey(start.to(device) * eps, lambda t: t[:, :1])
 
         eot = EOT(cfg.robust, seeds) if cfg.robust else None
 
@@ -210,7 +221,8 @@ class Protector:
                         with torch.no_grad():
                             inputs = replace(inputs, source_latent=model.encode(x0))
                 terms.append((model, weight, inputs))
-            return weighted_direction(direction_fn, terms, x)
+            summed = partial(torch.sum, dim=1, keepdim=True)
+            return one_for_grey(weighted_direction(direction_fn, terms, x), summed)
 
         def on_step(step: int, _x: Tensor) -> None:
             if callback is not None:

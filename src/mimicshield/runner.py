@@ -576,8 +576,9 @@ def _defined(value: float) -> float | None:
 def to_file_grid(adversarial: Tensor, clean: Tensor, eps: float, levels: int, grey: bool) -> Tensor:
     """Round to the file's ``levels`` within ``eps`` of ``clean``; grey images stay grey.
 
-    For grey images the three channel perturbations are averaged into one (an average of values
-    within eps is within eps), since the file stores a single channel.
+    Grey images come from the Protector with one perturbation for all three channels; the
+    mean over channels is then that perturbation itself (and any average of values within eps
+    is within eps), as the file stores a single channel.
     """
     if grey:
         delta = (adversarial - clean).mean(dim=0, keepdim=True)
