@@ -476,3 +476,34 @@ def test_every_real_image_loads_with_its_probed_size_and_metadata():
     assert monet.alpha is not None
     astronaut = load_image(IMAGES / "portrait" / "astronaut_eileen_collins.png")
     assert astronaut.icc_profile and "Comment" in astronaut.info["text"]
+
+
+@pytest.mark.parametrize("mode", ["L", "I;16", "RGBA", "P"])
+def test_an_uncompressed_tiff_stored_rotated_comes_out_upright(tmp_path, mode):
+    """Pillow 12 scrambles these modes of an uncompressed TIFF with orientation 5-8; they are
+    read as stored (tifffile) and turned upright like every other file."""
+    import tifffile
+
+    stored = noise(4, 6, seed=2)[..., 0]  # H 4, W 6
+    if mode == "I;16":
+        image = Image.frombytes("I;16", (6, 4), (stored.astype("<u2") * 257).tobytes())
+    elif mode == "RGBA":
+        image = Image.fromarray(np.dstack([stored, stored, 255 - stored, stored]), "RGBA")
+    else:
+        image = Image.fromarray(stored).convert(mode)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "scan.tif"
+    image.save(path, exif=exif)
+    loaded, header = load_image(path), probe_image(path)
+    assert (header.height, header.width) == tuple(loaded.rgb.shape[1:]) == (6, 4)
+    as_stored = tifffile.imread(path)
+    if mode == "P":  # indices: compare through the palette
+        palette = np.asarray(image.getpalette(), dtype=np.uint8).reshape(-1, 3)
+        as_stored = palette[as_stored][..., 0]
+    elif mode == "RGBA":
+        assert np.array_equal(loaded.alpha, np.rot90(as_stored[..., 3], -1))
+        as_stored = as_stored[..., 0]
+    levels = 65535 if mode == "I;16" else 255
+    values = (loaded.rgb[0] * levels).round().to(torch.int64).numpy()
+    assert np.array_equal(values, np.rot90(as_stored, -1))

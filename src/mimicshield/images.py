@@ -213,10 +213,15 @@ def load_image(path: str | Path) -> LoadedImage:
         reduced = _is_sixteen_bit_png(opened)
         deep = _is_deep_colour(opened)  # before load(), which forgets how a PNG was stored
         stored_orientation = _orientation(opened)  # before load(), which may apply it (TIFF)
+        upright_size = opened.size
         opened.load()  # also reads the metadata chunks after the pixels
         # Pillow's TIFF loader turns its pixels upright and drops the tag; pixels read with
         # tifffile or OpenCV are as stored and need the orientation read before load().
         orientation = stored_orientation if deep else _orientation(opened)
+        if opened.format == "TIFF" and not deep and opened.size != upright_size:
+            # Pillow 12 scrambles uncompressed L, I;16, RGBA, P and CMYK TIFFs stored rotated
+            # (orientation 5-8) and leaves them at their stored size: read them as stored.
+            opened, orientation = _tiff_as_stored(path, opened), stored_orientation
         loaded = _decode(path, opened, deep, orientation)
         if reduced and loaded.bits == 8:  # 16-bit grey with alpha
             loaded.notes.append("16-bit PNG read at 8 bits per channel (Pillow's limit)")
@@ -296,6 +301,22 @@ def orient(array: np.ndarray, orientation: int) -> np.ndarray:
     }
     transform = transforms.get(orientation)
     return array if transform is None else np.ascontiguousarray(transform(array))
+
+
+def _tiff_as_stored(path: Path, opened: Image.Image) -> Image.Image:
+    """The TIFF's first page as stored, read with tifffile, in Pillow's mode, palette and info."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        array = tif.pages[0].asarray()
+    if opened.mode == "I;16":
+        array = array.astype("<u2")
+    height, width = array.shape[:2]
+    image = Image.frombytes(opened.mode, (width, height), np.ascontiguousarray(array).tobytes())
+    if opened.mode == "P":
+        image.putpalette(opened.getpalette())
+    image.info = dict(opened.info)
+    return image
 
 
 def _read_tiff16(path: Path) -> np.ndarray:
