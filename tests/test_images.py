@@ -507,3 +507,15 @@ def test_an_uncompressed_tiff_stored_rotated_comes_out_upright(tmp_path, mode):
     levels = 65535 if mode == "I;16" else 255
     values = (loaded.rgb[0] * levels).round().to(torch.int64).numpy()
     assert np.array_equal(values, np.rot90(as_stored, -1))
+
+
+def test_a_16_bit_grey_png_with_a_transparency_key_keeps_it_as_alpha(tmp_path):
+    stored = (np.arange(20).reshape(4, 5) * 3000).astype(np.uint16)
+    path = tmp_path / "keyed.png"
+    Image.frombytes("I;16", (5, 4), stored.astype("<u2").tobytes()).save(path, transparency=3000)
+    header, loaded = probe_image(path), load_image(path)
+    assert header.has_alpha and header.bits == loaded.bits == 8  # as a 16-bit LA file is read
+    assert np.array_equal(loaded.alpha, np.where(stored == 3000, 0, 255))
+    saved = _save_like_the_runner(loaded, tmp_path / "out")
+    with Image.open(saved) as out:
+        assert out.mode == "LA" and np.array_equal(np.asarray(out)[..., 1], loaded.alpha)

@@ -200,8 +200,10 @@ def probe_image(path: str | Path) -> ImageHeader:
         width, height = _stored_size(opened)
         if _orientation(opened) in (5, 6, 7, 8):
             width, height = height, width
-        bits = 16 if deep or opened.mode in SIXTEEN_BIT_GREY_MODES else 8
         has_alpha = opened.mode in ALPHA_MODES or "transparency" in opened.info
+        # 16-bit grey with a transparency key is read at 8 bits with an alpha (load_image)
+        keyed = opened.mode in SIXTEEN_BIT_GREY_MODES and has_alpha
+        bits = 16 if deep or (opened.mode in SIXTEEN_BIT_GREY_MODES and not keyed) else 8
         return ImageHeader(path, width, height, opened.mode, bits, has_alpha, deep, opened.format)
 
 
@@ -238,6 +240,14 @@ def _decode(path: Path, opened: Image.Image, deep: bool, orientation: int) -> Lo
     if deep:
         array = _read_png16(path) if opened.format == "PNG" else _read_tiff16(path)
         bits = 16
+    elif mode in SIXTEEN_BIT_GREY_MODES and has_transparency:
+        # A colour key: Pillow's conversions ignore it, so its alpha is made here; 16-bit grey
+        # with alpha is read and saved at 8 bits, as a 16-bit LA file is (Pillow's limit).
+        stored = np.asarray(opened).astype(np.uint16)
+        opaque = stored != int(info["transparency"])
+        grey8 = np.round(stored / 257).astype(np.uint8)
+        array, grey = np.dstack([grey8, np.where(opaque, 255, 0).astype(np.uint8)]), True
+        notes.append("its transparency key kept as an alpha channel")
     elif mode in SIXTEEN_BIT_GREY_MODES:
         array, bits, grey = np.asarray(opened).astype(np.uint16), 16, True
     elif mode in GREY_MODES:
