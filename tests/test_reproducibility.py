@@ -11,6 +11,7 @@ checks the bytes themselves on a GPU.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -72,6 +73,23 @@ class RecordOperations(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.names.add(str(func.overloadpacket))
         return func(*args, **(kwargs or {}))
+
+
+@contextmanager
+def unet_modes(model):
+    """Whether deterministic mode was on at each UNet call made inside the block."""
+    modes: list[bool] = []
+    original = model.unet.forward
+
+    def forward(*args, **kwargs):
+        modes.append(torch.are_deterministic_algorithms_enabled())
+        return original(*args, **kwargs)
+
+    model.unet.forward = forward
+    try:
+        yield modes
+    finally:
+        del model.unet.forward
 
 
 def operations_of(run) -> set[str]:
@@ -282,21 +300,11 @@ def test_mimicry_runs_in_deterministic_mode_without_refused_operations(
     settings.ti_steps = settings.lora_steps = 1
     mimicry = Mimicry(tiny_model_with_decoder, settings)
     variant = Variant(scenario, 0.5 if scenario.startswith(("sdedit", "img2img")) else None)
-    modes = []
-    original = tiny_model_with_decoder.unet.forward
-
-    def forward(*args, **kwargs):
-        modes.append(torch.are_deterministic_algorithms_enabled())
-        return original(*args, **kwargs)
-
-    tiny_model_with_decoder.unet.forward = forward
-    try:
+    with unet_modes(tiny_model_with_decoder) as modes:
         if scenario in ("textual-inversion", "lora"):
             names = operations_of(lambda: mimicry.run_set(variant, images_8bit))
         else:
             names = operations_of(lambda: mimicry.run(variant, images_8bit[0]))
-    finally:
-        del tiny_model_with_decoder.unet.forward
     assert modes and all(modes)
     assert not names & REFUSED_ON_CUDA
     if scenario in ("textual-inversion", "lora"):
@@ -307,17 +315,7 @@ def test_purification_by_sdedit_runs_in_deterministic_mode(tiny_model_with_decod
     """``purify sdedit`` and the web app's check call ``sdedit`` outside :class:`Mimicry`."""
     from mimicshield.purify import sdedit_purify
 
-    modes = []
-    original = tiny_model_with_decoder.unet.forward
-
-    def forward(*args, **kwargs):
-        modes.append(torch.are_deterministic_algorithms_enabled())
-        return original(*args, **kwargs)
-
-    tiny_model_with_decoder.unet.forward = forward
-    try:
+    with unet_modes(tiny_model_with_decoder) as modes:
         sdedit_purify(images_8bit, tiny_model_with_decoder)
-    finally:
-        del tiny_model_with_decoder.unet.forward
     assert modes and all(modes)
     assert not torch.are_deterministic_algorithms_enabled()
