@@ -199,9 +199,10 @@ class Protector:
         # follows the sum of the channel gradients (the gradient with respect to the grey value)
         # and it stays grey, instead of three independent ones averaged into a weaker one.
         grey = (x0[:, :1] == x0).flatten(1).all(1).view(-1, 1, 1, 1)
+        any_grey = bool(grey.any())  # once: on CUDA every bool() of a tensor waits for the GPU
 
         def one_for_grey(t: Tensor, reduce) -> Tensor:
-            return torch.where(grey, reduce(t).expand_as(t), t) if grey.any() else t
+            return torch.where(grey, reduce(t).expand_as(t), t) if any_grey else t
 
         start = None
         if cfg.uses_random_start:
