@@ -300,6 +300,7 @@ def test_evaluate_cli_writes_report_and_metrics(tiny_model_dir, tmp_path):
     assert values("copy", "sdedit-ddim", "lpips_vs_clean_mimicry") == [0.0] * 6
     assert all(v != "inf" for v in values("noisy", "imperceptibility", "psnr"))
     assert len(values("noisy", "sdedit-onestep", "fid")) == 2
+    assert any("biased upward on few samples" in note for note in document["notes"])  # 3 images
     assert len(values("noisy", "textual-inversion", "clip_vs_clean")) == 2
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert len(rows) == len(records)

@@ -55,6 +55,7 @@ __all__ = [
 ]
 
 CLEAN = "clean"
+FID_RELIABLE_IMAGES = 2048  # Inception's feature size: fewer images, a singular covariance
 FD_LPIPS_NOTE = (
     "fd_lpips_alexnet is a Fréchet distance on LPIPS-AlexNet features (the spatial means of the "
     "five unit-normalised conv taps). It is NOT FID and is not comparable to published FID values."
@@ -581,6 +582,13 @@ def evaluate(
     )
     if suite.inception is None:
         result.notes.append("FID and precision/recall were not computed: no --fid-weights given.")
+    elif len(clean.files) < FID_RELIABLE_IMAGES:
+        result.notes.append(
+            f"FID here compares {len(clean.files)} images per set; FID is biased upward on few "
+            f"samples (papers use thousands, and below {FID_RELIABLE_IMAGES} its covariance is "
+            "rank-deficient): compare it only between sources of this run, never with "
+            "published values."
+        )
     if suite.clip is None:
         result.notes.append("CLIP similarity was not computed: no --clip model given.")
     for source in (clean, *methods):
