@@ -337,3 +337,27 @@ def test_unreadable_images_are_left_out_with_a_warning(tiny_model_dir, tmp_path)
     assert images == {"img2"}
     assert sorted(Path(p).name for p in document["left_out"]) == ["img0.png", "img1.png"]
     assert [source["images"] for source in document["sources"]] == [2, 1]  # as evaluated
+
+
+def test_set_metrics_of_a_paired_scenario_compare_the_images_the_source_has():
+    """A protected folder missing one copy is compared, for FID and the like, with the clean
+    images it has copies of, not with the whole clean set."""
+    from mimicshield.evaluation import _measure
+    from mimicshield.mimicry import Variant
+
+    class Suite:
+        clip = None
+
+        def compare(self, a, b):
+            return {}
+
+        def set_metrics(self, real, fake):
+            seen.append((len(real), len(fake)))
+            return {}
+
+    seen: list[tuple[int, int]] = []
+    clean = {key: torch.zeros(3, 8, 8) for key in ("a", "b", "c")}
+    outputs = {"a": torch.zeros(3, 8, 8), "c": torch.ones(3, 8, 8)}
+    _measure(None, Suite(), Variant("sdedit-ddim", 0.1), "p", outputs, {}, clean, lambda *a: None)
+    _measure(None, Suite(), Variant("lora", None), "p", outputs, {}, clean, lambda *a: None)
+    assert seen == [(2, 2), (3, 2)]  # samples of a learned concept: against the whole set

@@ -766,7 +766,10 @@ def _measure(result, suite, variant, source, outputs, reference_outputs, clean_i
             for name, value in suite.compare(output, reference_outputs[key]).items():
                 values[f"{name}_vs_clean_mimicry"] = value
         add(source, variant, key, values)
-    set_values = suite.set_metrics(list(clean_images.values()), list(outputs.values()))
+    reference = list(clean_images.values())
+    if variant.paired:  # the clean images this source has: a missing copy does not count
+        reference = [clean_images[key] for key in outputs if key in clean_images]
+    set_values = suite.set_metrics(reference, list(outputs.values()))
     add(source, variant, None, set_values)
 
 
