@@ -587,11 +587,13 @@ def _scaled_backward(loss: Tensor, params: Sequence[Tensor], scale: float) -> bo
     False, with the gradients cleared, if scaling overflowed: the optimiser skips that step, as
     mixed-precision training's gradient scaler does.
     """
+    if scale == 1.0:  # fp32/bf16: a plain backward, no check (it would sync a GPU every step)
+        loss.backward()
+        return True
     (loss * scale).backward()
     grads = [p.grad for p in params if p.grad is not None]
-    if scale != 1.0:
-        for grad in grads:
-            grad.div_(scale)
+    for grad in grads:
+        grad.div_(scale)
     if all(torch.isfinite(grad).all() for grad in grads):
         return True
     for p in params:

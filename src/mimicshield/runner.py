@@ -188,21 +188,25 @@ class OutputClaims:
         self.inputs = {Path(path).resolve() for path in inputs}
         self.claimed: dict[Path, Path] = {}
 
-    def refusal(self, source: Path, destination: Path) -> str | None:
-        """Why ``source`` may not write ``destination``, or None when it may."""
-        resolved = destination.resolve()
-        if resolved in self.inputs:
-            return (
-                f"{source}: its output {destination} would overwrite an input; choose another -o."
-            )
-        if resolved in self.claimed:
-            return (
-                f"{source}: same output name {destination} as {self.claimed[resolved]}; rename one."
-            )
+    def refusal(self, source: Path, *destinations: Path) -> str | None:
+        """Why ``source`` may not write one of ``destinations``, or None when it may write all."""
+        for destination in destinations:
+            resolved = destination.resolve()
+            if resolved in self.inputs:
+                return (
+                    f"{source}: its output {destination} would overwrite an input; "
+                    "choose another -o."
+                )
+            if resolved in self.claimed:
+                return (
+                    f"{source}: same output name {destination} as {self.claimed[resolved]}; "
+                    "rename one."
+                )
         return None
 
-    def claim(self, source: Path, destination: Path) -> None:
-        self.claimed[destination.resolve()] = source
+    def claim(self, source: Path, *destinations: Path) -> None:
+        for destination in destinations:
+            self.claimed[destination.resolve()] = source
 
 
 def existing_outputs_error(destinations: Iterable[Path], out_dir: Path) -> str | None:

@@ -307,8 +307,7 @@ def mimic(
     for item in files:
         name = item.relative.with_suffix("").as_posix()
         destinations = [out / v.key / f"{name}.png" for v in variants if v.paired]
-        refusals = [claims.refusal(item.path, path) for path in destinations]
-        if refused := next((message for message in refusals if message), None):
+        if (refused := claims.refusal(item.path, *destinations)) is not None:
             failed.append(refused)
             continue
         try:
@@ -316,8 +315,7 @@ def mimic(
         except ImageFileError as error:
             failed.append(str(error))
             continue
-        for path in destinations:
-            claims.claim(item.path, path)
+        claims.claim(item.path, *destinations)
         mimicked.append(str(item.path))
     if not images:
         raise CLIError(f"None of the images can be read: {'; '.join(failed)}")

@@ -105,12 +105,10 @@ def purify(
     planned = []  # (file, {purification name: destination}), checked before anything loads
     for file in files:
         destinations = {p.name: out / p.name / file.relative.with_suffix(".png") for p in chosen}
-        refusals = [claims.refusal(file.path, path) for path in destinations.values()]
-        if refused := next((message for message in refusals if message), None):
+        if (refused := claims.refusal(file.path, *destinations.values())) is not None:
             failures.append(refused)
             continue
-        for path in destinations.values():
-            claims.claim(file.path, path)
+        claims.claim(file.path, *destinations.values())
         planned.append((file, destinations))
     if not overwrite:
         every = [path for _, destinations in planned for path in destinations.values()]
