@@ -22,11 +22,18 @@ from mimicshield.ensemble import Ensemble, weighted_direction
 from mimicshield.families import (
     FAMILIES,
     checkpoint_family,
+    checkpoint_schedule,
     default_work_size,
     folder_family,
 )
 from mimicshield.methods import StepInputs, sds_minus, semantic_loss
-from mimicshield.models import Conditioning, ModelLoadError, UnsupportedModelError, load_models
+from mimicshield.models import (
+    ZERO_SNR_FLOOR,
+    Conditioning,
+    ModelLoadError,
+    UnsupportedModelError,
+    load_models,
+)
 from mimicshield.protector import Protector
 from mimicshield.testing import copy_tiny_model, save_tiny_family_model, save_tiny_single_file
 
@@ -156,6 +163,81 @@ def test_sd2_single_file_is_768_v_unless_told_base(family_dirs, tmp_path, monkey
         model = load_models(str(path), family="sd2-base", **CPU)
     assert not [w for w in caught if "768-v" in str(w.message)]  # told: no guess to warn of
     assert (model.family, model.prediction_type) == ("sd2-base", "epsilon")
+
+
+def _with_markers(path, *names: str):
+    """Add ComfyUI-style marker keys (empty tensors) to a saved single file, in place."""
+    from safetensors.torch import load_file
+
+    state = load_file(path)
+    state.update({name: torch.zeros(0) for name in names})
+    save_file(state, path)
+    return path
+
+
+def test_sdxl_single_file_declaring_v_pred_and_ztsnr_loads_as_zero_snr_v(family_dirs, tmp_path):
+    """diffusers reads any SDXL file as epsilon; the file's own v_pred/ztsnr keys say otherwise."""
+    path = _with_markers(
+        save_tiny_single_file(family_dirs["sdxl"], tmp_path / "vpred.safetensors"),
+        "v_pred",
+        "ztsnr",
+    )
+    config = copy_tiny_model(family_dirs["sdxl"], tmp_path / "config", weights=False)
+    with pytest.warns(UserWarning, match="v_prediction"):
+        model = load_models(str(path), single_file_config=str(config), **CPU)
+    assert (model.prediction_type, model.timestep_spacing) == ("v_prediction", "trailing")
+    # the zero-SNR schedule's abar_T = 0, floored where x̂0 divides by it
+    reference = DDPMScheduler.from_config(
+        DDPMScheduler.load_config(str(config), subfolder="scheduler"), rescale_betas_zero_snr=True
+    ).alphas_cumprod
+    assert reference[-1] == 0
+    assert model.alphas_cumprod[-1] == ZERO_SNR_FLOOR
+    torch.testing.assert_close(model.alphas_cumprod[:-1], reference[:-1])
+
+
+def test_sd2_single_file_declaring_v_pred_needs_no_guess(family_dirs, tmp_path):
+    path = _with_markers(
+        save_tiny_single_file(family_dirs["sd2-v"], tmp_path / "v.safetensors"), "v_pred"
+    )
+    base = copy_tiny_model(
+        family_dirs["sd2-v"],
+        tmp_path / "b",
+        weights=False,
+        scheduler={"prediction_type": "epsilon"},
+    )
+    with pytest.warns(UserWarning, match="declares prediction_type='v_prediction'"):
+        model = load_models(str(path), single_file_config=str(base), **CPU)
+    assert (model.family, model.prediction_type) == ("sd2-v", "v_prediction")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn of: --family is the user's word
+        model = load_models(str(path), single_file_config=str(base), family="sd2-base", **CPU)
+    assert model.prediction_type == "epsilon"
+
+
+@pytest.mark.parametrize(
+    ("markers", "settings"),
+    [
+        ((), {}),
+        (("v_pred",), {"prediction_type": "v_prediction"}),
+        (
+            ("v_pred", "ztsnr"),
+            {
+                "prediction_type": "v_prediction",
+                "rescale_betas_zero_snr": True,
+                "timestep_spacing": "trailing",
+            },
+        ),
+    ],
+)
+def test_checkpoint_schedule_reads_the_marker_keys(markers, settings):
+    assert checkpoint_schedule(["model.diffusion_model.x", *markers], "m.safetensors") == settings
+
+
+@pytest.mark.parametrize("markers", [("edm_mean", "edm_std"), ("edm_vpred.sigma_max",)])
+def test_edm_single_files_are_refused(markers):
+    with pytest.raises(UnsupportedModelError) as error:
+        checkpoint_schedule(["model.diffusion_model.x", *markers], "pg.safetensors")
+    _one_line(error, "pg.safetensors", "EDM")
 
 
 # ------------------------------------------------------------------ detection from files

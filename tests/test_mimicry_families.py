@@ -17,9 +17,10 @@ import torch
 from conftest import WEIGHTS, requires_assets
 
 from mimicshield import mimicry as M
-from mimicshield.models import load_models
+from mimicshield.methods import eps_from_v_prediction
+from mimicshield.models import ZERO_SNR_FLOOR, load_models
 from mimicshield.purify import sdedit_purify
-from mimicshield.testing import save_tiny_family_model
+from mimicshield.testing import copy_tiny_model, save_tiny_family_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -69,6 +70,30 @@ def test_sdedit_runs_and_is_seeded(models, family, images):
     one_step = M.sdedit(model, images, 0.02, multistep=False, seed=3)
     assert one_step.shape == images.shape and not torch.equal(one_step, out)
     assert not torch.equal(M.sdedit(model, images, 0.02, multistep=False, seed=4), one_step)
+
+
+def test_sdedit_at_strength_1_on_a_zero_snr_v_model_starts_at_pure_noise(folders, images, tmp_path):
+    """abar_T = 0 would make x̂0 = (z_t - sqrt(1 - abar) eps) / sqrt(abar) divide by zero."""
+    zero_snr = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+    folder = copy_tiny_model(folders["sd2-v"], tmp_path / "zsnr", scheduler=zero_snr)
+    model = load_models(str(folder), **CPU)
+    assert M.model_timesteps(model, 1.0, 10)[0] == model.num_train_timesteps - 1
+    out = M.sdedit(model, images, 1.0, num_steps=10)
+    assert torch.isfinite(out).all() and out.std() > 0
+
+
+def test_x0_at_the_floored_terminal_step_is_the_v_models_own():
+    """At abar = 2^-24, x̂0 through epsilon equals sqrt(abar) z_t - sqrt(1 - abar) v."""
+    generator = torch.Generator().manual_seed(0)
+    z_t, v = torch.randn(2, 1, 4, 8, 8, generator=generator)
+    abar = torch.tensor([ZERO_SNR_FLOOR])
+    eps = eps_from_v_prediction(v, z_t, torch.tensor([0]), abar)
+    expected = abar.sqrt() * z_t - (1 - abar).sqrt() * v
+    torch.testing.assert_close(M.predict_x0(z_t, eps, abar), expected, rtol=0, atol=2e-3)
+    # and abar = 0 itself is what the floor is for
+    assert not torch.isfinite(
+        M.predict_x0(z_t, eps_from_v_prediction(v, z_t, 0, 0 * abar), 0.0)
+    ).all()
 
 
 def test_sdxl_sdedit_gives_the_unet_its_pooled_embedding_and_the_image_size(

@@ -201,6 +201,31 @@ def checkpoint_family(keys: Iterable[str], source: str) -> str:
     return "sd1"
 
 
+def checkpoint_schedule(keys: Iterable[str], source: str) -> dict[str, object]:
+    """Scheduler settings a single file declares with marker keys, as ComfyUI writes them.
+
+    Original-layout files carry no scheduler config, so v-prediction and zero-terminal-SNR
+    fine-tunes (e.g. NoobAI-XL v-pred) mark themselves with empty ``v_pred`` and ``ztsnr``
+    tensors; diffusers ignores them and would read such a file as epsilon. Zero-SNR
+    schedules place their steps "trailing", so the last one reaches abar_T = 0. EDM files
+    (``edm_mean``/``edm_std``: Playground v2.5; ``edm_vpred.sigma_max``: CosXL) are refused,
+    as their diffusers folders are.
+    """
+    keys = set(keys)
+    if {"edm_mean", "edm_std"} <= keys or "edm_vpred.sigma_max" in keys:
+        raise UnsupportedModelError(
+            f"{source} uses the EDM formulation (its edm_* keys, e.g. Playground v2.5 or CosXL), "
+            "not the DDPM schedule the methods are written for; use an SD 1.x, SD 2.x or SDXL "
+            "checkpoint."
+        )
+    if "v_pred" not in keys:
+        return {}
+    settings: dict[str, object] = {"prediction_type": "v_prediction"}
+    if "ztsnr" in keys:
+        settings.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    return settings
+
+
 def check_architecture(family: Family, detected: str, source: str) -> None:
     """``--family`` may pick among SD 1.x/2.x, never turn an SDXL model into an SD one."""
     if family.is_xl != FAMILIES[detected].is_xl:

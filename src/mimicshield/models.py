@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import warnings
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -517,7 +518,7 @@ def load_models(
         unet=unet,
         text_encoder=text_encoder,
         tokenizer=parts["tokenizer"],
-        alphas_cumprod=scheduler.alphas_cumprod.to(device=torch_device, dtype=torch.float32),
+        alphas_cumprod=floor_terminal_snr(scheduler.alphas_cumprod).to(torch_device, torch.float32),
         scaling_factor=float(vae.config.scaling_factor),
         prediction_type=prediction_type,
         name=str(source),
@@ -530,6 +531,20 @@ def load_models(
         timestep_spacing=str(scheduler.config.get("timestep_spacing", "leading")),
         steps_offset=int(scheduler.config.get("steps_offset", 0)),
     )
+
+
+# What diffusers' Euler scheduler floors a zero-terminal-SNR schedule's last abar at.
+ZERO_SNR_FLOOR = 2.0**-24
+
+
+def floor_terminal_snr(alphas_cumprod: Tensor) -> Tensor:
+    """abar_t, with a zero-terminal-SNR schedule's abar_T = 0 raised to 2^-24.
+
+    x̂0 = (z_t - sqrt(1 - abar) eps) / sqrt(abar) divides by it (SDEdit at strength 1, the
+    DDIM steps); for the v-prediction models such schedules are trained with, x̂0 stays
+    sqrt(abar) z_t - sqrt(1 - abar) v to within 1e-3. Other schedules never come near it.
+    """
+    return alphas_cumprod.clamp(min=ZERO_SNR_FLOOR)
 
 
 @contextmanager
@@ -679,21 +694,32 @@ def _load_single_file(path: Path, config: str | None, local_files_only: bool, fa
     else from ``config``, else from the file's key names.
     """
     import diffusers
-    from diffusers import DDPMScheduler
 
-    from .families import check_architecture, checkpoint_family, get_family
+    from .families import (
+        check_architecture,
+        checkpoint_family,
+        checkpoint_schedule,
+        get_family,
+        sd2_family,
+    )
 
     overridden = get_family(family) if family is not None else None
-    detected = checkpoint_family(_checkpoint_keys(path), path.name)
+    keys = _checkpoint_keys(path)
+    detected = checkpoint_family(keys, path.name)
+    declared = checkpoint_schedule(keys, path.name)
     config_dir = config_family = None
     if config is not None:
         guess = overridden or get_family(detected)  # only names the family in error messages
         config_dir = _single_file_config(path, config, local_files_only, guess)
         config_family = _config_family(Path(config_dir))
     chosen = overridden or get_family(config_family or detected)
+    if overridden is None and chosen.prediction_type and "prediction_type" in declared:
+        chosen = get_family(sd2_family(str(declared["prediction_type"])))  # the file says
+    elif overridden is not None and overridden.prediction_type:  # the user said
+        declared.pop("prediction_type", None)
     check_architecture(chosen, detected, path.name)
     if config_dir is None:
-        if overridden is None and detected == "sd2-v":
+        if overridden is None and detected == "sd2-v" and not declared:
             warnings.warn(
                 f"{path.name}: an SD 2.x file does not say whether it is 768-v or 512-base; "
                 "assuming 768-v (v-prediction) as diffusers does. For a 512-base fine-tune pass "
@@ -727,11 +753,31 @@ def _load_single_file(path: Path, config: str | None, local_files_only: bool, fa
         "unet": pipe.unet,
         "text_encoder": pipe.text_encoder,
         "tokenizer": pipe.tokenizer,
-        "scheduler": DDPMScheduler.from_config(pipe.scheduler.config),
+        "scheduler": _declared_scheduler(pipe.scheduler.config, declared, path.name),
     }
     if chosen.is_xl:
         parts.update(text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2)
     return parts, chosen
+
+
+def _declared_scheduler(config: Mapping, declared: Mapping, source: str):
+    """The DDPM schedule of a single file: its configs', with what the file itself declares.
+
+    The configs (``--model-config`` or the family's reference model) describe the architecture;
+    a ``v_pred``/``ztsnr`` marker describes this very file, so it wins, and a disagreement is
+    said, since it changes every step.
+    """
+    from diffusers import DDPMScheduler
+
+    changed = {key: value for key, value in declared.items() if config.get(key) != value}
+    if changed:
+        settings = ", ".join(f"{key}={value!r}" for key, value in changed.items())
+        warnings.warn(
+            f"{source}: the file declares {settings} (its v_pred/ztsnr keys); using that over "
+            "the scheduler config it was loaded with.",
+            stacklevel=4,
+        )
+    return DDPMScheduler.from_config(config, **declared)
 
 
 def _checkpoint_keys(path: Path) -> list[str]:
