@@ -11,6 +11,7 @@ from fake_engines import NoiseEngine, TilePainter
 from mimicshield.attack import quantize_within_budget
 from mimicshield.protector import Protector
 from mimicshield.resolution import (
+    balanced_tile,
     pad_to_multiple,
     parse_work_size,
     protect_at_work_size,
@@ -53,6 +54,22 @@ def test_tiles_cover_everything_with_at_least_the_overlap(length):
     assert all(b - a <= 64 - 16 for a, b in itertools.pairwise(starts))
 
 
+@pytest.mark.parametrize("tile", [64, 1024])
+def test_balanced_tiles_are_as_few_as_full_ones_and_no_larger_than_needed(tile):
+    overlap = 16 if tile == 64 else 64
+    for length in range(tile - 8, 4 * tile, 8):
+        size = balanced_tile(length, tile, overlap)
+        starts = tile_starts(length, size, overlap)
+        assert size % 8 == 0 and size <= tile
+        assert len(starts) == len(tile_starts(length, tile, overlap))  # no more tiles
+        assert starts[-1] + size == length  # covered, overlaps of at least `overlap`
+        assert all(b - a <= size - overlap for a, b in itertools.pairwise(starts))
+        if size < length:  # 8 px smaller would need another tile
+            assert len(tile_starts(length, size - 8, overlap)) > len(starts)
+    # just over the tile size: two tiles of about half the length plus the overlap
+    assert balanced_tile(tile + 8, tile, overlap) <= (tile + 8 + overlap) / 2 + 8
+
+
 def test_tiles_blend_without_a_seam_and_stay_within_eps():
     painter = TilePainter()
     steps_seen = []
@@ -60,7 +77,8 @@ def test_tiles_blend_without_a_seam_and_stay_within_eps():
     delta = protect_tiled(
         painter, x, tile_size=64, batch_size=4, callback=lambda s, t: steps_seen.append((s, t))
     )
-    assert len(painter.shapes) > 1 and all(shape[-2:] == (64, 64) for shape in painter.shapes)
+    # 96 px needs two tiles of at most 64 px, and two of 56 already cover it with the overlap
+    assert len(painter.shapes) > 1 and all(shape[-2:] == (56, 64) for shape in painter.shapes)
     assert delta.abs().max() <= EPS + 1e-6
     assert delta[0].amax() > 0.9 * EPS and delta[0].amin() < -0.9 * EPS  # both tiles' signs show
     # a cross-fade over the overlap: neighbouring pixels differ by a fraction of the +-eps jump

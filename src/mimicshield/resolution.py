@@ -106,21 +106,20 @@ def _ramp(start: int, tile: int, length: int, overlap: int) -> Tensor:
     return weight
 
 
+def balanced_tile(length: int, tile: int, overlap: int) -> int:
+    """The smallest tile (a multiple of 8, at most ``tile``) that covers ``length`` in as few
+    tiles as ``tile`` itself needs: 1032 px at 1024 takes two 552 px tiles, not two of 1024."""
+    if length <= tile:
+        return length
+    count = math.ceil((length - overlap) / (tile - overlap))
+    return min(tile, _round_up(math.ceil((length + (count - 1) * overlap) / count)))
+
+
 def _tile_layout(height: int, width: int, tile_size: int) -> tuple[int, int, int]:
     tile_h = min(height, tile_size // MULTIPLE * MULTIPLE)
     tile_w = min(width, tile_size // MULTIPLE * MULTIPLE)
     overlap = min(TILE_OVERLAP, min(tile_h, tile_w) // 4 // MULTIPLE * MULTIPLE or MULTIPLE)
-    return tile_h, tile_w, overlap
-
-
-def count_protect_calls(
-    shape: tuple[int, int], images: int, tile_size: int, batch_size: int
-) -> int:
-    """How many engine calls one batch of ``images`` padded work images of ``shape`` takes."""
-    height, width = shape
-    tile_h, tile_w, overlap = _tile_layout(height, width, tile_size)
-    tiles = len(tile_starts(height, tile_h, overlap)) * len(tile_starts(width, tile_w, overlap))
-    return math.ceil(images * tiles / batch_size)
+    return balanced_tile(height, tile_h, overlap), balanced_tile(width, tile_w, overlap), overlap
 
 
 def protect_tiled(
