@@ -122,6 +122,28 @@ def test_quantize_never_exceeds_budget():
     assert torch.equal(q, q.round())
 
 
+@pytest.mark.parametrize("levels", [255, 65535])
+def test_quantize_keeps_images_between_levels_within_budget(levels):
+    """A resized or generated image is not on the file's levels: the budget is around x0 itself."""
+    generator = torch.Generator().manual_seed(3)
+    x0 = torch.rand(2, 3, 16, 16, generator=generator)
+    x = (x0 + (torch.rand(x0.shape, generator=generator) * 2 - 1) * 20 / 255).clamp(0, 1)
+    q = quantize_within_budget(x, x0, 16 / 255, levels).double() * levels
+    assert ((q - q.round()).abs() < 1e-2).all()  # on the levels (float32 of a 16-bit level)
+    assert ((q - x0.double() * levels).abs() <= 16 / 255 * levels + 1e-2).all()
+    # the levels nearest the budget's edge are still reachable: nothing is given away
+    pushed = quantize_within_budget((x0 + 1).clamp(max=1), x0, 16 / 255, levels).double()
+    edge = (x0.double() * levels + 16 / 255 * levels).clamp(max=levels)
+    assert (pushed * levels > edge - 1 - 1e-2).all()  # less than one level short of it
+
+
+def test_protector_output_stays_within_eps_of_an_image_between_levels(tiny_model):
+    x0 = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    out = Protector(tiny_model, "sds-", steps=20, eps=4 / 255, step_size=1 / 255).protect(x0)
+    assert (out.images - x0).abs().max() * 255 <= 4 + 1e-4
+    assert out.linf_255.max() > 3  # the steps reach the budget
+
+
 def test_config_validation_and_repr(tiny_model):
     with pytest.raises(ValueError, match="Unknown method 'nope'"):
         ProtectionConfig(method="nope")

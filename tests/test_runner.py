@@ -404,3 +404,23 @@ def test_real_images_keep_size_alpha_grey_and_profile(tmp_path, protector):
     assert loaded.grey
     manifest = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())
     assert manifest["options"]["work_size"] == 32 and manifest["settings"]
+
+
+def test_from_python_paths_are_accepted_and_the_manifest_tells_models_apart(
+    tmp_path, tiny_model, protector
+):
+    """Called with plain paths and no header, as from a notebook: it still resumes, and only
+    when the model and settings are the same."""
+    art = tmp_path / "art.png"
+    Image.fromarray(noise(24, 32)).save(art)
+    out = tmp_path / "out"
+    first = protect_files([str(art)], out, protector, options=NATIVE)
+    assert [r.status for r in first.results] == ["protected"]
+    assert load_manifest(out)["model"] == [tiny_model.name]
+    again = protect_files([art], out, protector, options=NATIVE)
+    assert [r.status for r in again.results] == ["skipped"]
+    other = copy.copy(tiny_model)
+    other.name = "another-model"
+    changed = Protector(other, "encoder", eps=EPS, step_size=4 / 255, steps=2)
+    refused = protect_files([art], out, changed, options=NATIVE)
+    assert refused.results[0].status != "skipped"  # another model: not the same output

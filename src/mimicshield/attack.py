@@ -45,13 +45,23 @@ def projected_sign_steps(
 
 
 def quantize_within_budget(x: Tensor, x0: Tensor, eps: float, levels: int = 255) -> Tensor:
-    """Round [0, 1] images to ``levels`` steps, then re-project onto the budget around ``x0``.
+    """Round [0, 1] images to ``levels`` steps, keeping every pixel within ``eps`` of ``x0``.
 
     Rounding alone can push a pixel half a level past eps (the reference truncated and reached
-    17/255 for eps = 16/255); clamping in integer units keeps the saved file within eps.
+    17/255 for eps = 16/255). Each pixel is clamped to the levels inside [x0 - eps, x0 + eps],
+    which also holds when ``x0`` itself is between levels (a resized or generated image).
     """
-    q = torch.round(x * levels)
-    q0 = torch.round(x0 * levels)
-    budget = torch.floor(torch.tensor(eps * levels + 1e-6))
-    q = torch.minimum(torch.maximum(q, q0 - budget), q0 + budget).clamp(0, levels)
-    return q / levels
+    # float64 on the CPU. A float32 pixel is off its level by up to levels * 2^-25 (0.002 of a
+    # 16-bit level), so values that close to a level are taken as that level (the file's).
+    x0_levels = _snap(x0.detach().cpu().double() * levels, levels * 2.0**-23)
+    budget = float(_snap(torch.tensor(eps * levels, dtype=torch.float64), 1e-6))
+    lowest = torch.ceil(x0_levels - budget).clamp(min=0)
+    highest = torch.floor(x0_levels + budget).clamp(max=levels)
+    q = torch.round(x.detach().cpu().double() * levels)
+    return (torch.minimum(torch.maximum(q, lowest), highest) / levels).to(x.dtype)
+
+
+def _snap(values: Tensor, tolerance: float) -> Tensor:
+    """Values within ``tolerance`` of an integer, made that integer."""
+    nearest = torch.round(values)
+    return torch.where((values - nearest).abs() < tolerance, nearest, values)

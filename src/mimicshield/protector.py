@@ -232,12 +232,12 @@ class Protector:
         x_adv = projected_sign_steps(
             x0, direction, eps=eps, step_size=alpha, steps=cfg.steps, start=start, callback=on_step
         )
-        protected = (x_adv + 1) / 2
-        clean = images.to(device=device, dtype=torch.float32)
+        protected = ((x_adv + 1) / 2).cpu()
+        clean = images.detach().to(device="cpu", dtype=torch.float32)
         if cfg.quantize_levels:
             protected = quantize_within_budget(protected, clean, cfg.eps, cfg.quantize_levels)
         linf = (protected - clean).abs().flatten(1).amax(1) * 255
-        return ProtectionOutput(images=protected.cpu(), linf_255=linf.cpu())
+        return ProtectionOutput(images=protected, linf_255=linf)
 
     # --- helpers ----------------------------------------------------------------------------
 

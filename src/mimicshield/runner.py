@@ -31,6 +31,7 @@ from torch import Tensor
 from . import __version__
 from .attack import quantize_within_budget
 from .defaults import DEFAULT_TILE_SIZE, DEFAULT_WORK_SIZE
+from .ensemble import members
 from .images import (
     IMAGE_SUFFIXES,
     ImageFileError,
@@ -314,6 +315,27 @@ def _strict_json(value):
     return json_number(value) if isinstance(value, float) else value
 
 
+def _as_input_file(item: InputFile | str | Path) -> InputFile:
+    if isinstance(item, InputFile):
+        return item
+    path = Path(item).expanduser()
+    return InputFile(path, Path(path.name))
+
+
+def default_manifest_header(protector: Protector) -> dict:
+    """What identifies a run made from Python: the models (a resumed run with another model
+    must not skip), their weights, and the settings, with the target image's digest."""
+    model = getattr(protector, "model", None)  # any engine with .config and .protect() will do
+    models = [] if model is None else members(model)
+    target = getattr(protector, "target", None)
+    digest = None if target is None else hashlib.sha256(target.numpy().tobytes()).hexdigest()
+    return {
+        "model": [getattr(model, "name", type(model).__name__) for model, _ in models],
+        "model_weights": [weight for _, weight in models],
+        "parameters": {**protector.config.to_dict(), "target_sha256": digest},
+    }
+
+
 def settings_id(protector: Protector, options: OutputOptions, header: dict | None) -> str:
     """A short fingerprint of everything that shapes an output (not the device it ran on)."""
     header = header or {}
@@ -345,7 +367,7 @@ def sha256_file(path: Path) -> str:
 
 
 def protect_files(
-    files: list[InputFile],
+    files: Iterable[InputFile | str | Path],
     out_dir: Path,
     protector: Protector,
     *,
@@ -362,17 +384,21 @@ def protect_files(
     ``batch_size`` is a number, or a function of the work shape (height, width) that picks one
     (``--batch-size auto``). A batch that runs out of device memory is split and retried.
 
-    Completed outputs recorded in an earlier manifest (same settings, same bytes) are skipped
-    unless ``overwrite``. The manifest is rewritten after every image, so an interrupted run
-    resumes where it stopped. Temporary files a killed run left behind are removed first.
+    ``files`` are :func:`collect_inputs` results (which mirror folders into ``out_dir``) or
+    paths, each written under its own name. Completed outputs recorded in an earlier manifest
+    (same settings, same bytes) are skipped unless ``overwrite``. ``OUT/manifest.json`` is
+    rewritten after every image, so an interrupted run resumes where it stopped; its header is
+    ``manifest_header`` (the CLI's: model, device, parameters), by default the models' names
+    and the protector's settings. Temporary files a killed run left behind are removed first.
     """
     options = options or OutputOptions()
     out_dir = Path(out_dir)
+    files = [_as_input_file(item) for item in files]
+    if manifest_header is None:
+        manifest_header = default_manifest_header(protector)
     remove_partial_files(out_dir)
     settings = settings_id(protector, options, manifest_header)
-    header = None
-    if manifest_header is not None:
-        header = {**manifest_header, "settings": settings, "options": asdict(options)}
+    header = {**manifest_header, "settings": settings, "options": asdict(options)}
     manifest = Manifest(out_dir, header)
     report = RunReport()
 
