@@ -352,15 +352,21 @@ def test_vae_dtype_for():
 # ------------------------------------------------------------------ device and dtype
 
 
-def _fake_hardware(monkeypatch, *, cuda: bool, bf16: bool = False, mps: bool = False) -> None:
+def _fake_hardware(monkeypatch, *, cuda: bool, bf16: bool = False, mps: bool = False) -> list:
+    """Fake the hardware; returns the devices whose compute capability was asked."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    # native support only: a GPU that merely emulates bf16 must get fp16
-    monkeypatch.setattr(
-        torch.cuda,
-        "is_bf16_supported",
-        lambda including_emulation=True: bf16 or including_emulation,
-    )
+    # native support only (Ampere, compute capability 8, or newer): a T4 (7.5), which merely
+    # emulates bf16, must get fp16; and the capability asked is the chosen device's own
+    asked = []
+
+    def capability(device=None):
+        asked.append(device)
+        return (8, 0) if bf16 else (7, 5)
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda **_: True)  # emulation counts
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    return asked
 
 
 @pytest.mark.parametrize(
@@ -379,6 +385,12 @@ def test_auto_device_and_dtype(cuda, bf16, mps, device, dtype, monkeypatch):
     chosen = resolve_device("auto")
     assert chosen.type == device
     assert resolve_dtype("auto", chosen) == dtype
+
+
+def test_bf16_is_asked_of_the_chosen_gpu_not_the_current_one(monkeypatch):
+    asked = _fake_hardware(monkeypatch, cuda=True, bf16=True)
+    assert resolve_dtype("auto", torch.device("cuda:1")) == torch.bfloat16
+    assert asked == [torch.device("cuda:1")]
 
 
 def test_device_and_dtype_can_be_overridden(monkeypatch):

@@ -70,6 +70,13 @@ def test_psnr_identical_is_inf():
     assert torch.isinf(psnr(x, x)).all() and (psnr(x, x) > 0).all()
 
 
+def test_psnr_refuses_integer_images():
+    """uint8 images one level apart gave tensor([0], dtype=uint8) for 48.1 dB."""
+    a = torch.full((1, 3, 8, 8), 100, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="divide by 255"):
+        psnr(a, a + 1)
+
+
 def test_psnr_matches_numpy():
     generator = torch.Generator().manual_seed(0)
     a = torch.rand(3, 3, 20, 24, generator=generator)

@@ -83,6 +83,23 @@ def test_sdedit_denoises_from_the_timestep_the_noise_was_added_at(multistep):
     assert (shifted - z0).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("resolution", [32, 0])
+def test_a_mask_file_is_fitted_as_its_image_is(tmp_path, resolution):
+    """A 3:2 image with its right third white, and its mask: after fitting, the same pixels."""
+    from PIL import Image
+
+    image = torch.zeros(3, 64, 100)
+    image[:, :, 66:] = 1
+    Image.fromarray((image[0].numpy() * 255).astype("uint8")).save(tmp_path / "mask.png")
+    fitted = M.fit_image(image, resolution)
+    mask = M.load_mask(tmp_path / "mask.png", *fitted.shape[1:], resolution)
+    assert torch.equal(mask, (fitted[:1] > 0.5).float())
+    # a mask drawn at half the size still lands on the same region
+    Image.fromarray((image[0, ::2, ::2].numpy() * 255).astype("uint8")).save(tmp_path / "s.png")
+    small = M.load_mask(tmp_path / "s.png", *fitted.shape[1:], resolution)
+    assert (small != mask).float().mean() < 0.05
+
+
 def test_centered_ellipse_mask_keeps_the_centre():
     mask = M.centered_ellipse_mask(32, 48, keep=0.5)
     assert mask.shape == (1, 32, 48)
@@ -267,9 +284,17 @@ def test_pipelines_that_cannot_run_an_fp16_sd_model_are_refused_before_any_train
     half = load_models(str(tiny_model_dir), device="cpu", dtype="fp16", with_decoder=True)
     assert (half.vae_dtype, half.dtype) == (torch.float32, torch.float16)
     for scenario in ("img2img", "inpaint", "textual-inversion", "lora"):
-        with pytest.raises(ValueError, match=f"^{scenario}: .*Use --dtype bf16 or fp32"):
+        with pytest.raises(ValueError, match=f"^{scenario}: .*Use --dtype fp32"):
             M.Mimicry(half, M.MimicrySettings(scenarios=[scenario]))
     M.Mimicry(half, M.MimicrySettings(scenarios=["sdedit-onestep", "sdedit-ddim"]))  # our own
+    # the Python functions refuse too, before their first training step
+    steps = []
+    schedule = M.TrainingSchedule(steps=3)
+    images = torch.rand(1, 3, 32, 32)
+    for train in (M.textual_inversion_mimicry, M.lora_mimicry):
+        with pytest.raises(ValueError, match="Use --dtype fp32"):
+            train(half, images, schedule, callback=lambda s, t: steps.append(s))
+    assert steps == []
 
 
 def test_a_single_file_inpainting_model_loads_with_its_own_config(tiny_model_dir, tmp_path):

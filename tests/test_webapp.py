@@ -233,10 +233,27 @@ def test_several_models_protect_as_an_ensemble(service, tmp_path, tiny_model_dir
     assert manifest["model_weights"] == [0.25, 0.75] and manifest["family"] == ["sd1", "sd1"]
 
 
+class HeldProgress(JobProgress):
+    """Holds the job inside its step callback at the given steps until the test releases it:
+    the test and the job thread meet at known points, with no sleeps."""
+
+    def __init__(self, *steps: int) -> None:
+        super().__init__()
+        self.reached = {s: threading.Event() for s in steps}
+        self.released = {s: threading.Event() for s in steps}
+
+    def on_step(self, step: int, total: int) -> None:
+        super().on_step(step, total)
+        if step in self.reached:
+            self.reached[step].set()
+            if not self.released[step].wait(600):  # a hang guard only
+                raise TimeoutError(f"the test never released step {step}")
+
+
 def test_cancel_stops_a_job_at_its_next_step(service, tmp_path):
     art = _png(tmp_path / "art.png")
-    settings = ProtectSettings(**{**service.defaults.__dict__, "steps": 100_000})
-    progress = JobProgress()
+    settings = replace(service.defaults, steps=10)  # more than it may run
+    progress = HeldProgress(2, 3)
     outcome: list[BaseException | None] = []
 
     def run() -> None:
@@ -246,21 +263,26 @@ def test_cancel_stops_a_job_at_its_next_step(service, tmp_path):
         except BaseException as error:
             outcome.append(error)
 
-    worker = threading.Thread(target=run)
+    worker = threading.Thread(target=run, daemon=True)
     service.arm("tab-1")
     worker.start()
-    deadline = time.monotonic() + 120
-    while progress.step < 2 and worker.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    service.cancel("tab-2")  # another tab's Cancel does not touch this job
-    time.sleep(0.3)
-    assert worker.is_alive() and progress.step >= 2
-    service.cancel("tab-1")
-    service.arm("tab-1")  # Protect pressed right after Cancel: the running job still stops
-    worker.join(30)
+    try:
+        assert progress.reached[2].wait(600), f"the job never reached step 2: {outcome}"
+        service.cancel("tab-2")  # another tab's Cancel does not touch this job:
+        progress.released[2].set()  # step 2's cancel check runs after it, and the job goes on
+        assert progress.reached[3].wait(600), f"the job stopped after step 2: {outcome}"
+        service.cancel("tab-1")
+        service.arm("tab-1")  # Protect pressed right after Cancel: the running job still stops
+    except BaseException:
+        service.cancel("tab-1")
+        raise
+    finally:
+        for event in progress.released.values():
+            event.set()
+        worker.join(120)
     assert not worker.is_alive(), "the job did not stop"
-    assert isinstance(outcome[0], JobCancelled)
-    assert progress.step < 1000  # stopped within a step or two, not at the end
+    assert len(outcome) == 1 and isinstance(outcome[0], JobCancelled), outcome
+    assert progress.step == 3  # stopped at the check right after the step it was in
     assert not list(service.session_folder("tab-1").rglob("protected/*.png"))
     # ... and the job that Protect queued is not cancelled by the Cancel before it
     assert not service.cancel_requested("tab-1")
@@ -270,25 +292,29 @@ def test_cancel_stops_a_job_at_its_next_step(service, tmp_path):
 
 def test_jobs_of_several_tabs_run_one_at_a_time(service, tmp_path):
     art = _png(tmp_path / "art.png")
-    spans: dict[str, list[float]] = {}
+    spans: dict[object, list[float]] = {}
     real_run = service._run
 
-    def timed_run(session, *args):
-        spans[session] = [time.monotonic()]
-        real_run(session, *args)
-        spans[session].append(time.monotonic())
+    def timed_run(cancel, *args):  # keyed by the job's own cancel flag
+        spans[cancel] = [time.monotonic()]
+        real_run(cancel, *args)
+        spans[cancel].append(time.monotonic())
 
     service._run = timed_run
-    threads = [
-        threading.Thread(
-            target=service.protect, args=(f"tab-{i}", _uploads(service, art), service.defaults)
-        )
-        for i in range(2)
-    ]
+    errors: list[BaseException] = []
+
+    def protect(session: str) -> None:
+        try:
+            service.protect(session, _uploads(service, art), service.defaults)
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=protect, args=(f"tab-{i}",)) for i in range(2)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(120)
+    assert not any(thread.is_alive() for thread in threads) and not errors, errors
     (a_start, a_end), (b_start, b_end) = sorted(spans.values())
     assert a_end <= b_start, "two jobs ran at the same time"
 

@@ -41,9 +41,12 @@ def psnr(a: Tensor, b: Tensor) -> Tensor:
     Computed in float64 so that tiny perturbations (a few 1/255 steps) are not lost to rounding.
     """
     _check_pair(a, b)
-    mse = (a.double() - b.double()).pow(2).flatten(1).mean(dim=1)
+    if not (a.is_floating_point() and b.is_floating_point()):
+        raise ValueError(f"psnr takes float images in [0, 1]; got {a.dtype} (divide by 255).")
+    # on the CPU: MPS has no float64
+    mse = (a.detach().cpu().double() - b.detach().cpu().double()).pow(2).flatten(1).mean(dim=1)
     # -10 log10(0) = +inf, which is the honest answer for identical images.
-    return (-10 * torch.log10(mse)).to(a.dtype)
+    return (-10 * torch.log10(mse)).to(a.device, a.dtype)
 
 
 SSIM_WINDOW = 11  # pixels: the Gaussian window of Wang et al. (2004), sigma 1.5

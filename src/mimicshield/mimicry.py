@@ -30,7 +30,7 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -230,7 +230,7 @@ def sdedit(
 
 def betas_from_alphas_cumprod(alphas_cumprod: Tensor) -> Tensor:
     """beta_t = 1 - abar_t / abar_{t-1}: rebuild a scheduler from the schedule the model carries."""
-    abar = alphas_cumprod.double().cpu()
+    abar = alphas_cumprod.detach().cpu().double()  # float64 on the CPU: MPS has none
     previous = torch.cat([abar.new_ones(1), abar[:-1]])
     return (1 - abar / previous).float()
 
@@ -278,8 +278,9 @@ def pipeline_dtype_problem(model: LatentDiffusion) -> str | None:
         return None
     return (
         f"The diffusers pipelines need one dtype for the VAE and the UNet; {model.name or 'this'} "
-        f"runs the VAE in {model.vae_dtype} and the UNet in {model.dtype}. Use --dtype bf16 or "
-        "fp32."
+        f"runs the VAE in {model.vae_dtype} and the UNet in {model.dtype}. Use --dtype fp32 "
+        "(or bf16 where the device has it natively: NVIDIA Ampere or newer, Apple silicon on "
+        "macOS 14 or newer)."
     )
 
 
@@ -423,7 +424,7 @@ def img2img(
         for image in images:
             result = pipe(
                 prompt=prompt,
-                image=image[None].to(model.device, model.dtype),
+                image=image[None].to(model.device, torch.float32),  # the pipeline casts
                 strength=strength,
                 guidance_scale=guidance_scale,
                 num_inference_steps=num_inference_steps,
@@ -478,8 +479,8 @@ def inpaint(
             mask = centered_ellipse_mask(height, width, keep) if masks is None else masks[i]
             result = pipe(
                 prompt=prompt,
-                image=image[None].to(model.device, model.dtype),
-                mask_image=mask[None].to(model.device, model.dtype),
+                image=image[None].to(model.device, torch.float32),  # the pipeline casts
+                mask_image=mask[None].to(model.device, torch.float32),
                 height=height,
                 width=width,
                 strength=1.0,
@@ -594,11 +595,22 @@ def _scaled_backward(loss: Tensor, params: Sequence[Tensor], scale: float) -> bo
     grads = [p.grad for p in params if p.grad is not None]
     for grad in grads:
         grad.div_(scale)
-    if all(torch.isfinite(grad).all() for grad in grads):
-        return True
+    if not grads or bool(torch.stack([grad.isfinite().all() for grad in grads]).all()):
+        return True  # one host sync for all the gradients, not one per LoRA matrix
     for p in params:
         p.grad = None
     return False
+
+
+def _warn_skipped(scenario: str, skipped: int, steps: int) -> None:
+    """Say how many steps an fp16 overflow skipped: they silently shorten the training."""
+    if skipped:
+        warnings.warn(
+            f"{scenario}: {skipped} of {steps} training steps were skipped because the fp16 "
+            "gradients overflowed; the concept is learned from fewer steps (--dtype bf16 or "
+            "fp32 avoids it).",
+            stacklevel=3,
+        )
 
 
 def _batches(count: int, batch_size: int, steps: int, generator: torch.Generator):
@@ -682,12 +694,15 @@ def _ti_conditioning(
     return Conditioning(hidden, pooled, sdxl_time_ids(*size).to(model.device))
 
 
+TI_TOKEN = "<mimicshield>"
+
+
 def textual_inversion_mimicry(
     model: LatentDiffusion,
     images: Tensor,
     schedule: TrainingSchedule = TrainingSchedule(),
     *,
-    token: str = "<mimicshield>",
+    token: str = TI_TOKEN,
     initializer: str = "art",
     template: str = "an image in the style of {}",
     num_samples: int = 4,
@@ -708,6 +723,8 @@ def textual_inversion_mimicry(
     key names of SDXL embedding files: ``{"clip_l": (hidden,), "clip_g": (hidden_2,)}``, the
     first (``text_encoder``) and second (``text_encoder_2``) encoder's row.
     """
+    if (problem := pipeline_dtype_problem(model)) is not None:  # before, not after, training
+        raise ValueError(f"textual inversion: {problem}")
     if model.text_encoder is None or model.tokenizer is None:
         raise ValueError("Textual inversion needs the text encoder and tokenizer.")
     if model.is_xl and (model.text_encoder_2 is None or model.tokenizer_2 is None):
@@ -725,6 +742,7 @@ def textual_inversion_mimicry(
     optimizer = torch.optim.AdamW(weights, lr=schedule.learning_rate, weight_decay=0.0)
     generator = torch.Generator().manual_seed(schedule.seed)
     size = (images.shape[2], images.shape[3])
+    skipped = 0
     for step, batch in enumerate(
         _batches(len(images), schedule.batch_size, schedule.steps, generator)
     ):
@@ -736,11 +754,14 @@ def textual_inversion_mimicry(
         loss = _denoising_loss(model, images[batch], cond, generator)
         if _scaled_backward(loss, weights, loss_scale(model)):
             optimizer.step()
+        else:
+            skipped += 1
         optimizer.zero_grad(set_to_none=True)
         for placeholder in placeholders:  # only the new token's rows learn
             placeholder.restore_other_rows()
         if callback is not None:
             callback(step + 1, schedule.steps)
+    _warn_skipped("textual inversion", skipped, schedule.steps)
     for weight in weights:
         weight.requires_grad_(False)
     learned = [p.learned().float().cpu() for p in placeholders]
@@ -803,6 +824,8 @@ def lora_mimicry(
             "LoRA mimicry needs peft: pip install 'peft>=0.13' (or '.[evaluate]' in a checkout)."
         ) from error
 
+    if (problem := pipeline_dtype_problem(model)) is not None:  # before, not after, training
+        raise ValueError(f"lora: {problem}")
     unet = model.unet
     name = "mimicshield_lora"
     config = LoraConfig(
@@ -818,13 +841,17 @@ def lora_mimicry(
         optimizer = torch.optim.AdamW(params, lr=schedule.learning_rate, weight_decay=1e-2)
         generator = torch.Generator().manual_seed(schedule.seed)
         batches = _batches(len(images), schedule.batch_size, schedule.steps, generator)
+        skipped = 0
         for step, batch in enumerate(batches):
             loss = _denoising_loss(model, images[batch], cond.expand(len(batch)), generator)
             if _scaled_backward(loss, params, loss_scale(model)):
                 optimizer.step()
+            else:
+                skipped += 1
             optimizer.zero_grad(set_to_none=True)
             if callback is not None:
                 callback(step + 1, schedule.steps)
+        _warn_skipped("LoRA", skipped, schedule.steps)
         for p in params:
             p.requires_grad_(False)
         weights = {
@@ -920,7 +947,7 @@ class MimicrySettings:
 
     prompt: str = "a photo"
     seed: int = 0
-    resolution: int = 512
+    resolution: int | None = None  # None: the model's own size; 0: each image's native size
     sdedit_strengths: tuple[float, ...] = SDEDIT_STRENGTHS
     sdedit_steps: int = DDIM_STEPS
     img2img_strengths: tuple[float, ...] = IMG2IMG_STRENGTHS
@@ -973,14 +1000,21 @@ def fit_image(image: Tensor, resolution: int, multiple: int = 8) -> Tensor:
     return image[:, top : top + crop_h, left : left + crop_w].contiguous()
 
 
-def load_mask(path: Path, height: int, width: int) -> Tensor:
-    """A mask image as (1, H, W) in {0, 1}, 1 = regenerate (white), resized with nearest."""
+def load_mask(path: Path, height: int, width: int, resolution: int = 0) -> Tensor:
+    """A mask image as (1, H, W) in {0, 1}, 1 = regenerate (white).
+
+    The mask is drawn on the user's image, so it is resized and centre-cropped as
+    :func:`fit_image` fits the image (``resolution``), not squashed to the crop's shape; a mask
+    of another size is then resized to (H, W) with nearest neighbours.
+    """
     from PIL import Image
 
     with Image.open(path) as opened:
-        gray = opened.convert("L").resize((width, height), Image.NEAREST)
-    array = np.asarray(gray, dtype=np.float32) / 255.0
-    return (torch.from_numpy(array) > 0.5).float()[None]
+        gray = np.asarray(opened.convert("L"), dtype=np.float32) / 255.0
+    mask = fit_image(torch.from_numpy(gray)[None], resolution)
+    if tuple(mask.shape[1:]) != (height, width):
+        mask = F.interpolate(mask[None], size=(height, width), mode="nearest")[0]
+    return (mask > 0.5).float()
 
 
 class Mimicry:
@@ -1000,7 +1034,10 @@ class Mimicry:
         inpaint_model: LatentDiffusion | None = None,
     ) -> None:
         self.model = model
-        self.settings = settings or MimicrySettings()
+        settings = settings or MimicrySettings()
+        if settings.resolution is None:  # what the model's own pipelines resize to
+            settings = replace(settings, resolution=model.native_size or 512)
+        self.settings = settings
         self.inpaint_model = inpaint_model
         # img2img, inpaint and the samples of textual inversion and LoRA run diffusers'
         # pipelines: refuse now, not after the training scenarios' minutes of training
@@ -1031,13 +1068,13 @@ class Mimicry:
         if mask is None:
             return centered_ellipse_mask(height, width, self.settings.inpaint_keep)
         if mask.is_file():
-            return load_mask(mask, height, width)
+            return load_mask(mask, height, width, self.settings.resolution)
         if name is not None:
             relative = Path(name)
             candidates = [mask / relative, *sorted(mask.glob(f"{relative.stem}.*"))]
             for candidate in candidates:
                 if candidate.is_file():
-                    return load_mask(candidate, height, width)
+                    return load_mask(candidate, height, width, self.settings.resolution)
         raise FileNotFoundError(f"No mask for {name} in {mask}.")
 
     def run(
@@ -1090,7 +1127,8 @@ class Mimicry:
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Learn a concept from (N, 3, H, W) images and sample; returns samples and weights.
 
-        The weights of textual inversion are ``{"learned_embedding": (hidden,)}``, or for SDXL
+        The weights of textual inversion are ``{"<mimicshield>": (hidden,)}`` (the token and its
+        row, as diffusers' ``load_textual_inversion`` reads them), or for SDXL
         ``{"clip_l": (hidden,), "clip_g": (hidden_2,)}`` (one row per text encoder).
         """
         with deterministic_algorithms(device=self.model.device):
@@ -1126,7 +1164,7 @@ class Mimicry:
             samples, learned = textual_inversion_mimicry(self.model, images, schedule, **common)
             if isinstance(learned, dict):  # SDXL: one row per text encoder, clip_l and clip_g
                 return samples, learned
-            return samples, {"learned_embedding": learned}
+            return samples, {TI_TOKEN: learned}  # diffusers' format: {token: embedding}
         if variant.scenario == "lora":
             schedule = TrainingSchedule(s.lora_steps, s.lora_learning_rate, seed=s.seed)
             return lora_mimicry(self.model, images, schedule, rank=s.lora_rank, **common)

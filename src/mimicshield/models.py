@@ -65,12 +65,11 @@ def _mps_available() -> bool:
     return mps is not None and mps.is_available()
 
 
-def _cuda_supports_bf16() -> bool:
-    """Native bf16 only: pre-Ampere GPUs report bf16 "supported" through slow emulation."""
-    try:
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    except TypeError:  # torch < 2.3 has no ``including_emulation`` and never counts emulation
-        return torch.cuda.is_bf16_supported()
+def _cuda_supports_bf16(device: torch.device | None = None) -> bool:
+    """Native bf16 only (compute capability 8.0, Ampere, or newer): pre-Ampere GPUs report
+    bf16 "supported" through slow emulation. Asked of ``device`` itself, not of the current
+    device that ``torch.cuda.is_bf16_supported`` asks (an A100 as cuda:0, a T4 as cuda:1)."""
+    return torch.cuda.get_device_capability(device)[0] >= 8
 
 
 _DTYPES = {
@@ -109,7 +108,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
             raise ValueError(f"`dtype` must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}.")
         return _DTYPES[name]
     if device.type == "cuda":
-        return torch.bfloat16 if _cuda_supports_bf16() else torch.float16
+        return torch.bfloat16 if _cuda_supports_bf16(device) else torch.float16
     if device.type == "mps":
         return torch.float16
     return torch.bfloat16 if _cpu_has_amx() else torch.float32

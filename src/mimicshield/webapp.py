@@ -655,11 +655,12 @@ class ProtectionService:
     def cancel(self, session: str) -> None:
         """Stop every job of this tab: the running one and the one waiting in the queue."""
         self._armed.setdefault(session, threading.Event()).set()
-        for event in self._running.get(session, ()):
+        # tuple(): a copy taken in one step, as a job thread may leave the set meanwhile
+        for event in tuple(self._running.get(session, ())):
             event.set()
 
     def cancel_requested(self, session: str) -> bool:
-        events = [*self._running.get(session, ()), self._armed.get(session)]
+        events = [*tuple(self._running.get(session, ())), self._armed.get(session)]
         return any(event is not None and event.is_set() for event in events)
 
     def _start_job(self, session: str) -> threading.Event:
@@ -712,7 +713,7 @@ class ProtectionService:
         """Remove the folders of sessions whose tabs went away without saying so."""
         if not self.sessions_dir.is_dir():
             return
-        live = {_session_folder_name(s) for s in self._running}
+        live = {_session_folder_name(s) for s in tuple(self._running)}
         now = time.time()
         for folder in self.sessions_dir.iterdir():
             if folder.name not in live and now - folder.stat().st_mtime > STALE_SECONDS:

@@ -68,7 +68,7 @@ def evaluate(
     guidance: GuidanceOpt = 7.5,
     sample_steps: SampleStepsOpt = 50,
     sdedit_steps: SdeditStepsOpt = 100,
-    resolution: ResolutionOpt = 512,
+    resolution: ResolutionOpt = None,
     mask: MaskOpt = None,
     inpaint_keep: InpaintKeepOpt = 0.6,
     inpaint_model: InpaintModelOpt = None,
@@ -183,7 +183,7 @@ def evaluate(
         )
     result.settings["model"] = model
     add_surviving_distortion(
-        result, clean_dir, protected_dirs, purifications, mimicry.model, resolution
+        result, clean_dir, protected_dirs, purifications, mimicry.model, mimicry.settings.resolution
     )
     csv_path, json_path = write_metrics(result, out)
     report_path = write_report(result, out / "report.html")

@@ -53,8 +53,12 @@ SampleStepsOpt = Annotated[
 ]
 SdeditStepsOpt = Annotated[int, typer.Option(help="length of SDEdit's DDIM schedule")]
 ResolutionOpt = Annotated[
-    int,
-    typer.Option(help="square size images are resized and cropped to; 0 keeps the native size"),
+    int | None,
+    typer.Option(
+        help="square size images are resized and cropped to; default: the model's own size "
+        "(512 for SD 1.x and 2.x-base, 768 for 2.x-v, 1024 for SDXL); 0 keeps each image's size",
+        show_default=False,
+    ),
 ]
 MaskOpt = Annotated[
     Path | None,
@@ -118,7 +122,7 @@ def make_settings(**options) -> object:
     options["img2img_strengths"] = parse_floats(
         options.pop("img2img_strengths"), "--img2img-strengths"
     )
-    if options["resolution"] < 0:
+    if options["resolution"] is not None and options["resolution"] < 0:
         raise CLIError("--resolution must be 0 (native size) or a positive size.")
     if not 0 <= options["seed"] <= MAX_SEED:
         raise CLIError(f"--seed must be between 0 and {MAX_SEED}; got {options['seed']}.")
@@ -242,7 +246,7 @@ def mimic(
     guidance: GuidanceOpt = 7.5,
     sample_steps: SampleStepsOpt = 50,
     sdedit_steps: SdeditStepsOpt = 100,
-    resolution: ResolutionOpt = 512,
+    resolution: ResolutionOpt = None,
     mask: MaskOpt = None,
     inpaint_keep: InpaintKeepOpt = 0.6,
     inpaint_model: InpaintModelOpt = None,
@@ -311,7 +315,7 @@ def mimic(
             failed.append(refused)
             continue
         try:
-            images[name] = fit_image(load_image(item.path).rgb, settings.resolution)
+            images[name] = load_image(item.path).rgb  # fitted once the model's size is known
         except ImageFileError as error:
             failed.append(str(error))
             continue
@@ -331,6 +335,8 @@ def mimic(
     mimicry = load_mimicry(
         settings, model, model_config, device, dtype, inpaint_model, family, inpaint_model_config
     )
+    settings = mimicry.settings  # the resolution resolved to the model's own size
+    images = {name: fit_image(image, settings.resolution) for name, image in images.items()}
     err = Console(stderr=True, log_path=False)
     outputs: list[str] = []
     with RichProgress(err) as progress:
