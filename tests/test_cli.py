@@ -79,7 +79,7 @@ def test_nondeterministic_is_recorded_and_gives_the_same_file_on_the_cpu(
         args += [str(tiny_model_dir), "--steps", "2", "--work-size", "native", *flags]
         result = runner.invoke(app, args, env={"COLUMNS": "200"})
         assert result.exit_code == 0, result.output
-        assert json.loads((out / "manifest.json").read_text())["deterministic"] is not flags
+        assert json.loads((out / "manifest.json").read_text())["deterministic"] is (not flags)
         outputs[flags] = (out / "a.png").read_bytes()
     assert outputs[()] == outputs[("--nondeterministic",)]
 

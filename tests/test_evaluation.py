@@ -75,6 +75,11 @@ def test_precision_recall_with_knn_balls():
     assert precision_recall(real, far, k=2) == (0.0, 0.0)
     precision, recall = precision_recall(real[:2], inside, k=2)
     assert math.isnan(precision) and recall == 1.0
+    # k counts neighbours other than the point itself: with k=1 the radius of 3 is 2 (to 1),
+    # so 4.5 falls inside it and 10 inside none; 6's radius of 3 covers both fakes
+    real_1d, fake_1d = torch.tensor([[0.0], [1.0], [3.0], [6.0]]), torch.tensor([[4.5], [10.0]])
+    assert precision_recall(real_1d, fake_1d, k=1) == (0.5, 1.0)
+    assert precision_recall(real_1d, fake_1d, k=2)[0] == 1.0
 
 
 # --- records, summaries, files -----------------------------------------------------------------
@@ -314,6 +319,7 @@ def test_evaluate_cli_writes_report_and_metrics(tiny_model_dir, tmp_path):
     check_in_chromium(out / "report.html")
 
 
+@requires_assets
 def test_unreadable_images_are_left_out_with_a_warning(tiny_model_dir, tmp_path):
     """A broken clean file or protected copy skips that image, not the evaluation."""
     generator = torch.Generator().manual_seed(1)

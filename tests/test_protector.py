@@ -155,10 +155,11 @@ def test_config_validation_and_repr(tiny_model):
         Protector(tiny_model)(torch.full((1, 3, 32, 32), 2.0))
 
 
-def paper_loop(model, images, method, seeds, eps_255, alpha_255, steps, prompt="a photo"):
+def paper_loop(model, images, method, seeds, eps_255, alpha_255, steps, prompt="a photo", r=5.0):
     """The protection of issue 2 written out by hand: [-1, 1] units, a random start for
-    photoguard, per step t ~ U{0..999}, n and the posterior draw from each image's generator,
-    the step x <- clip(x0 + clip(x - alpha sign(g) - x0, -eps, eps), -1, 1), the 8-bit file."""
+    photoguard and advdm+, per step t ~ U{0..999}, n and the posterior draw from each image's
+    generator, the step x <- clip(x0 + clip(x -/+ alpha sign(g) - x0, -eps, eps), -1, 1) (+ for
+    the ascending advdm+), the 8-bit file."""
     eps, alpha = 2 * eps_255 / 255, 2 * alpha_255 / 255
     height, width = images.shape[-2:]
     latent = model.latent_shape(height, width)
@@ -166,7 +167,7 @@ def paper_loop(model, images, method, seeds, eps_255, alpha_255, steps, prompt="
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     x = x0.clone()
     grey = bool((x0[:, :1] == x0).all())  # then one perturbation for the three channels
-    if method == "photoguard":
+    if method in ("photoguard", "advdm+"):
         start = torch.stack([torch.rand(x0.shape[1:], generator=g) * 2 - 1 for g in generators])
         start = start[:, :1].expand_as(start) if grey else start
         x = (x0 + eps * start).clamp(-1, 1)
@@ -175,18 +176,21 @@ def paper_loop(model, images, method, seeds, eps_255, alpha_255, steps, prompt="
     cond = model.embed_prompt(prompt).expand(len(seeds), -1, -1)
     abar = model.alphas_cumprod
     for _ in range(steps):
-        if method == "sds-":
+        if method != "photoguard":
             t = torch.cat([torch.randint(0, 1000, (1,), generator=g) for g in generators])
             n = torch.stack([torch.randn(latent, generator=g) for g in generators])
+            a = abar[t].view(-1, 1, 1, 1)
         posterior = torch.stack([torch.randn(latent, generator=g) for g in generators])
         x = x.detach().requires_grad_(True)
         z = model.encode(x, posterior)
-        if method == "sds-":  # g = J^T (eps_hat(z_t) - n), no UNet backward
+        if method in ("sds-", "sdst-"):  # g = J^T (r (eps_hat(z_t) - n) + 2 (z - z_y)) for sdst-
             with torch.no_grad():
-                a = abar[t].view(-1, 1, 1, 1)
-                z_t = a.sqrt() * z + (1 - a).sqrt() * n
-                residual = model.predict_noise(z_t, t, cond) - n
-            g = torch.autograd.grad((z * residual).sum(), x)[0]
+                residual = model.predict_noise(a.sqrt() * z + (1 - a).sqrt() * n, t, cond) - n
+                v = residual if method == "sds-" else r * residual + 2 * (z - target)
+            g = torch.autograd.grad((z * v).sum(), x)[0]  # no UNet backward
+        elif method == "advdm+":  # ascend L_S = mean((eps_hat - n)^2) through UNet and encoder
+            eps_hat = model.predict_noise(a.sqrt() * z + (1 - a).sqrt() * n, t, cond)
+            g = -torch.autograd.grad(((eps_hat - n) ** 2).flatten(1).mean(1).sum(), x)[0]
         else:  # photoguard: g = grad ||E(x) - E(y)||^2
             g = torch.autograd.grad(((z - target) ** 2).sum(), x)[0]
         if grey:  # the gradient with respect to the grey value: the sum over channels
@@ -197,19 +201,22 @@ def paper_loop(model, images, method, seeds, eps_255, alpha_255, steps, prompt="
     return torch.minimum(torch.maximum(levels, clean - eps_255), clean + eps_255) / 255
 
 
-@pytest.mark.parametrize("method", ["sds-", "photoguard"])
+@pytest.mark.parametrize("method", ["sds-", "photoguard", "sdst-", "advdm+"])
 def test_the_protector_is_the_papers_loop_written_out(tiny_model, images_8bit, method):
-    """Pins the Protector's own wiring (units, random start, draws, projection, rounding), which
-    the per-method direction tests do not see: a wrong eps or alpha fails here."""
+    """Pins the Protector's own wiring (units, random start, draws, projection, rounding, r),
+    which the per-method direction tests do not see: a wrong eps, alpha or r fails here."""
     seeds = [4, 9]
-    protector = Protector(tiny_model, method, eps=16 / 255, step_size=1 / 255, steps=4)
+    r = {"r": 3.0} if method == "sdst-" else {}
+    protector = Protector(tiny_model, method, eps=16 / 255, step_size=1 / 255, steps=4, **r)
     got = protector.protect(images_8bit, seeds=seeds).images
-    want = paper_loop(tiny_model, images_8bit, method, seeds, 16, 1, 4)
+    want = paper_loop(tiny_model, images_8bit, method, seeds, 16, 1, 4, **r)
     assert torch.equal(got, want)
     for eps_255, alpha_255 in [(2, 1), (16, 0.5)]:  # the check can fail: eps, alpha
         assert not torch.equal(
-            got, paper_loop(tiny_model, images_8bit, method, seeds, eps_255, alpha_255, 4)
+            got, paper_loop(tiny_model, images_8bit, method, seeds, eps_255, alpha_255, 4, **r)
         )
+    if method == "sdst-":  # ... and r, which only sdst- reads
+        assert not torch.equal(got, paper_loop(tiny_model, images_8bit, method, seeds, 16, 1, 4))
 
 
 @pytest.mark.parametrize("method", ["sds-", "photoguard"])

@@ -423,4 +423,5 @@ def test_from_python_paths_are_accepted_and_the_manifest_tells_models_apart(
     other.name = "another-model"
     changed = Protector(other, "encoder", eps=EPS, step_size=4 / 255, steps=2)
     refused = protect_files([art], out, changed, options=NATIVE)
-    assert refused.results[0].status != "skipped"  # another model: not the same output
+    assert refused.results[0].status == "failed", refused.results  # another model
+    assert "different settings" in refused.results[0].error, refused.results[0].error
