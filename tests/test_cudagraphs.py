@@ -27,18 +27,21 @@ class RerunGraphs:
 
     def __init__(self) -> None:
         self.records = 0
+        self.devices: list[torch.device] = []  # streams must be made on the step's own device
 
-    def warm_up(self, run):
+    def warm_up(self, run, device):
+        self.devices.append(device)
         return run()
 
-    def record(self, run):
+    def record(self, run, device):
         self.records += 1
+        self.devices.append(device)
         out = run()
         return SimpleNamespace(replay=lambda: out.copy_(run())), out
 
 
 class FailingGraphs(RerunGraphs):
-    def record(self, run):
+    def record(self, run, device):
         raise RuntimeError("operation not permitted when stream is capturing")
 
 
@@ -76,6 +79,7 @@ def test_replays_give_each_steps_own_direction(name, model, one_thread):
         results.append(got)
         torch.testing.assert_close(got, direction(model, x, inputs), rtol=1e-5, atol=1e-7)
     assert graphs.records == 1
+    assert graphs.devices == [x0.device, x0.device]  # warm-up and capture on the step's device
     assert not torch.equal(results[1], results[2])  # each step kept its own result
 
 

@@ -15,6 +15,7 @@ warning, rather than failing the job.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import fields, replace
@@ -63,7 +64,8 @@ class GraphedDirection:
             value = getattr(inputs, name)
             if value is not None:
                 getattr(self._static_inputs, name).copy_(value)
-        self._graph.replay()
+        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+            self._graph.replay()
         return self._static_out.clone()
 
     def _record(self, key: tuple, model, x: Tensor, inputs: StepInputs) -> Tensor:
@@ -77,9 +79,10 @@ class GraphedDirection:
         def step() -> Tensor:
             return self.direction(model, static_x, static_inputs)
 
-        result = self.graph_api.warm_up(step)  # a real error here is the step's own: raise it
+        # a real error in the warm-up is the step's own: raise it
+        result = self.graph_api.warm_up(step, x.device)
         try:
-            graph, static_out = self.graph_api.record(step)
+            graph, static_out = self.graph_api.record(step, x.device)
         except RuntimeError as error:  # includes running out of memory for the graph's pool
             self.failed = True
             logger.warning("CUDA graphs are off for this run (%s); steps run eagerly.", error)
@@ -105,26 +108,35 @@ def _key(model, x: Tensor, inputs: StepInputs) -> tuple:
 class _TorchCudaGraphs:
     """CUDA graph recording on ``torch.cuda``, as its documentation prescribes."""
 
-    def warm_up(self, run: Callable[[], Tensor]) -> Tensor:
+    # Streams belong to a device: made without one they are the *current* device's, so with
+    # --device cuda:1 (cuda:0 current) the capture would record cuda:0's stream while the work
+    # ran on cuda:1, and every replay would return the first step's result. Hence the device
+    # context around both.
+
+    def warm_up(self, run: Callable[[], Tensor], device: torch.device) -> Tensor:
         """Run eagerly once on a side stream (capture requires the warm-up off the main one)."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            result = run()
-        main = torch.cuda.current_stream()
-        main.wait_stream(side)
-        result.record_stream(main)  # made on the side stream, used on the main one
+        with torch.cuda.device(device):
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                result = run()
+            main = torch.cuda.current_stream(device)
+            main.wait_stream(side)
+            result.record_stream(main)  # made on the side stream, used on the main one
         return result
 
-    def record(self, run: Callable[[], Tensor]) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+    def record(
+        self, run: Callable[[], Tensor], device: torch.device
+    ) -> tuple[torch.cuda.CUDAGraph, Tensor]:
         """Record ``run``'s kernels without executing them; returns the graph and the tensor
         that each ``graph.replay()`` fills."""
-        # The graph gets a memory pool of its own: hand the warm-up's cached blocks back first,
-        # so the step's activations are not held twice.
-        torch.cuda.empty_cache()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = run()
+        with torch.cuda.device(device):
+            # The graph gets a memory pool of its own: hand the warm-up's cached blocks back
+            # first, so the step's activations are not held twice.
+            torch.cuda.empty_cache()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=torch.cuda.Stream(device)):
+                out = run()
         return graph, out
 
 
