@@ -286,7 +286,10 @@ def test_auto_batch_size_follows_the_card_and_the_image(monkeypatch):
 
     card = {"total_memory": 0}
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("P", (), card)())
-    monkeypatch.setattr("mimicshield.performance.saved_bytes_per_pixel", lambda model: 4000.0)
+    monkeypatch.setattr(  # the UNet's activations double what AdvDM and Mist keep
+        "mimicshield.performance.saved_bytes_per_pixel",
+        lambda model, through_unet=False: 8000.0 if through_unet else 4000.0,
+    )
     model.device = torch.device("cuda")  # a descriptor only: nothing runs on it
     fitting = AutoBatchSize([model])
     sizes = {}
@@ -298,6 +301,21 @@ def test_auto_batch_size_follows_the_card_and_the_image(monkeypatch):
     card["total_memory"] = 4 * 2**30
     assert fitting(256, 256) > fitting(512, 512) >= fitting(1024, 1024)
     assert AutoBatchSize([model], low_memory=True)(256, 256) == 1
+    for method in ("advdm+", "mist"):
+        assert fitting(256, 256, method=method) < fitting(256, 256)
+        assert AutoBatchSize([model], method=method)(256, 256) == fitting(256, 256, method=method)
+
+
+def test_what_a_step_through_the_unet_keeps_is_measured_with_the_unet(one_thread):
+    """AdvDM and Mist keep the UNet's activations as well as the encoder's."""
+    model = tiny_model()
+    encoder_only, through_unet = (saved_bytes_per_pixel(model, flag) for flag in (False, True))
+    x = (bench_images(1, 64, seed=8) * 2 - 1).requires_grad_(True)
+    cond = model.condition("", 1, 64, 64)
+    t = torch.tensor([500])
+    kept = saved_tensor_bytes(lambda: model.predict_noise(model.encode(x), t, cond))
+    assert through_unet > encoder_only
+    assert kept == pytest.approx(through_unet * 64 * 64, rel=0.25)
 
 
 def test_low_memory_without_prompts_keeps_the_text_encoder():

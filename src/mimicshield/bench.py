@@ -29,7 +29,6 @@ before any model was built (approximate).
 
 from __future__ import annotations
 
-import gc
 import os
 import platform
 import statistics
@@ -58,6 +57,7 @@ from .performance import (
     apply_performance_options,
     attention_processors,
     fuse_group_norm_silu,
+    release_cached_memory,
     synchronize,
     use_channels_last,
 )
@@ -685,16 +685,8 @@ def _measure(
         result.peak_memory_bytes, result.memory_kind = memory.peak_bytes, memory.kind
     except Exception as error:  # noqa: BLE001 - one bad configuration must not end the run
         result.error = _one_line(error)
-        gc.collect()  # the traceback held the failed step's tensors
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # the next configuration starts from the same pool
-    return result
-
-
-def _release(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    release_cached_memory(device)  # the traceback held the failed step's tensors; and the
+    return result  # next configuration starts from the same pool
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -759,10 +751,10 @@ def run_bench(
     for dtype_name in settings.dtypes:
         dtype = check_mps_dtype(resolve_dtype(dtype_name, device), device)
         _bench_engine(settings, device, dtype, measure, report.environment)
-        _release(device)  # the networks went with the call's locals
+        release_cached_memory(device)  # the networks went with the call's locals
     if settings.reference:
         _bench_reference(settings, device, measure)
-        _release(device)
+        release_cached_memory(device)
     add_ratios(report.results)
     return report
 
@@ -796,7 +788,7 @@ def _bench_engine(settings: BenchSettings, device, dtype, measure, environment: 
         )
         _bench_engine_methods(settings, model, methods, measure)
         del model
-        _release(device)
+        release_cached_memory(device)
 
 
 def _bench_engine_methods(settings: BenchSettings, model, methods: list[str], measure) -> None:

@@ -267,15 +267,24 @@ def parameter_bytes(*modules: torch.nn.Module | None) -> int:
     )
 
 
-def saved_bytes_per_pixel(model: LatentDiffusion) -> float:
-    """Bytes autograd keeps for the encoder's backward, per input pixel, counted on a small input.
+def saved_bytes_per_pixel(model: LatentDiffusion, through_unet: bool = False) -> float:
+    """Bytes autograd keeps for the step's backward, per input pixel, counted on a small input.
 
-    The encoder is convolutional, so what it keeps grows with the pixel count; one forward pass
-    at 8 latent pixels square (64 px for SD) measures the rate for this model, dtype and options.
+    The networks are convolutional (their attention runs through SDPA, linear in memory on
+    CUDA), so what they keep grows with the pixel count; one forward pass at 8 latent pixels
+    square (64 px for SD) measures the rate for this model, dtype and options. The SDS methods
+    backpropagate through the encoder only; ``through_unet`` (AdvDM, Mist) adds the UNet's
+    activations, which about double it.
     """
     size = 8 * model.vae_scale_factor
     x = torch.zeros(1, 3, size, size, device=model.device, requires_grad=True)
-    return saved_tensor_bytes(model.encode, x) / (size * size)
+    if not through_unet:
+        return saved_tensor_bytes(model.encode, x) / (size * size)
+    cond = model.condition("", 1, size, size)
+    t = torch.full((1,), model.num_train_timesteps // 2, device=model.device, dtype=torch.long)
+    return saved_tensor_bytes(lambda x: model.predict_noise(model.encode(x), t, cond), x) / (
+        size * size
+    )
 
 
 def auto_batch_size(
@@ -304,21 +313,31 @@ class AutoBatchSize:
         self,
         models: Iterable[LatentDiffusion],
         *,
+        method: str = "sds-",
         low_memory: bool = False,
         limit: int = AUTO_BATCH_LIMIT,
     ) -> None:
         self.models = list(models)
         self.limit = limit
+        self.method = method
         self.enabled = self.models[0].device.type == "cuda" and not low_memory
-        self.bytes_per_pixel = (
-            max(saved_bytes_per_pixel(model) for model in self.models) if self.enabled else 0.0
-        )
+        # measured now, for both kinds of method (the web app's jobs choose theirs later)
+        self._bytes_per_pixel = {
+            through_unet: max(saved_bytes_per_pixel(m, through_unet) for m in self.models)
+            for through_unet in ((False, True) if self.enabled else ())
+        }
 
-    def __call__(self, height: int, width: int, tile_size: int | None = None) -> int:
+    def __call__(
+        self, height: int, width: int, tile_size: int | None = None, method: str | None = None
+    ) -> int:
         """The batch for images of ``height`` x ``width`` work pixels; larger than ``tile_size``,
-        they are protected in tiles of that size, which is what a batch then holds."""
+        they are protected in tiles of that size, which is what a batch then holds. ``method``
+        (default: the one given when created) decides whether the UNet's activations count."""
+        from .methods import get_method
+
         if not self.enabled:
             return 1
+        through_unet = get_method(method or self.method).backprops_unet
         if tile_size is not None:
             height, width = min(height, tile_size), min(width, tile_size)
         device = self.models[0].device
@@ -327,7 +346,7 @@ class AutoBatchSize:
             parameter_bytes(model.vae, model.unet, model.text_encoder, model.text_encoder_2)
             for model in self.models
         )
-        per_image = self.bytes_per_pixel * height * width * ACTIVATION_SAFETY
+        per_image = self._bytes_per_pixel[through_unet] * height * width * ACTIVATION_SAFETY
         return auto_batch_size(per_image, MEMORY_HEADROOM * total - weights, self.limit)
 
 
@@ -383,6 +402,23 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+def release_cached_memory(device: torch.device | None = None) -> None:
+    """Hand the allocator's cached blocks back (after a model is dropped, between configurations).
+
+    ``gc.collect()`` first: a traceback or a reference cycle may still hold the tensors. MPS
+    keeps a cache of its own, which ``torch.cuda.empty_cache`` never reaches.
+    """
+    import gc
+
+    gc.collect()
+    kind = device.type if device is not None else None
+    if kind in (None, "cuda") and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    mps = getattr(torch, "mps", None)
+    if kind in (None, "mps") and mps is not None and torch.backends.mps.is_available():
+        mps.empty_cache()
 
 
 def apply_performance_options(

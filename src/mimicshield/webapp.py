@@ -607,10 +607,14 @@ class ProtectionService:
                 except RuntimeError:
                     pass
             self._models, self._model_key = [], None
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
             from .models import load_models
-            from .performance import AutoBatchSize, apply_performance_options
+            from .performance import (
+                AutoBatchSize,
+                apply_performance_options,
+                release_cached_memory,
+            )
+
+            release_cached_memory()
 
             models = [
                 load_models(
@@ -839,7 +843,7 @@ class ProtectionService:
                 protector,
                 options=settings.output_options(m.native_size for m in models),
                 batch_size=settings.batch_size
-                or partial(self._auto_batch, tile_size=settings.tile_size),
+                or partial(self._auto_batch, tile_size=settings.tile_size, method=settings.method),
                 manifest_header=header,
                 on_image_start=image_started,
                 on_step=step,

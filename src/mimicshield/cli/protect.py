@@ -286,7 +286,9 @@ def protect(
     )
     from ..performance import AutoBatchSize, apply_performance_options
 
-    fitting = AutoBatchSize(loaded_models, low_memory=low_memory) if batch is None else None
+    fitting = None
+    if batch is None:
+        fitting = AutoBatchSize(loaded_models, method=method, low_memory=low_memory)
     for each in loaded_models:
         apply_performance_options(
             each,
