@@ -449,3 +449,9 @@ def test_paths_that_are_not_models(tmp_path):
     with pytest.raises(ModelLoadError) as error:
         load_models(str(tmp_path / "empty"), **CPU)
     _assert_one_line(error, "not a Stable Diffusion diffusers folder", "unet")
+
+
+def test_a_loaded_model_prints_in_one_short_line(tiny_model):
+    text = repr(tiny_model)
+    assert len(text) < 600 and "\n" not in text, text
+    assert "scaling_factor=" in text and "family='sd1'" in text

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -113,6 +115,41 @@ def test_pil_in_pil_out(tiny_model, images_8bit):
     assert np.abs(np.asarray(out).astype(int) - array.astype(int)).max() <= 16
 
 
+def test_the_api_checks_what_it_is_given(tiny_model, images_8bit):
+    """Seeds, targets and inputs that would run wrongly are refused with a clear message."""
+    protector = Protector(tiny_model, "photoguard", steps=1)
+    with pytest.raises(ValueError, match="1 seeds for a batch of 2"):
+        protector.protect(images_8bit, seeds=[1])  # both images would share one draw
+    with pytest.raises(ValueError, match="at least 8 pixels"):
+        protector(torch.rand(1, 3, 4, 32))
+    with pytest.raises(ValueError, match="divide by 255"):
+        protector((images_8bit * 255).to(torch.uint8))
+    with pytest.raises(ValueError, match="whole number"):
+        Protector(tiny_model, steps=2.5)
+    with pytest.raises(ValueError, match="quantize_levels"):
+        Protector(tiny_model, quantize_levels=0)
+    with pytest.raises(ValueError, match=r"`target` must be in \[0, 1\]"):
+        Protector(tiny_model, "photoguard", target=torch.full((3, 8, 8), 2.0))
+    # a uint8 target is read as 8-bit levels, and a batch of one is unwrapped
+    target = torch.randint(0, 256, (1, 3, 16, 16), dtype=torch.uint8)
+    given = Protector(tiny_model, "photoguard", target=target).target
+    torch.testing.assert_close(given, target[0].float() / 255)
+
+
+def test_lists_of_images_come_back_as_lists_each_with_its_own_seed(tiny_model, images_8bit):
+    protector = Protector(tiny_model, "photoguard", steps=2)
+    one, two = protector([images_8bit[0], images_8bit[1]], seeds=[3, 4])
+    assert one.shape == (3, 32, 32)
+    assert torch.equal(one, protector.protect(images_8bit[:1], seeds=[3]).images[0])
+    assert torch.equal(two, protector.protect(images_8bit[1:], seeds=[4]).images[0])
+    pil = Image.fromarray((images_8bit[0] * 255).byte().permute(1, 2, 0).numpy()).convert("RGBA")
+    with pytest.warns(UserWarning, match="alpha"):
+        (out,) = protector([pil], seeds=[3])
+    assert out.mode == "RGB"
+    with pytest.raises(ValueError, match="2 seeds for 1 images"):
+        protector([pil], seeds=[3, 4])
+
+
 def test_quantize_never_exceeds_budget():
     """Rounding alone can land half a level outside eps; re-projection keeps it inside."""
     x0 = torch.tensor([100.0, 100.0, 0.0, 255.0]) / 255
@@ -151,6 +188,10 @@ def test_config_validation_and_repr(tiny_model):
         ProtectionConfig(eps=16)
     text = repr(Protector(tiny_model, "sdst-", r=3.0))
     assert "method='sdst-'" in text and "r=3.0" in text and "steps=100" in text
+    assert f"model={tiny_model.name!r}" in text and "deterministic=True" in text
+    protector = Protector(tiny_model, "sds-")
+    protector.config = replace(protector.config, method="photoguard")
+    assert protector.method.name == "photoguard"  # read from the config, never a stale copy
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         Protector(tiny_model)(torch.full((1, 3, 32, 32), 2.0))
 

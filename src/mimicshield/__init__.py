@@ -21,8 +21,12 @@ _LAZY = {
     "Ensemble": "ensemble",
     "LatentDiffusion": "models",
     "METHODS": "methods",
+    "Method": "methods",
+    "ModelLoadError": "models",
     "ProtectionConfig": "protector",
+    "ProtectionOutput": "protector",
     "Protector": "protector",
+    "UnsupportedModelError": "models",
     "StepInputs": "methods",
     "get_method": "methods",
     "load_models": "models",
@@ -36,18 +40,28 @@ __all__ = [
     "Conditioning",
     "Ensemble",
     "LatentDiffusion",
+    "Method",
+    "ModelLoadError",
     "ProtectionConfig",
+    "ProtectionOutput",
     "Protector",
     "StepInputs",
+    "UnsupportedModelError",
     "get_method",
     "load_models",
 ]
 
 if TYPE_CHECKING:
     from .ensemble import Ensemble
-    from .methods import METHODS, StepInputs, get_method
-    from .models import Conditioning, LatentDiffusion, load_models
-    from .protector import CATEGORY_PROMPTS, ProtectionConfig, Protector
+    from .methods import METHODS, Method, StepInputs, get_method
+    from .models import (
+        Conditioning,
+        LatentDiffusion,
+        ModelLoadError,
+        UnsupportedModelError,
+        load_models,
+    )
+    from .protector import CATEGORY_PROMPTS, ProtectionConfig, ProtectionOutput, Protector
 
 
 def __getattr__(name: str):

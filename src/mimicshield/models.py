@@ -184,19 +184,20 @@ class LatentDiffusion:
     from :meth:`condition`, which every family supports.
     """
 
-    vae: torch.nn.Module
-    unet: torch.nn.Module | None
-    text_encoder: torch.nn.Module | None
-    tokenizer: object | None
-    alphas_cumprod: Tensor
+    # the networks and the schedule are left out of the repr (it printed 30,000 characters)
+    vae: torch.nn.Module = field(repr=False)
+    unet: torch.nn.Module | None = field(repr=False)
+    text_encoder: torch.nn.Module | None = field(repr=False)
+    tokenizer: object | None = field(repr=False)
+    alphas_cumprod: Tensor = field(repr=False)
     scaling_factor: float
     prediction_type: str = "epsilon"
     name: str = ""
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
     vae_dtype: torch.dtype = torch.float32
-    text_encoder_2: torch.nn.Module | None = None
-    tokenizer_2: object | None = None
+    text_encoder_2: torch.nn.Module | None = field(default=None, repr=False)
+    tokenizer_2: object | None = field(default=None, repr=False)
     family: str = "sd1"
     # where the checkpoint's scheduler places inference steps (SDEdit, the mimicry pipelines)
     timestep_spacing: str = "leading"

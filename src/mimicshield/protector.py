@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
@@ -62,8 +63,17 @@ class ProtectionConfig:
             raise ValueError(f"`eps` must be in (0, 1] on the [0, 1] pixel scale; got {self.eps}.")
         if not 0 < self.step_size <= 1:
             raise ValueError(f"`step_size` must be in (0, 1]; got {self.step_size}.")
-        if self.steps < 0:
-            raise ValueError(f"`steps` must be >= 0; got {self.steps}.")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
+            raise ValueError(f"`steps` must be a whole number >= 0; got {self.steps!r}.")
+        if self.quantize_levels is not None and (
+            isinstance(self.quantize_levels, bool)
+            or not isinstance(self.quantize_levels, int)
+            or self.quantize_levels < 1
+        ):
+            raise ValueError(
+                f"`quantize_levels` must be None or a whole number >= 1 (255 for 8-bit files); "
+                f"got {self.quantize_levels!r}."
+            )
         if not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"`seed` must be between 0 and {MAX_SEED}; got {self.seed}.")
         if self.posterior not in ("sample", "mean"):
@@ -136,24 +146,51 @@ class Protector:
         self.cuda_graphs = cuda_graphs
         self.deterministic = deterministic
         self.config = ProtectionConfig(method=method, **config)
-        self.method = get_method(method)
         self.target = _as_tensor01(target) if target is not None else None
         self._latent_cache: dict[tuple[int, int, int], Tensor] = {}
 
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in self.config.to_dict().items())
-        return f"Protector({fields})"
+    @property
+    def method(self):
+        """The :class:`~mimicshield.methods.Method` of ``config.method`` (read, never copied:
+        a replaced ``config`` changes it too)."""
+        return get_method(self.config.method)
 
-    def __call__(self, images, **kwargs):
-        """Protect ``images``; returns the same type (tensor or PIL) that came in."""
+    def __repr__(self) -> str:
+        model = getattr(self.model, "name", None) or type(self.model).__name__
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.config.to_dict().items())
+        target = "None" if self.target is None else f"<image {tuple(self.target.shape)}>"
+        return (
+            f"Protector(model={model!r}, {fields}, target={target}, "
+            f"cuda_graphs={self.cuda_graphs}, deterministic={self.deterministic})"
+        )
+
+    def __call__(self, images, *, seeds: Sequence[int] | None = None, callback=None):
+        """Protect ``images``; returns the same type that came in: an (N, 3, H, W) tensor, a
+        PIL image, or a list of either (each protected at its own size, one at a time)."""
         if isinstance(images, Tensor):
-            return self.protect(images, **kwargs).images
+            return self.protect(images, seeds=seeds, callback=callback).images
         from PIL import Image
 
         single = isinstance(images, Image.Image)
-        pil_images = [images] if single else list(images)
-        outputs = [self.protect(from_pil(im)[None], **kwargs).images[0] for im in pil_images]
-        results = [to_pil(out) for out in outputs]
+        items = [images] if single else list(images)
+        if seeds is not None and len(seeds) != len(items):
+            raise ValueError(f"`seeds` has {len(seeds)} seeds for {len(items)} images.")
+        results = []
+        for i, item in enumerate(items):
+            seed = None if seeds is None else [seeds[i]]
+            if isinstance(item, Image.Image):
+                if "A" in item.getbands() or "transparency" in item.info:
+                    warnings.warn(
+                        "Protector drops the alpha channel of PIL images (the result is RGB); "
+                        "mimicshield.runner.protect_files keeps it.",
+                        stacklevel=2,
+                    )
+                protected = self.protect(from_pil(item)[None], seeds=seed, callback=callback)
+                results.append(to_pil(protected.images[0]))
+            else:
+                batch = item if item.ndim == 4 else item[None]
+                out = self.protect(batch, seeds=seed, callback=callback).images
+                results.append(out if item.ndim == 4 else out[0])
         return results[0] if single else results
 
     def protect(
@@ -172,6 +209,8 @@ class Protector:
             callback: ``callback(step, total_steps)`` after every step, for progress bars.
         """
         _check_images(images)
+        if seeds is not None and len(seeds) != len(images):
+            raise ValueError(f"`seeds` has {len(seeds)} seeds for a batch of {len(images)}.")
         with deterministic_algorithms(self.deterministic, device=self.model.device):
             return self._protect(images, seeds, callback)
 
@@ -300,14 +339,34 @@ def _stack(draw: Callable[[torch.Generator], Tensor], generators) -> Tensor:
     return torch.stack([draw(g) for g in generators])
 
 
+MIN_SIDE = 8  # pixels: the VAE downsamples by 8
+
+
 def _check_images(images: Tensor) -> None:
+    if not isinstance(images, Tensor):
+        raise TypeError(f"`images` must be a tensor; got {type(images).__name__}.")
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"`images` must have shape (N, 3, H, W); got {tuple(images.shape)}.")
+    if min(images.shape[-2:]) < MIN_SIDE:
+        raise ValueError(
+            f"`images` must be at least {MIN_SIDE} pixels a side; got {tuple(images.shape[-2:])}."
+        )
+    if not images.is_floating_point():
+        raise ValueError(f"`images` must be floats in [0, 1]; got {images.dtype} (divide by 255).")
     if images.min() < 0 or images.max() > 1:
         raise ValueError("`images` must be in [0, 1] (use PIL images or divide uint8 by 255).")
 
 
 def _as_tensor01(image) -> Tensor:
-    if isinstance(image, Tensor):
-        return image.float()
-    return from_pil(image)
+    """A target image as (3, H, W) floats in [0, 1]: a tensor (uint8 is divided by 255, a
+    batch of one unwrapped) or a PIL image."""
+    if not isinstance(image, Tensor):
+        return from_pil(image)
+    if image.ndim == 4 and image.shape[0] == 1:
+        image = image[0]
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"`target` must have shape (3, H, W); got {tuple(image.shape)}.")
+    image = image.float() / 255 if not image.is_floating_point() else image.float()
+    if image.min() < 0 or image.max() > 1:
+        raise ValueError("`target` must be in [0, 1] (a uint8 tensor is divided by 255).")
+    return image
