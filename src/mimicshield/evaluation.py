@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .images import IMAGE_SUFFIXES, ImageFileError, load_image, save_png
-from .metrics import LPIPS, json_number, psnr, ssim
+from .metrics import LPIPS, json_number, linf_255, psnr, ssim
 from .mimicry import Mimicry, MimicrySettings, Variant, fit_image
 
 __all__ = [
@@ -245,7 +245,9 @@ def resolve_lpips_weights(path: str | Path | None = None) -> Path:
     cached = default_lpips_cache()
     if cached.is_file():
         return cached
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+    from .models import hub_offline
+
+    if hub_offline():
         raise FileNotFoundError(
             f"No LPIPS weights: pass --lpips-weights PATH or set {LPIPS_WEIGHTS_ENV} "
             "(HF_HUB_OFFLINE is set, so they are not downloaded)."
@@ -646,7 +648,7 @@ def evaluate(
             else:
                 values = suite.compare(protected, reference)
                 values.pop("clip", None)
-                values["linf_255"] = float((protected - reference).abs().max() * 255)
+                values["linf_255"] = float(linf_255(protected[None], reference[None])[0])
                 add(m.name, None, key, values)
             fitted[m.name][key] = fit(protected)
             perturbation = ((protected - reference) * 10 + 0.5).clamp(0, 1)

@@ -175,7 +175,11 @@ def sdedit_latents(
 
 
 def decode(model: LatentDiffusion, latents: Tensor) -> Tensor:
-    """D(z / scaling_factor), mapped from [-1, 1] to [0, 1] and clamped."""
+    """D(z / scaling_factor), mapped from [-1, 1] to [0, 1] and clamped. An adapter with a
+    ``decode`` of its own (TAEF2's) decodes its latents itself."""
+    if callable(getattr(model, "decode", None)):
+        with torch.no_grad():
+            return ((model.decode(latents).float() + 1) / 2).clamp(0, 1)
     _require_decoder(model)
     with torch.no_grad():
         x = model.vae.decode((latents / model.scaling_factor).to(model.vae_dtype)).sample
@@ -183,12 +187,13 @@ def decode(model: LatentDiffusion, latents: Tensor) -> Tensor:
 
 
 def _require_decoder(model: LatentDiffusion) -> None:
-    if getattr(model.vae, "decoder", None) is None:
+    if getattr(getattr(model, "vae", None), "decoder", None) is None:
         raise ValueError("Mimicry needs the VAE decoder: load the model with with_decoder=True.")
 
 
-def _per_image_noise(shape: Sequence[int], batch: int, seed: int, device) -> Tensor:
-    """One draw per image from its own generator, so the draws do not depend on the batch."""
+def per_image_noise(shape: Sequence[int], batch: int, seed: int, device) -> Tensor:
+    """N(0, 1) of ``shape`` for each of ``batch`` images, each drawn from its own generator
+    seeded with ``seed``, so an image's draw does not depend on the batch it is in."""
     draws = [
         torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed))
         for _ in range(batch)
@@ -218,7 +223,7 @@ def sdedit(
     x = images.to(model.device, torch.float32) * 2 - 1
     with deterministic_algorithms(device=model.device), torch.no_grad():
         z0 = model.encode(x)
-        noise = _per_image_noise(z0.shape[1:], z0.shape[0], seed, z0.device)
+        noise = per_image_noise(z0.shape[1:], z0.shape[0], seed, z0.device)
         cond = model.condition(prompt, z0.shape[0], images.shape[-2], images.shape[-1])
         steps = model_timesteps(model, strength, num_steps)
         z = sdedit_latents(model, z0, noise, cond, steps, multistep=multistep, callback=callback)

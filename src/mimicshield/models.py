@@ -447,6 +447,11 @@ def prepare_components(
     return vae_dtype
 
 
+def hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` is set, in the truthy spellings huggingface_hub accepts."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
 def load_models(
     source: str = DEFAULT_MODEL,
     *,
@@ -479,9 +484,7 @@ def load_models(
     torch_device = resolve_device(device)
     torch_dtype = check_mps_dtype(resolve_dtype(dtype, torch_device), torch_device)
     if local_files_only is None:
-        # the same truthy spellings huggingface_hub accepts for HF_HUB_OFFLINE
-        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().upper()
-        local_files_only = offline in ("1", "ON", "YES", "TRUE")
+        local_files_only = hub_offline()
 
     if family is not None:
         from .families import get_family

@@ -18,6 +18,7 @@ from .defaults import DEFAULT_METHOD
 from .ensemble import members, weighted_direction
 from .images import from_pil, to_pil
 from .methods import SDST_DEFAULT_R, StepInputs, get_method
+from .metrics import linf_255
 from .reproducibility import deterministic_algorithms
 from .robust import EOT, parse_robust
 from .targets import target_pattern
@@ -275,8 +276,7 @@ class Protector:
         clean = images.detach().to(device="cpu", dtype=torch.float32)
         if cfg.quantize_levels:
             protected = quantize_within_budget(protected, clean, cfg.eps, cfg.quantize_levels)
-        linf = (protected - clean).abs().flatten(1).amax(1) * 255
-        return ProtectionOutput(images=protected, linf_255=linf)
+        return ProtectionOutput(images=protected, linf_255=linf_255(protected, clean))
 
     # --- helpers ----------------------------------------------------------------------------
 

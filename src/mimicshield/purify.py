@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .resolution import pad_to_multiple
+
 __all__ = [
     "PURIFICATIONS",
     "NotApplicableError",
@@ -49,7 +51,6 @@ __all__ = [
 WORK_SIZE = 512  # SD 1.x's training resolution: what a mimic resizes to first
 NOISE_SIGMA = 4 / 255
 SDEDIT_STRENGTH = 0.1
-LATENT_MULTIPLE = 8
 
 
 class NotApplicableError(ValueError):
@@ -116,12 +117,9 @@ def gaussian_noise(images: Tensor, sigma: float = NOISE_SIGMA, seed: int = 0) ->
 
     The same seed for every image keeps a result independent of the batch it is in.
     """
-    noise = torch.stack(
-        [
-            torch.randn(images.shape[1:], generator=torch.Generator().manual_seed(seed))
-            for _ in range(images.shape[0])
-        ]
-    )
+    from .mimicry import per_image_noise
+
+    noise = per_image_noise(images.shape[1:], images.shape[0], seed, images.device)
     return (images + sigma * noise.to(images)).clamp(0, 1)
 
 
@@ -228,16 +226,6 @@ def adverse_cleaner(
 # --- model-based purifications ------------------------------------------------------------------
 
 
-def _pad_to_multiple(images: Tensor, multiple: int = LATENT_MULTIPLE) -> Tensor:
-    """Mirror-pad bottom/right so the VAE sees whole latent cells; the caller crops back."""
-    height, width = images.shape[-2:]
-    pad_h, pad_w = -height % multiple, -width % multiple
-    if not pad_h and not pad_w:
-        return images
-    mode = "reflect" if pad_h < height and pad_w < width else "replicate"
-    return F.pad(images, (0, pad_w, 0, pad_h), mode=mode)
-
-
 def has_decoder(model) -> bool:
     """Whether ``model`` can decode: TAEF2's adapter, or an SD model loaded ``with_decoder``."""
     if callable(getattr(model, "decode", None)):
@@ -246,22 +234,16 @@ def has_decoder(model) -> bool:
     return vae is not None and getattr(vae, "decoder", None) is not None
 
 
-def _decode01(model, latents: Tensor) -> Tensor:
-    """D(z) in [0, 1] for either adapter (TAEF2 has ``decode``; SD goes through its VAE)."""
-    if callable(getattr(model, "decode", None)):
-        return ((model.decode(latents) + 1) / 2).clamp(0, 1)
-    sample = model.vae.decode((latents / model.scaling_factor).to(model.vae_dtype)).sample
-    return ((sample.float() + 1) / 2).clamp(0, 1)
-
-
 @torch.no_grad()
 def vae_roundtrip(images: Tensor, model) -> Tensor:
     """D(E(x)) with the posterior mean: what every latent-diffusion edit starts from."""
     if model is None or not has_decoder(model):
         raise NotApplicableError("The VAE round trip needs a model loaded with its decoder.")
     height, width = images.shape[-2:]
-    x = _pad_to_multiple(images.to(model.device, torch.float32)) * 2 - 1
-    out = _decode01(model, model.encode(x))
+    from .mimicry import decode
+
+    x = pad_to_multiple(images.to(model.device, torch.float32)) * 2 - 1
+    out = decode(model, model.encode(x))
     return out[..., :height, :width].to(images)
 
 
@@ -276,7 +258,7 @@ def sdedit_purify(
     from .mimicry import sdedit
 
     height, width = images.shape[-2:]
-    out = sdedit(model, _pad_to_multiple(images), strength, multistep=True, seed=seed)
+    out = sdedit(model, pad_to_multiple(images), strength, multistep=True, seed=seed)
     return out[..., :height, :width].to(images)
 
 

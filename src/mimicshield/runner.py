@@ -46,7 +46,7 @@ from .images import (
     to_array,
     write_atomically,
 )
-from .metrics import json_number, number_from_json, psnr, ssim
+from .metrics import json_number, linf_255, number_from_json, psnr, ssim
 from .protector import Protector
 from .resolution import (
     padded_shape,
@@ -589,7 +589,7 @@ def _save(
         bits=8 if job.plan.levels == 255 else 16,
         psnr=float(psnr(final[None], clean[None])[0]),
         ssim=_defined(float(ssim(final[None], clean[None])[0])),
-        linf_255=float((final - clean).abs().max() * 255),
+        linf_255=float(linf_255(final[None], clean[None])[0]),
         seconds=round(seconds, 3),
         note="; ".join(notes) or None,
         settings=settings,
