@@ -108,6 +108,7 @@ def test_a_failed_capture_falls_back_to_eager_steps(model, one_thread, caplog):
     assert graphed.failed and "CUDA graphs are off" in caplog.text
     torch.testing.assert_close(got, direction(model, x, inputs))
     torch.testing.assert_close(graphed(model, x, inputs), direction(model, x, inputs))
+    assert graphed.replays == 0  # what the bench and check_reproducibility.py look at
 
 
 def test_protector_with_cuda_graphs_protects_the_same(model, monkeypatch, one_thread):
@@ -120,8 +121,10 @@ def test_protector_with_cuda_graphs_protects_the_same(model, monkeypatch, one_th
         "GraphedDirection",
         lambda direction: GraphedDirection(direction, graph_api=graphs),
     )
-    replayed = Protector(model, "sds-", steps=3, cuda_graphs=True)(images)
+    protector = Protector(model, "sds-", steps=3, cuda_graphs=True)
+    replayed = protector(images)
     assert graphs.records == 1
+    assert protector.graph_replays == 2  # the first step ran eagerly and was recorded
     torch.testing.assert_close(replayed, eager, rtol=0, atol=0)
 
 

@@ -611,6 +611,8 @@ def time_engine(
     clock = StepClock(model.device)
     protector = make(steps=steps + 1)
     protector.protect(images, callback=lambda step, total: clock.mark())
+    if cuda_graphs and protector.graph_replays == 0:  # else the row would time eager steps
+        raise RuntimeError("CUDA graphs never replayed (not CUDA, or the capture fell back)")
     # marks after each step: ``steps`` intervals, the first step untimed
     return StepTimes(clock.intervals_ms(), clock.cpu_intervals_ms(), first_step_s)
 

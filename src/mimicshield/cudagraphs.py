@@ -47,6 +47,7 @@ class GraphedDirection:
         self.direction = direction
         self.graph_api = graph_api if graph_api is not None else _TorchCudaGraphs()
         self.failed = False
+        self.replays = 0  # steps served by a graph: 0 after a run means it fell back to eager
         self._key: tuple | None = None
         self._graph = None
         self._static_x: Tensor | None = None
@@ -66,6 +67,7 @@ class GraphedDirection:
                 getattr(self._static_inputs, name).copy_(value)
         with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
             self._graph.replay()
+        self.replays += 1
         return self._static_out.clone()
 
     def _record(self, key: tuple, model, x: Tensor, inputs: StepInputs) -> Tensor:

@@ -128,7 +128,9 @@ class GroupNormSiLU(torch.nn.GroupNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         if torch.is_grad_enabled() and input.requires_grad:
-            return checkpoint(self._norm_silu, input, use_reentrant=False)
+            # no random numbers inside: saving and restoring the RNG state every call is waste
+            # (and reads the CUDA generator, which a graph capture must not)
+            return checkpoint(self._norm_silu, input, use_reentrant=False, preserve_rng_state=False)
         return self._norm_silu(input)
 
     def _norm_silu(self, input: Tensor) -> Tensor:

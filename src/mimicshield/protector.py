@@ -149,6 +149,8 @@ class Protector:
         self.config = ProtectionConfig(method=method, **config)
         self.target = _as_tensor01(target) if target is not None else None
         self._latent_cache: dict[tuple[int, int, int], Tensor] = {}
+        # steps of the last protect() replayed from a CUDA graph (0: none, or graphs off)
+        self.graph_replays = 0
 
     @property
     def method(self):
@@ -272,6 +274,7 @@ class Protector:
         x_adv = projected_sign_steps(
             x0, direction, eps=eps, step_size=alpha, steps=cfg.steps, start=start, callback=on_step
         )
+        self.graph_replays = getattr(direction_fn, "replays", 0)
         protected = ((x_adv + 1) / 2).cpu()
         clean = images.detach().to(device="cpu", dtype=torch.float32)
         if cfg.quantize_levels:

@@ -182,6 +182,7 @@ def evaluate(
             progress=progress,
         )
     result.settings["model"] = model
+    result.settings["inpaint_model"] = inpaint_model if "inpaint" in settings.scenarios else None
     add_surviving_distortion(
         result, clean_dir, protected_dirs, purifications, mimicry.model, mimicry.settings.resolution
     )

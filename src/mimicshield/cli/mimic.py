@@ -182,6 +182,11 @@ def load_mimicry(
                     f"--inpaint-model: {error} (For the inpainting model that option is "
                     "--inpaint-model-config.)"
                 ) from None
+    elif "inpaint" in settings.scenarios:
+        err.print(
+            "[yellow]note[/yellow] inpaint runs the main model, which blends the kept region "
+            "back at each step; attackers use an inpainting checkpoint (--inpaint-model)."
+        )
     return Mimicry(loaded, settings, inpaint_model=inpainter)
 
 
@@ -369,6 +374,7 @@ def mimic(
     record = {
         "mimicshield_version": __version__,
         "model": model,
+        "inpaint_model": inpaint_model if "inpaint" in settings.scenarios else None,
         "inputs": mimicked,
         "settings": settings.to_dict(),
         "outputs": outputs,
