@@ -184,6 +184,47 @@ def test_img2img_and_inpaint_pipelines(tiny_model_with_decoder, tmp_path, images
     assert legacy.shape == (1, 3, 32, 32)
 
 
+def test_textual_inversion_varies_its_prompt_and_flips_images_as_attackers_do(
+    tiny_model_with_decoder, images, monkeypatch
+):
+    """Each step: one of the templates, and the image flipped half the time; and the embedding
+    that comes out is the new token's row moved from its start."""
+    model = tiny_model_with_decoder
+    prompts, seen = [], []
+    conditioning, loss = M._ti_conditioning, M._denoising_loss
+
+    def spy_conditioning(model, placeholders, ids, size):
+        prompts.append(tuple(ids[0].flatten().tolist()))
+        return conditioning(model, placeholders, ids, size)
+
+    def spy_loss(model, chosen, cond, generator):
+        seen.append(chosen.clone())
+        return loss(model, chosen, cond, generator)
+
+    monkeypatch.setattr(M, "_ti_conditioning", spy_conditioning)
+    monkeypatch.setattr(M, "_denoising_loss", spy_loss)
+    start = (
+        model.text_encoder.get_input_embeddings()
+        .weight[model.tokenizer.convert_tokens_to_ids("art")]
+        .clone()
+    )
+    schedule = M.TrainingSchedule(steps=16, learning_rate=1e-2, batch_size=2)
+    _, embedding = M.textual_inversion_mimicry(
+        model, images, schedule, num_samples=1, num_inference_steps=1
+    )
+    assert len(set(prompts)) > 3  # several phrasings of the token
+    per_image = [
+        bool(torch.equal(x[i], images[j].flip(-1)))
+        for x in seen
+        for i in range(2)
+        for j in range(2)
+        if torch.equal(x[i], images[j].flip(-1)) or torch.equal(x[i], images[j])
+    ]
+    assert len(per_image) == 2 * len(seen)  # each image as it is or mirrored, nothing else
+    assert 0 < sum(per_image) < len(per_image)  # both happen
+    assert not torch.allclose(embedding, start)  # the new row learned
+
+
 def test_textual_inversion_and_lora_leave_the_model_unchanged(tiny_model_with_decoder, images):
     model = tiny_model_with_decoder
     vocabulary = len(model.tokenizer)

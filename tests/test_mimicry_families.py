@@ -354,7 +354,14 @@ def test_sdxl_textual_inversion_conditions_the_unet_as_model_condition_does_with
     sampled_with = _spy_generate(monkeypatch)
     calls = _spy_unet(model, monkeypatch)
     schedule = M.TrainingSchedule(steps=2, learning_rate=0.0)
-    M.textual_inversion_mimicry(model, images, schedule, num_samples=1, num_inference_steps=2)
+    M.textual_inversion_mimicry(  # trained on the prompt it samples with, to compare the two
+        model,
+        images,
+        schedule,
+        training_templates=("an image in the style of {}",),
+        num_samples=1,
+        num_inference_steps=2,
+    )
 
     (used,) = sampled_with
     for suffix in ("", "_2"):  # each new row starts at the mean of the initializer's rows

@@ -700,6 +700,22 @@ def _ti_conditioning(
 
 
 TI_TOKEN = "<mimicshield>"
+# Textual inversion as attackers train it (diffusers' example, for a style): each step phrases
+# the token in a randomly chosen prompt and flips the image half the time, so the embedding
+# learns the style rather than one sentence or one orientation.
+TI_TRAINING_TEMPLATES = (
+    "an image in the style of {}",
+    "a painting in the style of {}",
+    "a picture in the style of {}",
+    "artwork in the style of {}",
+    "a rendering in the style of {}",
+    "a close-up image in the style of {}",
+    "a cropped picture in the style of {}",
+    "a small painting in the style of {}",
+    "a large picture in the style of {}",
+    "a nice image in the style of {}",
+)
+TI_FLIP_PROBABILITY = 0.5
 
 
 def textual_inversion_mimicry(
@@ -710,6 +726,8 @@ def textual_inversion_mimicry(
     token: str = TI_TOKEN,
     initializer: str = "art",
     template: str = "an image in the style of {}",
+    training_templates: Sequence[str] = TI_TRAINING_TEMPLATES,
+    flip_probability: float = TI_FLIP_PROBABILITY,
     num_samples: int = 4,
     guidance_scale: float = 7.5,
     num_inference_steps: int = 50,
@@ -719,6 +737,8 @@ def textual_inversion_mimicry(
     """Learn one token embedding on ``images``, then generate ``num_samples`` images with it.
 
     Works on copies of the tokenizer and text encoder, so the loaded model is left as it was.
+    Each step phrases the token in one of ``training_templates`` and flips the image
+    horizontally with ``flip_probability``, as attackers train it; the samples use ``template``.
     Returns the samples and the learned embedding: for SD 1.x/2.x one tensor of shape (hidden,).
 
     SDXL learns the token in both text encoders at once (the same token added to both
@@ -739,24 +759,30 @@ def textual_inversion_mimicry(
         pairs.append((model.tokenizer_2, model.text_encoder_2))
     placeholders = [_Placeholder.add(t, e, token, initializer) for t, e in pairs]
 
-    prompt = template.format(token)
-    ids = [model._tokens(p.tokenizer, prompt) for p in placeholders]
+    prompt = template.format(token)  # what the samples are generated with
+    phrasings = [t.format(token) for t in (training_templates or [template])]
+    ids = [[model._tokens(p.tokenizer, text) for p in placeholders] for text in phrasings]
     weights = [p.weight for p in placeholders]
     for weight in weights:
         weight.requires_grad_(True)
     optimizer = torch.optim.AdamW(weights, lr=schedule.learning_rate, weight_decay=0.0)
     generator = torch.Generator().manual_seed(schedule.seed)
+    augment = torch.Generator().manual_seed(schedule.seed + 1)  # prompts and flips: own stream
     size = (images.shape[2], images.shape[3])
     skipped = 0
     for step, batch in enumerate(
         _batches(len(images), schedule.batch_size, schedule.steps, generator)
     ):
-        cond = _ti_conditioning(model, placeholders, ids, size)
+        phrasing = int(torch.randint(len(ids), (), generator=augment))
+        cond = _ti_conditioning(model, placeholders, ids[phrasing], size)
         if isinstance(cond, Conditioning):
             cond = cond.expand(len(batch))
         else:
             cond = cond.expand(len(batch), -1, -1)
-        loss = _denoising_loss(model, images[batch], cond, generator)
+        flips = torch.rand(len(batch), generator=augment) < flip_probability
+        chosen = images[batch]
+        chosen = torch.where(flips.view(-1, 1, 1, 1).to(chosen.device), chosen.flip(-1), chosen)
+        loss = _denoising_loss(model, chosen, cond, generator)
         if _scaled_backward(loss, weights, loss_scale(model)):
             optimizer.step()
         else:
