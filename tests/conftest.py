@@ -53,6 +53,24 @@ def tiny_model_with_decoder(tiny_model_dir):
     return load_models(str(tiny_model_dir), device="cpu", dtype="fp32", with_decoder=True)
 
 
+@pytest.fixture(scope="session")
+def tiny_family_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Tiny SD 2.x-v and SDXL models with the real config shapes, saved as diffusers saves
+    them: built once for every test module that loads another family."""
+    from mimicshield.testing import save_tiny_family_model
+
+    root = tmp_path_factory.mktemp("families")
+    return {name: save_tiny_family_model(root / name, name) for name in ("sd2-v", "sdxl")}
+
+
+def assert_one_line(error: pytest.ExceptionInfo, *needles: str) -> None:
+    """The error is one line (what the CLI prints) and names each of ``needles``."""
+    message = str(error.value)
+    assert "\n" not in message, message
+    for needle in needles:
+        assert needle in message, message
+
+
 @pytest.fixture
 def images_8bit() -> torch.Tensor:
     """Two 32x32 images on the 8-bit grid, in [0, 1], as decoded image files are."""

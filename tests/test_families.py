@@ -14,6 +14,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import assert_one_line
 from diffusers import DDPMScheduler
 from safetensors.torch import save_file
 from typer.testing import CliRunner
@@ -35,16 +36,15 @@ from mimicshield.models import (
     load_models,
 )
 from mimicshield.protector import Protector
-from mimicshield.testing import copy_tiny_model, save_tiny_family_model, save_tiny_single_file
+from mimicshield.testing import copy_tiny_model, save_tiny_single_file
 
 CPU = {"device": "cpu", "dtype": "fp32", "local_files_only": True}
 PROMPT = "a photo of a cat"
 
 
 @pytest.fixture(scope="module")
-def family_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("families")
-    return {name: save_tiny_family_model(root / name, name) for name in ("sd2-v", "sdxl")}
+def family_dirs(tiny_family_dirs):
+    return tiny_family_dirs
 
 
 @pytest.fixture(scope="module")
@@ -55,13 +55,6 @@ def sd2v(family_dirs):
 @pytest.fixture(scope="module")
 def sdxl(family_dirs):
     return load_models(str(family_dirs["sdxl"]), **CPU)
-
-
-def _one_line(error: pytest.ExceptionInfo, *needles: str) -> None:
-    message = str(error.value)
-    assert "\n" not in message, message
-    for needle in needles:
-        assert needle in message, message
 
 
 def _frozen(model) -> bool:
@@ -114,7 +107,7 @@ def test_sd2_base_is_told_apart_by_its_scheduler_and_family_overrides_it(family_
 def test_family_cannot_turn_sdxl_into_sd(family_dirs):
     with pytest.raises(ModelLoadError) as error:
         load_models(str(family_dirs["sdxl"]), family="sd1", **CPU)
-    _one_line(error, "--family sd1", "SDXL")
+    assert_one_line(error, "--family sd1", "SDXL")
     with pytest.raises(ValueError, match="sd2-base"):
         load_models(str(family_dirs["sdxl"]), family="sd3", **CPU)
 
@@ -237,7 +230,7 @@ def test_checkpoint_schedule_reads_the_marker_keys(markers, settings):
 def test_edm_single_files_are_refused(markers):
     with pytest.raises(UnsupportedModelError) as error:
         checkpoint_schedule(["model.diffusion_model.x", *markers], "pg.safetensors")
-    _one_line(error, "pg.safetensors", "EDM")
+    assert_one_line(error, "pg.safetensors", "EDM")
 
 
 # ------------------------------------------------------------------ detection from files
@@ -309,7 +302,7 @@ def test_transformer_and_flow_matching_folders_are_refused(index, subfolder, nee
     (tmp_path / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(UnsupportedModelError) as error:
         load_models(str(tmp_path), **CPU)
-    _one_line(error, *needles)
+    assert_one_line(error, *needles)
 
 
 @pytest.mark.parametrize(
@@ -328,7 +321,7 @@ def test_transformer_single_files_are_refused(key, name, tmp_path):
     save_file(state, path)
     with pytest.raises(UnsupportedModelError) as error:
         load_models(str(path), **CPU)
-    _one_line(error, name)
+    assert_one_line(error, name)
 
 
 # ------------------------------------------------------------------ v-prediction

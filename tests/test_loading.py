@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+from conftest import assert_one_line
 
 from mimicshield.models import (
     ModelLoadError,
@@ -95,13 +96,6 @@ def _assert_frozen(model) -> None:
         assert not any(p.requires_grad for p in module.parameters())
 
 
-def _assert_one_line(error: pytest.ExceptionInfo, *needles: str) -> None:
-    message = str(error.value)
-    assert "\n" not in message
-    for needle in needles:
-        assert needle in message
-
-
 # ------------------------------------------------------------------ diffusers folder
 
 
@@ -162,10 +156,10 @@ def test_single_file_without_config_offline_is_one_clear_line(single_files, tmp_
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # local_files_only=None follows the environment
     with pytest.raises(ModelLoadError) as error:
         load_models(str(single_files[".safetensors"]), device="cpu", dtype="fp32")
-    _assert_one_line(error, "--model-config", "offline")
+    assert_one_line(error, "--model-config", "offline")
     with pytest.raises(ModelLoadError) as error:  # a hub id as config, not cached: same answer
         load_models(str(single_files[".ckpt"]), single_file_config="org/sd-config", **CPU)
-    _assert_one_line(error, "--model-config", "org/sd-config")
+    assert_one_line(error, "--model-config", "org/sd-config")
 
 
 def test_single_file_without_config_offline_uses_a_cached_config(
@@ -195,7 +189,7 @@ def test_single_file_without_config_offline_uses_a_cached_config(
 def test_single_file_config_folder_must_exist(single_files):
     with pytest.raises(ModelLoadError) as error:
         load_models(str(single_files[".ckpt"]), single_file_config="./no-such-config", **CPU)
-    _assert_one_line(error, "no-such-config")
+    assert_one_line(error, "no-such-config")
 
 
 def test_single_file_weights_come_only_from_the_file(single_files, config_dir, tmp_path):
@@ -209,7 +203,7 @@ def test_single_file_weights_come_only_from_the_file(single_files, config_dir, t
         load_models(
             str(tmp_path / "no-text.safetensors"), single_file_config=str(config_dir), **CPU
         )
-    _assert_one_line(error, "--model-config")
+    assert_one_line(error, "--model-config")
 
 
 def test_corrupt_single_file_is_one_clear_line(config_dir, tmp_path):
@@ -217,7 +211,7 @@ def test_corrupt_single_file_is_one_clear_line(config_dir, tmp_path):
     path.write_bytes(b"\x00" * 64)
     with pytest.raises(ModelLoadError) as error:
         load_models(str(path), single_file_config=str(config_dir), **CPU)
-    _assert_one_line(error, "broken.safetensors")
+    assert_one_line(error, "broken.safetensors")
 
 
 def test_single_file_prediction_type_comes_from_the_config(single_files, config_dir, tmp_path):
@@ -232,7 +226,7 @@ def test_single_file_prediction_type_comes_from_the_config(single_files, config_
     )
     with pytest.raises(UnsupportedModelError) as error:
         load_models(str(single_files[".safetensors"]), single_file_config=str(x_config), **CPU)
-    _assert_one_line(error, "sample")
+    assert_one_line(error, "sample")
 
 
 # ------------------------------------------------------------------ the checkpoint's own configs
@@ -310,7 +304,7 @@ def test_noise_processes_and_latent_spaces_the_maths_does_not_cover_are_refused(
     (folder / "model_index.json").unlink(missing_ok=True)
     with pytest.raises(UnsupportedModelError) as error:
         load_models(str(folder), **CPU)
-    _assert_one_line(error, needle)
+    assert_one_line(error, needle)
 
 
 @pytest.mark.parametrize("prediction_type", ["sample", "x0"])
@@ -320,7 +314,7 @@ def test_unknown_prediction_types_are_refused(prediction_type, tiny_model_dir, t
     )
     with pytest.raises(UnsupportedModelError) as error:
         load_models(str(folder), **CPU)
-    _assert_one_line(error, prediction_type, "epsilon")
+    assert_one_line(error, prediction_type, "epsilon")
 
 
 @pytest.mark.parametrize(
@@ -412,7 +406,7 @@ def test_unavailable_or_unknown_device_is_a_value_error(monkeypatch):
 def test_unknown_dtype_names_the_allowed_values():
     with pytest.raises(ValueError) as error:
         resolve_dtype("fp8", torch.device("cpu"))
-    _assert_one_line(error, "'fp8'", "auto", "fp32", "fp16", "bf16")
+    assert_one_line(error, "'fp8'", "auto", "fp32", "fp16", "bf16")
     with pytest.raises(ValueError):
         load_models("unused", device="cpu", dtype="half-ish")
 
@@ -424,11 +418,11 @@ def test_unknown_dtype_names_the_allowed_values():
 def test_hub_id_offline_says_how_to_pass_a_local_path(monkeypatch):
     with pytest.raises(ModelLoadError) as error:
         load_models("nobody-here/no-such-model", **CPU)
-    _assert_one_line(error, "nobody-here/no-such-model", "offline", "--model PATH")
+    assert_one_line(error, "nobody-here/no-such-model", "offline", "--model PATH")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError) as error:
         load_models("nobody-here/no-such-model", device="cpu", dtype="fp32")
-    _assert_one_line(error, "--model PATH")
+    assert_one_line(error, "--model PATH")
 
 
 @pytest.mark.parametrize(
@@ -437,18 +431,18 @@ def test_hub_id_offline_says_how_to_pass_a_local_path(monkeypatch):
 def test_missing_path_is_a_clear_error(source):
     with pytest.raises(ModelLoadError) as error:
         load_models(source, **CPU)
-    _assert_one_line(error, source, "no such")
+    assert_one_line(error, source, "no such")
 
 
 def test_paths_that_are_not_models(tmp_path):
     (tmp_path / "weights.bin").write_bytes(b"")
     with pytest.raises(ModelLoadError) as error:
         load_models(str(tmp_path / "weights.bin"), **CPU)
-    _assert_one_line(error, ".safetensors/.ckpt")
+    assert_one_line(error, ".safetensors/.ckpt")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError) as error:
         load_models(str(tmp_path / "empty"), **CPU)
-    _assert_one_line(error, "not a Stable Diffusion diffusers folder", "unet")
+    assert_one_line(error, "not a Stable Diffusion diffusers folder", "unet")
 
 
 def test_a_loaded_model_prints_in_one_short_line(tiny_model):

@@ -20,7 +20,7 @@ from mimicshield import mimicry as M
 from mimicshield.methods import eps_from_v_prediction
 from mimicshield.models import ZERO_SNR_FLOOR, load_models
 from mimicshield.purify import sdedit_purify
-from mimicshield.testing import copy_tiny_model, save_tiny_family_model
+from mimicshield.testing import copy_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,9 +29,8 @@ HEIGHT, WIDTH = 48, 32  # not square, so the time ids show which side is which
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mimicry-families")
-    return {name: save_tiny_family_model(root / name, name) for name in ("sd2-v", "sdxl")}
+def folders(tiny_family_dirs):
+    return tiny_family_dirs
 
 
 @pytest.fixture(scope="module")
