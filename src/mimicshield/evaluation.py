@@ -582,30 +582,7 @@ def evaluate(
         headline=headline,
         notes=[FD_LPIPS_NOTE],
     )
-    if suite.inception is None:
-        result.notes.append("FID and precision/recall were not computed: no --fid-weights given.")
-    elif len(clean.files) < FID_RELIABLE_IMAGES:
-        result.notes.append(
-            f"FID here compares {len(clean.files)} images per set; FID is biased upward on few "
-            f"samples (papers use thousands, and below {FID_RELIABLE_IMAGES} its covariance is "
-            "rank-deficient): compare it only between sources of this run, never with "
-            "published values."
-        )
-    if suite.clip is None:
-        result.notes.append("CLIP similarity was not computed: no --clip model given.")
-    for source in (clean, *methods):
-        for left_out, kept in source.ambiguous:
-            result.warnings.append(
-                f"{left_out}: left out, {kept.name} has the same name without its suffix "
-                "(rename one to evaluate both)."
-            )
-            result.left_out.append(str(left_out))
-    for m in methods:
-        if m.missing:
-            result.warnings.append(
-                f"{m.name}: {len(m.missing)} clean image(s) have no protected copy and are "
-                f"skipped for it: {', '.join(m.missing[:5])}{' ...' if len(m.missing) > 5 else ''}"
-            )
+    _describe_inputs(result, suite, clean, methods)
 
     def add(source: str, variant: Variant | None, image: str | None, values: dict) -> None:
         scenario = variant.scenario if variant else "imperceptibility"
@@ -658,11 +635,7 @@ def evaluate(
                 clean=thumbnail(reference, thumbnail_size),
                 protected=thumbnail(protected, thumbnail_size),
                 perturbation=thumbnail(perturbation, thumbnail_size),
-                numbers={
-                    r.metric: r.value
-                    for r in result.records
-                    if r.source == m.name and r.image == key and r.scenario == "imperceptibility"
-                },
+                numbers=_numbers(result, m.name, key, Variant("imperceptibility")),
             )
             progress.advance()
         _require_images(m)
@@ -681,33 +654,13 @@ def evaluate(
     for variant in variants:
         reference_outputs: dict[str, Tensor] = {}
         for source, keys in sources:
-            steps = mimicry.steps(variant)
-            if variant.paired:
-                progress.start(f"{variant.label} · {source}", len(keys) * steps)
-                outputs = {}
-                for key in keys:
-                    output = mimicry.run(
-                        variant, fitted[source][key], key, callback=lambda s, t: progress.advance()
-                    )
-                    outputs[key] = output
-                    save(source, variant, key, output)
-            else:
-                if len({tuple(fitted[source][k].shape) for k in keys}) > 1:
-                    raise ValueError(
-                        f"{variant.scenario} trains on images of one size; give --resolution N "
-                        "(not 0) when the images differ in size."
-                    )
-                progress.start(f"{variant.label} · {source}", steps)
-                images = torch.stack([fitted[source][k] for k in keys])
-                samples, _ = mimicry.run_set(
-                    variant, images, callback=lambda s, t: progress.advance()
-                )
-                outputs = {f"sample_{i:03d}": sample for i, sample in enumerate(samples)}
-                for name, sample in outputs.items():
-                    save(source, variant, name, sample)
-                result.galleries.append(
-                    Gallery(source, variant.key, [thumbnail(s, thumbnail_size) for s in samples])
-                )
+            images = {key: fitted[source][key] for key in keys}
+            outputs = _mimic(mimicry, variant, source, images, progress)
+            for name, output in outputs.items():
+                save(source, variant, name, output)
+            if not variant.paired:
+                thumbnails = [thumbnail(sample, thumbnail_size) for sample in outputs.values()]
+                result.galleries.append(Gallery(source, variant.key, thumbnails))
             if source == CLEAN:
                 reference_outputs = outputs
             _measure(result, suite, variant, source, outputs, reference_outputs, fitted[CLEAN], add)
@@ -716,16 +669,76 @@ def evaluate(
                     row = rows[(source, key)]
                     row.mimic_clean = thumbnail(reference_outputs[key], thumbnail_size)
                     row.mimic_protected = thumbnail(output, thumbnail_size)
-                    for r in result.records:
-                        if (r.source, r.image, r.scenario, r.strength) == (
-                            source,
-                            key,
-                            variant.scenario,
-                            variant.strength,
-                        ):
-                            row.numbers[r.metric] = r.value
+                    row.numbers.update(_numbers(result, source, key, variant))
     result.rows = list(rows.values())
     return result
+
+
+def _describe_inputs(result: EvaluationResult, suite: MetricSuite, clean, methods) -> None:
+    """The notes on what is not measured, and warnings about the inputs, before any work."""
+    if suite.inception is None:
+        result.notes.append("FID and precision/recall were not computed: no --fid-weights given.")
+    elif len(clean.files) < FID_RELIABLE_IMAGES:
+        result.notes.append(
+            f"FID here compares {len(clean.files)} images per set; FID is biased upward on few "
+            f"samples (papers use thousands, and below {FID_RELIABLE_IMAGES} its covariance is "
+            "rank-deficient): compare it only between sources of this run, never with "
+            "published values."
+        )
+    if suite.clip is None:
+        result.notes.append("CLIP similarity was not computed: no --clip model given.")
+    for source in (clean, *methods):
+        for left_out, kept in source.ambiguous:
+            result.warnings.append(
+                f"{left_out}: left out, {kept.name} has the same name without its suffix "
+                "(rename one to evaluate both)."
+            )
+            result.left_out.append(str(left_out))
+    for m in methods:
+        if m.missing:
+            result.warnings.append(
+                f"{m.name}: {len(m.missing)} clean image(s) have no protected copy and are "
+                f"skipped for it: {', '.join(m.missing[:5])}{' ...' if len(m.missing) > 5 else ''}"
+            )
+
+
+def _mimic(
+    mimicry: Mimicry,
+    variant: Variant,
+    source: str,
+    images: dict[str, Tensor],
+    progress: ProgressSink,
+) -> dict[str, Tensor]:
+    """One source's mimicry outputs: per image for a paired scenario (keyed by image), else the
+    samples of the concept learned from all of them (``sample_000``, ...)."""
+    steps = mimicry.steps(variant)
+
+    def advance(_step: int, _total: int) -> None:
+        progress.advance()
+
+    if variant.paired:
+        progress.start(f"{variant.label} · {source}", len(images) * steps)
+        return {
+            key: mimicry.run(variant, image, key, callback=advance) for key, image in images.items()
+        }
+    if len({tuple(image.shape) for image in images.values()}) > 1:
+        raise ValueError(
+            f"{variant.scenario} trains on images of one size; give --resolution N "
+            "(not 0) when the images differ in size."
+        )
+    progress.start(f"{variant.label} · {source}", steps)
+    samples, _ = mimicry.run_set(variant, torch.stack(list(images.values())), callback=advance)
+    return {f"sample_{i:03d}": sample for i, sample in enumerate(samples)}
+
+
+def _numbers(result: EvaluationResult, source: str, image: str, variant: Variant) -> dict:
+    """The metrics recorded for one image of one source under one variant."""
+    wanted = (source, image, variant.scenario, variant.strength)
+    return {
+        r.metric: r.value
+        for r in result.records
+        if (r.source, r.image, r.scenario, r.strength) == wanted
+    }
 
 
 def _load_or_leave_out(source: Source, key: str, result: EvaluationResult) -> Tensor | None:
