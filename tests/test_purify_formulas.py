@@ -41,13 +41,15 @@ def random_images(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return torch.from_numpy(np.random.default_rng(seed).random(shape, dtype=np.float32))
 
 
-def pil_bicubic(images: torch.Tensor, size: tuple[int, int], box=None) -> np.ndarray:
-    """Pillow's BICUBIC resize of every (H, W) plane in float ("F") mode to ``size`` = (H, W)."""
+def pil_bicubic(images: torch.Tensor, size: tuple[int, int], crop=None) -> np.ndarray:
+    """Pillow's BICUBIC resize of every (H, W) plane in float ("F") mode to ``size`` = (H, W),
+    after ``Image.crop(crop)`` (left, top, right, bottom) if given."""
     planes = images.numpy().reshape(-1, *images.shape[-2:])
-    out = [
-        np.asarray(Image.fromarray(p, mode="F").resize(size[::-1], Image.BICUBIC, box=box))
-        for p in planes
-    ]
+    out = []
+    for plane in planes:
+        image = Image.fromarray(plane, mode="F")
+        image = image if crop is None else image.crop(crop)
+        out.append(np.asarray(image.resize(size[::-1], Image.BICUBIC)))
     return np.stack(out).reshape(*images.shape[:-2], *size)
 
 
@@ -65,7 +67,8 @@ def test_gaussian_kernel_is_opencvs_normalised_gaussian(sigma):
     want = cv2.getGaussianKernel(2 * radius + 1, sigma, cv2.CV_64F).ravel()
     np.testing.assert_allclose(kernel, want, rtol=1e-6, atol=1e-8)
     explicit = gaussian_kernel(sigma, radius=5).numpy()
-    np.testing.assert_allclose(explicit, cv2.getGaussianKernel(11, sigma, cv2.CV_64F).ravel())
+    want = cv2.getGaussianKernel(11, sigma, cv2.CV_64F).ravel()
+    np.testing.assert_allclose(explicit, want, rtol=1e-6, atol=1e-8)
 
 
 @pytest.mark.parametrize("sigma", [1.0, 1.7])
@@ -159,11 +162,13 @@ def test_resize_to_work_size_scales_the_shorter_side_and_keeps_the_aspect(height
 
 @pytest.mark.parametrize(("height", "width", "fraction"), [(50, 70, 0.2), (40, 60, 0.1)])
 def test_crop_resize_cuts_the_fraction_and_resizes_back(height, width, fraction):
-    """Half of fraction * side off each border, then bicubic back: Pillow's resize with a box."""
+    """Half of fraction * side off each border, then bicubic back: Pillow's crop, then resize
+    (the crop's edges are the borders: nothing outside it is sampled)."""
     images = random_images((2, 3, height, width), seed=7)
-    top, left = height * fraction / 2, width * fraction / 2  # whole numbers for these sizes
+    top, left = round(height * fraction / 2), round(width * fraction / 2)
+    assert (top, left) == (height * fraction / 2, width * fraction / 2)  # whole numbers here
     box = (left, top, width - left, height - top)
-    want = np.clip(pil_bicubic(images, (height, width), box=box), 0, 1)
+    want = np.clip(pil_bicubic(images, (height, width), crop=box), 0, 1)
     out = crop_resize(images, fraction)
     assert out.shape == images.shape
     np.testing.assert_allclose(out.numpy(), want, atol=1e-5)
