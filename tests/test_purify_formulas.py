@@ -31,8 +31,8 @@ from mimicshield.purify import (
     rescale,
     resize,
     resize_to_work_size,
-    surviving_distortion,
     survival_ratio,
+    surviving_distortion,
 )
 
 

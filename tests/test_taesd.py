@@ -1,7 +1,8 @@
 """TAEF2 tiny autoencoder: strict loading of the real weights, shapes, and round-trip quality.
 
 Measured round-trip PSNR on ``images/portrait/astronaut_eileen_collins.png`` (torch 2.13 CPU, fp32):
-- resized to 128x128 (Pillow BOX filter): 25.76 dB -> asserted >= 24.5 dB
+- resized to 128x128 (Pillow BOX filter): 25.76 dB -> asserted above a bicubic round trip
+  through half the resolution (24.86 dB), computed in the test
 - full 512x512: 31.19 dB (the research note says "about 31 dB") -> asserted >= 30.5 dB
 
 A wrong architecture is far off: ignoring the GroupNorm branch gives ~16 dB, other GroupNorm group
@@ -20,7 +21,6 @@ from mimicshield.metrics import psnr
 from mimicshield.taesd import TinyAutoencoder, TinyAutoencoderLatents, load_taef2
 
 ASTRONAUT = IMAGES / "portrait" / "astronaut_eileen_collins.png"
-PSNR_128_MIN = 24.5  # measured 25.76 dB
 PSNR_512_MIN = 30.5  # measured 31.19 dB
 
 
@@ -68,11 +68,15 @@ def test_latent_shape(taef2):
 
 
 @requires_assets
-def test_round_trip_psnr_128(taef2):
+def test_round_trip_psnr_128_beats_halving_the_resolution(taef2):
+    """An 8x-downsampling autoencoder with 32 latent channels keeps more than a bicubic round
+    trip through half the resolution does (a quarter of the pixels); computed here, not copied."""
     x = _astronaut(128)
     with torch.no_grad():
         value = psnr(taef2(x), x).item()
-    assert value >= PSNR_128_MIN
+    half = torch.nn.functional.interpolate(x, scale_factor=0.5, mode="bicubic", antialias=True)
+    baseline = psnr(torch.nn.functional.interpolate(half, size=(128, 128), mode="bicubic"), x)
+    assert value > baseline.item(), (value, baseline.item())
 
 
 @requires_assets
