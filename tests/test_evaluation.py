@@ -243,6 +243,34 @@ def _tiny_inception(path):
     return path
 
 
+def test_clip_preprocessing_is_what_transformers_gives_the_model():
+    """Resize the shorter side, centre-crop, normalise: against transformers' own (PIL)
+    CLIPImageProcessor on a non-square 8-bit image. Only the resampling filter differs (PIL's
+    bicubic against torch's antialiased one); a wrong crop, size or mean is off by far more."""
+    from PIL import Image
+    from transformers import CLIPImageProcessor
+
+    generator = torch.Generator().manual_seed(0)
+    smooth = torch.nn.functional.interpolate(
+        torch.rand(1, 3, 6, 9, generator=generator), size=(48, 72), mode="bilinear"
+    )
+    image = (smooth[0] * 255).round().byte()
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32)
+    expected = processor(Image.fromarray(image.permute(1, 2, 0).numpy()), return_tensors="pt")
+
+    class Recorder:
+        def get_image_features(self, pixel_values):
+            self.seen = pixel_values
+            return pixel_values.flatten(1)
+
+    recorder = Recorder()
+    mean, std = processor.image_mean, processor.image_std
+    ClipImageEmbedder(recorder, 32, mean, std, torch.device("cpu"))(image[None].float() / 255)
+    difference = (recorder.seen - expected["pixel_values"]).abs()
+    assert recorder.seen.shape == (1, 3, 32, 32)
+    assert difference.max() < 0.05 and difference.mean() < 0.01, difference.max()
+
+
 def test_clip_and_inception_from_local_files(tmp_path):
     clip = ClipImageEmbedder.from_pretrained(str(_tiny_clip(tmp_path / "clip")))
     images = torch.rand(2, 3, 40, 48)
