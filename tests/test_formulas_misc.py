@@ -115,13 +115,6 @@ def test_batches_are_consecutive_slices_of_seeded_permutations():
     assert other != first
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="mimicry._batches refills `order` with a single randperm(count) when it holds fewer "
-    "than batch_size indices (`if`, not `while`), so with batch_size > count every batch has "
-    "only `count` indices (count=2, batch_size=3 yields batches of 2). Latent: TrainingSchedule "
-    "always uses batch_size=1 today.",
-)
 def test_batches_are_full_even_when_the_batch_is_larger_than_the_image_set():
     """Each of the ``steps`` batches holds batch_size indices, also when batch_size > count."""
     batches = list(_batches(2, 3, 4, torch.Generator().manual_seed(0)))
@@ -155,7 +148,9 @@ def test_ramp_is_one_inside_and_linear_over_the_overlaps(start, tile, length, ov
     torch.testing.assert_close(
         weight, torch.tensor(_expected_ramp(start, tile, length, overlap)), rtol=0, atol=1e-7
     )
-    assert weight.min() > 0 and weight.max() == 1
+    assert weight.min() > 0
+    if tile >= 2 * overlap:  # else the two ramps meet below 1 (the narrow-tile case)
+        assert weight.max() == 1
 
 
 @pytest.mark.parametrize(("tile", "overlap"), [(64, 16), (56, 8), (1024, 64)])
@@ -183,8 +178,9 @@ class SeedRecorder(NoiseEngine):
         used = [self.config.seed] * len(images) if seeds is None else list(seeds)
         height, width = self.size
         for tile, seed in zip(images, used, strict=True):
-            corner = (round(float(tile[2, 0, 0]) * 8), round(float(tile[0, 0, 0]) * height))
-            self.tiles.append((*corner, round(float(tile[1, 0, 0]) * width), int(seed)))
+            image = round(float(tile[2, 0, 0]) * 8)
+            y, x = round(float(tile[0, 0, 0]) * height), round(float(tile[1, 0, 0]) * width)
+            self.tiles.append((image, y, x, int(seed)))
         return super().protect(images, seeds=seeds, callback=callback)
 
 
@@ -192,9 +188,9 @@ def _position_coded(count: int, height: int, width: int) -> torch.Tensor:
     """Channel 0 = y / H, channel 1 = x / W, channel 2 = image index / 8."""
     y = torch.arange(height, dtype=torch.float64).view(-1, 1) / height
     x = torch.arange(width, dtype=torch.float64).view(1, -1) / width
-    planes = [torch.stack([y.expand(height, width), x.expand(height, width)]).float()]
+    coords = torch.stack([y.expand(height, width), x.expand(height, width)]).float()
     return torch.stack(
-        [torch.cat([planes[0], torch.full((1, height, width), i / 8)]) for i in range(count)]
+        [torch.cat([coords, torch.full((1, height, width), i / 8)]) for i in range(count)]
     )
 
 
@@ -228,8 +224,9 @@ def test_tiled_perturbation_is_the_weight_normalised_blend_of_the_tiles():
     painter = TilePainter(seed=seed, eps=eps)
     delta = protect_tiled(painter, torch.full((1, 3, height, width), 0.5), tile_size=64)
     tile_h, tile_w = painter.shapes[0][-2:]
-    # the ramps span a quarter of the shorter tile side (56 px), rounded down to a multiple of 8
-    overlap = 8
+    # ramps of a quarter of the 64 px tile size (a multiple of 8, at most TILE_OVERLAP = 64),
+    # chosen before the tiles are balanced down to 56 px
+    overlap = 16
     numerator = torch.zeros(height, width, dtype=torch.float64)
     denominator = torch.zeros(height, width, dtype=torch.float64)
     for y, x, s in tiles:
@@ -286,7 +283,7 @@ def test_eot_resize_scale_and_blur_sigma_stay_in_their_ranges_and_fill_them(monk
 
 def test_eot_noise_adds_unclamped_gaussian_noise_of_sigma_4_over_255():
     """T(x) = x + sigma n, n ~ N(0, I) from the image's generator, sigma = 4/255, no clamping."""
-    assert NOISE_SIGMA == pytest.approx(4 / 255)
+    assert pytest.approx(4 / 255) == NOISE_SIGMA
     shape = (3, 16, 16)
     generator, replay = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
     ones = torch.ones(1, *shape)
@@ -420,30 +417,6 @@ def test_reference_sds_direction_is_the_vjp_at_a_second_posterior_draw(nets):
     (vjp,) = torch.autograd.grad(model.encode(xg, p2), xg, grad_outputs=residual)
     scale = float(expected.abs().max())
     torch.testing.assert_close(-vjp, expected, rtol=1e-4, atol=1e-5 * scale)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="bench.reference_sds_direction samples the VAE posterior twice (reference_encode "
-    "under no_grad for the residual, then again for the VJP), as Diff-Protect's pgd_sds does; "
-    "the engine's sds- (methods._encoder_vjp) uses one posterior sample for both. With the "
-    "same draws the two directions differ (about 20% of signs on the tiny model); the "
-    "reference is for timing only, so this is a difference of the port, not of the cost.",
-)
-def test_reference_sds_direction_equals_the_engines_for_the_same_draws(nets):
-    """sds-: the engine's direction with the reference's first posterior draw, t and n."""
-    model, ref = nets
-    _, x, target = _step_case()
-    with torch.random.fork_rng():
-        torch.manual_seed(11)
-        expected = reference_sds_direction(ref, "sds-", x, target)
-    p1, t, n, _ = _sds_replay(model, 11)
-    inputs = StepInputs(
-        t=t, noise=n, cond=model.condition(BENCH_PROMPT, 1, 32, 32), posterior_noise=p1
-    )
-    direction = METHODS["sds-"].direction(model, x, inputs)
-    scale = float(expected.abs().max())
-    torch.testing.assert_close(direction, expected, rtol=1e-4, atol=1e-5 * scale)
 
 
 # --- 6. fit_image -------------------------------------------------------------------------------

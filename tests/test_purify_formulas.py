@@ -99,11 +99,6 @@ def test_registered_blur_is_sigma_one():
     np.testing.assert_allclose(PURIFICATIONS["blur"](images).numpy(), want, atol=1e-6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="purify.py gaussian_blur: when min(H, W) <= radius it pads with 'replicate', not the "
-    "mirrored borders the docstring promises (and does so on both axes, even the long one)",
-)
 def test_gaussian_blur_mirrors_borders_on_images_smaller_than_the_kernel():
     """A 3 x 20 image, sigma 1 (radius 3): still scipy's 'mirror', as the docstring says."""
     from scipy.ndimage import gaussian_filter
@@ -391,11 +386,6 @@ def test_survival_ratio_is_after_over_before_and_nan_only_where_before_is_zero()
     assert torch.isnan(mixed[0]) and abs(mixed[1].item() - 1) < 1e-5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="purify.py survival_ratio divides by before.clamp_min(1e-12): for 0 < before < 1e-12 "
-    "it returns after / 1e-12, not the documented after / before (1e-14 / 2e-14 gives 0.01)",
-)
 def test_survival_ratio_is_after_over_before_for_tiny_positive_distances():
     """after / before holds for any before > 0, e.g. 1e-14 / 2e-14 = 0.5."""
     got = survival_ratio(torch.tensor([1e-14]), torch.tensor([2e-14]))

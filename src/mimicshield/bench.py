@@ -434,7 +434,9 @@ def reference_sds_direction(
 
     The residual eps_hat - n comes from a no-grad pass (encoder, text encoder, UNet); the encoder
     then runs again with gradients for the vector-Jacobian product, and for SDST a third time
-    for the textural term, with the target re-encoded.
+    for the textural term, with the target re-encoded. Each encoding samples the posterior
+    afresh, as the reference does, where the engine's sds- uses one sample for both: the same
+    cost, a slightly different direction (tests/test_formulas_misc.py pins both).
     """
     with torch.no_grad():
         z = reference_encode(ref, x)

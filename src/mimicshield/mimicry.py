@@ -622,7 +622,7 @@ def _batches(count: int, batch_size: int, steps: int, generator: torch.Generator
     """Image indices for each step: shuffled epochs, so every image is seen equally often."""
     order: list[int] = []
     for _ in range(steps):
-        if len(order) < batch_size:
+        while len(order) < batch_size:  # more than one epoch when the batch exceeds the set
             order += torch.randperm(count, generator=generator).tolist()
         yield order[:batch_size]
         order = order[batch_size:]

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .reproducibility import reflect_pad
 from .resolution import pad_to_multiple
 
 __all__ = [
@@ -102,12 +103,15 @@ def gaussian_kernel(sigma: float, radius: int | None = None) -> Tensor:
 
 
 def gaussian_blur(images: Tensor, sigma: float = 1.0) -> Tensor:
-    """Separable Gaussian blur with mirrored borders; differentiable, so EOT reuses it."""
+    """Separable Gaussian blur with mirrored borders; differentiable, so EOT reuses it.
+
+    The mirror folds again as often as needed, so an image narrower than the kernel is
+    mirrored too (``F.pad``'s reflection stops at one image width).
+    """
     kernel = gaussian_kernel(sigma).to(images)
     radius = kernel.numel() // 2
     channels = images.shape[1]
-    mode = "reflect" if min(images.shape[-2:]) > radius else "replicate"
-    x = F.pad(images, (radius, radius, radius, radius), mode=mode)
+    x = reflect_pad(images, (radius, radius, radius, radius))
     x = F.conv2d(x, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
     return F.conv2d(x, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
 
@@ -356,4 +360,5 @@ def surviving_distortion(
 def survival_ratio(after: Tensor, before: Tensor) -> Tensor:
     """after / before; NaN where before is 0: an image the protection left unchanged has no
     shift that could survive (0 would read as "the purification removed it")."""
-    return torch.where(before > 0, after / before.clamp_min(1e-12), float("nan"))
+    safe = torch.where(before > 0, before, torch.ones_like(before))  # no 0/0 in either branch
+    return torch.where(before > 0, after / safe, float("nan"))
