@@ -1,6 +1,7 @@
 """Mimicry simulations: what an attacker does with an image, run on clean and protected copies.
 
-Five scenarios, all from the paper's evaluation (Xue et al., ICLR 2024, arXiv 2311.12832):
+Six scenarios, five kinds (SDEdit in two forms), from the paper's evaluation (Xue et al., ICLR
+2024, arXiv 2311.12832):
 
 * ``sdedit-onestep`` / ``sdedit-ddim``: SDEdit without guidance. Noise the latent at one
   timestep of a 100-step DDIM schedule (eta 0), then predict x̂0 in one step or run DDIM down to

@@ -307,8 +307,8 @@ class AutoBatchSize:
     If other work holds memory, the runner splits a batch that runs out of memory and retries.
     An ensemble keeps every model's weights but runs one model's step at a time.
 
-    Create it right after loading: it measures the encoder eagerly, which a compiled encoder
-    would do only after compiling again for the measuring size.
+    Create it right after loading: it runs the encoder (and, for AdvDM and Mist, the UNet)
+    eagerly at a small size, which compiled networks would do only after compiling again.
     """
 
     def __init__(
@@ -333,8 +333,9 @@ class AutoBatchSize:
         self, height: int, width: int, tile_size: int | None = None, method: str | None = None
     ) -> int:
         """The batch for images of ``height`` x ``width`` work pixels; larger than ``tile_size``,
-        they are protected in tiles of that size, which is what a batch then holds. ``method``
-        (default: the one given when created) decides whether the UNet's activations count."""
+        they are protected in tiles of at most that size (an upper bound of what a batch
+        holds). ``method`` (default: the one given when created) decides whether the UNet's
+        activations count."""
         from .methods import get_method
 
         if not self.enabled:

@@ -30,10 +30,8 @@ from torch import Tensor
 
 from .defaults import DEFAULT_TILE_SIZE
 
-MULTIPLE = 8
-# Chosen by measurement (scripts/measure_work_size.py, README "Work size"): protecting at the
-# size SD pipelines resize to keeps more latent distortion after an attacker's resize to 512.
-TILE_OVERLAP = 64
+MULTIPLE = 8  # the VAE's downsampling
+TILE_OVERLAP = 64  # pixels two neighbouring tiles share, cross-faded
 
 
 def parse_work_size(text: str | int | None) -> int | None:
@@ -56,7 +54,8 @@ def work_shape(height: int, width: int, work_size: int | None) -> tuple[int, int
 
     Images already at or below ``work_size`` keep their own size. Upscaling them would put the
     perturbation on a finer grid than the file has, and resizing it back averages neighbouring
-    signs away: a 40x48 image protected at 512 came out unchanged after 8-bit rounding.
+    signs away: a 40x48 image protected at 512 for 3 steps changed by 0.0002 grey levels on
+    average, against more than 0.5 at its own size.
     """
     if work_size is None or min(height, width) <= work_size:
         return height, width
@@ -130,7 +129,8 @@ def protect_tiled(
     batch_size: int = 1,
     callback: Callable[[int, int], None] | None = None,
 ) -> Tensor:
-    """The perturbation of padded images ``x`` (N, 3, H, W), protecting tiles of ``tile_size``.
+    """The perturbation of padded images ``x`` (N, 3, H, W), protected in tiles of at most
+    ``tile_size``, as few as it allows (:func:`balanced_tile`).
 
     Tiles of all images go through the engine ``batch_size`` at a time; tile k uses seed
     ``seed + k`` so neighbouring tiles do not repeat one noise pattern.

@@ -315,6 +315,15 @@ def _strict_json(value):
     return json_number(value) if isinstance(value, float) else value
 
 
+def default_output_options(protector: Protector) -> OutputOptions:
+    """The CLI's defaults: the work size raised to the models' own size (1024 for SDXL)."""
+    from .families import default_work_size
+
+    model = getattr(protector, "model", None)
+    sizes = [getattr(m, "native_size", None) for m, _ in members(model)] if model else []
+    return OutputOptions(work_size=default_work_size(DEFAULT_WORK_SIZE, sizes))
+
+
 def _as_input_file(item: InputFile | str | Path) -> InputFile:
     if isinstance(item, InputFile):
         return item
@@ -391,7 +400,7 @@ def protect_files(
     ``manifest_header`` (the CLI's: model, device, parameters), by default the models' names
     and the protector's settings. Temporary files a killed run left behind are removed first.
     """
-    options = options or OutputOptions()
+    options = options or default_output_options(protector)
     out_dir = Path(out_dir)
     files = [_as_input_file(item) for item in files]
     if manifest_header is None:
