@@ -184,6 +184,11 @@ def test_img2img_and_inpaint_pipelines(tiny_model_with_decoder, tmp_path, images
     assert legacy.shape == (1, 3, 32, 32)
 
 
+def test_training_on_no_images_is_refused_not_an_endless_loop():
+    with pytest.raises(ValueError, match="at least one image"):
+        next(M._batches(0, 1, 1, torch.Generator().manual_seed(0)))
+
+
 def test_textual_inversion_varies_its_prompt_and_flips_images_as_attackers_do(
     tiny_model_with_decoder, images, monkeypatch
 ):

@@ -270,6 +270,16 @@ def test_auto_batch_size_fits_the_budget_between_one_and_the_limit():
     assert auto_batch_size(per_image_bytes=10, budget_bytes=10_000, limit=8) == 8
 
 
+def test_frozen_weights_and_their_views_are_not_counted_as_activations():
+    """F.linear saves weight.t(), a view of the parameter: counting it made the UNet's weights
+    look like 850 MiB of activations, and --batch-size auto pick 1 for AdvDM and Mist."""
+    layer = torch.nn.Linear(64, 32).requires_grad_(False)
+    x = torch.zeros(5, 64, requires_grad=True)
+    # for the input's gradient autograd keeps only weight.t(), which is the weight itself
+    assert saved_tensor_bytes(layer, x) == 0
+    assert saved_tensor_bytes(lambda x: layer(x).exp(), x) == 5 * 32 * 4  # exp keeps its output
+
+
 def test_saved_bytes_grow_with_the_pixel_count(one_thread):
     """The per-pixel rate measured at 64 px predicts what a larger image keeps."""
     model = tiny_model()

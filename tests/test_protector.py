@@ -130,6 +130,12 @@ def test_the_api_checks_what_it_is_given(tiny_model, images_8bit):
         Protector(tiny_model, quantize_levels=0)
     with pytest.raises(ValueError, match=r"`target` must be in \[0, 1\]"):
         Protector(tiny_model, "photoguard", target=torch.full((3, 8, 8), 2.0))
+    with pytest.raises(ValueError, match="single images"):
+        protector([images_8bit])  # a batch inside a list: one seed could not serve it
+    assert Protector(tiny_model, steps=np.int64(3)).config.steps == 3  # numpy's ints are whole
+    # the target is the protector's own copy: no graph, on the CPU
+    graph = torch.rand(3, 8, 8, requires_grad=True)
+    assert not Protector(tiny_model, "photoguard", target=graph).target.requires_grad
     # a uint8 target is read as 8-bit levels, and a batch of one is unwrapped
     target = torch.randint(0, 256, (1, 3, 16, 16), dtype=torch.uint8)
     given = Protector(tiny_model, "photoguard", target=target).target

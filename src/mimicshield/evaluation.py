@@ -21,7 +21,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from functools import partial
@@ -655,9 +655,9 @@ def evaluate(
         reference_outputs: dict[str, Tensor] = {}
         for source, keys in sources:
             images = {key: fitted[source][key] for key in keys}
-            outputs = _mimic(mimicry, variant, source, images, progress)
-            for name, output in outputs.items():
-                save(source, variant, name, output)
+            outputs = _mimic(
+                mimicry, variant, source, images, progress, partial(save, source, variant)
+            )
             if not variant.paired:
                 thumbnails = [thumbnail(sample, thumbnail_size) for sample in outputs.values()]
                 result.galleries.append(Gallery(source, variant.key, thumbnails))
@@ -708,19 +708,23 @@ def _mimic(
     source: str,
     images: dict[str, Tensor],
     progress: ProgressSink,
+    on_output: Callable[[str, Tensor], None],
 ) -> dict[str, Tensor]:
     """One source's mimicry outputs: per image for a paired scenario (keyed by image), else the
-    samples of the concept learned from all of them (``sample_000``, ...)."""
+    samples of the concept learned from all of them (``sample_000``, ...). Each output goes to
+    ``on_output`` as soon as it exists, so a later failure loses none."""
     steps = mimicry.steps(variant)
 
     def advance(_step: int, _total: int) -> None:
         progress.advance()
 
+    outputs: dict[str, Tensor] = {}
     if variant.paired:
         progress.start(f"{variant.label} · {source}", len(images) * steps)
-        return {
-            key: mimicry.run(variant, image, key, callback=advance) for key, image in images.items()
-        }
+        for key, image in images.items():
+            outputs[key] = mimicry.run(variant, image, key, callback=advance)
+            on_output(key, outputs[key])
+        return outputs
     if len({tuple(image.shape) for image in images.values()}) > 1:
         raise ValueError(
             f"{variant.scenario} trains on images of one size; give --resolution N "
@@ -728,7 +732,10 @@ def _mimic(
         )
     progress.start(f"{variant.label} · {source}", steps)
     samples, _ = mimicry.run_set(variant, torch.stack(list(images.values())), callback=advance)
-    return {f"sample_{i:03d}": sample for i, sample in enumerate(samples)}
+    for i, sample in enumerate(samples):
+        outputs[f"sample_{i:03d}"] = sample
+        on_output(f"sample_{i:03d}", sample)
+    return outputs
 
 
 def _numbers(result: EvaluationResult, source: str, image: str, variant: Variant) -> dict:

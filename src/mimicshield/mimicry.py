@@ -621,6 +621,8 @@ def _warn_skipped(scenario: str, skipped: int, steps: int) -> None:
 
 def _batches(count: int, batch_size: int, steps: int, generator: torch.Generator):
     """Image indices for each step: shuffled epochs, so every image is seen equally often."""
+    if count < 1:
+        raise ValueError("Training needs at least one image.")
     order: list[int] = []
     for _ in range(steps):
         while len(order) < batch_size:  # more than one epoch when the batch exceeds the set

@@ -756,28 +756,30 @@ def _load_single_file(path: Path, config: str | None, local_files_only: bool, fa
         "unet": pipe.unet,
         "text_encoder": pipe.text_encoder,
         "tokenizer": pipe.tokenizer,
-        "scheduler": _declared_scheduler(pipe.scheduler.config, declared, path.name),
+        "scheduler": _declared_scheduler(
+            pipe.scheduler.config, declared, path.name, warn=config is not None
+        ),
     }
     if chosen.is_xl:
         parts.update(text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2)
     return parts, chosen
 
 
-def _declared_scheduler(config: Mapping, declared: Mapping, source: str):
+def _declared_scheduler(config: Mapping, declared: Mapping, source: str, *, warn: bool):
     """The DDPM schedule of a single file: its configs', with what the file itself declares.
 
     The configs (``--model-config`` or the family's reference model) describe the architecture;
-    a ``v_pred``/``ztsnr`` marker describes this very file, so it wins, and a disagreement is
-    said, since it changes every step.
+    a ``v_pred``/``ztsnr`` marker describes this very file, so it wins. A disagreement with a
+    ``--model-config`` the user gave (``warn``) is said, since it changes every step.
     """
     from diffusers import DDPMScheduler
 
     changed = {key: value for key, value in declared.items() if config.get(key) != value}
-    if changed:
+    if changed and warn:
         settings = ", ".join(f"{key}={value!r}" for key, value in changed.items())
         warnings.warn(
             f"{source}: the file declares {settings} (its v_pred/ztsnr keys); using that over "
-            "the scheduler config it was loaded with.",
+            "--model-config's scheduler config.",
             stacklevel=4,
         )
     return DDPMScheduler.from_config(config, **declared)

@@ -218,8 +218,7 @@ def enable_low_memory(
     streamed = model.unet is not None and not unet_gradients and model.device.type == "cuda"
     if streamed:
         offload_unet(model)
-    if model.device.type == "cuda":
-        torch.cuda.empty_cache()
+    release_cached_memory(model.device)
     return streamed
 
 
@@ -246,11 +245,16 @@ ACTIVATION_SAFETY = 1.5  # the backward pass's own short-lived tensors, on top o
 
 def saved_tensor_bytes(function: Callable[..., object], *args) -> int:
     """Bytes of the distinct tensors autograd keeps for ``function(*args)``'s backward pass,
-    parameters excluded (they are in memory anyway). Works on the meta device too."""
+    parameters excluded (they are in memory anyway), and views of them too (``F.linear`` saves
+    ``weight.t()``: counted, the UNet's weights looked like 850 MiB of activations). Works on
+    the meta device too."""
     saved: dict[int, int] = {}
 
     def pack(tensor: Tensor) -> Tensor:
-        if not isinstance(tensor, torch.nn.Parameter):
+        parameter = isinstance(tensor, torch.nn.Parameter) or isinstance(
+            getattr(tensor, "_base", None), torch.nn.Parameter
+        )
+        if not parameter:
             saved[id(tensor)] = tensor.numel() * tensor.element_size()
         return tensor
 
@@ -270,23 +274,26 @@ def parameter_bytes(*modules: torch.nn.Module | None) -> int:
 
 
 def saved_bytes_per_pixel(model: LatentDiffusion, through_unet: bool = False) -> float:
-    """Bytes autograd keeps for the step's backward, per input pixel, counted on a small input.
+    """Bytes autograd keeps for the step's backward, per input pixel, counted on small inputs.
 
     The networks are convolutional (their attention runs through SDPA, linear in memory on
-    CUDA), so what they keep grows with the pixel count; one forward pass at 8 latent pixels
-    square (64 px for SD) measures the rate for this model, dtype and options. The SDS methods
+    CUDA), so what they keep grows with the pixel count: the slope between forward passes at
+    8 and 16 latent pixels square (64 and 128 px for SD) is the rate for this model, dtype and
+    options, without what does not grow (the cross-attention's 77 text tokens). The SDS methods
     backpropagate through the encoder only; ``through_unet`` (AdvDM, Mist) adds the UNet's
     activations, which about double it.
     """
-    size = 8 * model.vae_scale_factor
-    x = torch.zeros(1, 3, size, size, device=model.device, requires_grad=True)
-    if not through_unet:
-        return saved_tensor_bytes(model.encode, x) / (size * size)
-    cond = model.condition("", 1, size, size)
     t = torch.full((1,), model.num_train_timesteps // 2, device=model.device, dtype=torch.long)
-    return saved_tensor_bytes(lambda x: model.predict_noise(model.encode(x), t, cond), x) / (
-        size * size
-    )
+
+    def kept(size: int) -> int:
+        x = torch.zeros(1, 3, size, size, device=model.device, requires_grad=True)
+        if not through_unet:
+            return saved_tensor_bytes(model.encode, x)
+        cond = model.condition("", 1, size, size)
+        return saved_tensor_bytes(lambda x: model.predict_noise(model.encode(x), t, cond), x)
+
+    small, large = 8 * model.vae_scale_factor, 16 * model.vae_scale_factor
+    return max(0.0, (kept(large) - kept(small)) / (large * large - small * small))
 
 
 def auto_batch_size(
@@ -341,8 +348,10 @@ class AutoBatchSize:
         if not self.enabled:
             return 1
         through_unet = get_method(method or self.method).backprops_unet
-        if tile_size is not None:
-            height, width = min(height, tile_size), min(width, tile_size)
+        if tile_size is not None:  # the tiles a batch holds, as resolution lays them out
+            from .resolution import tile_shape
+
+            height, width = tile_shape(height, width, tile_size)
         device = self.models[0].device
         total = torch.cuda.get_device_properties(device).total_memory
         weights = sum(  # the networks as they are now: released ones no longer count

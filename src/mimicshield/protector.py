@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -64,12 +65,10 @@ class ProtectionConfig:
             raise ValueError(f"`eps` must be in (0, 1] on the [0, 1] pixel scale; got {self.eps}.")
         if not 0 < self.step_size <= 1:
             raise ValueError(f"`step_size` must be in (0, 1]; got {self.step_size}.")
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
+        if not _whole(self.steps) or self.steps < 0:
             raise ValueError(f"`steps` must be a whole number >= 0; got {self.steps!r}.")
         if self.quantize_levels is not None and (
-            isinstance(self.quantize_levels, bool)
-            or not isinstance(self.quantize_levels, int)
-            or self.quantize_levels < 1
+            not _whole(self.quantize_levels) or self.quantize_levels < 1
         ):
             raise ValueError(
                 f"`quantize_levels` must be None or a whole number >= 1 (255 for 8-bit files); "
@@ -191,6 +190,11 @@ class Protector:
                 protected = self.protect(from_pil(item)[None], seeds=seed, callback=callback)
                 results.append(to_pil(protected.images[0]))
             else:
+                if item.ndim == 4 and len(item) != 1:
+                    raise ValueError(
+                        "A list holds single images, (3, H, W) or (1, 3, H, W); pass a batch "
+                        f"as one tensor (item {i} is {tuple(item.shape)})."
+                    )
                 batch = item if item.ndim == 4 else item[None]
                 out = self.protect(batch, seeds=seed, callback=callback).images
                 results.append(out if item.ndim == 4 else out[0])
@@ -342,6 +346,11 @@ def _stack(draw: Callable[[torch.Generator], Tensor], generators) -> Tensor:
     return torch.stack([draw(g) for g in generators])
 
 
+def _whole(value) -> bool:
+    """An integer of any kind (numpy's too, as parameter sweeps make them), but not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 MIN_SIDE = 8  # pixels: the VAE downsamples by 8
 
 
@@ -369,6 +378,7 @@ def _as_tensor01(image) -> Tensor:
         image = image[0]
     if image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"`target` must have shape (3, H, W); got {tuple(image.shape)}.")
+    image = image.detach().cpu()  # a copy of the caller's: no graph, no device to follow
     image = image.float() / 255 if not image.is_floating_point() else image.float()
     if image.min() < 0 or image.max() > 1:
         raise ValueError("`target` must be in [0, 1] (a uint8 tensor is divided by 255).")

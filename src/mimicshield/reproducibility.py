@@ -167,10 +167,10 @@ def separable_interpolate(
 
 def _reflect_indices(length: int, before: int, after: int, device) -> Tensor:
     """Source index of each padded position under reflection (the edge itself not repeated)."""
-    positions = torch.arange(-before, length + after)
+    positions = torch.arange(-before, length + after, device=device)  # made there: no copy
     period = 2 * (length - 1)
     folded = positions.remainder(period) if period > 0 else torch.zeros_like(positions)
-    return torch.where(folded < length, folded, period - folded).to(device)
+    return torch.where(folded < length, folded, period - folded)
 
 
 def reflect_pad(x: Tensor, pad: tuple[int, ...]) -> Tensor:

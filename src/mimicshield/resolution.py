@@ -114,6 +114,12 @@ def balanced_tile(length: int, tile: int, overlap: int) -> int:
     return min(tile, _round_up(math.ceil((length + (count - 1) * overlap) / count)))
 
 
+def tile_shape(height: int, width: int, tile_size: int) -> tuple[int, int]:
+    """The (height, width) of the tiles an image of that work size is protected in."""
+    tile_h, tile_w, _ = _tile_layout(height, width, tile_size)
+    return tile_h, tile_w
+
+
 def _tile_layout(height: int, width: int, tile_size: int) -> tuple[int, int, int]:
     tile_h = min(height, tile_size // MULTIPLE * MULTIPLE)
     tile_w = min(width, tile_size // MULTIPLE * MULTIPLE)

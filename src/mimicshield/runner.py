@@ -47,6 +47,7 @@ from .images import (
     write_atomically,
 )
 from .metrics import json_number, linf_255, number_from_json, psnr, ssim
+from .performance import release_cached_memory
 from .protector import Protector
 from .resolution import (
     padded_shape,
@@ -339,7 +340,7 @@ def default_manifest_header(protector: Protector) -> dict:
     target = getattr(protector, "target", None)
     digest = None if target is None else hashlib.sha256(target.numpy().tobytes()).hexdigest()
     return {
-        "model": [getattr(model, "name", type(model).__name__) for model, _ in models],
+        "model": [getattr(model, "name", "") or type(model).__name__ for model, _ in models],
         "model_weights": [weight for _, weight in models],
         "parameters": {**protector.config.to_dict(), "target_sha256": digest},
     }
@@ -543,7 +544,7 @@ def _protect_loaded(
         _record_failures(loaded, error, record)
         return
     if protected is None:
-        torch.cuda.empty_cache()
+        release_cached_memory()
         half = len(loaded) // 2
         for part in (loaded[:half], loaded[half:]):
             _protect_loaded(part, protector, options, settings, record, on_image_start, on_step)

@@ -319,8 +319,9 @@ def mimic(
         if (refused := claims.refusal(item.path, *destinations)) is not None:
             failed.append(refused)
             continue
-        try:
-            images[name] = load_image(item.path).rgb  # fitted once the model's size is known
+        try:  # read now, so a bad file is named before the model loads; kept as a path,
+            load_image(item.path)  # since a folder of full-size images would not fit in memory
+            images[name] = item.path
         except ImageFileError as error:
             failed.append(str(error))
             continue
@@ -341,7 +342,9 @@ def mimic(
         settings, model, model_config, device, dtype, inpaint_model, family, inpaint_model_config
     )
     settings = mimicry.settings  # the resolution resolved to the model's own size
-    images = {name: fit_image(image, settings.resolution) for name, image in images.items()}
+    images = {
+        name: fit_image(load_image(path).rgb, settings.resolution) for name, path in images.items()
+    }
     err = Console(stderr=True, log_path=False)
     outputs: list[str] = []
     with RichProgress(err) as progress:
