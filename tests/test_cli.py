@@ -119,9 +119,30 @@ def test_an_output_folder_that_cannot_be_made_fails_before_the_model_loads(input
     missing_model = str(tmp_path / "no-such-model")
     result = run_cli("protect", str(input_folder), "-o", str(out), "--model", missing_model)
     assert result.returncode == 1
-    assert f"-o {out}: cannot create the output folder" in result.stderr
+    assert f"-o {out}: cannot write there" in result.stderr
     assert "no such model" not in result.stderr  # it stopped before loading
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["protect", "purify"])
+def test_the_input_folder_as_output_folder_is_refused_before_anything_is_written(
+    command, input_folder, tmp_path
+):
+    before = sorted(p.name for p in input_folder.iterdir())
+    args = [command, str(input_folder), "-o", str(input_folder)]
+    args += ["--model", str(tmp_path / "unused")] if command == "protect" else ["-m", "jpeg75"]
+    result = run_cli(*args)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "is the input folder" in result.stderr and "protected" in result.stderr
+    assert sorted(p.name for p in input_folder.iterdir()) == before  # nothing written there
+
+
+def test_eps_on_the_unit_scale_is_refused_with_the_likely_meaning(input_folder, tmp_path):
+    result = run_cli(
+        "protect", str(input_folder), "-o", str(tmp_path / "o"), "--eps", "0.03", "--model", "x"
+    )
+    assert result.returncode == 1
+    assert "1/255 units" in result.stderr and "did you mean 8?" in result.stderr
 
 
 def test_output_that_is_a_file_is_refused_and_left_alone(input_folder, tmp_path):

@@ -202,6 +202,26 @@ def test_progress_reports_how_long_the_first_step_took_once():
     assert "first" not in quiet.getvalue()
 
 
+def test_a_log_gets_one_unwrapped_line_per_finished_image():
+    """Not a terminal (a log, nohup): no bars to watch, so each image says it is done, and a
+    long path is never split across lines."""
+    import io
+
+    from rich.console import Console
+
+    from mimicshield.cli.progress import ProtectProgress
+    from mimicshield.runner import FileResult
+
+    log = io.StringIO()
+    long_name = "/photos/" + "a-rather-long-folder-name/" * 4 + "portrait.png"
+    with ProtectProgress(2, 1, console=Console(file=log, width=80)) as bars:
+        bars.image_done(FileResult(long_name, "out.png", "protected"))
+        bars.image_done(FileResult("b.png", None, "failed", f"{long_name}: not an image"))
+    lines = log.getvalue().splitlines()
+    assert f"1/2 images protected {long_name}" in lines
+    assert f"failed {long_name}: not an image" in lines
+
+
 def test_compile_on_the_cpu_warns_that_it_is_slower(tmp_path, folder, preloaded, monkeypatch):
     monkeypatch.setattr("mimicshield.performance.compile_model", lambda model, **kwargs: 0.0)
     result = invoke(str(folder / "art.png"), "-o", str(tmp_path / "out"), "--compile")

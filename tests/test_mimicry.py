@@ -184,6 +184,18 @@ def test_img2img_and_inpaint_pipelines(tiny_model_with_decoder, tmp_path, images
     assert legacy.shape == (1, 3, 32, 32)
 
 
+def test_lora_without_peft_is_refused_before_any_scenario_runs(tiny_model, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a)
+    )
+    with pytest.raises(ImportError, match="needs peft"):
+        M.Mimicry(tiny_model, M.MimicrySettings(scenarios=["sdedit-onestep", "lora"]))
+    M.Mimicry(tiny_model, M.MimicrySettings(scenarios=["sdedit-onestep"]))  # without lora: fine
+
+
 def test_training_on_no_images_is_refused_not_an_endless_loop():
     with pytest.raises(ValueError, match="at least one image"):
         next(M._batches(0, 1, 1, torch.Generator().manual_seed(0)))

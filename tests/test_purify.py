@@ -323,3 +323,10 @@ def test_guided_filter_is_he_et_al_with_a_colour_guide_computed_window_by_window
     np.testing.assert_allclose(
         guided_filter(guide, source, radius, eps), want, rtol=1e-6, atol=1e-6
     )
+
+
+def test_the_help_lists_every_purification():
+    from mimicshield.cli.purify import PURIFICATION_NAMES
+    from mimicshield.purify import PURIFICATIONS
+
+    assert PURIFICATION_NAMES.split(", ") == list(PURIFICATIONS)

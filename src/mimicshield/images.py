@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import re
 import secrets
@@ -142,10 +143,14 @@ def _reading(path: Path) -> Iterator[None]:
     except UnidentifiedImageError as error:
         raise ImageFileError(f"{path}: not an image Pillow can read.") from error
     except Image.DecompressionBombError as error:
-        raise ImageFileError(
-            f"{path}: too many pixels ({error}); if you trust the file, set "
-            "MIMICSHIELD_MAX_MEGAPIXELS to its size in megapixels or more."
-        ) from error
+        counts = [int(n) for n in re.findall(r"(\d+) pixels", str(error))]  # its size, the limit
+        if len(counts) == 2:
+            size, limit = math.ceil(counts[0] / 1e4) / 100, math.floor(counts[1] / 1e4) / 100
+            detail = f"{size:g} megapixels, over the {limit:g} MP limit against decompression bombs"
+            setting = f"MIMICSHIELD_MAX_MEGAPIXELS={size:g}"
+        else:
+            detail, setting = f"too many pixels ({error})", "MIMICSHIELD_MAX_MEGAPIXELS"
+        raise ImageFileError(f"{path}: {detail}; if you trust the file, set {setting}.") from error
     except PermissionError as error:
         raise ImageFileError(f"{path}: permission denied.") from error
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as error:

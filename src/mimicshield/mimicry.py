@@ -26,6 +26,7 @@ protected copies of an image see the same noise.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import logging
 import math
 import warnings
@@ -1073,6 +1074,11 @@ class Mimicry:
             settings = replace(settings, resolution=model.native_size or 512)
         self.settings = settings
         self.inpaint_model = inpaint_model
+        if "lora" in settings.scenarios and importlib.util.find_spec("peft") is None:
+            raise ImportError(  # now, not after every other scenario has run
+                "The lora scenario needs peft: pip install 'peft>=0.13' (or '.[evaluate]' in a "
+                "checkout), or leave lora out of --scenarios."
+            )
         # img2img, inpaint and the samples of textual inversion and LoRA run diffusers'
         # pipelines: refuse now, not after the training scenarios' minutes of training
         for scenario in self.settings.scenarios:

@@ -335,7 +335,8 @@ def _load_error(source: str, cause: Exception, local_files_only: bool) -> ModelL
         )
     return ModelLoadError(
         f"Could not get model {source!r} from the Hugging Face hub ({type(cause).__name__}: "
-        f"{_one_line(cause)}); check the id, or {_LOCAL_PATH_HINT}."
+        f"{_one_line(cause)}); check the id and the network connection (HF_HUB_OFFLINE=1 reads "
+        f"only the local cache), or {_LOCAL_PATH_HINT}."
     )
 
 

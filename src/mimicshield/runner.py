@@ -17,6 +17,7 @@ import hashlib
 import itertools
 import json
 import math
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
@@ -165,6 +166,33 @@ def collect_inputs(
         else:
             missing.append(FileResult(argument, None, "failed", f"{argument}: no such file."))
     return list(found.values()), missing
+
+
+def output_folder_problem(arguments: Iterable[str | Path], out: Path) -> str | None:
+    """Why ``out`` cannot be the output folder of these inputs, or None: it is one of the input
+    folders (outputs would land among the inputs and be read as inputs by the next run), or
+    it cannot be created or written (said now, not after the model has loaded)."""
+    target = Path(out).expanduser().resolve()
+    for argument in arguments:
+        folder = Path(argument).expanduser()
+        if folder.is_dir() and folder.resolve() == target:
+            return (
+                f"-o {out} is the input folder {argument}; choose another folder (one inside it, "
+                f"such as {Path(argument) / 'protected'}, is fine)."
+            )
+    if target.exists() and not target.is_dir():
+        return f"-o {out}: exists and is not a folder; give a folder for the outputs."
+    # the folder is made only when there is something to write: try its nearest existing
+    # parent, where it will be made
+    existing = next(folder for folder in (target, *target.parents) if folder.exists())
+    if not existing.is_dir():
+        return f"-o {out}: cannot write there ({existing} is a file)."
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        return f"-o {out}: cannot write there ({error.strerror or error})."
+    return None
 
 
 def no_inputs_message(arguments: Iterable[str], missing: list[FileResult]) -> str:

@@ -268,7 +268,7 @@ class ProtectSettings:
             raise ValueError(
                 f"A target image is only used by photoguard, mist and sdst-, not {self.method}."
             )
-        if not 0 < self.eps <= 255:
+        if not 1 <= self.eps <= 255:
             raise ValueError(f"ε must be between 1 and 255 (in 1/255 units); got {self.eps:g}.")
         if not 0 < self.step_size <= 255:
             raise ValueError(f"α must be in (0, 255] (in 1/255 units); got {self.step_size:g}.")

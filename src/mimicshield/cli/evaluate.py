@@ -111,6 +111,7 @@ def evaluate(
     from ..evaluation import evaluate as run_evaluation
     from ..metrics import LPIPS
     from ..report import write_report
+    from ..runner import output_folder_problem
     from .errors import CLIError
     from .mimic import RichProgress, load_mimicry, make_settings
     from .purify import add_surviving_distortion, parse_purify_option, write_purified_folders
@@ -142,16 +143,17 @@ def evaluate(
             raise CLIError(f"--report-scenario {report_scenario}: choose one of: {keys}.")
         headline = matches[0]
     for folder in (clean_dir, *protected_dirs):
+        if folder.is_file():
+            raise CLIError(f"{folder}: a file; evaluate compares folders of images.")
         if not folder.is_dir():
             raise CLIError(f"{folder}: no such folder.")
+        if folder != clean_dir and folder.resolve() == clean_dir.resolve():
+            raise CLIError(f"{folder} is the clean folder itself; give the protected copies.")
     if thumbnail_size < 16:
         raise CLIError("--thumbnail-size must be at least 16.")
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"-o {out}: exists and is not a folder; give a folder for the results.")
-    try:  # before the model loads, not after the first scenario
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise CLIError(f"-o {out}: cannot create the output folder ({error.strerror}).") from None
+    # before the model loads, not after the first scenario
+    if (problem := output_folder_problem([clean_dir, *protected_dirs], out)) is not None:
+        raise CLIError(problem)
 
     purifications = parse_purify_option(purify)
     mimicry = load_mimicry(

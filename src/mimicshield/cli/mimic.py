@@ -6,6 +6,7 @@ The options that describe the simulations are declared here once and shared with
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 from pathlib import Path
@@ -134,6 +135,11 @@ def make_settings(**options) -> object:
         and int(options["sample_steps"] * min(options["img2img_strengths"])) < 1
     ):
         raise CLIError("--sample-steps x the smallest img2img strength must be at least 1 step.")
+    if "lora" in scenarios and importlib.util.find_spec("peft") is None:
+        raise CLIError(
+            "--scenarios lora needs peft: pip install 'peft>=0.13' (or '.[evaluate]' in a "
+            "checkout), or leave lora out."
+        )
     if options["mask"] is not None and not options["mask"].exists():
         raise CLIError(f"--mask {options['mask']}: no such file or folder.")
     return MimicrySettings(scenarios=scenarios, **options)
@@ -283,6 +289,7 @@ def mimic(
         collect_inputs,
         existing_outputs_error,
         no_inputs_message,
+        output_folder_problem,
     )
     from .errors import CLIError
 
@@ -308,6 +315,8 @@ def mimic(
     files, missing = collect_inputs(inputs)
     if not files:
         raise CLIError(no_inputs_message(inputs, missing))
+    if (problem := output_folder_problem(inputs, out)) is not None:
+        raise CLIError(problem)
     failed = [m.error for m in missing]  # reported at the end; the readable images go on
     variants = settings.variants()
     claims = OutputClaims(item.path for item in files)

@@ -85,10 +85,15 @@ class ProtectProgress:
         self.images_done += 1
         advance = 0 if result.status == "protected" else self.steps  # its steps never ran
         self.progress.update(self.overall, advance=advance, count=self._images_count())
+        console = self.progress.console
+        # soft_wrap: one message, one line, however long the path (logs are grepped)
         if result.status == "failed":
-            self.progress.console.print(f"[red]failed[/red] {result.error}")
+            console.print(f"[red]failed[/red] {result.error}", soft_wrap=True)
         elif result.status == "protected" and result.note:
-            self.progress.console.print(f"[yellow]note[/yellow] {result.input}: {result.note}")
+            console.print(f"[yellow]note[/yellow] {result.input}: {result.note}", soft_wrap=True)
+        if not console.is_terminal and result.status != "failed":
+            # no bars in a log or under nohup: a line per image says how far the run is
+            console.print(f"{self._images_count()} {result.status} {result.input}", soft_wrap=True)
 
 
 def print_results(report: RunReport, seconds: float, console: Console | None = None) -> None:
@@ -115,7 +120,7 @@ def print_results(report: RunReport, seconds: float, console: Console | None = N
     if report.failures:
         console.print(f"[red]{len(report.failures)} file(s) failed:[/red]")
         for failure in report.failures:
-            console.print(f"  {failure.error}")
+            console.print(f"  {failure.error}", soft_wrap=True)
 
 
 def _number(value: float | None, template: str) -> str:

@@ -112,8 +112,8 @@ def protect(
         typer.Option(
             help="'native' (full resolution), or N: compute the perturbation with the shorter "
             "side at N and resize it back onto the original; smaller images keep their size "
-            "(default measured, see README; raised to the model's own size: 768 for SD 2.x-v, "
-            "1024 for SDXL)"
+            "(default 512, chosen by measurement (README); raised to the model's own size: 768 "
+            "for SD 2.x-v, 1024 for SDXL)"
         ),
     ] = None,
     tile_size: Annotated[
@@ -162,6 +162,7 @@ def protect(
         check_manifest,
         collect_inputs,
         no_inputs_message,
+        output_folder_problem,
         protect_files,
     )
     from .errors import CLIError
@@ -171,6 +172,12 @@ def protect(
     # in the units the user typed, before the model loads (the Protector checks them again)
     if not 0 < eps <= 255:
         raise CLIError(f"--eps must be in (0, 255], in 1/255 units; got {eps:g}.")
+    if eps < 1:  # below one grey level the 8-bit file cannot change at all
+        hint = f" (did you mean {round(eps * 255)}?)" if eps * 255 >= 1 else ""
+        raise CLIError(
+            f"--eps is in 1/255 units and must be at least 1; got {eps:g}, which looks like the "
+            f"[0, 1] scale{hint}."
+        )
     if not 0 < step_size <= 255:
         raise CLIError(f"--step-size must be in (0, 255], in 1/255 units; got {step_size:g}.")
     if steps < 1:
@@ -217,15 +224,12 @@ def protect(
         )
     except ValueError as error:
         raise CLIError(f"--work-size: {error}") from error
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"-o {out}: exists and is not a folder; give a folder for the outputs.")
     files, missing = collect_inputs(inputs, exclude=out)
     if not files:
         raise CLIError(no_inputs_message(inputs, missing))
-    try:  # before the model loads (minutes, gigabytes), not after the first image
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise CLIError(f"-o {out}: cannot create the output folder ({error.strerror}).") from None
+    # before the model loads (minutes, gigabytes), not after the first image
+    if (problem := output_folder_problem(inputs, out)) is not None:
+        raise CLIError(problem)
     try:
         check_manifest(out)
     except ForeignManifestError as error:

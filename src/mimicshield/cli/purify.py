@@ -13,6 +13,13 @@ import typer
 
 from .options import DeviceOpt, DtypeOpt, FamilyOneOpt, ModelConfigOpt, family_or_none
 
+# the names of mimicshield.purify.PURIFICATIONS, written out so that --help imports no torch
+# (tests/test_purify.py checks that the two agree)
+PURIFICATION_NAMES = (
+    "jpeg95, jpeg85, jpeg75, jpeg65, down0.5, down0.75, resize512, crop20, blur, noise, cleaner, "
+    "vae, sdedit"
+)
+
 EXAMPLES = """
 Examples:
   mimicshield purify protected/ -o purified/ --methods jpeg75,down0.5,blur
@@ -48,8 +55,8 @@ def purify(
         typer.Option(
             "--methods",
             "-m",
-            help="comma-separated purifications, or 'all' (see the list below; vae and sdedit "
-            "need --model)",
+            help=f"comma-separated purifications, or 'all': {PURIFICATION_NAMES} (vae and "
+            "sdedit need --model); writes OUT/<purification>/<input path>.png",
         ),
     ] = "all",
     model: Annotated[
@@ -81,6 +88,7 @@ def purify(
         collect_inputs,
         existing_outputs_error,
         no_inputs_message,
+        output_folder_problem,
     )
     from .errors import CLIError
 
@@ -100,6 +108,8 @@ def purify(
     files, missing = collect_inputs(inputs, exclude=out)
     if not files:
         raise CLIError(no_inputs_message(inputs, missing))
+    if (problem := output_folder_problem(inputs, out)) is not None:
+        raise CLIError(problem)
     failures = [result.error for result in missing]
     claims = OutputClaims(file.path for file in files)
     planned = []  # (file, {purification name: destination}), checked before anything loads
