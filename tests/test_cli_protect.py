@@ -67,6 +67,20 @@ def test_a_bad_file_fails_alone_exits_non_zero_and_rerun_resumes(tmp_path, folde
     assert statuses == {"art.png": "skipped", "photo.jpg": "skipped", "broken.png": "failed"}
 
 
+def test_a_model_folder_named_another_way_still_resumes(tmp_path, folder, preloaded, monkeypatch):
+    """`--model tiny` and `--model ./tiny/` are one model: the rerun skips, not refuses."""
+    model = tmp_path / "tiny"
+    model.mkdir()
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    assert invoke(str(folder / "art.png"), "-o", str(out), "--model", "tiny").exit_code == 0
+    again = invoke(str(folder / "art.png"), "-o", str(out), "--model", f"{model}/")
+    assert again.exit_code == 0, again.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [entry["status"] for entry in manifest["images"]] == ["skipped"]
+    assert manifest["model"] == str(model)
+
+
 @pytest.mark.skipif(shutil.which("exiftool") is None, reason="exiftool not installed")
 def test_outputs_carry_the_provenance_xmp_unless_no_metadata(tmp_path, folder, preloaded):
     def data_mining(path) -> str | None:

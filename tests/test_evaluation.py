@@ -395,3 +395,24 @@ def test_set_metrics_of_a_paired_scenario_compare_the_images_the_source_has():
     _measure(None, Suite(), Variant("sdedit-ddim", 0.1), "p", outputs, {}, clean, lambda *a: None)
     _measure(None, Suite(), Variant("lora", None), "p", outputs, {}, clean, lambda *a: None)
     assert seen == [(2, 2), (3, 2)]  # samples of a learned concept: against the whole set
+
+
+def test_an_earlier_evaluation_is_not_replaced_without_overwrite(tmp_path):
+    """Checked before the model loads: the earlier report stays as it was."""
+    for folder in ("clean", "protected"):
+        (tmp_path / folder).mkdir()
+        _save(torch.rand(3, 32, 32), tmp_path / folder / "a.png")
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "report.html").write_text("the earlier report")
+    args = ["evaluate", str(tmp_path / "clean"), str(tmp_path / "protected"), "-o", str(out)]
+    args += ["--model", str(tmp_path / "no-such-model")]
+    def said(result) -> str:  # the one-line error main() prints, as the command raised it
+        return f"{result.output} {result.exception}"
+
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 1 and "--overwrite" in said(result)
+    assert "no such model" not in said(result)  # refused before loading
+    assert (out / "report.html").read_text() == "the earlier report"
+    again = CliRunner().invoke(app, [*args, "--overwrite"], env={"COLUMNS": "200"})
+    assert "no such model" in said(again)  # past the check, at the model

@@ -97,6 +97,9 @@ def evaluate(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     seed: SeedOpt = 0,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="replace an earlier evaluation in -o")
+    ] = False,
 ) -> None:
     """Run mimicry on clean and protected images; writes report.html, metrics.csv/.json."""
     from rich.console import Console
@@ -154,6 +157,12 @@ def evaluate(
     # before the model loads, not after the first scenario
     if (problem := output_folder_problem([clean_dir, *protected_dirs], out)) is not None:
         raise CLIError(problem)
+    earlier = [out / name for name in ("report.html", "metrics.json", "metrics.csv", "mimicry")]
+    if not overwrite and any(path.exists() for path in earlier):
+        raise CLIError(
+            f"-o {out} holds an earlier evaluation (report.html, metrics, mimicry/); choose "
+            "another folder, or pass --overwrite to replace it."
+        )
 
     purifications = parse_purify_option(purify)
     mimicry = load_mimicry(

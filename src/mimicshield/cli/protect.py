@@ -305,7 +305,8 @@ def protect(
 
     single = len(sources) == 1
     header = {
-        "model": sources[0] if single else sources,
+        # local models by their full path: `tiny` and `./tiny/` are one model, and resume
+        "model": _model_id(sources[0]) if single else [_model_id(s) for s in sources],
         "family": loaded.family if single else [m.family for m in loaded_models],
         **({} if single else {"model_weights": engine.weights}),
         "device": str(loaded.device),
@@ -371,3 +372,9 @@ def _per_model(values: list[str] | None, sources: list[str], option: str, error)
 
 
 protect.__doc__ = (protect.__doc__ or "") + "\n" + EXAMPLES
+
+
+def _model_id(source: str) -> str:
+    """A local model's absolute path; a hub id as given."""
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else source
