@@ -230,7 +230,9 @@ def print_summary(result, console) -> None:
     for scenario, strength, metric in columns:
         where = "" if strength is None and scenario == "imperceptibility" else f" {scenario}"
         where += "" if strength is None else f"@{strength:g}"
-        table.add_column(f"{METRICS[metric].label}{where}", justify="right")
+        info = METRICS[metric]
+        against = f" {info.group}" if info.group.startswith("vs ") else ""  # two LPIPS columns
+        table.add_column(f"{info.label}{against}{where}", justify="right")
     for source in result.source_names:
         cells = []
         for scenario, strength, metric in columns:
