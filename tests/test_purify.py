@@ -140,7 +140,7 @@ def test_purify_command_writes_one_folder_per_purification(tmp_path):
         assert Image.open(out / name / "nested" / "a.png").size == (30, 21)
 
     refused = CliRunner().invoke(app, ["purify", str(folder), "-o", str(out), "-m", "vae"])
-    assert isinstance(refused.exception, CLIError) and "need --model" in str(refused.exception)
+    assert isinstance(refused.exception, CLIError) and "needs --model" in str(refused.exception)
 
 
 def test_purify_command_keeps_the_alpha_channel(tmp_path):
@@ -252,7 +252,7 @@ def test_purify_never_writes_over_an_input_another_output_or_an_earlier_file(tmp
     out = tmp_path / "out"
     result = CliRunner().invoke(app, ["purify", str(folder), "-o", str(out), "-m", "blur"])
     assert result.exit_code == 1 and "same output name" in result.output
-    assert "Wrote 1 images" in result.output
+    assert "Wrote 1 image to" in result.output
     written = (out / "blur" / "mine.png").read_bytes()
 
     # a rerun is refused as a whole before anything is written, unless --overwrite

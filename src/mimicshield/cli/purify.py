@@ -101,7 +101,8 @@ def purify(
     loaded = None
     if needs_model and model is None:
         if methods.strip() != "all":
-            raise CLIError(f"{', '.join(needs_model)} need --model (the model to purify with).")
+            verb = "needs" if len(needs_model) == 1 else "need"
+            raise CLIError(f"{', '.join(needs_model)} {verb} --model (the model to purify with).")
         err.print(f"[yellow]note:[/yellow] skipping {', '.join(needs_model)} (no --model given).")
         chosen = [p for p in chosen if p.needs is None]
 
@@ -153,7 +154,9 @@ def purify(
             written += 1
     for failure in failures:
         err.print(f"[red]failed:[/red] {failure}")
-    err.print(f"Wrote {written} images to {out} ({len(chosen)} purifications).")
+    images = "image" if written == 1 else "images"
+    kinds = "purification" if len(chosen) == 1 else "purifications"
+    err.print(f"Wrote {written} {images} to {out} ({len(chosen)} {kinds}).")
     if failures:
         raise typer.Exit(code=1)
 
