@@ -125,6 +125,12 @@ def make_settings(**options) -> object:
     )
     if options["resolution"] is not None and options["resolution"] < 0:
         raise CLIError("--resolution must be 0 (native size) or a positive size.")
+    if options["resolution"] and options["resolution"] % 8:
+        raise CLIError(
+            f"--resolution must be a multiple of 8, the VAE's downsampling (the pipelines would "
+            f"crop {options['resolution']} to {options['resolution'] // 8 * 8}); got "
+            f"{options['resolution']}."
+        )
     if not 0 <= options["seed"] <= MAX_SEED:
         raise CLIError(f"--seed must be between 0 and {MAX_SEED}; got {options['seed']}.")
     for name in ("sample_steps", "sdedit_steps", "num_samples"):
