@@ -153,3 +153,10 @@ def test_output_that_is_a_file_is_refused_and_left_alone(input_folder, tmp_path)
     assert result.returncode == 1
     assert "exists and is not a folder" in result.stderr and "Traceback" not in result.stderr
     assert target.read_bytes() == before
+
+
+def test_version_is_printed_without_loading_anything():
+    from mimicshield import __version__
+
+    result = run_cli("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"mimicshield {__version__}"

@@ -26,8 +26,20 @@ app = typer.Typer(
 MAX_MEGAPIXELS_VARIABLE = "MIMICSHIELD_MAX_MEGAPIXELS"
 
 
+def _print_version(asked: bool) -> None:
+    if asked:
+        from .. import __version__
+
+        typer.echo(f"mimicshield {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _settings() -> None:
+def _settings(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="print the version"
+    ),
+) -> None:
     """Protect images against diffusion-based mimicry (Xue et al., ICLR 2024)."""
     # Pillow refuses images over twice MAX_IMAGE_PIXELS (decompression bombs); a user who
     # trusts a larger scan or panorama raises the limit here, as no CLI user can in Python.
