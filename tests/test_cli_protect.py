@@ -67,6 +67,15 @@ def test_a_bad_file_fails_alone_exits_non_zero_and_rerun_resumes(tmp_path, folde
     assert statuses == {"art.png": "skipped", "photo.jpg": "skipped", "broken.png": "failed"}
 
 
+def test_a_refused_resume_names_the_settings_that_changed(tmp_path, folder, preloaded):
+    out = tmp_path / "out"
+    assert invoke(str(folder / "art.png"), "-o", str(out)).exit_code == 0
+    again = invoke(str(folder / "art.png"), "-o", str(out), "--seed", "5")
+    assert again.exit_code == 1
+    said = " ".join(again.output.split())
+    assert "different settings (seed 0 -> 5)" in said, said
+
+
 def test_a_model_folder_named_another_way_still_resumes(tmp_path, folder, preloaded, monkeypatch):
     """`--model tiny` and `--model ./tiny/` are one model: the rerun skips, not refuses."""
     model = tmp_path / "tiny"

@@ -374,6 +374,31 @@ def default_manifest_header(protector: Protector) -> dict:
     }
 
 
+def settings_changes(earlier: dict, header: dict, limit: int = 4) -> str:
+    """The settings that differ between an earlier run's manifest header and this one's, as
+    ``steps 2 -> 3, model 'a' -> 'b'``: what a refused resume should say."""
+
+    def flat(values: dict) -> dict:
+        out = {}
+        for key in ("model", "model_weights", "family", "dtype"):
+            if key in values:
+                out[key] = values[key]
+        for group in ("parameters", "options"):
+            for key, value in (values.get(group) or {}).items():
+                out[key] = value
+        return out
+
+    # this run's header as the manifest will hold it (tuples as lists, inf as a string)
+    before, after = flat(earlier), flat(json.loads(json.dumps(_strict_json(header))))
+    differ = [
+        f"{key} {before.get(key)!r} -> {after.get(key)!r}"
+        for key in sorted(before.keys() | after.keys())
+        if before.get(key) != after.get(key) and key in before and key in after
+    ]
+    more = f", and {len(differ) - limit} more" if len(differ) > limit else ""
+    return ", ".join(differ[:limit]) + more
+
+
 def settings_id(protector: Protector, options: OutputOptions, header: dict | None) -> str:
     """A short fingerprint of everything that shapes an output (not the device it ran on)."""
     header = header or {}
@@ -437,6 +462,8 @@ def protect_files(
     remove_partial_files(out_dir)
     settings = settings_id(protector, options, manifest_header)
     header = {**manifest_header, "settings": settings, "options": asdict(options)}
+    earlier = load_manifest(out_dir)  # before this run rewrites it: what a refusal names
+    changes = settings_changes(earlier, header) if earlier.get("settings") else ""
     manifest = Manifest(out_dir, header)
     report = RunReport()
 
@@ -457,7 +484,8 @@ def protect_files(
             record(FileResult(**kept))
             continue
         try:
-            job = _plan(item, out_dir, options, claims, overwrite, previous, settings)
+            changed = changes if previous and previous.settings == earlier.get("settings") else ""
+            job = _plan(item, out_dir, options, claims, overwrite, previous, settings, changed)
         except ImageFileError as error:
             record(FileResult(str(item.path), None, "failed", str(error), relative=relative))
             continue
@@ -498,8 +526,11 @@ def _plan(
     overwrite: bool,
     previous: FileResult | None,
     settings: str,
+    changes: str = "",
 ) -> _Job:
-    """Read the header and decide the output path; refuse anything that would lose a file."""
+    """Read the header and decide the output path; refuse anything that would lose a file.
+
+    ``changes`` names the settings that differ from the run that made the existing output."""
     header = probe_image(item.path)
     plan = plan_output(header, options.file_format)
     output = item.relative.with_suffix(plan.suffix)
@@ -509,7 +540,7 @@ def _plan(
     if destination.exists() and not overwrite:
         why = "is not recorded in the manifest"
         if previous is not None and previous.settings not in (None, settings):
-            why = "was protected with different settings"
+            why = "was protected with different settings" + (f" ({changes})" if changes else "")
         elif previous is not None:
             why = "does not match the manifest (the input or the output changed since)"
         raise ImageFileError(
