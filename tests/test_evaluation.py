@@ -407,6 +407,7 @@ def test_an_earlier_evaluation_is_not_replaced_without_overwrite(tmp_path):
     (out / "report.html").write_text("the earlier report")
     args = ["evaluate", str(tmp_path / "clean"), str(tmp_path / "protected"), "-o", str(out)]
     args += ["--model", str(tmp_path / "no-such-model")]
+
     def said(result) -> str:  # the one-line error main() prints, as the command raised it
         return f"{result.output} {result.exception}"
 
