@@ -469,7 +469,9 @@ def load_models(
         source: a hub id, a local diffusers folder, or a single ``.safetensors``/``.ckpt`` file.
         device: ``auto``, ``cuda``, ``mps`` or ``cpu``.
         dtype: ``auto``, ``fp32``, ``fp16``, ``bf16`` or a ``torch.dtype``; the VAE stays fp32
-            where fp16 overflows (its config's ``force_upcast``).
+            where fp16 overflows (its config's ``force_upcast``). ``auto`` is bf16 on GPUs and
+            CPUs that have it natively (Ampere and later; Intel AMX), fp16 on other GPUs and
+            MPS, fp32 elsewhere: unlike diffusers, not always fp32 on the CPU.
         with_decoder: keep the VAE decoder (for mimicry simulations); dropped otherwise.
         single_file_config: for a single file, a diffusers folder (or hub id) whose configs and
             tokenizer describe the checkpoint's architecture, VAE scale and scheduler. Without it
@@ -478,6 +480,9 @@ def load_models(
         local_files_only: never touch the network; defaults to ``HF_HUB_OFFLINE``.
         family: ``sd1``, ``sd2-base``, ``sd2-v`` or ``sdxl`` (see :mod:`mimicshield.families`);
             None detects it from the files. ``sd2-base``/``sd2-v`` also set the prediction type.
+
+    For the whole process: sets ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` (unless it is set), which
+    cuBLAS reads at its first use and deterministic mode needs.
     """
     # Before anything runs on the GPU: cuBLAS sizes its workspace once, at its first use, and
     # the protection's deterministic mode needs the reproducible setting.

@@ -117,7 +117,8 @@ class Protector:
         deterministic: run under PyTorch's deterministic mode
             (:mod:`mimicshield.reproducibility`), so the same seed, images and device give the
             same bytes on CUDA too (not applied on MPS). False lets CUDA use its faster
-            non-deterministic kernels.
+            non-deterministic kernels. The mode is torch's, for the whole process: it is on
+            during each ``protect`` call, for other threads as well, and restored after.
         **config: the fields of :class:`ProtectionConfig` (eps, step_size, steps, prompt, ...).
 
     A grey image (three equal channels) gets one perturbation for all three channels, so it
