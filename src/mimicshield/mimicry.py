@@ -765,41 +765,9 @@ def textual_inversion_mimicry(
 
     prompt = template.format(token)  # what the samples are generated with
     phrasings = [t.format(token) for t in (training_templates or [template])]
-    ids = [[model._tokens(p.tokenizer, text) for p in placeholders] for text in phrasings]
-    weights = [p.weight for p in placeholders]
-    for weight in weights:
-        weight.requires_grad_(True)
-    optimizer = torch.optim.AdamW(weights, lr=schedule.learning_rate, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(schedule.seed)
-    augment = torch.Generator().manual_seed(schedule.seed + 1)  # prompts and flips: own stream
-    size = (images.shape[2], images.shape[3])
-    skipped = 0
-    for step, batch in enumerate(
-        _batches(len(images), schedule.batch_size, schedule.steps, generator)
-    ):
-        phrasing = int(torch.randint(len(ids), (), generator=augment))
-        cond = _ti_conditioning(model, placeholders, ids[phrasing], size)
-        if isinstance(cond, Conditioning):
-            cond = cond.expand(len(batch))
-        else:
-            cond = cond.expand(len(batch), -1, -1)
-        flips = torch.rand(len(batch), generator=augment) < flip_probability
-        chosen = images[batch]
-        chosen = torch.where(flips.view(-1, 1, 1, 1).to(chosen.device), chosen.flip(-1), chosen)
-        loss = _denoising_loss(model, chosen, cond, generator)
-        if _scaled_backward(loss, weights, loss_scale(model)):
-            optimizer.step()
-        else:
-            skipped += 1
-        optimizer.zero_grad(set_to_none=True)
-        for placeholder in placeholders:  # only the new token's rows learn
-            placeholder.restore_other_rows()
-        if callback is not None:
-            callback(step + 1, schedule.steps)
-    _warn_skipped("textual inversion", skipped, schedule.steps)
-    for weight in weights:
-        weight.requires_grad_(False)
-    learned = [p.learned().float().cpu() for p in placeholders]
+    learned = _train_placeholders(
+        model, placeholders, phrasings, images, schedule, flip_probability, callback
+    )
 
     for placeholder in placeholders:
         placeholder.text_encoder.to(model.dtype)
@@ -826,6 +794,53 @@ def textual_inversion_mimicry(
     if model.is_xl:
         return samples, {"clip_l": learned[0], "clip_g": learned[1]}
     return samples, learned[0]
+
+
+def _train_placeholders(
+    model: LatentDiffusion,
+    placeholders: list[_Placeholder],
+    phrasings: Sequence[str],
+    images: Tensor,
+    schedule: TrainingSchedule,
+    flip_probability: float,
+    callback: StepCallback | None,
+) -> list[Tensor]:
+    """Textual inversion's training loop: each step one phrasing, some images mirrored, the
+    denoising loss, and only the placeholder's rows updated. Returns each encoder's new row."""
+    ids = [[model._tokens(p.tokenizer, text) for p in placeholders] for text in phrasings]
+    weights = [p.weight for p in placeholders]
+    for weight in weights:
+        weight.requires_grad_(True)
+    optimizer = torch.optim.AdamW(weights, lr=schedule.learning_rate, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(schedule.seed)
+    augment = torch.Generator().manual_seed(schedule.seed + 1)  # prompts and flips: own stream
+    size = (images.shape[2], images.shape[3])
+    skipped = 0
+    batches = _batches(len(images), schedule.batch_size, schedule.steps, generator)
+    for step, batch in enumerate(batches):
+        phrasing = int(torch.randint(len(ids), (), generator=augment))
+        cond = _ti_conditioning(model, placeholders, ids[phrasing], size)
+        if isinstance(cond, Conditioning):
+            cond = cond.expand(len(batch))
+        else:
+            cond = cond.expand(len(batch), -1, -1)
+        flips = torch.rand(len(batch), generator=augment) < flip_probability
+        chosen = images[batch]
+        chosen = torch.where(flips.view(-1, 1, 1, 1).to(chosen.device), chosen.flip(-1), chosen)
+        loss = _denoising_loss(model, chosen, cond, generator)
+        if _scaled_backward(loss, weights, loss_scale(model)):
+            optimizer.step()
+        else:
+            skipped += 1
+        optimizer.zero_grad(set_to_none=True)
+        for placeholder in placeholders:  # only the new token's rows learn
+            placeholder.restore_other_rows()
+        if callback is not None:
+            callback(step + 1, schedule.steps)
+    _warn_skipped("textual inversion", skipped, schedule.steps)
+    for weight in weights:
+        weight.requires_grad_(False)
+    return [p.learned().float().cpu() for p in placeholders]
 
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
