@@ -1027,6 +1027,11 @@ class MimicrySettings:
         return values
 
 
+def model_resolution(model: LatentDiffusion) -> int:
+    """The square size a mimic feeds this model: its own training size (512 when unknown)."""
+    return model.native_size or 512
+
+
 def fit_image(image: Tensor, resolution: int, multiple: int = 8) -> Tensor:
     """(3, H, W) -> the square ``resolution`` crop an attacker would use (shorter side resized).
 
@@ -1086,7 +1091,7 @@ class Mimicry:
         self.model = model
         settings = settings or MimicrySettings()
         if settings.resolution is None:  # what the model's own pipelines resize to
-            settings = replace(settings, resolution=model.native_size or 512)
+            settings = replace(settings, resolution=model_resolution(model))
         self.settings = settings
         self.inpaint_model = inpaint_model
         if "lora" in settings.scenarios and importlib.util.find_spec("peft") is None:

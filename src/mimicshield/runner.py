@@ -157,7 +157,7 @@ def collect_inputs(
                 if file.suffix.lower() in IMAGE_SUFFIXES and not hidden and wanted(file, path):
                     found.setdefault(file.resolve(), InputFile(file, file.relative_to(path)))
         elif path.is_file():
-            found.setdefault(path.resolve(), InputFile(path, Path(path.name)))
+            found.setdefault(path.resolve(), _as_input_file(path))
         elif matches := sorted(glob.glob(str(path), recursive=True)):
             root = Path(*itertools.takewhile(_is_literal, path.parts))  # the part before * or ?
             for match in map(Path, matches):

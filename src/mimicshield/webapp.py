@@ -664,7 +664,7 @@ class ProtectionService:
             event.set()
 
     def cancel_requested(self, session: str) -> bool:
-        events = [*tuple(self._running.get(session, ())), self._armed.get(session)]
+        events = [*self._running.get(session, ()), self._armed.get(session)]  # copied at once
         return any(event is not None and event.is_set() for event in events)
 
     def _start_job(self, session: str) -> threading.Event:
@@ -893,7 +893,7 @@ class ProtectionService:
         """SDEdit (strength 0.3, the job's seed) of the clean and the protected image, at the
         model's native resolution (the square crop an attacker feeds it), with LPIPS."""
         from .images import save_png
-        from .mimicry import fit_image, sdedit
+        from .mimicry import fit_image, model_resolution, sdedit
 
         progress = progress or JobProgress()
         image = job.image(name)
@@ -914,7 +914,7 @@ class ProtectionService:
                     self._raise_if_cancelled(cancel)
                     progress.phase = f"Loading {job.settings.model[0]}"
                     model = self.models_for(job.settings)[0]  # an ensemble's first model
-                    resolution = model.native_size or 512
+                    resolution = model_resolution(model)
                     clean = fit_image(load_image(image.input).rgb, resolution)
                     protected = fit_image(load_image(image.output).rgb, resolution)
                     progress.phase = "Check: SDEdit of the clean and the protected image"
