@@ -151,8 +151,22 @@ def test_resize_to_work_size_scales_the_shorter_side_and_keeps_the_aspect(height
     assert min(small) == work
     want = np.clip(pil_bicubic(torch.from_numpy(pil_bicubic(images, small)), (height, width)), 0, 1)
     np.testing.assert_allclose(resize_to_work_size(images, work).numpy(), want, atol=1e-5)
-    if work == 512:
-        np.testing.assert_allclose(PURIFICATIONS["resize512"](images).numpy(), want, atol=1e-5)
+    if work == 512:  # the registry's entry without a model
+        np.testing.assert_allclose(PURIFICATIONS["resize"](images).numpy(), want, atol=1e-5)
+
+
+@pytest.mark.parametrize(("native", "work"), [(None, 512), (768, 768), (1024, 1024)])
+def test_the_resize_purification_goes_to_the_models_own_size(native, work):
+    """Issue 6: "resize to the model's working size (512 for SD1.x)"; SDXL's is 1024."""
+
+    class Sized:
+        native_size = native
+
+    images = random_images((1, 3, 40, 60), seed=8)
+    want = resize_to_work_size(images, work)
+    np.testing.assert_array_equal(PURIFICATIONS["resize"](images, Sized()).numpy(), want.numpy())
+    if native is None:
+        np.testing.assert_array_equal(PURIFICATIONS["resize"](images, None).numpy(), want.numpy())
 
 
 @pytest.mark.parametrize(("height", "width", "fraction"), [(50, 70, 0.2), (40, 60, 0.1)])

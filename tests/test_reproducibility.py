@@ -130,6 +130,21 @@ def test_disabled_leaves_the_mode_alone():
         assert not torch.are_deterministic_algorithms_enabled()
 
 
+@pytest.mark.parametrize("callers", [False, True])
+def test_cudnn_autotuning_is_off_in_the_mode_on_without_it_and_restored(callers, monkeypatch):
+    # Autotuning picks convolution algorithms by timing, so the bytes could change between runs.
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", callers)
+    with deterministic_algorithms(device=torch.device("cpu")):
+        assert torch.backends.cudnn.benchmark is False
+    assert torch.backends.cudnn.benchmark is callers
+    with deterministic_algorithms(enabled=False, device=torch.device("cpu")):
+        assert torch.backends.cudnn.benchmark is True
+    assert torch.backends.cudnn.benchmark is callers
+    with pytest.raises(ValueError), deterministic_algorithms(enabled=False):
+        raise ValueError("inside")
+    assert torch.backends.cudnn.benchmark is callers
+
+
 def test_the_mode_applies_on_cuda_and_the_cpu_but_not_on_mps():
     assert deterministic_mode_applies(torch.device("cuda"))
     assert deterministic_mode_applies(torch.device("cpu"))

@@ -42,6 +42,7 @@ __all__ = [
     "parse_purifications",
     "rescale",
     "resize",
+    "resize_to_model_size",
     "resize_to_work_size",
     "sdedit_purify",
     "surviving_distortion",
@@ -49,7 +50,7 @@ __all__ = [
     "vae_roundtrip",
 ]
 
-WORK_SIZE = 512  # SD 1.x's training resolution: what a mimic resizes to first
+WORK_SIZE = 512  # SD 1.x's training resolution: what a mimic resizes to first (no model given)
 NOISE_SIGMA = 4 / 255
 SDEDIT_STRENGTH = 0.1
 
@@ -80,6 +81,12 @@ def resize_to_work_size(images: Tensor, work_size: int = WORK_SIZE) -> Tensor:
     height, width = images.shape[-2:]
     scale = work_size / min(height, width)
     return rescale(images, scale)
+
+
+def resize_to_model_size(images: Tensor, model=None) -> Tensor:
+    """:func:`resize_to_work_size` at ``model``'s own size (768 for SD 2.x-v, 1024 for SDXL),
+    512 without a model or when the model does not say (TAEF2)."""
+    return resize_to_work_size(images, getattr(model, "native_size", None) or WORK_SIZE)
 
 
 def crop_resize(images: Tensor, fraction: float = 0.2) -> Tensor:
@@ -271,15 +278,19 @@ def sdedit_purify(
 
 @dataclass(frozen=True)
 class Purification:
-    """A named purification; ``needs`` says what model part it uses (None, "decoder", "unet")."""
+    """A named purification; ``needs`` says what model part it uses (None, "decoder", "unet").
+
+    ``sized``: it reads the model's working size when a model is at hand, and runs without one.
+    """
 
     name: str
     fn: Callable[..., Tensor]
     summary: str
     needs: str | None = None
+    sized: bool = False
 
     def __call__(self, images: Tensor, model=None) -> Tensor:
-        if self.needs is None:
+        if self.needs is None and not self.sized:
             return self.fn(images)
         return self.fn(images, model)
 
@@ -301,7 +312,12 @@ PURIFICATIONS: dict[str, Purification] = {
         ),
         Purification("down0.5", partial(rescale, scale=0.5), "downscale to 0.5x, then back up"),
         Purification("down0.75", partial(rescale, scale=0.75), "downscale to 0.75x, then back"),
-        Purification("resize512", resize_to_work_size, "shorter side to 512 px, then back"),
+        Purification(
+            "resize",
+            resize_to_model_size,
+            "shorter side to the model's size (512 px for SD 1.x, or no model), then back",
+            sized=True,
+        ),
         Purification("crop20", crop_resize, "cut 20% of each side's length, resize back"),
         Purification("blur", gaussian_blur, "Gaussian blur, sigma 1"),
         Purification("noise", gaussian_noise, "Gaussian noise, sigma 4/255 (seed 0)"),

@@ -11,8 +11,9 @@ on an H200 gave different files (README, work-size measurement).
 
 :func:`deterministic_algorithms` runs the protection under PyTorch's deterministic mode: the
 attention backward passes then take their deterministic variants, cuDNN only deterministic
-algorithms, and cuBLAS a fixed workspace. ``mimicshield bench --nondeterministic`` measures what
-that costs (GPU figures pending); ``protect --nondeterministic`` opts out.
+algorithms, and cuBLAS a fixed workspace. ``protect --nondeterministic`` opts out for the fastest
+kernels, cuDNN's autotuned convolutions among them; ``mimicshield bench --nondeterministic``
+measures what that saves (GPU figures pending).
 
 Deterministic mode *refuses* the few operations that have no deterministic CUDA kernel, among
 them the backward passes of bilinear and bicubic resampling and of reflection padding, which the
@@ -64,8 +65,16 @@ def deterministic_algorithms(
     attention to their deterministic backward passes. Filling new tensors with NaN, which the
     mode does by default to expose reads of uninitialised memory, is turned off for the block:
     it costs a write of every new tensor, and nothing here reads memory it did not write.
+    cuDNN's autotuning is off in the mode (:func:`cudnn_autotuning`).
+
+    ``enabled=False`` asks for the fastest kernels instead: no deterministic mode, and cuDNN
+    autotuning on.
     """
-    if not enabled or (device is not None and not deterministic_mode_applies(device)):
+    if not enabled:
+        with cudnn_autotuning(True):
+            yield
+        return
+    if device is not None and not deterministic_mode_applies(device):
         yield
         return
     settings = _fill_settings()
@@ -79,11 +88,30 @@ def deterministic_algorithms(
     if settings is not None:
         settings.fill_uninitialized_memory = False
     try:
-        yield
+        with cudnn_autotuning(False):
+            yield
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
         if settings is not None:
             settings.fill_uninitialized_memory = previous[2]
+
+
+@contextmanager
+def cudnn_autotuning(enabled: bool) -> Iterator[None]:
+    """Set ``torch.backends.cudnn.benchmark`` for the block, then restore the caller's setting.
+
+    With autotuning, cuDNN times its convolution algorithms for every new shape and keeps the
+    fastest. The pick depends on those timings, so it can change from run to run, and with it
+    the last bits of a convolution: deterministic mode needs it off (off is also PyTorch's
+    default, but a caller may have turned it on), the non-deterministic mode takes the speed.
+    No effect off CUDA.
+    """
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
 
 
 def _fill_settings():

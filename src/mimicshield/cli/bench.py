@@ -139,7 +139,7 @@ def bench(
         bool,
         typer.Option(
             "--nondeterministic",
-            help="engine and floor without PyTorch's deterministic mode (what it costs)",
+            help="engine and floor without deterministic mode, cuDNN autotuning on (what it costs)",
         ),
     ] = False,
     reference: Annotated[

@@ -47,8 +47,8 @@ COMPILE_HELP = (
 COMPILE_NOTE = "torch.compile: the first step took {seconds:.1f} s, compilation included"
 CUDA_GRAPHS_HELP = "CUDA: record a step once and replay it (small batches; experimental)"
 NONDETERMINISTIC_HELP = (
-    "CUDA: allow PyTorch's non-deterministic kernels (see BENCHMARKS.md for what they save); "
-    "the same seed may then give slightly different images"
+    "CUDA: allow PyTorch's non-deterministic kernels and cuDNN's autotuned convolutions (see "
+    "BENCHMARKS.md for what they save); the same seed may then give slightly different images"
 )
 
 

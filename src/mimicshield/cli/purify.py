@@ -16,7 +16,7 @@ from .options import DeviceOpt, DtypeOpt, FamilyOneOpt, ModelConfigOpt, family_o
 # the names of mimicshield.purify.PURIFICATIONS, written out so that --help imports no torch
 # (tests/test_purify.py checks that the two agree)
 PURIFICATION_NAMES = (
-    "jpeg95, jpeg85, jpeg75, jpeg65, down0.5, down0.75, resize512, crop20, blur, noise, cleaner, "
+    "jpeg95, jpeg85, jpeg75, jpeg65, down0.5, down0.75, resize, crop20, blur, noise, cleaner, "
     "vae, sdedit"
 )
 
@@ -56,7 +56,8 @@ def purify(
             "--methods",
             "-m",
             help=f"comma-separated purifications, or 'all': {PURIFICATION_NAMES} (vae and "
-            "sdedit need --model); writes OUT/<purification>/<input path>.png",
+            "sdedit need --model; resize goes to its size, 512 px without one); writes "
+            "OUT/<purification>/<input path>.png",
         ),
     ] = "all",
     model: Annotated[
@@ -126,7 +127,7 @@ def purify(
         if (message := existing_outputs_error(every, out)) is not None:
             raise CLIError(message)
 
-    if needs_model and model is not None:
+    if model is not None and (needs_model or any(p.sized for p in chosen)):
         with err.status(f"Loading {model} ..."):
             loaded = _load_purification_model(model, device, dtype, model_config, family)
         skipped = [p.name for p in chosen if not p.applicable(loaded)]
