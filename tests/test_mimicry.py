@@ -157,6 +157,55 @@ def test_sdedit_on_the_tiny_model_is_seeded(tiny_model_with_decoder, images):
     assert not torch.equal(other_seed, one_step)
 
 
+def test_the_one_step_sdedit_noises_at_strength_times_t():
+    """The paper's code predicts x̂0 at t = 1000 s (the DDIM grid would give 1 for 0.01)."""
+    assert [M.one_step_timestep(s) for s in M.SDEDIT_STRENGTHS] == [10, 50, 100, 200, 300]
+    assert M.one_step_timestep(1.0) == 999 and M.one_step_timestep(1e-4) == 1
+    assert M.one_step_timestep(0.5, num_train_timesteps=500) == 250
+    with pytest.raises(ValueError, match="strength"):
+        M.one_step_timestep(0.0)
+
+
+def test_one_step_sdedit_is_the_x0_prediction_under_the_prompt(tiny_model_with_decoder, images):
+    """Computed here with the raw diffusers networks: noise E(x) at t = 50, one conditional
+    UNet call (no guidance), x̂0, decode."""
+    model = tiny_model_with_decoder
+    got = M.sdedit(model, images, 0.05, multistep=False, prompt="a painting", seed=7)
+
+    with torch.no_grad():
+        z0 = model.vae.encode(images * 2 - 1).latent_dist.mean * model.vae.config.scaling_factor
+        noise = torch.stack(
+            [torch.randn(z0.shape[1:], generator=torch.Generator().manual_seed(7)) for _ in z0]
+        )
+        abar = model.alphas_cumprod[50]
+        z_t = abar.sqrt() * z0 + (1 - abar).sqrt() * noise
+        ids = model.tokenizer(
+            "a painting",
+            padding="max_length",
+            max_length=model.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        cond = model.text_encoder(ids)[0].expand(len(z0), -1, -1)
+        t = torch.full((len(z0),), 50)
+        eps = model.unet(z_t, t, encoder_hidden_states=cond).sample
+        x0_hat = (z_t - (1 - abar).sqrt() * eps) / abar.sqrt()
+        want = model.vae.decode(x0_hat / model.vae.config.scaling_factor).sample
+    torch.testing.assert_close(got, ((want + 1) / 2).clamp(0, 1), atol=1e-5, rtol=1e-5)
+
+
+def test_mimicry_conditions_sdedit_on_its_prompt(tiny_model_with_decoder, images):
+    """As the reference conditions SDEdit on its attack prompt; `mimic --prompt` reaches it."""
+    model = tiny_model_with_decoder
+    variant = M.Variant("sdedit-onestep", 0.05)
+    settings = M.MimicrySettings(scenarios=["sdedit-onestep"], prompt="a painting", seed=7)
+    out = M.Mimicry(model, settings).run(variant, images[0])
+    want = M.sdedit(model, images[:1], 0.05, multistep=False, prompt="a painting", seed=7)[0]
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    default = M.sdedit(model, images[:1], 0.05, multistep=False, seed=7)[0]
+    assert not torch.equal(out, default)  # "a photo" is another condition
+
+
 def test_mimicry_needs_the_decoder(tiny_model, images):
     with pytest.raises(ValueError, match="with_decoder=True"):
         M.sdedit(tiny_model, images, 0.1)

@@ -139,8 +139,22 @@ def sdedit_timesteps(
     return schedule[:count][::-1]
 
 
-def model_timesteps(model: LatentDiffusion, strength: float, num_steps: int) -> list[int]:
-    """:func:`sdedit_timesteps` on the model's own schedule and its scheduler's spacing."""
+def one_step_timestep(strength: float, num_train_timesteps: int = 1000) -> int:
+    """Where the one-step SDEdit adds its noise and predicts x̂0: t = strength * T, as the
+    paper's code places it (10, 50, 100, 200, 300 for its strengths), not on the DDIM grid
+    (which would give 1 for 0.01: hardly any noise)."""
+    if not 0 < strength <= 1:
+        raise ValueError(f"SDEdit `strength` must be in (0, 1]; got {strength}.")
+    return min(num_train_timesteps - 1, max(1, round(strength * num_train_timesteps)))
+
+
+def model_timesteps(
+    model: LatentDiffusion, strength: float, num_steps: int, *, multistep: bool = True
+) -> list[int]:
+    """The timesteps SDEdit visits on the model's own schedule: :func:`sdedit_timesteps` with
+    its scheduler's spacing, or the one of :func:`one_step_timestep`."""
+    if not multistep:
+        return [one_step_timestep(strength, model.num_train_timesteps)]
     return sdedit_timesteps(
         strength, num_steps, model.num_train_timesteps, model.steps_offset, model.timestep_spacing
     )
@@ -210,11 +224,13 @@ def sdedit(
     *,
     multistep: bool = True,
     num_steps: int = DDIM_STEPS,
-    prompt: str = "",
+    prompt: str = "a photo",
     seed: int = 0,
     callback: StepCallback | None = None,
 ) -> Tensor:
-    """SDEdit as in the paper: no guidance, the empty prompt, E(x) the posterior mean.
+    """SDEdit as in the paper: no guidance, conditioned on ``prompt`` (the reference code
+    conditions on its attack prompt, "a photo" by default), E(x) the posterior mean. The
+    one-step variant predicts x̂0 at :func:`one_step_timestep`.
 
     Every family works: the conditioning comes from ``model.condition`` at the images' pixel
     size, so SDXL also gets its pooled embedding and the time ids of an uncropped image.
@@ -227,7 +243,7 @@ def sdedit(
         z0 = model.encode(x)
         noise = per_image_noise(z0.shape[1:], z0.shape[0], seed, z0.device)
         cond = model.condition(prompt, z0.shape[0], images.shape[-2], images.shape[-1])
-        steps = model_timesteps(model, strength, num_steps)
+        steps = model_timesteps(model, strength, num_steps, multistep=multistep)
         z = sdedit_latents(model, z0, noise, cond, steps, multistep=multistep, callback=callback)
         return decode(model, z).cpu()
 
@@ -1155,6 +1171,7 @@ class Mimicry:
                 variant.strength,
                 multistep=multistep,
                 num_steps=s.sdedit_steps,
+                prompt=s.prompt,
                 **common,
             )
         elif variant.scenario == "img2img":

@@ -43,7 +43,10 @@ class ProtectionConfig:
     ``random_start`` None takes the method's own choice. ``quantize_levels`` rounds the result
     to that many levels within ``eps`` (255: what an 8-bit file can hold); None leaves it
     unrounded. ``robust`` names the transforms of :mod:`mimicshield.robust` to optimise over
-    (EOT).
+    (EOT). ``posterior`` is how E(x) of the image being optimised is taken, a fresh sample each
+    step or the mean; the fixed latents, E(y) of a target and the encoder attack's E(x0), are
+    always the posterior mean (the reference re-samples them each step; the mean is the point
+    its samples scatter around, computed once).
     """
 
     method: str = DEFAULT_METHOD

@@ -601,8 +601,7 @@ class ProtectionService:
             if self._models and self._model_key == settings.model_key:
                 try:  # low-memory models released their text encoder: new prompts need a reload
                     for model in self._models:
-                        for prompt in (settings.chosen_prompt, ""):
-                            model.embed_prompt(prompt)
+                        model.embed_prompt(settings.chosen_prompt)  # the check's too
                     return self._models
                 except RuntimeError:
                     pass
@@ -632,7 +631,7 @@ class ProtectionService:
             # measured before --compile, which would compile again for the measuring size
             self._auto_batch = AutoBatchSize(models, low_memory=settings.low_memory)
             if settings.low_memory or settings.compile_networks:
-                prompts = [settings.chosen_prompt, ""]  # "" for the SDEdit check
+                prompts = [settings.chosen_prompt]  # protection's and the SDEdit check's
                 for model in models:
                     apply_performance_options(
                         model, prompts, settings.low_memory, settings.compile_networks
@@ -929,6 +928,7 @@ class ProtectionService:
                         model,
                         torch.stack([clean, protected]),
                         CHECK_STRENGTH,
+                        prompt=job.settings.chosen_prompt,
                         seed=job.settings.seed,
                         callback=step,
                     )

@@ -89,9 +89,12 @@ def protect(
     dtype: DtypeOpt = "auto",
     seed: SeedOpt = 0,
     batch_size: Annotated[str, typer.Option(help=BATCH_SIZE_HELP)] = "auto",
-    posterior: Annotated[Posterior, typer.Option(help="E(x): posterior sample or mean")] = (
-        Posterior.sample
-    ),
+    posterior: Annotated[
+        Posterior,
+        typer.Option(
+            help="E(x) of the image being protected: posterior sample or mean (targets: mean)"
+        ),
+    ] = (Posterior.sample),
     sdst_r: Annotated[float, typer.Option(help="weight r of the SDS term in sdst-")] = 5.0,
     robust: Annotated[
         str | None,
