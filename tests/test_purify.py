@@ -227,6 +227,17 @@ def test_evaluate_purify_adds_purified_sources_and_surviving_distortion(tiny_mod
     mean = sum(r["value"] for r in surviving) / 2
     assert "<th>jpeg75</th>" in table and f"<td>{mean:.2f}</td>" in table
 
+    # --overwrite replaces the evaluation whole: no folder of a variant or purification the
+    # new run does not make is left beside it
+    before = {path.relative_to(out) for path in out.rglob("*") if path.is_dir()}
+    again = [*args[: args.index("--strengths")], "--strengths", "0.05", "--purify", "blur"]
+    result = CliRunner().invoke(app, [*again, "--overwrite"])
+    assert result.exit_code == 0, result.output
+    after = {path.relative_to(out) for path in out.rglob("*") if path.is_dir()}
+    assert not [path for path in after if "jpeg75" in str(path) or "0.02" in str(path)]
+    assert any("jpeg75" in str(path) for path in before) and any("0.02" in str(p) for p in before)
+    assert any("blur" in str(path) for path in after) and any("0.05" in str(path) for path in after)
+
 
 def test_purify_never_writes_over_an_input_another_output_or_an_earlier_file(tmp_path):
     from PIL import Image

@@ -32,6 +32,11 @@ from .mimic import (
     TiStepsOpt,
 )
 from .options import DeviceOpt, DtypeOpt, FamilyOneOpt, ModelConfigOpt, ModelOpt, SeedOpt
+from .purify import PURIFIED_FOLDER
+
+# the image folders evaluate writes into -o: mimicry outputs (evaluation.evaluate) and purified
+# copies (purify.write_purified_folders)
+OWN_FOLDERS = ("mimicry", PURIFIED_FOLDER)
 
 EXAMPLES = """
 Examples:
@@ -98,7 +103,11 @@ def evaluate(
     dtype: DtypeOpt = "auto",
     seed: SeedOpt = 0,
     overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="replace an earlier evaluation in -o")
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="replace an earlier evaluation in -o: its report, metrics, mimicry/ and purified/",
+        ),
     ] = False,
 ) -> None:
     """Run mimicry on clean and protected images; writes report.html, metrics.csv/.json."""
@@ -157,7 +166,7 @@ def evaluate(
     # before the model loads, not after the first scenario
     if (problem := output_folder_problem([clean_dir, *protected_dirs], out)) is not None:
         raise CLIError(problem)
-    earlier = [out / name for name in ("report.html", "metrics.json", "metrics.csv", "mimicry")]
+    earlier = [out / name for name in ("report.html", "metrics.json", "metrics.csv", *OWN_FOLDERS)]
     if not overwrite and any(path.exists() for path in earlier):
         raise CLIError(
             f"-o {out} holds an earlier evaluation (report.html, metrics, mimicry/); choose "
@@ -168,6 +177,8 @@ def evaluate(
     mimicry = load_mimicry(
         settings, model, model_config, device, dtype, inpaint_model, family, inpaint_model_config
     )
+    if overwrite:  # the model loaded: the earlier outputs go, with variants this run lacks
+        remove_own_folders(out)
     purified_dirs = write_purified_folders(
         clean_dir, protected_dirs, purifications, out, mimicry.model
     )
@@ -208,6 +219,16 @@ def evaluate(
     if result.left_out:  # as protect, purify and mimic: the rest is done, but not everything
         err.print(f"{len(result.left_out)} image(s) left out (see the warnings above).")
         raise typer.Exit(code=1)
+
+
+def remove_own_folders(out: Path) -> None:
+    """Delete the image folders an earlier evaluation wrote into ``out`` (``--overwrite``), so
+    that none of its scenarios or purifications is left beside the new ones."""
+    import shutil
+
+    for name in OWN_FOLDERS:
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
 
 
 def print_summary(result, console) -> None:
