@@ -266,6 +266,30 @@ def test_the_protector_is_the_papers_loop_written_out(tiny_model, images_8bit, m
         assert not torch.equal(got, paper_loop(tiny_model, images_8bit, method, seeds, 16, 1, 4))
 
 
+@pytest.mark.parametrize("ahead", [1, 3])
+def test_random_inputs_drawn_steps_ahead_are_the_step_by_step_draws(
+    tiny_model, images_8bit, ahead, monkeypatch
+):
+    """The per-step draws go to the device a block of steps at a time (one copy instead of
+    three synchronising ones a step); across block boundaries (7 steps in blocks of 3: the last
+    one short) each step still gets the draws of the written-out loop."""
+    import mimicshield.protector as protector_module
+
+    monkeypatch.setattr(protector_module, "DRAW_AHEAD", ahead)
+    got = Protector(tiny_model, "sds-", eps=16 / 255, step_size=1 / 255, steps=7)
+    got = got.protect(images_8bit, seeds=[4, 9]).images
+    assert torch.equal(got, paper_loop(tiny_model, images_8bit, "sds-", [4, 9], 16, 1, 7))
+
+
+def test_one_copy_moves_a_block_of_draws():
+    """Stacked on the CPU, then one transfer; on the CPU nothing is copied at all."""
+    from mimicshield.protector import _to_device_at_once
+
+    draws = [torch.full((2, 3), float(i)) for i in range(4)]
+    moved = _to_device_at_once(draws, torch.device("cpu"))
+    assert moved.shape == (4, 2, 3) and torch.equal(moved[2], draws[2])
+
+
 @pytest.mark.parametrize("method", ["sds-", "photoguard"])
 def test_a_grey_image_gets_one_perturbation_for_its_three_channels(tiny_model, method):
     """It steps along the sign of the summed channel gradients and stays grey (three
