@@ -224,6 +224,7 @@ def test_img2img_and_inpaint_pipelines(tiny_model_with_decoder, tmp_path, images
         str(save_tiny_inpainting_model(tmp_path / "inpaint")),
         device="cpu",
         dtype="fp32",
+        inpainting=True,
         with_decoder=True,
     )
     assert inpainter.unet.config.in_channels == 9

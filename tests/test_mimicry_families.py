@@ -184,7 +184,7 @@ def test_sdxl_inpainting_checkpoint_gets_the_mask_and_masked_image(
     folder = shutil.copytree(folders["sdxl"], tmp_path / "sdxl-inpaint")
     torch.manual_seed(0)
     UNet2DConditionModel(**{**TINY_SDXL_UNET, "in_channels": 9}).save_pretrained(folder / "unet")
-    inpainter = load_models(str(folder), **CPU)
+    inpainter = load_models(str(folder), inpainting=True, **CPU)
     assert inpainter.is_xl and inpainter.unet.config.in_channels == 9
     calls = _spy_unet(inpainter, monkeypatch)
     mimicry = M.Mimicry(models["sdxl"], M.MimicrySettings(sample_steps=2), inpaint_model=inpainter)

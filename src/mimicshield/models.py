@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import warnings
 from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -26,12 +28,31 @@ from .mps import check_mps_dtype
 from .performance import stop_saving_frozen_conv_inputs
 from .reproducibility import configure_cublas_workspace
 
+if TYPE_CHECKING:
+    from .families import Family
+
 SUPPORTED_PREDICTION_TYPES = ("epsilon", "v_prediction")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 
+# terminal colour and style codes (torch's "Weights only load failed" text is full of them)
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
+def strip_ansi(text: str) -> str:
+    """``text`` without ANSI escape codes, which print as garbage outside a terminal."""
+    return _ANSI_ESCAPE.sub("", text)
+
+
 class ModelLoadError(RuntimeError):
-    """A model could not be found or loaded; the message says how to fix it in one line."""
+    """A model could not be found or loaded; the message says how to fix it in one line.
+
+    Messages quote errors of torch, diffusers and the hub, so escape codes are stripped here,
+    once for every message that reaches the user.
+    """
+
+    def __init__(self, message: str = "", *args: object) -> None:
+        super().__init__(strip_ansi(str(message)), *args)
 
 
 class UnsupportedModelError(ModelLoadError):
@@ -322,12 +343,66 @@ _LOCAL_PATH_HINT = "pass a local diffusers folder or a .safetensors/.ckpt file w
 
 def _one_line(error: BaseException, limit: int = 160) -> str:
     """The first line of an error's message: hub and torch errors run to several lines."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    lines = [line.strip() for line in strip_ansi(str(error)).splitlines() if line.strip()]
     text = lines[0] if lines else type(error).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+# what diffusers says, in an OSError of its own, for a repo or file that is not there
+_NOT_FOUND_TEXTS = (
+    "is not a local folder and is not a valid model identifier",
+    "does not appear to have a file named",
+    "couldn't find it in the cached files",
+)
+# ... and for a hub it could not reach
+_NETWORK_TEXTS = ("specific connection error", "couldn't connect to")
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    """``error`` and the errors it was raised from or while handling, outermost first."""
+    chain: list[BaseException] = []
+    seen: BaseException | None = error
+    while seen is not None and seen not in chain and len(chain) < 16:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    return chain
+
+
+def _is_not_found(error: BaseException) -> bool:
+    """Whether ``error`` means the repo or file is not there (not in the cache, when offline).
+
+    huggingface_hub raises LocalEntryNotFoundError, RepositoryNotFoundError or
+    EntryNotFoundError; diffusers and transformers re-raise them as an OSError of their own,
+    usually chained. Anything else (a broken config, a shape mismatch) is a real problem of a
+    model that *was* found, and is reported as such.
+    """
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+
+    return any(
+        isinstance(seen, EntryNotFoundError | RepositoryNotFoundError)
+        or (isinstance(seen, OSError) and any(text in str(seen) for text in _NOT_FOUND_TEXTS))
+        for seen in _chain(error)
+    )
+
+
+def _is_network_error(error: BaseException) -> bool:
+    """Whether ``error`` is the hub being unreachable (or refusing), not the model failing."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    return any(
+        isinstance(seen, HfHubHTTPError | ConnectionError | TimeoutError)
+        or (isinstance(seen, OSError) and any(text in str(seen) for text in _NETWORK_TEXTS))
+        for seen in _chain(error)
+    )
+
+
+def _is_unavailable(error: BaseException, local_files_only: bool) -> bool:
+    """A hub model that is not there, or (online) could not be fetched: say how to get it."""
+    return _is_not_found(error) or (not local_files_only and _is_network_error(error))
+
+
 def _load_error(source: str, cause: Exception, local_files_only: bool) -> ModelLoadError:
+    """The one line for a hub id that could not be got (not found, or the network)."""
     if local_files_only:
         return ModelLoadError(
             f"Model {source!r} is not a local folder and not in the local hub cache, and downloads "
@@ -337,6 +412,13 @@ def _load_error(source: str, cause: Exception, local_files_only: bool) -> ModelL
         f"Could not get model {source!r} from the Hugging Face hub ({type(cause).__name__}: "
         f"{_one_line(cause)}); check the id and the network connection (HF_HUB_OFFLINE=1 reads "
         f"only the local cache), or {_LOCAL_PATH_HINT}."
+    )
+
+
+def _component_error(source: str, name: str, cause: Exception) -> ModelLoadError:
+    """The one line for a component of a model that was found but does not load."""
+    return ModelLoadError(
+        f"{source}: could not load its {name} ({type(cause).__name__}: {_one_line(cause)})."
     )
 
 
@@ -391,6 +473,50 @@ def _check_latent_space(vae: torch.nn.Module, source: str) -> None:
             "latents_mean / latents_std); this version supports the SD 1.x, SD 2.x and SDXL "
             "latent spaces only."
         )
+
+
+def _check_unet(unet: torch.nn.Module, vae: torch.nn.Module, source: str, inpainting: bool) -> None:
+    """Refuse a UNet that takes inputs or conditioning the methods never hand it."""
+    from .families import check_unet_conditioning, check_unet_inputs
+
+    check_unet_conditioning(unet.config, source)
+    in_channels, latent_channels = unet.config.in_channels, vae.config.latent_channels
+    check_unet_inputs(in_channels, latent_channels, source, inpainting=inpainting)
+
+
+# weights a VAE needs only to decode, which protection drops (``with_decoder=False``)
+_DECODER_PREFIXES = ("decoder.", "post_quant_conv.")
+
+
+def _check_weights_present(
+    parts: Mapping[str, object],
+    missing: Mapping[str, list[str]],
+    source: str,
+    *,
+    with_decoder: bool = True,
+) -> None:
+    """Refuse components whose files lacked weights, naming the component.
+
+    diffusers leaves such weights on the meta device (moving them fails later with a bare
+    "Cannot copy out of meta tensor"), transformers fills them with random values and goes on:
+    a text encoder half random would make every protection silently wrong. ``missing`` holds
+    what the loaders reported; meta tensors are found here. The VAE decoder only counts when
+    it is kept.
+    """
+    for name, module in parts.items():
+        if not isinstance(module, torch.nn.Module):
+            continue
+        tensors = [*module.named_parameters(), *module.named_buffers()]
+        gaps = set(missing.get(name, ())) | {key for key, tensor in tensors if tensor.is_meta}
+        if name == "vae" and not with_decoder:
+            gaps = {key for key in gaps if not key.startswith(_DECODER_PREFIXES)}
+        if gaps:
+            example = sorted(gaps)[0]
+            raise ModelLoadError(
+                f"{source}: its {name} is missing {len(gaps)} weight tensor(s) (e.g. {example}); "
+                "its files are incomplete or of another architecture: re-download or re-save "
+                "the model."
+            )
 
 
 CPU_ALIGNMENT = 64  # bytes: what PyTorch's own CPU allocator gives every new tensor
@@ -462,6 +588,7 @@ def load_models(
     single_file_config: str | None = None,
     local_files_only: bool | None = None,
     family: str | None = None,
+    inpainting: bool = False,
 ) -> LatentDiffusion:
     """Load what the protection methods need: the VAE encoder, UNet, text encoder and schedule.
 
@@ -480,6 +607,13 @@ def load_models(
         local_files_only: never touch the network; defaults to ``HF_HUB_OFFLINE``.
         family: ``sd1``, ``sd2-base``, ``sd2-v`` or ``sdxl`` (see :mod:`mimicshield.families`);
             None detects it from the files. ``sd2-base``/``sd2-v`` also set the prediction type.
+        inpainting: the model is wanted as an inpainting model (mimicry's ``--inpaint-model``):
+            a 9-channel inpainting UNet is accepted (a plain one too), and a single file's
+            configs default to its family's inpainting model. Otherwise a UNet that takes more
+            than the latents (inpainting, upscaler, InstructPix2Pix, depth) is refused.
+
+    Models the methods would run wrongly are refused with :class:`UnsupportedModelError`, and
+    components with weights missing from their files with :class:`ModelLoadError`.
 
     For the whole process: sets ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` (unless it is set), which
     cuBLAS reads at its first use and deterministic mode needs.
@@ -499,11 +633,20 @@ def load_models(
     source = str(source)
     check_model_source(source)
     path = Path(source).expanduser()
+    if single_file_config is not None and not path.is_file():
+        warnings.warn(
+            f"--model-config {single_file_config} is ignored: it only applies to a single "
+            f".safetensors/.ckpt file, and {source} is a diffusers folder or hub id with configs "
+            "of its own.",
+            stacklevel=2,
+        )
     with _quiet_loading():
         if path.is_file():
-            parts, chosen = _load_single_file(path, single_file_config, local_files_only, family)
+            parts, chosen, missing = _load_single_file(
+                path, single_file_config, local_files_only, family, inpainting
+            )
         else:
-            parts, chosen = _load_diffusers_folder(source, local_files_only, family)
+            parts, chosen, missing = _load_diffusers_folder(source, local_files_only, family)
         vae, unet, scheduler = parts["vae"], parts["unet"], parts["scheduler"]
         text_encoder, text_encoder_2 = parts["text_encoder"], parts.get("text_encoder_2")
 
@@ -511,6 +654,8 @@ def load_models(
         prediction_type = chosen.prediction_type or configured
         _check_supported(prediction_type, source)
         _check_latent_space(vae, source)
+        _check_unet(unet, vae, source, inpainting)
+        _check_weights_present(parts, missing, source, with_decoder=with_decoder)
         vae_dtype = prepare_components(
             vae,
             [unet, text_encoder, text_encoder_2],
@@ -598,12 +743,15 @@ def _looks_like_path(source: str) -> bool:
     )
 
 
-def _load_diffusers_folder(source: str, local_files_only: bool, family: str | None):
+def _load_diffusers_folder(
+    source: str, local_files_only: bool, family: str | None
+) -> tuple[dict, Family, dict[str, list[str]]]:
     """Load each component on its own, so the safety checker and feature extractor never load.
 
     For a hub id only the subfolders the family needs are downloaded (and ``model_index.json``,
     which names the pipeline), never the safety checker's weights. Returns the components by
-    name and the :class:`~mimicshield.families.Family` they were loaded as.
+    name, the :class:`~mimicshield.families.Family` they were loaded as, and the weights each
+    component's files lacked (left random or on the meta device: refused later).
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -624,17 +772,7 @@ def _load_diffusers_folder(source: str, local_files_only: bool, family: str | No
     check_pipeline_supported(model_index, source)
     if is_local:
         _require_subfolders(folder, _COMPONENTS, source)
-
-    def load(name: str, cls):
-        try:
-            return cls.from_pretrained(source, subfolder=name, local_files_only=local_files_only)
-        except (OSError, ValueError) as error:
-            if is_local:
-                raise ModelLoadError(
-                    f"{source}: could not load its {name} ({type(error).__name__}: "
-                    f"{_one_line(error)})."
-                ) from error
-            raise _load_error(source, error, local_files_only) from error
+    loader = _ComponentLoader(source, folder if is_local else None, local_files_only)
 
     try:  # the class the checkpoint names, before DDPMScheduler reads its config as its own
         scheduler_class = DDPMScheduler.load_config(
@@ -644,9 +782,9 @@ def _load_diffusers_folder(source: str, local_files_only: bool, family: str | No
         scheduler_class = ""  # the load below reports a missing or broken config
     _check_scheduler_class(str(scheduler_class), source)
     parts = {
-        "scheduler": load("scheduler", DDPMScheduler),
-        "vae": load("vae", AutoencoderKL),
-        "unet": load("unet", UNet2DConditionModel),
+        "scheduler": loader.load("scheduler", DDPMScheduler),
+        "vae": loader.load("vae", AutoencoderKL),
+        "unet": loader.load("unet", UNet2DConditionModel),
     }
     configured = parts["scheduler"].config.get("prediction_type", "epsilon")
     detected = folder_family(model_index, parts["unet"].config, configured)
@@ -657,8 +795,73 @@ def _load_diffusers_folder(source: str, local_files_only: bool, family: str | No
         text.update(text_encoder_2=CLIPTextModelWithProjection, tokenizer_2=CLIPTokenizer)
         if is_local:
             _require_subfolders(folder, ("text_encoder_2", "tokenizer_2"), source)
-    parts.update({name: load(name, cls) for name, cls in text.items()})
-    return parts, chosen
+    parts.update({name: loader.load(name, cls) for name, cls in text.items()})
+    loader.report_variants()
+    return parts, chosen, loader.missing
+
+
+# components with weight files, which diffusers/transformers may also hold as an fp16 variant
+_WEIGHTED = ("vae", "unet", "text_encoder", "text_encoder_2")
+_VARIANT = "fp16"
+
+
+class _ComponentLoader:
+    """``from_pretrained`` of one folder's or hub repo's components, with one-line errors.
+
+    Records the weights each component's files lacked (``missing``): diffusers leaves them on
+    the meta device and transformers initialises them at random, both without an error. A
+    component whose only weights are ``*.fp16.*`` files (repos that publish only the fp16
+    variant) is loaded from those, and said once (:meth:`report_variants`).
+    """
+
+    def __init__(self, source: str, folder: Path | None, local_files_only: bool) -> None:
+        self.source, self.folder, self.local_files_only = source, folder, local_files_only
+        self.missing: dict[str, list[str]] = {}
+        self.variants: list[str] = []
+
+    def load(self, name: str, cls):
+        try:
+            return self._from_pretrained(name, cls)
+        except (OSError, ValueError) as error:
+            if name in _WEIGHTED and self._has_variant_only(name, error):
+                try:
+                    model = self._from_pretrained(name, cls, variant=_VARIANT)
+                except (OSError, ValueError):
+                    pass  # no variant either: the first error says what is missing
+                else:
+                    self.variants.append(name)
+                    return model
+            if self.folder is None and _is_unavailable(error, self.local_files_only):
+                raise _load_error(self.source, error, self.local_files_only) from error
+            raise _component_error(self.source, name, error) from error
+
+    def _from_pretrained(self, name: str, cls, **kwargs):
+        options = {"subfolder": name, "local_files_only": self.local_files_only, **kwargs}
+        if name not in _WEIGHTED:
+            return cls.from_pretrained(self.source, **options)
+        model, info = cls.from_pretrained(self.source, output_loading_info=True, **options)
+        if info.get("missing_keys"):
+            self.missing[name] = sorted(info["missing_keys"])
+        return model
+
+    def _has_variant_only(self, name: str, error: Exception) -> bool:
+        """Whether the plain weights are missing and the variant may be there.
+
+        A local folder shows its files; of a hub repo only trying the variant can tell.
+        """
+        if self.folder is None:
+            return _is_not_found(error)
+        weights = [*(self.folder / name).glob("*.safetensors"), *(self.folder / name).glob("*.bin")]
+        variants = [file for file in weights if f".{_VARIANT}." in file.name]
+        return bool(variants) and len(variants) == len(weights)
+
+    def report_variants(self) -> None:
+        if self.variants:
+            warnings.warn(
+                f"{self.source}: its {', '.join(self.variants)} weights exist only as the "
+                f"{_VARIANT} variant (*.{_VARIANT}.safetensors); loaded those.",
+                stacklevel=4,
+            )
 
 
 def _model_index(source: str, folder: Path | None, local_files_only: bool) -> dict:
@@ -669,7 +872,10 @@ def _model_index(source: str, folder: Path | None, local_files_only: bool) -> di
     if folder is not None:
         index = folder / "model_index.json"
         if index.is_file():
-            return json.loads(index.read_text())
+            try:
+                return json.loads(index.read_text())
+            except ValueError as error:
+                raise _component_error(source, "model_index.json", error) from error
         return {sub.name: [None, None] for sub in folder.iterdir() if sub.is_dir()}
 
     from huggingface_hub import hf_hub_download
@@ -680,8 +886,13 @@ def _model_index(source: str, folder: Path | None, local_files_only: bool) -> di
     except EntryNotFoundError:  # also "not in the offline cache": the components will say
         return {}
     except (OSError, ValueError) as error:
-        raise _load_error(source, error, local_files_only) from error
-    return json.loads(Path(path).read_text())
+        if _is_unavailable(error, local_files_only):
+            raise _load_error(source, error, local_files_only) from error
+        raise _component_error(source, "model_index.json", error) from error
+    try:
+        return json.loads(Path(path).read_text())
+    except ValueError as error:  # a hub repo or cache with a broken file
+        raise _component_error(source, "model_index.json", error) from error
 
 
 def _require_subfolders(folder: Path, names: tuple[str, ...], source: str) -> None:
@@ -693,14 +904,23 @@ def _require_subfolders(folder: Path, names: tuple[str, ...], source: str) -> No
         )
 
 
-def _load_single_file(path: Path, config: str | None, local_files_only: bool, family: str | None):
+def _load_single_file(
+    path: Path,
+    config: str | None,
+    local_files_only: bool,
+    family: str | None,
+    inpainting: bool = False,
+) -> tuple[dict, Family, dict[str, list[str]]]:
     """Load an original-format (CompVis/LDM/SGM) checkpoint through diffusers' own converter.
 
     The file holds weights only. The architecture, the VAE's ``scaling_factor`` and
     ``force_upcast``, the tokenizers and the scheduler (so ``prediction_type``) come from
     ``config``, a diffusers folder or hub id; without one, from the hub configs of the family's
-    reference model (offline: only from the local hub cache). The family comes from ``family``,
-    else from ``config``, else from the file's key names.
+    reference model (offline: only from the local hub cache), its inpainting model's for a
+    9-channel UNet. The family comes from ``family``, else from ``config``, else from the
+    file's key names; the prediction type from what the file declares (marker keys, metadata).
+    An LDM ``.ckpt`` with EMA weights loads those. Returns what
+    :func:`_load_diffusers_folder` returns (no missing weights: diffusers leaves them on meta).
     """
     import diffusers
 
@@ -709,13 +929,17 @@ def _load_single_file(path: Path, config: str | None, local_files_only: bool, fa
         checkpoint_family,
         checkpoint_schedule,
         get_family,
+        inpainting_family,
         sd2_family,
     )
 
     overridden = get_family(family) if family is not None else None
-    keys = _checkpoint_keys(path)
-    detected = checkpoint_family(keys, path.name)
-    declared = checkpoint_schedule(keys, path.name)
+    summary = _read_checkpoint(path)
+    detected = checkpoint_family(summary.keys, path.name)
+    is_inpainting = _is_inpainting_file(summary, path, inpainting)
+    if is_inpainting:
+        detected = inpainting_family(detected)
+    declared = checkpoint_schedule(summary.keys, path.name, summary.metadata)
     config_dir = config_family = None
     if config is not None:
         guess = overridden or get_family(detected)  # only names the family in error messages
@@ -735,28 +959,17 @@ def _load_single_file(path: Path, config: str | None, local_files_only: bool, fa
                 "--family sd2-base.",
                 stacklevel=3,
             )
-        config_dir = _single_file_config(path, None, local_files_only, chosen)
-    extra = {"image_encoder": None, "feature_extractor": None}
-    if chosen.is_xl:
-        extra["add_watermarker"] = False
-    else:
-        extra.update(safety_checker=None, requires_safety_checker=False)
+        config_dir = _single_file_config(path, None, local_files_only, chosen, is_inpainting)
     try:
         pipe = getattr(diffusers, chosen.pipeline).from_single_file(
-            str(path), config=config_dir, local_files_only=local_files_only, **extra
+            str(path),
+            config=config_dir,
+            local_files_only=local_files_only,
+            **_single_file_options(chosen, path, summary),
         )
     except _single_file_errors() as error:
-        if config is None:
-            advice = (
-                f"its configs came from {chosen.config_repo} ({chosen.title}); if that is the "
-                "wrong family pass --family, or --model-config DIR,"
-            )
-        else:
-            advice = "it must be a complete SD 1.x/2.x/SDXL checkpoint, and --model-config DIR"
-        raise ModelLoadError(
-            f"{path}: could not load this checkpoint ({type(error).__name__}: {_one_line(error)}); "
-            f"{advice} a diffusers folder (or hub id) of the same model family."
-        ) from error
+        repo = None if config is not None else chosen.reference_repo(is_inpainting)
+        raise _single_file_load_error(path, error, repo, chosen) from error
     parts = {
         "vae": pipe.vae,
         "unet": pipe.unet,
@@ -768,14 +981,108 @@ def _load_single_file(path: Path, config: str | None, local_files_only: bool, fa
     }
     if chosen.is_xl:
         parts.update(text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2)
-    return parts, chosen
+    return parts, chosen, {}
+
+
+def _is_inpainting_file(summary: CheckpointSummary, path: Path, inpainting: bool) -> bool:
+    """Whether the file's UNet is an inpainting one; other non-latent inputs are refused.
+
+    Read from ``conv_in``'s weight shape, before any config is fetched: diffusers tells
+    inpainting files apart the same way.
+    """
+    from .families import INPAINTING, check_unet_inputs, unet_kind
+
+    channels = summary.unet_in_channels
+    if channels is None:
+        return False
+    check_unet_inputs(channels, SD_LATENT_CHANNELS, path.name, inpainting=inpainting)
+    return unet_kind(channels, SD_LATENT_CHANNELS) == INPAINTING
+
+
+def _single_file_options(chosen: Family, path: Path, summary: CheckpointSummary) -> dict:
+    """``from_single_file`` options: skip what protection never runs; take the EMA weights.
+
+    An LDM training checkpoint keeps an exponential moving average of its UNet (``model_ema.*``)
+    besides the trained weights. The EMA is what inference (and so a mimic) uses, and diffusers
+    only takes it when told ``extract_ema``.
+    """
+    options: dict[str, object] = {"image_encoder": None, "feature_extractor": None}
+    if chosen.is_xl:
+        options["add_watermarker"] = False
+    else:
+        options.update(safety_checker=None, requires_safety_checker=False)
+    if summary.ema == "complete":
+        options["extract_ema"] = True
+        warnings.warn(
+            f"{path.name}: holds EMA weights of its UNet (model_ema.*) besides the trained ones; "
+            "using the EMA weights, as inference does.",
+            stacklevel=4,
+        )
+    elif summary.ema == "partial":
+        warnings.warn(
+            f"{path.name}: its EMA weights (model_ema.*) do not cover the whole UNet; using the "
+            "trained (non-EMA) weights.",
+            stacklevel=4,
+        )
+    return options
+
+
+def _single_file_load_error(
+    path: Path, error: Exception, repo: str | None, chosen: Family
+) -> ModelLoadError:
+    """One line for a single file that diffusers could not convert, and what to try.
+
+    ``repo`` is the hub repo the configs came from, None when ``--model-config`` gave them.
+    """
+    if "meta tensor" in str(error):  # diffusers left weights the file lacks on the meta device
+        part = _COMPONENT_NAMES.get(_module_in_traceback(error) or "", "model")
+        return ModelLoadError(
+            f"{path}: its {part} is missing weight tensors (they are not in the file); it may be "
+            "truncated or pruned: re-download it, or use the full checkpoint."
+        )
+    if repo is not None:
+        advice = (
+            f"its configs came from {repo} ({chosen.title}); if that is the wrong family pass "
+            "--family, or --model-config DIR,"
+        )
+    else:
+        advice = "it must be a complete SD 1.x/2.x/SDXL checkpoint, and --model-config DIR"
+    return ModelLoadError(
+        f"{path}: could not load this checkpoint ({type(error).__name__}: {_one_line(error)}); "
+        f"{advice} a diffusers folder (or hub id) of the same model family."
+    )
+
+
+# the component a network class is, as messages name components
+_COMPONENT_NAMES = {
+    "UNet2DConditionModel": "unet",
+    "AutoencoderKL": "vae",
+    "CLIPTextModel": "text_encoder",
+    "CLIPTextModelWithProjection": "text_encoder_2",
+}
+
+
+def _module_in_traceback(error: BaseException) -> str | None:
+    """The class of the outermost network whose method raised ``error``, e.g. "AutoencoderKL".
+
+    diffusers converts a single file's components one after another inside one call; the
+    traceback is the only place that says which of them failed.
+    """
+    frame = error.__traceback__
+    while frame is not None:
+        module = frame.tb_frame.f_locals.get("self")
+        if isinstance(module, torch.nn.Module):
+            return type(module).__name__
+        frame = frame.tb_next
+    return None
 
 
 def _declared_scheduler(config: Mapping, declared: Mapping, source: str, *, warn: bool):
     """The DDPM schedule of a single file: its configs', with what the file itself declares.
 
     The configs (``--model-config`` or the family's reference model) describe the architecture;
-    a ``v_pred``/``ztsnr`` marker describes this very file, so it wins. A disagreement with a
+    a ``v_pred``/``ztsnr`` marker or the file's ModelSpec metadata describes this very file, so
+    it wins. A disagreement with a
     ``--model-config`` the user gave (``warn``) is said, since it changes every step.
     """
     from diffusers import DDPMScheduler
@@ -784,32 +1091,101 @@ def _declared_scheduler(config: Mapping, declared: Mapping, source: str, *, warn
     if changed and warn:
         settings = ", ".join(f"{key}={value!r}" for key, value in changed.items())
         warnings.warn(
-            f"{source}: the file declares {settings} (its v_pred/ztsnr keys); using that over "
-            "--model-config's scheduler config.",
+            f"{source}: the file declares {settings} (its v_pred/ztsnr keys or ModelSpec "
+            "metadata); using that over --model-config's scheduler config.",
             stacklevel=4,
         )
     return DDPMScheduler.from_config(config, **declared)
 
 
-def _checkpoint_keys(path: Path) -> list[str]:
-    """A single file's state-dict keys, without reading its tensors where the format allows."""
+# every SD 1.x/2.x/SDXL VAE encodes to 4 channels; a single file's UNet is checked against it
+# before its configs are fetched (and against the loaded VAE's config after)
+SD_LATENT_CHANNELS = 4
+# diffusers takes a checkpoint's EMA weights only when more than 100 keys are EMA ones
+_EMA_MIN_KEYS = 100
+
+
+@dataclass(frozen=True)
+class CheckpointSummary:
+    """What a single file says about itself, read before diffusers converts it.
+
+    Attributes:
+        keys: its state-dict keys (the tensors themselves are not read).
+        unet_in_channels: the UNet's input channels (``conv_in``'s weight shape), None when the
+            file has no such 4-d weight.
+        metadata: a ``.safetensors`` file's ``__metadata__`` (SAI ModelSpec keys); {} else.
+    """
+
+    keys: frozenset[str]
+    unet_in_channels: int | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def ema(self) -> str | None:
+        """``complete`` or ``partial`` for an LDM checkpoint's ``model_ema.*`` UNet copy.
+
+        LDM's EMA names each UNet weight without its dots (``model_ema.diffusion_model`` +
+        ``input_blocks00weight``), the name diffusers' converter looks up.
+        """
+        if sum(key.startswith("model_ema.") for key in self.keys) <= _EMA_MIN_KEYS:
+            return None
+        unet = [key for key in self.keys if key.startswith("model.diffusion_model.")]
+        flat = ("model_ema." + "".join(key.split(".")[1:]) for key in unet)
+        return "complete" if all(key in self.keys for key in flat) else "partial"
+
+
+def _read_checkpoint(path: Path) -> CheckpointSummary:
+    """A single file's keys, UNet input channels and metadata, reading as little as it can.
+
+    ``.safetensors``: the header only. ``.ckpt``: ``torch.load`` with ``weights_only=True``,
+    memory-mapped where the format allows; files that also pickle Python objects (a
+    PyTorch Lightning ``ModelCheckpoint`` callback, ...) are refused rather than unpickled,
+    since unpickling can run any code.
+    """
+    from .families import UNET_INPUT_KEY
+
     try:
         if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as handle:
-                return list(handle.keys())
-        try:
-            checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        except RuntimeError:  # a legacy (non-zip) torch file cannot be memory-mapped
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            return _read_safetensors(path, UNET_INPUT_KEY)
+        checkpoint = _torch_load(path)
     except _single_file_errors() as error:
+        if "Weights only load failed" in str(error):
+            raise ModelLoadError(
+                f"{path}: holds pickled Python objects besides the weights, which mimicshield "
+                "does not load for safety; use the .safetensors release or convert the file."
+            ) from error
         raise ModelLoadError(
             f"{path}: could not read this checkpoint ({type(error).__name__}: {_one_line(error)})."
         ) from error
     while isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
         checkpoint = checkpoint["state_dict"]
-    return list(checkpoint) if isinstance(checkpoint, dict) else []
+    if not isinstance(checkpoint, dict):
+        return CheckpointSummary(frozenset())
+    weight = checkpoint.get(UNET_INPUT_KEY)
+    shape = tuple(weight.shape) if isinstance(weight, Tensor) else ()
+    return CheckpointSummary(frozenset(checkpoint), _in_channels(shape))
+
+
+def _read_safetensors(path: Path, unet_key: str) -> CheckpointSummary:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        keys = frozenset(handle.keys())
+        shape = tuple(handle.get_slice(unet_key).get_shape()) if unet_key in keys else ()
+        metadata = dict(handle.metadata() or {})
+    return CheckpointSummary(keys, _in_channels(shape), metadata)
+
+
+def _torch_load(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except RuntimeError:  # a legacy (non-zip) torch file cannot be memory-mapped
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _in_channels(conv_in_shape: tuple[int, ...]) -> int | None:
+    """A convolution weight is (out, in, kh, kw); anything else tells nothing."""
+    return int(conv_in_shape[1]) if len(conv_in_shape) == 4 else None
 
 
 def _config_family(folder: Path) -> str | None:
@@ -827,12 +1203,16 @@ def _config_family(folder: Path) -> str | None:
     return folder_family(model_index, unet, scheduler.get("prediction_type", "epsilon"))
 
 
-def _single_file_config(path: Path, config: str | None, local_files_only: bool, family) -> str:
+def _single_file_config(
+    path: Path, config: str | None, local_files_only: bool, family: Family, inpainting: bool = False
+) -> str:
     """The local folder diffusers should read a single file's configs from.
 
     diffusers' ``from_single_file``, told ``local_files_only`` but finding no cached config,
     retries *online*. Resolving the folder here keeps offline runs off the network and turns a
-    missing config into one clear line. Only configs and tokenizer files are fetched.
+    missing config into one clear line. Only configs and tokenizer files are fetched. Without
+    ``config``: the family's reference repo (its inpainting one for ``inpainting``), else the
+    same configs under an old id already in the local hub cache.
     """
     if config is not None:
         folder = Path(config).expanduser()
@@ -840,27 +1220,38 @@ def _single_file_config(path: Path, config: str | None, local_files_only: bool, 
             return str(folder)
         if _looks_like_path(config):
             raise ModelLoadError(f"--model-config {config}: no such folder.")
-        repo_id = config
+        repo_ids: tuple[str, ...] = (config,)
     else:
-        repo_id = family.config_repo
-
-    from huggingface_hub import snapshot_download
+        repo_ids = family.reference_repos(inpainting)
 
     try:
-        return snapshot_download(
-            repo_id, allow_patterns=_CONFIG_PATTERNS, local_files_only=local_files_only
-        )
+        return _config_snapshot(repo_ids[0], local_files_only)
     except (OSError, ValueError) as error:
-        if local_files_only:
-            reason = "offline, and the configs of {!r} that describe its architecture are not in "
-            reason = reason.format(repo_id) + "the local hub cache"
-        else:
-            reason = f"could not get the configs of {repo_id!r} that describe its architecture "
-            reason += f"({type(error).__name__}: {_one_line(error)})"
-        raise ModelLoadError(
-            f"{path.name}: {reason}; pass --model-config DIR, a diffusers folder of the same model "
-            f"family ({family.title}), or --family if {family.title} is the wrong guess."
-        ) from error
+        first_error = error
+    for old_id in repo_ids[1:]:
+        try:
+            return _config_snapshot(old_id, local_files_only=True)
+        except (OSError, ValueError):
+            continue
+    title = family.title + (" inpainting" if inpainting else "")
+    if _is_not_found(first_error) and local_files_only:
+        reason = f"offline, and the configs of {repo_ids[0]!r} that describe its architecture "
+        reason += "are not in the local hub cache"
+    else:
+        reason = f"could not get the configs of {repo_ids[0]!r} that describe its architecture "
+        reason += f"({type(first_error).__name__}: {_one_line(first_error)})"
+    raise ModelLoadError(
+        f"{path.name}: {reason}; pass --model-config DIR, a diffusers folder of the same model "
+        f"family ({title}), or --family if {family.title} is the wrong guess."
+    ) from first_error
+
+
+def _config_snapshot(repo_id: str, local_files_only: bool) -> str:
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(
+        repo_id, allow_patterns=_CONFIG_PATTERNS, local_files_only=local_files_only
+    )
 
 
 def _single_file_errors() -> tuple[type[Exception], ...]:

@@ -128,15 +128,23 @@ def save_tiny_stable_diffusion(
     return folder
 
 
-def save_tiny_inpainting_model(folder: str | Path, *, seed: int = 0) -> Path:
-    """The tiny model with a 9-channel UNet (latents, mask, masked-image latents), as SD-inpaint."""
+def save_tiny_inpainting_model(folder: str | Path, *, seed: int = 0, family: str = "sd1") -> Path:
+    """The tiny model of ``family`` with a 9-channel UNet (latents, mask, masked-image latents).
+
+    Saved as the family's inpainting pipeline, the way SD-inpainting, SD 2 inpainting and the
+    SDXL inpainting 0.1 model are: SD 2.x inpainting is 512 px epsilon, whatever 2.x it is.
+    """
     from diffusers import UNet2DConditionModel
 
-    folder = save_tiny_stable_diffusion(folder, seed=seed)
+    prediction_type = "epsilon" if family.startswith("sd2") else None
+    folder = save_tiny_family_model(folder, family, seed=seed, prediction_type=prediction_type)
+    unet_config = json.loads((folder / "unet" / "config.json").read_text())
+    unet_config = {k: v for k, v in unet_config.items() if not k.startswith("_")}
     torch.manual_seed(seed + 1)
-    UNet2DConditionModel(**{**TINY_UNET, "in_channels": 9}).save_pretrained(folder / "unet")
+    UNet2DConditionModel(**{**unet_config, "in_channels": 9}).save_pretrained(folder / "unet")
     index = json.loads((folder / "model_index.json").read_text())
-    index["_class_name"] = "StableDiffusionInpaintPipeline"
+    xl = family == "sdxl"
+    index["_class_name"] = f"StableDiffusion{'XL' if xl else ''}InpaintPipeline"
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     return folder
 
@@ -172,14 +180,17 @@ def copy_tiny_model(
     return folder
 
 
-def save_tiny_single_file(diffusers_folder: str | Path, path: str | Path) -> Path:
+def save_tiny_single_file(
+    diffusers_folder: str | Path, path: str | Path, *, metadata: dict[str, str] | None = None
+) -> Path:
     """Re-save a diffusers folder as one original-layout (CompVis/LDM) ``.safetensors``/``.ckpt``.
 
     This is the inverse of diffusers' single-file converter for the layers the tiny configs
     have, so the single-file loading path is tested on the key layout real checkpoints use. A
     ``.ckpt`` is written as ``torch.save({"state_dict": ...})``, like the original releases.
     The text encoders follow the family: CLIP for SD 1.x, OpenCLIP (``cond_stage_model.model``)
-    for SD 2.x, and SDXL's ``conditioner.embedders`` pair.
+    for SD 2.x, and SDXL's ``conditioner.embedders`` pair. ``metadata`` goes into a
+    ``.safetensors`` header (e.g. SAI ModelSpec keys).
     """
     from safetensors.torch import load_file, save_file
 
@@ -211,7 +222,7 @@ def save_tiny_single_file(diffusers_folder: str | Path, path: str | Path) -> Pat
     state_dict = {key: value.contiguous().clone() for key, value in state_dict.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".safetensors":
-        save_file(state_dict, path)
+        save_file(state_dict, path, metadata=metadata)
     else:
         torch.save({"state_dict": state_dict}, path)
     return path

@@ -188,6 +188,7 @@ def load_mimicry(
                     dtype=dtype,
                     with_decoder=True,
                     single_file_config=inpaint_model_config,
+                    inpainting=True,
                 )
             except ModelLoadError as error:
                 raise CLIError(
