@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -178,6 +179,28 @@ def test_quantize_keeps_images_between_levels_within_budget(levels):
     pushed = quantize_within_budget((x0 + 1).clamp(max=1), x0, 16 / 255, levels).double()
     edge = (x0.double() * levels + 16 / 255 * levels).clamp(max=levels)
     assert (pushed * levels > edge - 1 - 1e-2).all()  # less than one level short of it
+
+
+def test_quantize_in_chunks_is_the_whole_image_at_once(monkeypatch):
+    """Pixel by pixel, so chunks (here of 7 values, the last one short) change no value: a
+    50-megapixel photo no longer needs whole-image float64 copies."""
+    import mimicshield.attack as attack_module
+
+    generator = torch.Generator().manual_seed(5)
+    x0 = torch.rand(1, 3, 9, 11, generator=generator)
+    x = (x0 + (torch.rand(x0.shape, generator=generator) * 2 - 1) * 20 / 255).clamp(0, 1)
+    whole = quantize_within_budget(x, x0, 16 / 255)
+    monkeypatch.setattr(attack_module, "QUANTIZE_CHUNK", 7)
+    chunked = quantize_within_budget(x, x0, 16 / 255)
+    assert chunked.shape == x.shape and chunked.dtype == x.dtype
+    assert torch.equal(chunked, whole)
+    # each value's own: computed here directly, the function's formula on one value at a time
+    levels = 255
+    for index in [(0, 0, 0, 0), (0, 2, 8, 10), (0, 1, 4, 5)]:
+        lo = math.ceil(x0[index].item() * levels - 16)
+        hi = math.floor(x0[index].item() * levels + 16)
+        want = min(max(round(x[index].item() * levels), max(lo, 0)), min(hi, levels)) / levels
+        assert chunked[index].item() == pytest.approx(want, abs=1e-7)
 
 
 def test_protector_output_stays_within_eps_of_an_image_between_levels(tiny_model):

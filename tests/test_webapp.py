@@ -202,16 +202,19 @@ def test_a_job_writes_what_the_cli_writes(service, tmp_path, tiny_model_dir, mon
     job = service.protect("tab-1", _uploads(service, art), service.defaults)
 
     [image] = job.protected
-    assert image.output.name == "art.png" and image.linf_255 <= service.defaults.eps
+    # named so that a download is never taken for (or saved over) the original
+    assert image.output.name == "art-protected.png" and image.linf_255 <= service.defaults.eps
     assert Image.open(image.output).size == (32, 24)
     assert image.before.is_file() and image.after.is_file() and image.perturbation.is_file()
     with zipfile.ZipFile(job.zip_path) as archive:
-        assert sorted(archive.namelist()) == ["art.png", "manifest.json"]
+        assert sorted(archive.namelist()) == ["art-protected.png", "manifest.json"]
         manifest = json.loads(archive.read("manifest.json"))
     assert manifest["parameters"]["method"] == "sds-" and manifest["images"][0]["linf_255"] <= 16
     # the zip's manifest names the uploaded file, not the server's copy (whose path names the
-    # session)
-    assert manifest["images"][0]["input"] == "art.png"
+    # session), and the output by the name it has in the zip
+    [entry] = manifest["images"]
+    assert entry["input"] == "art.png"
+    assert entry["output"] == entry["relative"] == "art-protected.png"
     assert str(service.work_root) not in json.dumps(manifest)
 
     # The same options on the command line give the same bytes: same metadata, same pixels.
@@ -437,7 +440,8 @@ def _fast_options(page, steps: int) -> None:
 
 @requires_assets
 def test_the_app_in_headless_chromium(running_app, tmp_path):
-    """Bad uploads, two tabs sharing the queue, Cancel, protect, download, check, screenshot."""
+    """Bad uploads, a bad option, three tabs sharing the queue, Cancel (running and queued),
+    protect, download, check, screenshot."""
     if CHROMIUM is None:
         pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
     sync_api = pytest.importorskip(
@@ -467,12 +471,19 @@ def test_the_app_in_headless_chromium(running_app, tmp_path):
             errors = first.inner_text("#ms-upload-errors")
             assert "notes.png: not an image" in errors
             assert "huge.png: 600 × 600 pixels (0.36 MP) is more than this app's limit" in errors
+            listed = first.inner_text("#ms-upload")  # refused files leave the list
+            assert "notes" not in listed and "huge" not in listed
             _upload(first, heavy)  # refused by Gradio before it is stored
             first.get_by_text("exceed the maximum allowed size").first.wait_for()
 
-            # Tab 1 starts a long job; tab 2 queues behind it; Cancel really stops tab 1's job.
+            # A number below its box's minimum is named, in the progress box.
             _upload(first, artwork)
             first.wait_for_selector("#ms-upload-ok")
+            _fast_options(first, 0)
+            first.click("#ms-protect")
+            first.locator("#ms-progress-box").get_by_text("Steps must be at least 1").wait_for()
+
+            # Tab 1 starts a long job; tab 2 queues behind it; Cancel really stops tab 1's job.
             _fast_options(first, 100_000)
             first.click("#ms-protect")
             first.get_by_text(re.compile(r"step \d+/\d+ · ETA")).wait_for(timeout=60_000)
@@ -490,6 +501,18 @@ def test_the_app_in_headless_chromium(running_app, tmp_path):
             page.click("#ms-protect")
             page.wait_for_selector("#ms-queued")
 
+            # Tab 3 queues too, and cancels while it waits: told at once, not when tab 1 ends.
+            third = browser.new_context(viewport={"width": 1400, "height": 1400}).new_page()
+            third.goto(url, wait_until="load")
+            third.wait_for_selector("#ms-protect")
+            _upload(third, artwork)
+            third.wait_for_selector("#ms-upload-ok")
+            third.click("#ms-protect")
+            third.wait_for_selector("#ms-queued")
+            third.click("#ms-cancel")
+            assert "your job will not run" in third.inner_text("#ms-cancelled")
+            third.context.close()  # its upload is tab 1's and tab 2's too: it stays
+
             first.click("#ms-cancel")
             # a wait, not a timing check: under load the stop has taken longer than 30 s
             first.get_by_text("Cancelled: the job stopped").wait_for(timeout=120_000)
@@ -499,6 +522,8 @@ def test_the_app_in_headless_chromium(running_app, tmp_path):
             assert "Done: 1 protected" in page.inner_text("#ms-done")
             with page.expect_download() as download:
                 page.locator("#ms-downloads a").first.click()
+            # not the original's name: the download must not be saved over the original
+            assert download.value.suggested_filename == "vangogh_sunflowers_1888-protected.png"
             saved = tmp_path / "downloaded.png"
             download.value.save_as(saved)
             with page.expect_download() as download:
@@ -519,7 +544,7 @@ def test_the_app_in_headless_chromium(running_app, tmp_path):
         assert DMI_PROHIBITED_AIML in protected.text["XML:com.adobe.xmp"]
         pixels = np.asarray(protected.convert("RGB"), dtype=np.int16)
     assert 0 < np.abs(pixels - clean).max() <= 8  # the Light preset
-    assert sorted(archive.namelist()) == ["manifest.json", "vangogh_sunflowers_1888.png"]
+    assert sorted(archive.namelist()) == ["manifest.json", "vangogh_sunflowers_1888-protected.png"]
     assert json.loads(archive.read("manifest.json"))["parameters"]["eps"] == pytest.approx(8 / 255)
     assert "mimicry of the protected image: 0." in check and "strength 0.3" in check
 

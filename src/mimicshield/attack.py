@@ -51,14 +51,28 @@ def quantize_within_budget(x: Tensor, x0: Tensor, eps: float, levels: int = 255)
     17/255 for eps = 16/255). Each pixel is clamped to the levels inside [x0 - eps, x0 + eps],
     which also holds when ``x0`` itself is between levels (a resized or generated image).
     """
-    # float64 on the CPU. A float32 pixel is off its level by up to levels * 2^-25 (0.002 of a
-    # 16-bit level), so values that close to a level are taken as that level (the file's).
-    x0_levels = _snap(x0.detach().cpu().double() * levels, levels * 2.0**-23)
     budget = float(_snap(torch.tensor(eps * levels, dtype=torch.float64), 1e-6))
+    # pixel by pixel, so in chunks: float64 copies of a whole 50-megapixel photo took 6 GiB
+    flat, flat0 = x.detach().cpu().reshape(-1), x0.detach().cpu().reshape(-1)
+    out = torch.empty(flat.shape, dtype=x.dtype)
+    for start in range(0, flat.numel(), QUANTIZE_CHUNK):
+        part = slice(start, start + QUANTIZE_CHUNK)
+        out[part] = _quantize(flat[part], flat0[part], budget, levels)
+    return out.reshape(x.shape)
+
+
+QUANTIZE_CHUNK = 2**22  # values per pass: 32 MiB per float64 copy
+
+
+def _quantize(x: Tensor, x0: Tensor, budget: float, levels: int) -> Tensor:
+    """:func:`quantize_within_budget` of flat CPU values, ``budget`` in levels."""
+    # float64. A float32 pixel is off its level by up to levels * 2^-25 (0.002 of a 16-bit
+    # level), so values that close to a level are taken as that level (the file's).
+    x0_levels = _snap(x0.double() * levels, levels * 2.0**-23)
     lowest = torch.ceil(x0_levels - budget).clamp(min=0)
     highest = torch.floor(x0_levels + budget).clamp(max=levels)
-    q = torch.round(x.detach().cpu().double() * levels)
-    return (torch.minimum(torch.maximum(q, lowest), highest) / levels).to(x.dtype)
+    q = torch.round(x.double() * levels)
+    return torch.minimum(torch.maximum(q, lowest), highest) / levels
 
 
 def _snap(values: Tensor, tolerance: float) -> Tensor:

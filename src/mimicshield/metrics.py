@@ -35,16 +35,26 @@ def _check_pair(a: Tensor, b: Tensor) -> None:
         )
 
 
+# values per chunk of PSNR and per strip of SSIM: tens of MB, whatever the image's size
+METRIC_CHUNK = 2**21
+
+
 def psnr(a: Tensor, b: Tensor) -> Tensor:
     """Peak signal-to-noise ratio in dB with data range 1; identical images give +inf.
 
-    Computed in float64 so that tiny perturbations (a few 1/255 steps) are not lost to rounding.
+    Computed in float64 so that tiny perturbations (a few 1/255 steps) are not lost to rounding,
+    and in chunks, because float64 copies of a whole 50-megapixel image take gigabytes.
     """
     _check_pair(a, b)
     if not (a.is_floating_point() and b.is_floating_point()):
         raise ValueError(f"psnr takes float images in [0, 1]; got {a.dtype} (divide by 255).")
     # on the CPU: MPS has no float64
-    mse = (a.detach().cpu().double() - b.detach().cpu().double()).pow(2).flatten(1).mean(dim=1)
+    flat_a, flat_b = a.detach().cpu().flatten(1), b.detach().cpu().flatten(1)
+    squared = torch.zeros(a.shape[0], dtype=torch.float64)
+    for start in range(0, flat_a.shape[1], METRIC_CHUNK):
+        part = slice(start, start + METRIC_CHUNK)
+        squared += (flat_a[:, part].double() - flat_b[:, part].double()).pow(2).sum(dim=1)
+    mse = squared / flat_a.shape[1]
     # -10 log10(0) = +inf, which is the honest answer for identical images.
     return (-10 * torch.log10(mse)).to(a.device, a.dtype)
 
@@ -58,20 +68,38 @@ def ssim(a: Tensor, b: Tensor) -> Tensor:
     mean over channels and over the windows that lie inside the image, as Wang et al. define it.
 
     Images smaller than the window have no SSIM: NaN (torchmetrics would fail on them).
-    """
-    # The image subpackage: importing torchmetrics.functional itself emits FutureWarnings.
-    from torchmetrics.functional.image import structural_similarity_index_measure
 
+    Computed in strips of rows (each with the window's margin above and below, so every
+    window sees exactly the pixels it would see in the whole image): torchmetrics needs about
+    35 times the image's memory, 20 GB for a 50-megapixel photo.
+    """
     _check_pair(a, b)
     if min(a.shape[-2:]) < SSIM_WINDOW:
         return torch.full((a.shape[0],), float("nan"), dtype=a.dtype, device=a.device)
+    count, channels, height, width = a.shape
+    border = SSIM_WINDOW // 2
+    rows = max(1, METRIC_CHUNK // (count * channels * width))  # window centres per strip
+    total = torch.zeros(count, dtype=torch.float64)
+    for first in range(border, height - border, rows):
+        last = min(first + rows, height - border)  # the strip's window centres: [first, last)
+        strip = slice(first - border, last + border)
+        total += _ssim_inside(a[..., strip, :], b[..., strip, :]).cpu().double()
+    windows = channels * (height - 2 * border) * (width - 2 * border)
+    return (total / windows).to(a.device, a.dtype)
+
+
+def _ssim_inside(a: Tensor, b: Tensor) -> Tensor:
+    """Per image, the sum of the SSIM map over the windows that lie inside ``a`` and ``b``."""
+    # The image subpackage: importing torchmetrics.functional itself emits FutureWarnings.
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
     _, full = structural_similarity_index_measure(
         a, b, data_range=1.0, reduction="none", return_full_image=True
     )
     # torchmetrics averages a map it computed on a reflection-padded image; Wang et al. (and
     # skimage) average only the windows inside the image: crop the padded border away.
     border = SSIM_WINDOW // 2
-    return full[..., border:-border, border:-border].flatten(1).mean(1)
+    return full[..., border:-border, border:-border].flatten(1).sum(1)
 
 
 def json_number(value: float | None):
@@ -93,7 +121,12 @@ def number_from_json(value):
 def linf_255(a: Tensor, b: Tensor) -> Tensor:
     """Largest absolute pixel difference in 1/255 units, the usual budget unit (e.g. 8/255 -> 8)."""
     _check_pair(a, b)
-    return (a - b).abs().flatten(1).amax(dim=1) * 255
+    flat_a, flat_b = a.flatten(1), b.flatten(1)
+    largest = torch.zeros(a.shape[0], dtype=a.dtype, device=a.device)
+    for start in range(0, flat_a.shape[1], METRIC_CHUNK):  # in chunks, as psnr
+        part = slice(start, start + METRIC_CHUNK)
+        largest = torch.maximum(largest, (flat_a[:, part] - flat_b[:, part]).abs().amax(dim=1))
+    return largest * 255
 
 
 # --- LPIPS v0.1 (AlexNet) --------------------------------------------------------------------

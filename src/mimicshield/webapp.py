@@ -18,6 +18,7 @@ The module has two halves:
 
 # No `from __future__ import annotations`: Gradio reads the `gr.Request` annotations of the
 # event handlers at runtime to inject the request, and string annotations hide them.
+import contextlib
 import html
 import json
 import math
@@ -70,11 +71,23 @@ class JobCancelled(Exception):
 
 @dataclass(frozen=True)
 class UploadLimits:
-    """What one job may upload; everything beyond is refused with a message naming the file."""
+    """What one job may upload; everything beyond is refused with a message naming the file.
+
+    The byte limits bound the disk the uploads take: per tab (by default one full job's worth,
+    ``max_images`` files of ``max_file_bytes``) and for all tabs together.
+    """
 
     max_images: int = 50
     max_file_bytes: int = 50 * 2**20
     max_pixels: int = 50_000_000
+    max_tab_bytes: int | None = None  # None: max_images * max_file_bytes
+    max_total_bytes: int = 10 * 2**30
+
+    @property
+    def tab_bytes(self) -> int:
+        if self.max_tab_bytes is not None:
+            return self.max_tab_bytes
+        return self.max_images * self.max_file_bytes
 
 
 @dataclass(frozen=True)
@@ -85,14 +98,49 @@ class Upload:
     name: str
     width: int
     height: int
+    size: int = 0  # bytes on disk
+    digest: str = ""  # sha256 of the content: the same picture uploaded twice is one upload
+
+
+@dataclass(frozen=True)
+class UploadRoom:
+    """The bytes a tab's list of uploads may take: under the tab's own limit, and under what is
+    left of the app's limit once the other tabs' uploads are counted."""
+
+    tab: int
+    app: int
+    limits: UploadLimits
+
+    def refusal(self, name: str, total: int) -> str | None:
+        """Why a file that brings the list to ``total`` bytes is left out, or None."""
+        if total > self.tab:
+            return (
+                f"{name}: left out: this tab's uploads would pass "
+                f"{_gigabytes(self.limits.tab_bytes)}, this app's limit per tab. Protect these "
+                "first, then upload the rest."
+            )
+        if total > self.app:
+            return (
+                f"{name}: left out: the uploads of all open tabs would pass "
+                f"{_gigabytes(self.limits.max_total_bytes)}, this app's limit. Try again once "
+                "other jobs are done and their tabs closed."
+            )
+        return None
 
 
 def _megapixels(pixels: int) -> str:
     return f"{pixels / 1e6:.2f} MP"
 
 
-def _check_upload(path: Path, name: str, limits: UploadLimits) -> Upload:
-    """One file: its size, then what its *content* is (never its name), then its pixel count."""
+def _gigabytes(size: int) -> str:
+    if size >= 2**30:
+        return f"{size / 2**30:.1f} GB"
+    return f"{size / 2**20:.0f} MB" if size >= 2**20 else f"{size / 2**10:.0f} KB"
+
+
+def _check_upload(path: Path, name: str, limits: UploadLimits, verify: bool = False) -> Upload:
+    """One file: its size, then what its *content* is (never its name), then its pixel count;
+    with ``verify``, every pixel is decoded too (a truncated file has a valid header)."""
     try:
         size = path.stat().st_size
     except OSError as error:
@@ -130,27 +178,76 @@ def _check_upload(path: Path, name: str, limits: UploadLimits) -> Upload:
             f"{name}: {header.width} × {header.height} pixels ({_megapixels(pixels)}) is more "
             f"than this app's limit of {_megapixels(limits.max_pixels)}; make it smaller first."
         )
-    return Upload(path, name, header.width, header.height)
+    if verify:  # after the pixel limit: never decode what is too big to protect
+        _decode_fully(path, name, header.deep_colour)
+    from .runner import sha256_file
+
+    return Upload(path, name, header.width, header.height, size, sha256_file(path))
+
+
+def _decode_fully(path: Path, name: str, deep_colour: bool) -> None:
+    """Decode every pixel as Protect will, so a truncated or damaged file is refused on upload
+    rather than after the model has loaded. 16-bit colour goes through :func:`load_image`,
+    which reads it with OpenCV or tifffile; everything else decodes in Pillow, as there."""
+    try:
+        if deep_colour:
+            load_image(path)
+        else:
+            with Image.open(path) as opened:
+                opened.load()
+    except ImageFileError as error:
+        raise ImageFileError(str(error).replace(str(path), name)) from None
+    except Exception as error:  # noqa: BLE001 - each decoder fails on damaged data its own way
+        raise ImageFileError(
+            f"{name}: damaged or incomplete image ({_one_line(error)}); export or copy it again."
+        ) from None
 
 
 def validate_uploads(
-    paths: Iterable[str | Path], limits: UploadLimits
+    paths: Iterable[str | Path],
+    limits: UploadLimits,
+    *,
+    room: UploadRoom | None = None,
+    verify: bool = False,
 ) -> tuple[list[Upload], list[str]]:
-    """The uploads to protect, and one message per file refused (or left over the count limit)."""
+    """The uploads to protect, and one message per file refused, repeated or left over the
+    count limit (or, given ``room``, the byte limits). ``verify`` decodes every file."""
     accepted: list[Upload] = []
     problems: list[str] = []
     paths = [Path(p) for p in paths]
+    first_of: dict[str, Upload] = {}  # content digest -> the upload kept for it
+    total = 0
     for path in paths[: limits.max_images]:
         try:
-            accepted.append(_check_upload(path, path.name, limits))
+            upload = _check_upload(path, path.name, limits, verify)
         except ImageFileError as error:
             problems.append(str(error))
+            continue
+        if upload.digest in first_of:
+            problems.append(
+                f"{path.name}: the same image as {first_of[upload.digest].name}; "
+                "it is protected once."
+            )
+            continue
+        if room is not None and (refusal := room.refusal(path.name, total + upload.size)):
+            problems.append(refusal)
+            continue
+        accepted.append(upload)
+        first_of[upload.digest] = upload
+        total += upload.size
     if len(paths) > limits.max_images:
         problems.append(
             f"{len(paths)} files uploaded; this app takes at most {limits.max_images} per job, "
             f"so the last {len(paths) - limits.max_images} were left out."
         )
     return accepted, problems
+
+
+def protected_name(name: str) -> str:
+    """``art.png`` -> ``art-protected.png``: a download must not be mistaken for (or saved
+    over) the original. The runner gives it the output format's suffix."""
+    path = Path(name)
+    return f"{path.stem}-protected{path.suffix}"
 
 
 def _unique_names(names: Sequence[str]) -> list[str]:
@@ -382,6 +479,7 @@ class JobProgress:
     image_started: float | None = None
     run_started: float | None = None
     cancel_requested: bool = False
+    saving: bool = False  # the steps are done; the file is being written and measured
 
     def start_run(self, total_images: int) -> None:
         self.total_images, self.done_images = total_images, 0
@@ -390,9 +488,15 @@ class JobProgress:
     def start_image(self, name: str, batch: int = 1) -> None:
         self.current, self.batch, self.step = name, batch, 0
         self.image_started = time.perf_counter()
+        self.saving = False
 
     def on_step(self, step: int, total: int) -> None:
         self.step, self.total_steps = step, total
+
+    def start_saving(self) -> None:
+        """After the last step, the output is written and measured (PSNR, SSIM): a minute or
+        more for a large photo on the CPU, which must not look like a frozen "step N/N"."""
+        self.saving = True
 
     @property
     def image_fraction(self) -> float:
@@ -476,13 +580,26 @@ class CheckResult:
     lpips_note: str | None = None
 
 
-def _save_preview(image: Tensor, path: Path, mode: str = "area") -> Path:
-    """(3, H, W) in [0, 1] -> an 8-bit PNG whose longest side is at most ``PREVIEW_SIZE``."""
+def _shrink(image: Tensor, mode: str) -> Tensor:
+    """(3, H, W) -> at most ``PREVIEW_SIZE`` on its longest side."""
     height, width = image.shape[-2:]
     scale = PREVIEW_SIZE / max(height, width)
-    if scale < 1:
-        size = (max(1, round(height * scale)), max(1, round(width * scale)))
-        image = F.interpolate(image[None], size=size, mode=mode)[0]
+    if scale >= 1:
+        return image
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    return F.interpolate(image[None], size=size, mode=mode)[0]
+
+
+def _preview_copies(path: Path) -> tuple[Tensor, Tensor]:
+    """An image file at preview size, averaged ("area", to look at) and sampled ("nearest",
+    every value a real pixel, so that a perturbation is not averaged away to grey). Only one
+    full-size image is in memory at a time: a 50-megapixel one takes 600 MB as floats."""
+    full = load_image(path).rgb
+    return _shrink(full, "area"), _shrink(full, "nearest")
+
+
+def _save_preview(image: Tensor, path: Path) -> Path:
+    """(3, H, W) in [0, 1], at most ``PREVIEW_SIZE`` a side -> an 8-bit PNG."""
     array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path, format="PNG")
@@ -558,6 +675,9 @@ class ProtectionService:
         self._armed: dict[str, threading.Event] = {}  # the flag a tab's next job takes
         self._running: dict[str, set[threading.Event]] = {}  # flags of a tab's started jobs
         self._uploads: dict[str, set[Path]] = {}  # Gradio's cached copies of a tab's uploads
+        # tabs' upload events run at once: one at a time here, so the byte limits hold and
+        # no tab deletes a file that another is just recording
+        self._upload_lock = threading.RLock()
         self._ended: set[str] = set()  # closed tabs whose job is still stopping
         self.busy = False
         self.closed = False
@@ -639,6 +759,24 @@ class ProtectionService:
             self._models, self._model_key = models, settings.model_key
             return models
 
+    def preload(self) -> None:
+        """Load the default model(s) while the page opens, so the first Protect does not spend
+        its first seconds (minutes for a hub download) importing diffusers and reading weights."""
+        with contextlib.suppress(Exception):  # the first job reports it, in the page
+            self.models_for(self.defaults)
+
+    def _models_or_cancel(self, settings: ProtectSettings, cancel: threading.Event) -> list:
+        """:meth:`models_for`, but Cancel does not wait for a load to finish: the load goes on
+        in a helper thread (the next job finds the models loaded) and this job stops now."""
+        loader = _Worker(lambda: self.models_for(settings))
+        loader.start()
+        while loader.is_alive():
+            loader.join(0.2)
+            self._raise_if_cancelled(cancel)
+        if loader.error is not None:
+            raise loader.error
+        return loader.result  # type: ignore[return-value]
+
     def _lpips_model(self):
         """LPIPS on the CPU (fast enough at 512 px), loaded once."""
         from .evaluation import resolve_lpips_weights
@@ -655,12 +793,19 @@ class ProtectionService:
         coming job gets a flag of its own (an earlier job's Cancel stays in force)."""
         self._armed[session] = threading.Event()
 
-    def cancel(self, session: str) -> None:
-        """Stop every job of this tab: the running one and the one waiting in the queue."""
+    def cancel(self, session: str) -> bool:
+        """Stop every job of this tab: the running one and the one waiting in the queue.
+
+        Returns whether a job of this tab was waiting in the queue and none running: the page
+        then says at once that it will not run (a running job's progress says "Cancelling").
+        """
+        armed = self._armed.get(session)  # set already: an earlier Cancel, said before
+        waiting = armed is not None and not armed.is_set() and not self._is_running(session)
         self._armed.setdefault(session, threading.Event()).set()
         # tuple(): a copy taken in one step, as a job thread may leave the set meanwhile
         for event in tuple(self._running.get(session, ())):
             event.set()
+        return waiting
 
     def cancel_requested(self, session: str) -> bool:
         events = [*self._running.get(session, ()), self._armed.get(session)]  # copied at once
@@ -690,17 +835,91 @@ class ProtectionService:
         else:
             self._forget(session)
 
-    def remember_uploads(self, session: str, paths: Iterable[str | Path]) -> None:
+    def remember_uploads(self, session: str, paths: Iterable[str | Path | None]) -> None:
         """Gradio's cached copies of the files a tab uploaded, deleted when the tab closes."""
         cache = self.cache_dir.resolve()
-        for path in map(Path, paths):
-            if path.resolve().is_relative_to(cache):  # never a file outside the app's cache
-                self._uploads.setdefault(session, set()).add(path)
+        with self._upload_lock:
+            for path in (Path(p).resolve() for p in paths if p):
+                if path.is_relative_to(cache):  # never a file outside the app's cache
+                    self._uploads.setdefault(session, set()).add(path)
+
+    def release_uploads(self, session: str, keep: Iterable[str | Path | None]) -> None:
+        """Delete this tab's uploads that are not in ``keep`` (its image list and target):
+        refused, left out, removed or replaced files go at once, not when the tab closes."""
+        kept = {Path(p).resolve() for p in keep if p}
+        with self._upload_lock:
+            held = self._uploads.get(session, set())
+            for path in [p for p in held if p not in kept]:
+                held.discard(path)
+                self._delete_upload(path)
+
+    def _delete_upload(self, path: Path) -> None:
+        """Delete an upload no tab holds any more. Gradio stores a file under the digest of its
+        content and its name, so two tabs that upload the same file share one path."""
+        if any(path in held for held in tuple(self._uploads.values())):
+            return
+        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # Gradio's folder for it, unless it holds others
+            path.parent.rmdir()
+
+    def upload_bytes(self) -> int:
+        """What every upload (all tabs, and any Gradio stored that no event reported) takes on
+        disk: the upload cache without the job folders."""
+        total = 0
+        for folder, subfolders, names in os.walk(self.cache_dir):
+            if Path(folder) == self.cache_dir:
+                subfolders[:] = [d for d in subfolders if d != self.sessions_dir.name]
+            for name in names:
+                with contextlib.suppress(OSError):
+                    total += (Path(folder) / name).stat().st_size
+        return total
+
+    def _room(self, session: str, paths: Sequence[Path]) -> UploadRoom:
+        """The bytes ``paths``, the tab's image list, may take under the byte limits."""
+        listed = {p.resolve() for p in paths if p.is_file()}
+        listed_bytes = sum(p.stat().st_size for p in listed)
+        own_other = sum(  # the tab's target image
+            p.stat().st_size
+            for p in self._uploads.get(session, ())
+            if p not in listed and p.is_file()
+        )
+        others = self.upload_bytes() - listed_bytes
+        return UploadRoom(
+            self.limits.tab_bytes - own_other, self.limits.max_total_bytes - others, self.limits
+        )
+
+    def accept_uploads(
+        self, session: str, paths: Iterable[str | Path], target: str | Path | None = None
+    ) -> tuple[list[Upload], list[str]]:
+        """The check of a tab's image list when files arrive: every pixel decoded, repeats
+        dropped, the byte limits applied; what is not kept is deleted from disk now."""
+        paths = [Path(p) for p in paths]
+        self.remember_uploads(session, [*paths, target])
+        with self._upload_lock:
+            room = self._room(session, paths)
+            accepted, problems = validate_uploads(paths, self.limits, room=room, verify=True)
+            self.release_uploads(session, [*(u.path for u in accepted), target])
+        return accepted, problems
+
+    def accept_target(
+        self, session: str, target: str | Path | None, images: Iterable[str | Path]
+    ) -> str | None:
+        """The check of a newly chosen target image, every pixel decoded: its path (None when
+        cleared). A replaced or refused target is deleted at once; a refusal raises."""
+        self.remember_uploads(session, [target])
+        try:
+            kept = self.validate_target(target, verify=True)
+        except ImageFileError:
+            self.release_uploads(session, images)
+            raise
+        self.release_uploads(session, [*images, kept])
+        return kept
 
     def _forget(self, session: str) -> None:
         shutil.rmtree(self.session_folder(session), ignore_errors=True)
-        for path in self._uploads.pop(session, ()):
-            path.unlink(missing_ok=True)
+        with self._upload_lock:
+            for path in self._uploads.pop(session, ()):
+                self._delete_upload(path)
         self._armed.pop(session, None)
         self._ended.discard(session)
 
@@ -725,13 +944,14 @@ class ProtectionService:
     # -- validation
 
     def validate(self, paths: Iterable[str | Path]) -> tuple[list[Upload], list[str]]:
+        """The check when a job starts: headers and repeats (the pixels were checked on upload)."""
         return validate_uploads(paths, self.limits)
 
-    def validate_target(self, path: str | Path | None) -> str | None:
+    def validate_target(self, path: str | Path | None, verify: bool = False) -> str | None:
         if not path:
             return None
         try:
-            return str(_check_upload(Path(path), Path(path).name, self.limits).path)
+            return str(_check_upload(Path(path), Path(path).name, self.limits, verify).path)
         except ImageFileError as error:
             raise ImageFileError(f"Target image {error}") from None
 
@@ -748,28 +968,20 @@ class ProtectionService:
 
         Blocks until done; raises :class:`JobCancelled` if cancelled before any image finished,
         otherwise returns the job with ``cancelled`` set and the finished images kept.
-        """
-        from .runner import InputFile
 
+        The tab's earlier results stay until this job has protected something: a job that is
+        cancelled, fails or protects nothing leaves them as they were (and its folder goes).
+        Outputs are named ``STEM-protected.EXT``, so a download never takes the original's name.
+        """
         progress = progress or JobProgress()
         if not uploads:
             raise ValueError("No images to protect.")
         cancel = self._start_job(session)
+        folder = self.session_folder(session)
+        job = Job(secrets.token_hex(4), folder / secrets.token_hex(4), settings)
         try:
             self._sweep()
-            folder = self.session_folder(session)
-            shutil.rmtree(folder, ignore_errors=True)  # the previous job of this tab
-            job = Job(secrets.token_hex(4), folder / secrets.token_hex(4), settings)
-            inputs_dir, out_dir = job.folder / "inputs", job.folder / "protected"
-            inputs_dir.mkdir(parents=True)
-            files: list[InputFile] = []
-            by_path: dict[str, ImageResult] = {}
-            for upload, name in zip(uploads, _unique_names([u.name for u in uploads]), strict=True):
-                path = inputs_dir / name
-                shutil.copyfile(upload.path, path)
-                files.append(InputFile(path, Path(name)))
-                by_path[str(path)] = ImageResult(name, path, uploaded_as=upload.name)
-                job.images.append(by_path[str(path)])
+            files, by_path = self._copy_inputs(job, uploads)
             target = None
             if settings.target:
                 target = load_image(self.validate_target(settings.target)).rgb
@@ -780,16 +992,47 @@ class ProtectionService:
                 try:
                     self._raise_if_cancelled(cancel)
                     progress.phase = f"Loading {', '.join(settings.model)}"
-                    models = self.models_for(settings)
+                    models = self._models_or_cancel(settings, cancel)
                     dtype = str(models[0].dtype).removeprefix("torch.")
                     job.device = f"{self.device_label(str(models[0].device))} · {dtype}"
                     self._raise_if_cancelled(cancel)
+                    out_dir = job.folder / "protected"
                     self._run(cancel, job, files, by_path, out_dir, models, target, progress)
                 finally:
                     self.busy = False
-            return job
+            if job.protected:
+                self._remove_other_jobs(job)
+            else:
+                shutil.rmtree(job.folder, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(job.folder, ignore_errors=True)
+            raise
         finally:
-            self._leave(session, cancel)
+            self._leave(session, cancel)  # a closed tab's folder goes here
+        return job
+
+    def _copy_inputs(self, job: Job, uploads: Sequence[Upload]) -> tuple[list, dict]:
+        """Copy the uploads into the job's folder under unique names; each one's output is
+        ``STEM-protected.EXT`` (the runner names outputs after ``InputFile.relative``)."""
+        from .runner import InputFile
+
+        inputs_dir = job.folder / "inputs"
+        inputs_dir.mkdir(parents=True)
+        files: list[InputFile] = []
+        by_path: dict[str, ImageResult] = {}
+        for upload, name in zip(uploads, _unique_names([u.name for u in uploads]), strict=True):
+            path = inputs_dir / name
+            shutil.copyfile(upload.path, path)
+            files.append(InputFile(path, Path(protected_name(name))))
+            by_path[str(path)] = ImageResult(name, path, uploaded_as=upload.name)
+            job.images.append(by_path[str(path)])
+        return files, by_path
+
+    def _remove_other_jobs(self, job: Job) -> None:
+        """The tab's earlier results, once ``job`` has results to show instead."""
+        for folder in job.folder.parent.iterdir():
+            if folder != job.folder and folder.is_dir():
+                shutil.rmtree(folder, ignore_errors=True)
 
     def _run(self, cancel, job, files, by_path, out_dir, models, target, progress) -> None:
         from .ensemble import Ensemble
@@ -815,11 +1058,15 @@ class ProtectionService:
 
         def image_started(item, batch: int) -> None:
             self._raise_if_cancelled(cancel)
-            progress.start_image(item.relative.as_posix(), batch)
+            progress.phase = "Protecting"
+            progress.start_image(by_path[str(item.path)].name, batch)
 
         def step(done: int, total: int) -> None:
             progress.on_step(done, total)
-            self._raise_if_cancelled(cancel)
+            self._raise_if_cancelled(cancel)  # the last check before the file is saved
+            if done >= total:
+                progress.phase = "Saving and measuring"
+                progress.start_saving()
 
         def image_done(result) -> None:
             image = by_path[result.input]
@@ -831,6 +1078,7 @@ class ProtectionService:
             if result.output:
                 image.output = out_dir / result.output
             progress.done_images += 1
+            progress.saving = False
 
         progress.phase = "Protecting"
         progress.start_run(len(files))
@@ -856,20 +1104,22 @@ class ProtectionService:
         for image in job.images:
             if image.status == "pending":
                 image.status = "cancelled"
-        progress.phase = "Preparing previews"
+        progress.phase = "Preparing previews and the zip"
         for image in job.protected:
             self._previews(job, image)
         job.zip_path = self._zip(job, out_dir)
 
     def _previews(self, job: Job, image: ImageResult) -> None:
-        clean = load_image(image.input).rgb
-        protected = load_image(image.output).rgb
+        """Before, after and the amplified perturbation, made from preview-size copies: the
+        page shows them 320 px high, and full-size copies of a big photo cost gigabytes."""
+        clean, clean_pixels = _preview_copies(image.input)
+        protected, protected_pixels = _preview_copies(image.output)
         previews = job.folder / "previews" / Path(image.name).stem
         image.before = _save_preview(clean, previews / "before.png")
         image.after = _save_preview(protected, previews / "after.png")
-        # nearest, not area: averaging would wash the perturbation out to grey
-        difference = amplify(protected, clean, job.settings.eps / 255)
-        image.perturbation = _save_preview(difference, previews / "perturbation.png", "nearest")
+        # sampled, not averaged pixels: averaging would wash the perturbation out to grey
+        difference = amplify(protected_pixels, clean_pixels, job.settings.eps / 255)
+        image.perturbation = _save_preview(difference, previews / "perturbation.png")
 
     def _zip(self, job: Job, out_dir: Path) -> Path | None:
         """Every protected file and the manifest, stored as they are (PNG is compressed)."""
@@ -912,7 +1162,7 @@ class ProtectionService:
                 try:
                     self._raise_if_cancelled(cancel)
                     progress.phase = f"Loading {job.settings.model[0]}"
-                    model = self.models_for(job.settings)[0]  # an ensemble's first model
+                    model = self._models_or_cancel(job.settings, cancel)[0]  # an ensemble's first
                     resolution = model_resolution(model)
                     clean = fit_image(load_image(image.input).rgb, resolution)
                     protected = fit_image(load_image(image.output).rgb, resolution)
@@ -950,7 +1200,7 @@ class ProtectionService:
             result.lpips_clean, result.lpips_protected = float(scores[0]), float(scores[1])
             result.lpips_between = float(between[0])
         except (FileNotFoundError, OSError, RuntimeError) as error:
-            result.lpips_note = f"LPIPS unavailable: {error}"
+            result.lpips_note = lpips_unavailable(error)
         return result
 
     def close(self) -> None:
@@ -1021,22 +1271,30 @@ def _bar(fraction: float, label: str, elem_id: str) -> str:
     )
 
 
+def _cancelling_text(progress: JobProgress) -> str:
+    """What Cancel is waiting for: nothing (no step has run: loading, queued, reading the
+    image), the step that runs, or the image being saved."""
+    if progress.saving:
+        return "Cancelling: stopping once this image is saved…"
+    if progress.run_started is None or progress.step == 0:
+        return "Cancelling…"
+    return "Cancelling: stopping when this step ends…"
+
+
 def render_progress(progress: JobProgress) -> str:
     """Two bars, this image and all images, each with its ETA."""
-    phase = progress.phase
-    if progress.cancel_requested:
-        phase = "Cancelling: stopping at the next step…"
+    phase = _cancelling_text(progress) if progress.cancel_requested else progress.phase
     parts = [f'<div id="ms-progress"><b>{html.escape(phase)}</b>']
     if progress.run_started is not None and progress.total_images:
         name = progress.current + (f" (+{progress.batch - 1})" if progress.batch > 1 else "")
-        parts.append(
-            _bar(
-                progress.image_fraction,
-                f"This image: {name} · step {progress.step}/{progress.total_steps or '?'}"
-                f" · ETA {format_seconds(progress.image_eta())}",
-                "ms-image-bar",
+        if progress.saving:
+            where = "saving the file and measuring PSNR and SSIM"
+        else:
+            where = (
+                f"step {progress.step}/{progress.total_steps or '?'}"
+                f" · ETA {format_seconds(progress.image_eta())}"
             )
-        )
+        parts.append(_bar(progress.image_fraction, f"This image: {name} · {where}", "ms-image-bar"))
         parts.append(
             _bar(
                 progress.overall_fraction,
@@ -1095,6 +1353,25 @@ def image_summary(job: Job, image: ImageResult | None) -> str:
     return message_html(text, "info", "ms-image-metrics")
 
 
+def lpips_unavailable(error: BaseException) -> str:
+    """Why the check has no LPIPS scores, in words for the person at the page, and how whoever
+    starts the app can add them (the CLI's own message speaks of --lpips-weights only)."""
+    text = str(error)
+    if "Could not download" in text:
+        why = "the LPIPS weights could not be downloaded"
+    elif "HF_HUB_OFFLINE" in text:
+        why = "this app has no LPIPS weights, and downloads are switched off (HF_HUB_OFFLINE)"
+    elif "not found" in text or "does not point to a file" in text:
+        why = "the LPIPS weights file this app was given does not exist"
+    else:
+        why = f"the LPIPS weights could not be read ({_one_line(error)})"
+    return (
+        f"LPIPS scores unavailable: {why}. The two pictures above still show the mimicry. "
+        "For the scores, start the app with the weights file: mimicshield ui --lpips-weights "
+        "lpips_alexnet.safetensors (or set MIMICSHIELD_LPIPS_WEIGHTS to it)."
+    )
+
+
 def check_summary(result: CheckResult) -> str:
     if result.lpips_clean is None:
         lines = [result.lpips_note or "LPIPS unavailable."]
@@ -1130,7 +1407,10 @@ ADVANCED = [  # (name, label): the advanced options, in the order of `mimicshiel
     ("batch_size", "Batch size (images of equal size; 0: as many as the GPU holds)"),
     ("posterior", "E(x): posterior sample or mean"),
     ("sdst_r", "sdst- weight r"),
-    ("robust", "Harden against purification (EOT)"),
+    (
+        "robust",
+        "Harden against purification (EOT): the clean-ups to withstand; none ticked: no hardening",
+    ),
     ("low_memory", "Low memory (slower)"),
     ("compile_networks", "torch.compile (slow first step, faster later)"),
     ("cuda_graphs", "CUDA graphs: replay each step (small batches; experimental)"),
@@ -1144,6 +1424,19 @@ ADVANCED = [  # (name, label): the advanced options, in the order of `mimicshiel
 ]
 NO_CATEGORY = "none"
 LABELS = dict(ADVANCED)
+ROBUST_LABELS = {  # what each --robust name means to someone who has not read the paper
+    "jpeg": "JPEG compression",
+    "resize": "resizing",
+    "blur": "blur",
+    "noise": "added noise",
+    "none": "the unchanged image too (mixed in with the ticked clean-ups)",
+}
+
+
+def robust_choices() -> list[tuple[str, str]]:
+    """(label, --robust name) for each EOT transform: "none" alone, next to jpeg and blur,
+    read as "no hardening", which it is not: it adds the unchanged image to the mix."""
+    return [(ROBUST_LABELS.get(name, name), name) for name in ROBUST_TRANSFORMS]
 
 
 def _page_number(values: dict[str, object], name: str, whole: bool = False) -> float:
@@ -1288,12 +1581,10 @@ def build_app(service: ProtectionService):
                         "method": gr.Dropdown(
                             list(METHODS), value=defaults.method, **opt("method")
                         ),
-                        "steps": gr.Number(
-                            value=defaults.steps, precision=0, minimum=1, **opt("steps")
-                        ),
-                        "step_size": gr.Number(
-                            value=defaults.step_size, minimum=0.01, **opt("step_size")
-                        ),
+                        # No `minimum=` on number boxes: Gradio's own refusal names no box and
+                        # never reaches the progress box; ProtectSettings' messages do both.
+                        "steps": gr.Number(value=defaults.steps, precision=0, **opt("steps")),
+                        "step_size": gr.Number(value=defaults.step_size, **opt("step_size")),
                         "category": gr.Dropdown(
                             [NO_CATEGORY, *CATEGORY_PROMPTS],
                             value=defaults.category or NO_CATEGORY,
@@ -1301,6 +1592,7 @@ def build_app(service: ProtectionService):
                         ),
                         "prompt": gr.Textbox(value=defaults.prompt or "", **opt("prompt")),
                         "target": gr.File(file_types=sorted(IMAGE_SUFFIXES), **opt("target")),
+                        "target_status": gr.HTML(elem_id="ms-target-status"),
                         "model_weight": gr.Textbox(
                             value=_as_text(defaults.model_weight), **opt("model_weight")
                         ),
@@ -1322,14 +1614,14 @@ def build_app(service: ProtectionService):
                         ),
                         "seed": gr.Number(value=defaults.seed, precision=0, **opt("seed")),
                         "batch_size": gr.Number(
-                            value=defaults.batch_size, precision=0, minimum=0, **opt("batch_size")
+                            value=defaults.batch_size, precision=0, **opt("batch_size")
                         ),
                         "posterior": gr.Radio(
                             ["sample", "mean"], value=defaults.posterior, **opt("posterior")
                         ),
                         "sdst_r": gr.Number(value=defaults.sdst_r, **opt("sdst_r")),
                         "robust": gr.CheckboxGroup(
-                            list(ROBUST_TRANSFORMS), value=list(defaults.robust), **opt("robust")
+                            robust_choices(), value=list(defaults.robust), **opt("robust")
                         ),
                         "low_memory": gr.Checkbox(value=defaults.low_memory, **opt("low_memory")),
                         "compile_networks": gr.Checkbox(
@@ -1343,7 +1635,7 @@ def build_app(service: ProtectionService):
                         ),
                         "work_size": gr.Textbox(value=defaults.work_size or "", **opt("work_size")),
                         "tile_size": gr.Number(
-                            value=defaults.tile_size, precision=0, minimum=64, **opt("tile_size")
+                            value=defaults.tile_size, precision=0, **opt("tile_size")
                         ),
                         "file_format": gr.Radio(
                             ["png", "jpeg"], value=defaults.file_format, **opt("file_format")
@@ -1389,6 +1681,8 @@ def build_app(service: ProtectionService):
                     mimic_protected = gr.Image(label="Mimicry of the protected image", **picture)
                 check_html = gr.HTML()
 
+        target_status = advanced.pop("target_status")  # a message, not an option
+        target_file = advanced["target"]
         options = {"model": model, **advanced}
         page_inputs = {files, preset, custom_eps, *options.values()}
 
@@ -1403,22 +1697,39 @@ def build_app(service: ProtectionService):
 
         # -- uploads are checked as they arrive, and again when the job starts
 
-        def on_upload(paths: list[str] | None, request: gr.Request):
+        def on_upload(paths: list[str] | None, target_path: str | None, request: gr.Request):
+            """New files: check them all; refused, repeated and left-out files leave the list
+            (and the disk). Not on `change`: the list this returns would trigger it again."""
             if not paths:
-                return ""
-            service.remember_uploads(request.session_hash, paths)
-            accepted, problems = service.validate(paths)
-            parts = []
-            if accepted:
-                ok = f"{len(accepted)} image(s) ready: " + ", ".join(u.name for u in accepted)
-                parts.append(message_html(ok, "ok", "ms-upload-ok"))
-            if problems:
-                parts.append(messages_html(problems, "error", "ms-upload-errors"))
-            return "".join(parts)
+                return "", gr.update()
+            accepted, problems = service.accept_uploads(request.session_hash, paths, target_path)
+            status = upload_summary([u.name for u in accepted], problems)
+            kept = [str(u.path) for u in accepted]
+            return status, (gr.update(value=kept or None) if problems else gr.update())
 
-        files.change(
-            on_upload, files, upload_status, concurrency_limit=None, show_progress="hidden"
-        )
+        def on_files_removed(paths: list[str] | None, target_path: str | None, request: gr.Request):
+            service.release_uploads(request.session_hash, [*(paths or []), target_path])
+            return upload_summary([Path(p).name for p in paths or []], [])
+
+        quick = {"concurrency_limit": None, "show_progress": "hidden"}
+        files.upload(on_upload, [files, target_file], [upload_status, files], **quick)
+        files.delete(on_files_removed, [files, target_file], upload_status, **quick)
+        files.clear(on_files_removed, [files, target_file], upload_status, **quick)
+
+        def on_target(path: str | None, paths: list[str] | None, request: gr.Request):
+            """A new target image is checked (and recorded, to be deleted with the tab)."""
+            try:
+                service.accept_target(request.session_hash, path, paths or [])
+            except ImageFileError as error:
+                return message_html(str(error), "error", "ms-target-error"), None
+            return "", gr.update()
+
+        def on_target_cleared(paths: list[str] | None, request: gr.Request):
+            service.release_uploads(request.session_hash, paths or [])
+            return ""
+
+        target_file.upload(on_target, [target_file, files], [target_status, target_file], **quick)
+        target_file.clear(on_target_cleared, files, target_status, **quick)
 
         # -- protect (one job at a time across all tabs) and cancel
 
@@ -1433,35 +1744,24 @@ def build_app(service: ProtectionService):
             return message_html("Starting…", "info", "ms-starting")
 
         def run_protect(data: dict, request: gr.Request):
+            """Nothing on the page is cleared until the new job has results: the earlier ones
+            stay on show (and on disk) through a job that is cancelled or fails."""
             session = request.session_hash
-            cleared = {
-                table: None,
-                downloads: None,
-                zip_button: gr.update(visible=False),
-                chosen: gr.update(choices=[], value=None),
-                before: None,
-                after: None,
-                perturbation: None,
-                image_metrics: "",
-                mimic_clean: None,
-                mimic_protected: None,
-                check_html: "",
-            }
             if service.cancel_requested(session):
-                yield {**cleared, progress_html: message_html("Cancelled.", "warning")}
+                yield {progress_html: message_html("Cancelled.", "warning")}
                 return
             uploads, problems = service.validate(data[files] or [])
             if not uploads:
                 text = problems or ["Add one or more images first (drag them onto the box)."]
-                yield {**cleared, progress_html: messages_html(text, "error", "ms-message")}
+                yield {progress_html: messages_html(text, "error", "ms-message")}
                 return
             try:
                 values = {name: data[component] for name, component in options.items()}
                 settings = _settings_from_page(service, values, data[preset], data[custom_eps])
             except (ValueError, TypeError, ImageFileError) as error:
-                yield {**cleared, progress_html: message_html(str(error), "error")}
+                yield {progress_html: message_html(str(error), "error")}
                 return
-            yield {**cleared, progress_html: message_html("Starting…", "info")}
+            yield {progress_html: message_html("Starting…", "info")}
 
             def work(progress: JobProgress) -> Job:
                 return service.protect(session, uploads, settings, progress)
@@ -1471,25 +1771,22 @@ def build_app(service: ProtectionService):
                     yield {progress_html: render_progress(progress)}
             if worker.error is not None:
                 if isinstance(worker.error, JobCancelled):
-                    text, kind = "Cancelled: the job stopped; nothing was finished.", "warning"
+                    text = "Cancelled: the job stopped before any image was finished."
+                    kind = "warning"
                 else:
                     text, kind = f"Protection failed: {_one_line(worker.error)}", "error"
                 yield {progress_html: message_html(text, kind)}
                 return
             job: Job = worker.result
-            yield _job_outputs(job, problems)
+            lines, kind = job_summary(job, problems)
+            if not job.protected:  # nothing new to show: the earlier results stay
+                yield {progress_html: messages_html(lines, kind, "ms-done")}
+                return
+            yield _job_outputs(job, lines, kind)
 
-        def _job_outputs(job: Job, problems: list[str]) -> dict:
+        def _job_outputs(job: Job, lines: list[str], kind: str) -> dict:
             protected = job.protected
-            failed = [i for i in job.images if i.status == "failed"]
-            summary = f"Done: {len(protected)} protected"
-            if failed:
-                summary += f", {len(failed)} failed"
-            if job.cancelled:
-                summary = f"Cancelled after {len(protected)} image(s); those are kept"
-            summary += f" in {format_seconds(job.seconds)}."
-            lines = [summary] + [i.error for i in failed if i.error] + problems
-            first = protected[0] if protected else None
+            first = protected[0]
             return {
                 job_state: job,
                 device_info: message_html(
@@ -1497,19 +1794,18 @@ def build_app(service: ProtectionService):
                     "info",
                     "ms-device",
                 ),
-                progress_html: messages_html(
-                    lines, "warning" if failed or job.cancelled else "ok", "ms-done"
-                ),
+                progress_html: messages_html(lines, kind, "ms-done"),
                 table: results_table(job),
-                downloads: [str(i.output) for i in protected] or None,
+                downloads: [str(i.output) for i in protected],
                 zip_button: gr.update(value=str(job.zip_path), visible=bool(job.zip_path)),
-                chosen: gr.update(
-                    choices=[i.name for i in protected], value=first.name if first else None
-                ),
-                before: str(first.before) if first else None,
-                after: str(first.after) if first else None,
-                perturbation: str(first.perturbation) if first else None,
+                chosen: gr.update(choices=[i.name for i in protected], value=first.name),
+                before: str(first.before),
+                after: str(first.after),
+                perturbation: str(first.perturbation),
                 image_metrics: image_summary(job, first),
+                mimic_clean: None,  # the earlier job's check
+                mimic_protected: None,
+                check_html: "",
             }
 
         outputs = [
@@ -1538,12 +1834,16 @@ def build_app(service: ProtectionService):
             concurrency_id="gpu",
             show_progress="minimal",
             show_progress_on=[progress_html],
-        )
+        ).failure(lambda: message_html(NOT_STARTED, "error", "ms-not-started"), None, progress_html)
 
         def on_cancel(request: gr.Request):
-            service.cancel(request.session_hash)
+            """A job waiting behind another tab's would hear nothing until that one ends; a
+            running job's progress says "Cancelling" at its next update."""
+            if service.cancel(request.session_hash):
+                return message_html("Cancelled: your job will not run.", "warning", "ms-cancelled")
+            return gr.update()
 
-        cancel_button.click(on_cancel, None, None, concurrency_limit=None, show_progress="hidden")
+        cancel_button.click(on_cancel, None, progress_html, **quick)
 
         # -- one image: before / after / perturbation
 
@@ -1600,7 +1900,7 @@ def build_app(service: ProtectionService):
             concurrency_id="gpu",
             show_progress="minimal",
             show_progress_on=[check_html],
-        )
+        ).failure(lambda: message_html(NOT_STARTED, "error", "ms-not-started"), None, check_html)
 
         def on_unload(request: gr.Request):
             service.end_session(request.session_hash)
@@ -1608,6 +1908,44 @@ def build_app(service: ProtectionService):
         demo.unload(on_unload)
     demo.queue(default_concurrency_limit=1)
     return demo
+
+
+# shown where "Starting…" would otherwise stay when Gradio refuses an event before it runs
+NOT_STARTED = (
+    "Not started: the app could not take what the page sent; the message in the corner of the "
+    "page says why."
+)
+
+
+def job_summary(job: Job, problems: Sequence[str] = ()) -> tuple[list[str], str]:
+    """The lines that end a job, and their kind. The first line says how it ended: "Done" only
+    when every image was protected; the time is the job's, not how long files are kept."""
+    protected, failed = len(job.protected), [i for i in job.images if i.status == "failed"]
+    took = format_seconds(job.seconds)
+    if job.cancelled:
+        first = f"Cancelled: {protected} image(s) were protected before you cancelled ({took})."
+        first += " They are ready to download below."
+    elif failed and not protected:
+        first = f"Failed: none of the {len(failed)} image(s) could be protected."
+    elif failed:
+        first = f"Finished with errors: {protected} protected, {len(failed)} failed ({took})."
+    else:
+        first = f"Done: {protected} protected in {took}."
+    lines = [first] + [i.error for i in failed if i.error] + list(problems)
+    if failed and not protected:
+        return lines, "error"
+    return lines, "warning" if failed or job.cancelled or problems else "ok"
+
+
+def upload_summary(names: Sequence[str], problems: Sequence[str]) -> str:
+    """The message under the upload box: the images ready, and one line per file left out."""
+    parts = []
+    if names:
+        ok = f"{len(names)} image(s) ready: " + ", ".join(names)
+        parts.append(message_html(ok, "ok", "ms-upload-ok"))
+    if problems:
+        parts.append(messages_html(problems, "error", "ms-upload-errors"))
+    return "".join(parts)
 
 
 def _one_line(error: BaseException) -> str:
@@ -1698,6 +2036,7 @@ def launch(
                 f"Cannot listen on {host}, {where} ({reason}); choose another with --port."
             ) from None
         running = RunningApp(url or f"http://{host}:{demo.server_port}/", demo, service, previous)
+        threading.Thread(target=service.preload, daemon=True, name="mimicshield-preload").start()
         if block:
             demo.block_thread()
     finally:

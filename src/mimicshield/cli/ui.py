@@ -37,6 +37,16 @@ def ui(
     max_images: Annotated[int, typer.Option(help="most images per job")] = 50,
     max_file_mb: Annotated[float, typer.Option(help="largest upload, in MB")] = 50,
     max_megapixels: Annotated[float, typer.Option(help="largest image, in megapixels")] = 50,
+    max_tab_gb: Annotated[
+        float | None,
+        typer.Option(
+            help="most uploads one browser tab keeps on disk, in GB (default: a full job, "
+            "--max-images x --max-file-mb)"
+        ),
+    ] = None,
+    max_total_gb: Annotated[
+        float, typer.Option(help="most uploads all tabs together keep on disk, in GB")
+    ] = 10,
     lpips_weights: Annotated[
         Path | None,
         typer.Option(
@@ -70,8 +80,13 @@ def ui(
         ) from None
     from ..webapp import ProtectionService, ProtectSettings, UploadLimits, is_loopback, launch
 
-    if min(max_images, max_file_mb, max_megapixels) <= 0:
-        raise CLIError("--max-images, --max-file-mb and --max-megapixels must be positive.")
+    tab_gb = 1 if max_tab_gb is None else max_tab_gb  # None: derived, always positive
+    limits = (max_images, max_file_mb, max_megapixels, max_total_gb, tab_gb)
+    if min(limits) <= 0:
+        raise CLIError(
+            "--max-images, --max-file-mb, --max-megapixels, --max-tab-gb and --max-total-gb "
+            "must be positive."
+        )
     resolve_device(device)  # fail now, not at the first job
     check_model_source(model)
     exposed = share or not is_loopback(host)
@@ -95,6 +110,8 @@ def ui(
             max_images=max_images,
             max_file_bytes=int(max_file_mb * 2**20),
             max_pixels=int(max_megapixels * 1e6),
+            max_tab_bytes=None if max_tab_gb is None else int(max_tab_gb * 2**30),
+            max_total_bytes=int(max_total_gb * 2**30),
         ),
         allow_model_choice=not exposed,
         lpips_weights=lpips_weights,
