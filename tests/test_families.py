@@ -517,6 +517,16 @@ def test_cli_loads_each_model_with_its_own_options(tiny_model, sdxl, tmp_path, m
     assert bad.exit_code != 0 and "one weight per --model" in str(bad.exception or bad.output)
 
 
+def _lpips_weights_file(path):
+    """LPIPS weights of the right layout (random values), as evaluate checks them."""
+    from safetensors.torch import save_file
+
+    from mimicshield.metrics import LPIPS
+
+    save_file({k: v.contiguous() for k, v in LPIPS().state_dict().items()}, str(path))
+    return path
+
+
 @pytest.mark.parametrize("command", ["mimic", "evaluate", "purify", "ui"])
 def test_every_command_that_loads_one_model_takes_family(tmp_path, monkeypatch, command):
     """A single SD 2.x file is guessed 768-v; `--family sd2-base` must reach the loader from
@@ -540,9 +550,13 @@ def test_every_command_that_loads_one_model_takes_family(tmp_path, monkeypatch, 
     )
     Image.new("RGB", (32, 32), (120, 60, 30)).save(tmp_path / "a.png")
     (tmp_path / "p").mkdir()
+    # evaluate pairs the folders and checks the LPIPS weights before the model loads
+    Image.new("RGB", (32, 32), (121, 60, 30)).save(tmp_path / "p" / "a.png")
+    lpips = _lpips_weights_file(tmp_path / "lpips.safetensors")
     arguments = {
         "mimic": ["mimic", str(tmp_path / "a.png"), "-o", str(tmp_path / "o")],
-        "evaluate": ["evaluate", str(tmp_path), str(tmp_path / "p"), "-o", str(tmp_path / "o")],
+        "evaluate": ["evaluate", str(tmp_path), str(tmp_path / "p"), "-o", str(tmp_path / "o")]
+        + ["--lpips-weights", str(lpips)],
         "purify": ["purify", str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), "-m", "vae"],
         "ui": ["ui"],
     }[command]

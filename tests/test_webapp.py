@@ -599,3 +599,24 @@ def test_a_port_in_use_says_to_choose_another_with_port(tmp_path):
         with pytest.raises(OSError, match=f"port {port}.*with --port") as error:
             launch(service, port=port, block=False, quiet=True)
     assert "GRADIO_SERVER_PORT" not in str(error.value)
+
+
+@pytest.mark.parametrize("port", ["0", "-1", "99999"])
+def test_a_port_out_of_range_is_one_line_before_anything_starts(port):
+    result = CliRunner().invoke(cli_app, ["ui", "--port", port])
+    assert result.exit_code != 0
+    assert "1 to 65535" in f"{result.output} {result.exception}"
+
+
+def test_the_apps_pixel_limit_is_the_one_that_refuses(monkeypatch):
+    """Pillow's own bomb check (twice MAX_IMAGE_PIXELS) would refuse a 225 MP image that a
+    `--max-megapixels 300` app allows; the limit is raised to the app's, never lowered."""
+    from PIL import Image
+
+    from mimicshield.cli.ui import allow_pillow_pixels
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 89_478_485)  # Pillow's default
+    allow_pillow_pixels(300_000_000)
+    assert 2 * Image.MAX_IMAGE_PIXELS >= 300_000_000
+    allow_pillow_pixels(10_000_000)
+    assert 2 * Image.MAX_IMAGE_PIXELS >= 300_000_000  # not lowered

@@ -255,6 +255,45 @@ def resolve_lpips_weights(path: str | Path | None = None) -> Path:
     return download_lpips_weights(cached)
 
 
+def check_lpips_weights(path: Path) -> None:
+    """Raise ValueError (FileNotFoundError when absent), one line naming ``path``, unless it
+    holds every tensor :class:`~mimicshield.metrics.LPIPS` loads, in its shape, and no other.
+
+    Reads only the file's header: ``evaluate`` checks the weights before the mimicry model
+    loads, so a wrong file is named in a second, not after minutes of loading.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ValueError(f"{path}: a folder; give the lpips_alexnet.safetensors file itself.")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such LPIPS weights file.")
+    with torch.device("meta"):  # the shapes only: nothing is allocated or initialised
+        expected = {key: tuple(value.shape) for key, value in LPIPS().state_dict().items()}
+    try:
+        with safe_open(str(path), framework="pt") as weights:
+            names = weights.keys()
+            found = {key: tuple(weights.get_slice(key).get_shape()) for key in names}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(f"{path}: not a safetensors file ({detail}).") from error
+    absent = sorted(expected.keys() - found.keys())
+    misshapen = sorted(key for key in expected.keys() & found.keys() if found[key] != expected[key])
+    unexpected = sorted(found.keys() - expected.keys())
+    for problem, keys in (
+        ("lacks", absent),
+        ("has misshapen", misshapen),
+        ("has extra", unexpected),
+    ):
+        if keys:
+            raise ValueError(
+                f"{path}: not LPIPS-AlexNet weights: it {problem} tensor(s) such as {keys[0]} "
+                f"({len(keys)} in all); give lpips_alexnet.safetensors, or leave the option out to "
+                "download it."
+            )
+
+
 def download_lpips_weights(destination: Path) -> Path:
     """Download AlexNet (hash-checked) and the LPIPS v0.1 heads; save them as one file."""
     import tempfile
@@ -401,14 +440,27 @@ class Source:
     missing: list[str] = field(default_factory=list)
     # files left out because another has the same key (cat.jpg beside cat.png): (left out, kept)
     ambiguous: list[tuple[Path, Path]] = field(default_factory=list)
+    # protected images without a clean image of the same key: not evaluated
+    extra: list[str] = field(default_factory=list)
+    # a copy evaluate --purify made of another source: its missing images are counted there
+    derived: bool = False
 
 
-def _image_files(folder: Path) -> tuple[dict[str, Path], list[tuple[Path, Path]]]:
+def _image_files(
+    folder: Path, exclude: Sequence[Path] = ()
+) -> tuple[dict[str, Path], list[tuple[Path, Path]]]:
     """The folder's images by key; of two with one key, the first in sorted order is kept,
-    the one ``mimicshield protect`` protected (it refuses the second: same output name)."""
+    the one ``mimicshield protect`` protected (it refuses the second: same output name).
+
+    Subfolders in ``exclude`` (the protected folders and ``-o`` when they lie inside this one)
+    and those holding an earlier run's record are not read: ``photos/protected`` is no part
+    of the clean set ``photos``, nor are the purified copies ``evaluate -o photos/eval`` writes.
+    """
+    from .runner import scan_folder
+
     files: dict[str, Path] = {}
     ambiguous: list[tuple[Path, Path]] = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    for path in scan_folder(folder, exclude=exclude).images:
         if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith("."):
             key = path.relative_to(folder).with_suffix("").as_posix()
             if key in files:
@@ -432,15 +484,24 @@ def _method_label(folder: Path) -> str:
     return folder.name or str(folder)
 
 
-def pair_folders(clean_dir: Path, protected_dirs: Sequence[Path]) -> tuple[Source, list[Source]]:
+def pair_folders(
+    clean_dir: Path, protected_dirs: Sequence[Path], exclude: Sequence[Path] = ()
+) -> tuple[Source, list[Source]]:
     """Match every protected folder to the clean one by relative path without suffix.
 
     ``photos/a/cat.jpg`` matches ``protected/a/cat.png``, as ``mimicshield protect`` names it.
+    No folder's listing includes another compared folder or one in ``exclude`` (the output
+    folder) that lies inside it.
     """
     clean_dir = Path(clean_dir)
     if not clean_dir.is_dir():
         raise FileNotFoundError(f"{clean_dir}: no such folder.")
-    clean_files, clean_ambiguous = _image_files(clean_dir)
+    folders = [clean_dir, *map(Path, protected_dirs)]
+
+    def others(folder: Path) -> list[Path]:
+        return [*exclude, *(other for other in folders if other.resolve() != folder.resolve())]
+
+    clean_files, clean_ambiguous = _image_files(clean_dir, others(clean_dir))
     clean = Source(CLEAN, clean_dir, clean_files, ambiguous=clean_ambiguous)
     if not clean.files:
         raise ValueError(f"{clean_dir}: no images found.")
@@ -457,13 +518,24 @@ def pair_folders(clean_dir: Path, protected_dirs: Sequence[Path]) -> tuple[Sourc
                 else str(folder)
             )
         used.add(label)
-        found, ambiguous = _image_files(folder)
+        found, ambiguous = _image_files(folder, others(folder))
         files = {key: found[key] for key in clean.files if key in found}
         missing = [key for key in clean.files if key not in found]
+        extra = [key for key in found if key not in clean.files]
         if not files:
             raise ValueError(f"{folder}: none of its images match a file in {clean_dir}.")
-        methods.append(Source(label, folder, files, missing, ambiguous=ambiguous))
+        source = Source(label, folder, files, missing, ambiguous, extra, _is_purified(folder))
+        methods.append(source)
     return clean, methods
+
+
+def _is_purified(folder: Path) -> bool:
+    """Whether ``folder`` is a purified copy ``evaluate --purify`` wrote (its manifest says)."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and "purification" in manifest
 
 
 def _folder_name(label: str) -> str:
@@ -567,7 +639,7 @@ def evaluate(
 
     progress = progress or _NoProgress()
     settings: MimicrySettings = mimicry.settings
-    clean, methods = pair_folders(clean_dir, protected_dirs)
+    clean, methods = pair_folders(clean_dir, protected_dirs, exclude=[out_dir] if out_dir else [])
     variants = settings.variants()
     headline = headline or choose_headline(variants)
     result = EvaluationResult(
@@ -698,8 +770,20 @@ def _describe_inputs(result: EvaluationResult, suite: MetricSuite, clean, method
         if m.missing:
             result.warnings.append(
                 f"{m.name}: {len(m.missing)} clean image(s) have no protected copy and are "
-                f"skipped for it: {', '.join(m.missing[:5])}{' ...' if len(m.missing) > 5 else ''}"
+                f"skipped for it: {_some(m.missing)}"
             )
+            if not m.derived:  # a purified copy lacks what its source lacks: counted there
+                result.left_out.extend(f"{m.folder}/{key} (no protected copy)" for key in m.missing)
+        if m.extra:
+            result.warnings.append(
+                f"{m.name}: {len(m.extra)} protected image(s) have no clean image of the same "
+                f"name in {clean.folder} and are not evaluated: {_some(m.extra)}"
+            )
+
+
+def _some(keys: Sequence[str], shown: int = 5) -> str:
+    """The first few image keys of a list, for a warning."""
+    return ", ".join(keys[:shown]) + (" ..." if len(keys) > shown else "")
 
 
 def _mimic(

@@ -695,12 +695,14 @@ def save_png(image: Tensor, path: Path, alpha: np.ndarray | None = None) -> Path
 
     ``alpha`` (H, W), uint8 or uint16 as :func:`load_image` returns it, is attached unchanged
     (16-bit alpha is reduced to 8 bits), so a transparent image stays so.
+
+    Written through :func:`write_atomically`: ``purify`` and ``mimic`` stopped by Ctrl-C
+    must not leave a truncated PNG under the final name.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     picture = to_pil(image)
     if alpha is not None:
         alpha8 = (alpha >> 8).astype(np.uint8) if alpha.dtype == np.uint16 else alpha
         picture.putalpha(Image.fromarray(alpha8.astype(np.uint8), mode="L"))
-    picture.save(path, format="PNG")
+    write_atomically(path, lambda temporary: picture.save(temporary, format="PNG"))
     return path

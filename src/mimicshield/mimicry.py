@@ -33,9 +33,9 @@ import warnings
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from glob import escape as glob_escape
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -1071,6 +1071,18 @@ def fit_image(image: Tensor, resolution: int, multiple: int = 8) -> Tensor:
     return image[:, top : top + crop_h, left : left + crop_w].contiguous()
 
 
+LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as Pillow converts RGB to grey
+
+
+def find_mask(folder: Path, name: str) -> Path | None:
+    """The mask for image ``name`` (its path below its folder, without suffix) in ``folder``:
+    the same relative path, else a file of the same stem with any suffix; None if there is none.
+    """
+    relative = Path(name)
+    candidates = [folder / relative, *sorted(folder.glob(f"{glob_escape(relative.stem)}.*"))]
+    return next((candidate for candidate in candidates if candidate.is_file()), None)
+
+
 def load_mask(path: Path, height: int, width: int, resolution: int = 0) -> Tensor:
     """A mask image as (1, H, W) in {0, 1}, 1 = regenerate (white).
 
@@ -1078,11 +1090,13 @@ def load_mask(path: Path, height: int, width: int, resolution: int = 0) -> Tenso
     :func:`fit_image` fits the image (``resolution``), not squashed to the crop's shape; a mask
     of another size is then resized to (H, W) with nearest neighbours.
     """
-    from PIL import Image
+    from .images import load_image
 
-    with Image.open(path) as opened:
-        gray = np.asarray(opened.convert("L"), dtype=np.float32) / 255.0
-    mask = fit_image(torch.from_numpy(gray)[None], resolution)
+    # the package's loader: any file it reads is a mask (upright, as the image is), and a bad
+    # one is an ImageFileError naming it, not Pillow's bare message
+    rgb = load_image(path).rgb
+    gray = (rgb * torch.tensor(LUMA).view(3, 1, 1)).sum(0)  # Pillow's convert("L") weights
+    mask = fit_image(gray[None], resolution)
     if tuple(mask.shape[1:]) != (height, width):
         mask = F.interpolate(mask[None], size=(height, width), mode="nearest")[0]
     return (mask > 0.5).float()
@@ -1145,13 +1159,10 @@ class Mimicry:
             return centered_ellipse_mask(height, width, self.settings.inpaint_keep)
         if mask.is_file():
             return load_mask(mask, height, width, self.settings.resolution)
-        if name is not None:
-            relative = Path(name)
-            candidates = [mask / relative, *sorted(mask.glob(f"{relative.stem}.*"))]
-            for candidate in candidates:
-                if candidate.is_file():
-                    return load_mask(candidate, height, width, self.settings.resolution)
-        raise FileNotFoundError(f"No mask for {name} in {mask}.")
+        found = find_mask(mask, name) if name is not None else None
+        if found is None:
+            raise FileNotFoundError(f"No mask for {name} in {mask}.")
+        return load_mask(found, height, width, self.settings.resolution)
 
     def run(
         self, variant: Variant, image: Tensor, name: str | None = None, callback=None

@@ -486,6 +486,37 @@ def _check_unet(unet: torch.nn.Module, vae: torch.nn.Module, source: str, inpain
 
 # weights a VAE needs only to decode, which protection drops (``with_decoder=False``)
 _DECODER_PREFIXES = ("decoder.", "post_quant_conv.")
+# CLIP's prompt length, for a text encoder whose config does not say
+MAX_PROMPT_TOKENS = 77
+
+
+def _check_tokenizers(parts: Mapping[str, object], source: str) -> None:
+    """Refuse a tokenizer without a vocabulary or a usable prompt length, naming it.
+
+    transformers loads an empty ``tokenizer/`` folder without an error: a tokenizer with only
+    its special tokens and ``model_max_length`` at its "unset" value (about 1e30), which fails
+    much later, when the first prompt is encoded, with "OverflowError: int too big to convert".
+    """
+    for name in ("tokenizer", "tokenizer_2"):
+        tokenizer = parts.get(name)
+        if tokenizer is None:
+            continue
+        encoder = parts.get("text_encoder" if name == "tokenizer" else "text_encoder_2")
+        config = getattr(encoder, "config", None)
+        positions = getattr(config, "max_position_embeddings", None) or MAX_PROMPT_TOKENS
+        length = getattr(tokenizer, "model_max_length", None)
+        special = set(getattr(tokenizer, "all_special_tokens", ()))
+        if len(tokenizer) <= len(special):
+            raise ModelLoadError(
+                f"{source}: its {name} has no vocabulary (its folder lacks vocab.json and "
+                "merges.txt, or tokenizer.json): re-download or re-save the model."
+            )
+        if not isinstance(length, int) or not 1 <= length <= positions:
+            raise ModelLoadError(
+                f"{source}: its {name} has no usable model_max_length ({length!r}; the text "
+                f"encoder takes {positions} tokens): set it in {name}/tokenizer_config.json, "
+                "or re-download the model."
+            )
 
 
 def _check_weights_present(
@@ -656,6 +687,7 @@ def load_models(
         _check_latent_space(vae, source)
         _check_unet(unet, vae, source, inpainting)
         _check_weights_present(parts, missing, source, with_decoder=with_decoder)
+        _check_tokenizers(parts, source)
         vae_dtype = prepare_components(
             vae,
             [unet, text_encoder, text_encoder_2],

@@ -17,6 +17,8 @@ import hashlib
 import itertools
 import json
 import math
+import os
+import re
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -35,6 +37,7 @@ from .defaults import DEFAULT_TILE_SIZE, DEFAULT_WORK_SIZE
 from .ensemble import members
 from .images import (
     IMAGE_SUFFIXES,
+    PARTIAL_SUFFIX,
     ImageFileError,
     ImageHeader,
     LoadedImage,
@@ -42,7 +45,6 @@ from .images import (
     load_image,
     plan_output,
     probe_image,
-    remove_partial_files,
     save_image,
     to_array,
     write_atomically,
@@ -126,9 +128,90 @@ class _Job:
     output: str
 
 
-def collect_inputs(
-    arguments: Iterable[str], exclude: Path | None = None
-) -> tuple[list[InputFile], list[FileResult]]:
+@dataclass
+class InputScan:
+    """What the input arguments hold: the image files, a failure for each argument (or file
+    found) that cannot be read, and notes on what was left out on purpose."""
+
+    files: list[InputFile] = field(default_factory=list)
+    missing: list[FileResult] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+# The records an earlier run leaves in its output folder (protect and evaluate's purified
+# folders: manifest.json; mimic: mimic.json; evaluate: metrics.json). A folder holding one is
+# skipped when a folder above it is read: a rerun must not take its own outputs for inputs.
+RUN_RECORDS = (MANIFEST_NAME, "mimic.json", "metrics.json")
+
+
+def is_run_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds the record of an earlier mimicshield run (see RUN_RECORDS)."""
+    for name in RUN_RECORDS:
+        record = folder / name
+        if not record.is_file():
+            continue
+        try:
+            content = json.loads(record.read_text())
+        except (OSError, ValueError):
+            continue  # not ours: a user's file of the same name
+        # evaluate's purified folders predate the version key: their record names the purification
+        if isinstance(content, dict) and (
+            "mimicshield_version" in content or "purification" in content
+        ):
+            return True
+    return False
+
+
+@dataclass
+class FolderScan:
+    """One folder's images, walked recursively, and what the walk left out and why."""
+
+    images: list[Path] = field(default_factory=list)
+    broken_links: list[Path] = field(default_factory=list)  # with an image suffix
+    other_types: dict[str, int] = field(default_factory=dict)  # suffix -> files skipped
+    run_folders: list[Path] = field(default_factory=list)  # outputs of earlier runs, skipped
+
+
+def scan_folder(folder: Path, exclude: Iterable[Path] = ()) -> FolderScan:
+    """The images below ``folder``, without hidden files and folders, the folders in
+    ``exclude`` (this run's output folder), and the subfolders of earlier runs.
+
+    Symbolic links to folders are not followed (as ``Path.rglob`` does not): a link to a
+    parent would make the walk endless.
+    """
+    excluded = {Path(path).expanduser().resolve() for path in exclude}
+    found = FolderScan()
+    for root, folders, names in os.walk(folder):
+        here = Path(root)
+        kept = []
+        for name in sorted(folders):
+            sub = here / name
+            if name.startswith(".") or sub.resolve() in excluded:
+                continue
+            if is_run_folder(sub):
+                found.run_folders.append(sub)
+                continue
+            kept.append(name)
+        folders[:] = kept  # os.walk descends only into these
+        for name in names:
+            path = here / name
+            suffix = path.suffix.lower()
+            if name.startswith(".") or (here == Path(folder) and name in RUN_RECORDS):
+                continue
+            if suffix not in IMAGE_SUFFIXES:
+                kind = suffix or "(no suffix)"
+                found.other_types[kind] = found.other_types.get(kind, 0) + 1
+            elif path.is_file():
+                found.images.append(path)
+            elif path.is_symlink() and not path.exists():
+                found.broken_links.append(path)
+    found.images.sort()
+    found.broken_links.sort()
+    found.run_folders.sort()
+    return found
+
+
+def scan_inputs(arguments: Iterable[str], exclude: Path | None = None) -> InputScan:
     """Expand files, folders (recursively) and glob patterns into image files.
 
     A file's output name (``InputFile.relative``) is its path below the folder named, or below
@@ -136,8 +219,10 @@ def collect_inputs(
     folders; a file named directly keeps its name.
 
     Files under ``exclude`` (the output folder) are left out when it lies inside a folder or
-    pattern being read, so a rerun into ``photos/protected`` does not protect its own outputs.
-    Returns the files found, and a failed result for each argument that matched nothing.
+    pattern being read, so a rerun into ``photos/protected`` does not protect its own outputs;
+    so are subfolders holding an earlier run's record (``photos/protected-eps8``), with a note.
+    An argument that names nothing readable (no such path, a broken symbolic link, a folder
+    without images) is a failure: the run goes on without it and exits with status 1.
     """
     excluded = exclude.expanduser().resolve() if exclude is not None else None
 
@@ -148,38 +233,115 @@ def collect_inputs(
         return not file.resolve().is_relative_to(excluded)
 
     found: dict[Path, InputFile] = {}
-    missing: list[FileResult] = []
+    scan = InputScan()
+
+    def fail(argument: str, problem: str) -> None:
+        scan.missing.append(FileResult(argument, None, "failed", f"{argument}: {problem}."))
+
     for argument in arguments:
         path = Path(argument).expanduser()
         if path.is_dir():
-            for file in sorted(p for p in path.rglob("*") if p.is_file()):
-                hidden = any(part.startswith(".") for part in file.relative_to(path).parts)
-                if file.suffix.lower() in IMAGE_SUFFIXES and not hidden and wanted(file, path):
-                    found.setdefault(file.resolve(), InputFile(file, file.relative_to(path)))
+            inside = _excluded_below(path, excluded)
+            folder = scan_folder(path, exclude=[] if inside is None else [inside])
+            images = [file for file in folder.images if wanted(file, path)]
+            for file in images:
+                found.setdefault(file.resolve(), InputFile(file, file.relative_to(path)))
+            for link in folder.broken_links:
+                fail(str(link), _broken_link(link))
+            scan.notes.extend(_folder_notes(argument, folder))
+            if not images and not folder.broken_links:
+                fail(argument, "no images in this folder" + _why_empty(folder))
         elif path.is_file():
             found.setdefault(path.resolve(), _as_input_file(path))
+        elif path.is_symlink():  # a link whose target is gone (or a link to itself)
+            fail(argument, _broken_link(path))
         elif matches := sorted(glob.glob(str(path), recursive=True)):
             root = Path(*itertools.takewhile(_is_literal, path.parts))  # the part before * or ?
             for match in map(Path, matches):
                 if match.is_file() and wanted(match, root):
                     found.setdefault(match.resolve(), InputFile(match, match.relative_to(root)))
+                elif match.is_symlink() and not match.exists():
+                    fail(str(match), _broken_link(match))
         else:
-            missing.append(FileResult(argument, None, "failed", f"{argument}: no such file."))
-    return list(found.values()), missing
+            fail(argument, "no such file")
+    scan.files = list(found.values())
+    return scan
+
+
+def collect_inputs(
+    arguments: Iterable[str], exclude: Path | None = None
+) -> tuple[list[InputFile], list[FileResult]]:
+    """:func:`scan_inputs` without its notes: the files found, and a failure for each argument
+    (or file found) that cannot be read."""
+    scan = scan_inputs(arguments, exclude)
+    return scan.files, scan.missing
+
+
+def _excluded_below(folder: Path, excluded: Path | None) -> Path | None:
+    """``excluded`` when it lies strictly inside ``folder`` (then it is pruned from the walk)."""
+    if excluded is None or folder.resolve().is_relative_to(excluded):
+        return None
+    return excluded if excluded.is_relative_to(folder.resolve()) else None
+
+
+def _broken_link(path: Path) -> str:
+    try:
+        target = os.readlink(path)
+    except OSError:
+        return "broken symbolic link"
+    return f"broken symbolic link (to {target}, which does not exist or loops)"
+
+
+def _describe_types(counts: dict[str, int]) -> str:
+    total = sum(counts.values())
+    kinds = ", ".join(sorted(counts)[:4]) + (", ..." if len(counts) > 4 else "")
+    return f"{total} file(s) of other types ({kinds})"
+
+
+def _folder_notes(argument: str, folder: FolderScan) -> list[str]:
+    """What the walk of one named folder skipped on purpose, said once per folder."""
+    notes = []
+    if folder.run_folders:
+        shown = ", ".join(str(path) for path in folder.run_folders[:3])
+        more = ", ..." if len(folder.run_folders) > 3 else ""
+        notes.append(
+            f"{argument}: skipped {len(folder.run_folders)} folder(s) written by earlier "
+            f"mimicshield runs ({shown}{more}); name one to read it."
+        )
+    if folder.other_types and folder.images:
+        supported = ", ".join(sorted(IMAGE_SUFFIXES))
+        notes.append(
+            f"{argument}: skipped {_describe_types(folder.other_types)}; supported: {supported}."
+        )
+    return notes
+
+
+def _why_empty(folder: FolderScan) -> str:
+    """For a folder without images: what it holds instead, if anything."""
+    reasons = []
+    if folder.other_types:
+        reasons.append(f"only {_describe_types(folder.other_types)}")
+    if folder.run_folders:
+        reasons.append(f"{len(folder.run_folders)} folder(s) of earlier runs skipped")
+    return f" ({'; '.join(reasons)})" if reasons else ""
 
 
 def output_folder_problem(arguments: Iterable[str | Path], out: Path) -> str | None:
     """Why ``out`` cannot be the output folder of these inputs, or None: it is one of the input
-    folders (outputs would land among the inputs and be read as inputs by the next run), or
-    it cannot be created or written (said now, not after the model has loaded)."""
+    folders, the folder of a file named or a pattern's folder (outputs would land among the
+    originals and be read as inputs by the next run), a broken symbolic link, or it cannot be
+    created or written (said now, not after the model has loaded)."""
     target = Path(out).expanduser().resolve()
     for argument in arguments:
-        folder = Path(argument).expanduser()
-        if folder.is_dir() and folder.resolve() == target:
+        folder, kind = _input_folder(Path(argument).expanduser())
+        if folder is not None and folder.resolve() == target:
             return (
-                f"-o {out} is the input folder {argument}; choose another folder (one inside it, "
-                f"such as {Path(argument) / 'protected'}, is fine)."
+                f"-o {out} is {kind} {argument}; outputs would be written among the originals: "
+                f"choose another folder (one inside it, such as {folder / 'protected'}, is fine)."
             )
+    link = Path(out).expanduser()
+    if link.is_symlink() and not link.exists():
+        return f"-o {out}: {_broken_link(link)}; remove the link or choose another folder."
     if target.exists() and not target.is_dir():
         return f"-o {out}: exists and is not a folder; give a folder for the outputs."
     # the folder is made only when there is something to write: try its nearest existing
@@ -193,6 +355,18 @@ def output_folder_problem(arguments: Iterable[str | Path], out: Path) -> str | N
     except OSError as error:
         return f"-o {out}: cannot write there ({error.strerror or error})."
     return None
+
+
+def _input_folder(path: Path) -> tuple[Path | None, str]:
+    """The folder an input argument reads from: itself, a file's folder, or a pattern's
+    literal part; with how to name it in a message."""
+    if path.is_dir():
+        return path, "the input folder"
+    if path.is_file():
+        return path.parent, "the folder of the input"
+    if glob.has_magic(str(path)):
+        return Path(*itertools.takewhile(_is_literal, path.parts)), "the folder of the pattern"
+    return None, ""
 
 
 def no_inputs_message(arguments: Iterable[str], missing: list[FileResult]) -> str:
@@ -452,14 +626,14 @@ def protect_files(
     (same settings, same bytes) are skipped unless ``overwrite``. ``OUT/manifest.json`` is
     rewritten after every image, so an interrupted run resumes where it stopped; its header is
     ``manifest_header`` (the CLI's: model, device, parameters), by default the models' names
-    and the protector's settings. Temporary files a killed run left behind are removed first.
+    and the protector's settings. Temporary files a killed run left beside this run's outputs are
+    removed before the first is written.
     """
     options = options or default_output_options(protector)
     out_dir = Path(out_dir)
     files = [_as_input_file(item) for item in files]
     if manifest_header is None:
         manifest_header = default_manifest_header(protector)
-    remove_partial_files(out_dir)
     settings = settings_id(protector, options, manifest_header)
     header = {**manifest_header, "settings": settings, "options": asdict(options)}
     earlier = load_manifest(out_dir)  # before this run rewrites it: what a refusal names
@@ -493,12 +667,36 @@ def protect_files(
         key = padded_shape(*work_shape(job.header.height, job.header.width, options.work_size))
         groups.setdefault(key, []).append(job)
 
+    destinations = [job.destination for jobs in groups.values() for job in jobs]
+    remove_partial_outputs([out_dir / MANIFEST_NAME, *destinations])
     for shape, jobs in groups.items():
         size = batch_size(*shape) if callable(batch_size) else batch_size
         for start in range(0, len(jobs), size):
             batch = jobs[start : start + size]
             _protect_batch(batch, protector, options, settings, record, on_image_start, on_step)
     return report
+
+
+def remove_partial_outputs(destinations: Iterable[Path]) -> list[Path]:
+    """Delete the temporary files a killed run left beside these outputs.
+
+    Only the names :func:`~mimicshield.images.write_atomically` makes for these very outputs
+    (``.NAME.XXXXXXXX.part``): another ``.part`` file in the output folder, a download of the
+    user's say, is not ours to delete.
+    """
+    removed = []
+    for destination in destinations:
+        pattern = re.compile(
+            rf"\.{re.escape(destination.name)}\.[0-9a-f]{{8}}{re.escape(PARTIAL_SUFFIX)}"
+        )
+        if not destination.parent.is_dir():
+            continue
+        candidates = destination.parent.glob(f".{glob.escape(destination.name)}.*{PARTIAL_SUFFIX}")
+        for path in candidates:
+            if pattern.fullmatch(path.name) and path.is_file() and not path.is_symlink():
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
 
 
 def _is_complete(
@@ -538,16 +736,28 @@ def _plan(
     if (refusal := claims.refusal(item.path, destination)) is not None:
         raise ImageFileError(refusal)
     if destination.exists() and not overwrite:
-        why = "is not recorded in the manifest"
-        if previous is not None and previous.settings not in (None, settings):
-            why = "was protected with different settings" + (f" ({changes})" if changes else "")
-        elif previous is not None:
-            why = "does not match the manifest (the input or the output changed since)"
         raise ImageFileError(
-            f"{item.path}: output {destination} already exists and {why}; "
-            "pass --overwrite to replace it."
+            f"{item.path}: output {destination} already exists and "
+            f"{_why_not_resumed(previous, settings, changes)}; pass --overwrite to replace it."
         )
     return _Job(item, header, plan, destination, output.as_posix())
+
+
+def _why_not_resumed(previous: FileResult | None, settings: str, changes: str) -> str:
+    """Why an existing output is not taken as finished, for the refusal's message.
+
+    A manifest without a finished entry for it (none, or the failure an earlier refusal
+    recorded) most often means a run stopped between saving the output and rewriting the
+    manifest: the output may be complete, but nothing vouches for it.
+    """
+    if previous is None or previous.status == "failed":
+        return (
+            "is not recorded in the manifest as finished (it may be a file of yours, or a run "
+            "stopped between saving it and updating the manifest)"
+        )
+    if previous.settings not in (None, settings):
+        return "was protected with different settings" + (f" ({changes})" if changes else "")
+    return "does not match the manifest (the input or the output changed since)"
 
 
 def _protect_batch(

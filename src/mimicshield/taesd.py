@@ -154,13 +154,57 @@ class TinyAutoencoder(nn.Module):
         return self.decode(self.encode(x01))
 
 
+class TaefWeightsError(ValueError):
+    """A TAEF2 weights file that is not one: the message names the file, in one line."""
+
+
 def _load_state_dict(path: Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise FileNotFoundError(
             f"TAEF2 weights not found: {path}. Pass the folder that holds {ENCODER_FILE} and "
             f"{DECODER_FILE} (the taef2_*.pth files from madebyollin/taesd)."
         )
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle, zip and torch all raise their own kinds
+        raise TaefWeightsError(
+            f"{path}: not a TAEF2 weights file (torch.load: {type(error).__name__}: "
+            f"{_first_line(error)}); "
+            "re-download the taef2_*.pth files from madebyollin/taesd."
+        ) from error
+    if not isinstance(state, dict):
+        raise TaefWeightsError(f"{path}: not a TAEF2 weights file (no state dict in it).")
+    return state
+
+
+def _load_into(module: nn.Module, path: Path) -> None:
+    """Load ``path`` strictly into ``module``; a mismatch is one line naming the file and
+    a tensor that differs (torch's own message spans many lines)."""
+    state = _load_state_dict(path)
+    expected = {key: tuple(value.shape) for key, value in module.state_dict().items()}
+    found = {key: tuple(getattr(value, "shape", ())) for key, value in state.items()}
+    problems = (
+        ("lacks", sorted(expected.keys() - found.keys())),
+        (
+            "has misshapen",
+            sorted(k for k in expected.keys() & found.keys() if found[k] != expected[k]),
+        ),
+        ("has extra", sorted(found.keys() - expected.keys())),
+    )
+    for problem, keys in problems:
+        if keys:
+            raise TaefWeightsError(
+                f"{path}: not the TAEF2 {path.stem.removeprefix('taef2_')} weights: it {problem} "
+                f"tensor(s) such as {keys[0]!r} ({len(keys)} in all); re-download the "
+                "taef2_*.pth files from madebyollin/taesd."
+            )
+    module.load_state_dict(state, strict=True)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0] if lines else type(error).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def load_taef2(
@@ -171,8 +215,8 @@ def load_taef2(
     """Build a :class:`TinyAutoencoder`, load the fp16 TAEF2 state_dicts strictly, set eval mode."""
     weights_dir = Path(weights_dir)
     model = TinyAutoencoder()
-    model.encoder.load_state_dict(_load_state_dict(weights_dir / ENCODER_FILE), strict=True)
-    model.decoder.load_state_dict(_load_state_dict(weights_dir / DECODER_FILE), strict=True)
+    _load_into(model.encoder, weights_dir / ENCODER_FILE)
+    _load_into(model.decoder, weights_dir / DECODER_FILE)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 

@@ -164,31 +164,37 @@ def bench(
 
     from ..bench import BenchSettings, run_bench
     from .errors import CLIError
+    from .options import check_device_options
 
-    settings = BenchSettings(
-        res=res,
-        device=device,
-        methods=tuple(_split([methods], "")),
-        batches=_batches(batch),
-        dtypes=tuple(_split(dtype, "auto")),
-        steps=steps,
-        warmup=warmup,
-        compile=compile,
-        compile_mode=compile_mode,
-        low_memory=low_memory,
-        channels_last=channels_last,
-        channels_first=channels_first,
-        cuda_graphs=cuda_graphs,
-        fused_norm=fused_norm,
-        deterministic=not nondeterministic,
-        reference=reference,
-        floor=floor,
-        tiny=tiny,
-        seed=seed,
-        threads=threads,
-    )
-    if json_out is not None and json_out.is_dir():  # found now, not after minutes of timing
-        raise CLIError(f"--json-out {json_out}: is a folder; give a file name.")
+    check_device_options(device)
+    try:
+        settings = BenchSettings(
+            res=res,
+            device=device,
+            methods=tuple(_split([methods], "")),
+            batches=_batches(batch),
+            dtypes=tuple(_split(dtype, "auto")),
+            steps=steps,
+            warmup=warmup,
+            compile=compile,
+            compile_mode=compile_mode,
+            low_memory=low_memory,
+            channels_last=channels_last,
+            channels_first=channels_first,
+            cuda_graphs=cuda_graphs,
+            fused_norm=fused_norm,
+            deterministic=not nondeterministic,
+            reference=reference,
+            floor=floor,
+            tiny=tiny,
+            seed=seed,
+            threads=threads,
+        )
+    except ValueError as error:  # its own checks name the option, but two
+        message = str(error).replace("`dtype`", "--dtype")
+        raise CLIError(f"--methods: {message}" if "method" in message else message) from None
+    if json_out is not None and (problem := json_out_problem(json_out)) is not None:
+        raise CLIError(problem)  # found now, not after minutes of timing
     err = Console(stderr=True)
     command = " ".join(["mimicshield", *sys.argv[1:]])
 
@@ -212,3 +218,44 @@ def bench(
 
 
 bench.__doc__ = (bench.__doc__ or "") + "\n" + EXAMPLES
+
+
+def json_out_problem(path: Path) -> str | None:
+    """Why ``--json-out`` cannot be written, or None; said before the benchmark runs.
+
+    An existing file is replaced only when it holds earlier bench results (the JSON this
+    command writes): anything else may be a file of the user's.
+    """
+    if path.is_dir():
+        return f"--json-out {path}: is a folder; give a file name."
+    if path.exists():
+        if not _is_bench_json(path):
+            return (
+                f"--json-out {path}: exists and does not hold earlier bench results; choose "
+                "another name, or move the file."
+            )
+        return _writable(path, path.parent)
+    existing = next(folder for folder in path.absolute().parents if folder.exists())
+    if not existing.is_dir():
+        return f"--json-out {path}: cannot write there ({existing} is a file)."
+    return _writable(path, existing)
+
+
+def _is_bench_json(path: Path) -> bool:
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(content, dict) and {"settings", "environment", "results"} <= content.keys()
+
+
+def _writable(path: Path, folder: Path) -> str | None:
+    """None when a file can be created in ``folder`` (and ``path`` replaced), else why not."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        return f"--json-out {path}: cannot write there ({error.strerror or error})."
+    return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Annotated
@@ -112,20 +113,17 @@ def evaluate(
 ) -> None:
     """Run mimicry on clean and protected images; writes report.html, metrics.csv/.json."""
     from rich.console import Console
+    from rich.markup import escape
 
-    from ..evaluation import (
-        ClipImageEmbedder,
-        InceptionFeatures,
-        MetricSuite,
-        resolve_lpips_weights,
-        write_metrics,
-    )
+    from ..evaluation import ClipImageEmbedder, InceptionFeatures, MetricSuite, write_metrics
     from ..evaluation import evaluate as run_evaluation
     from ..metrics import LPIPS
+    from ..models import check_model_source
     from ..report import write_report
     from ..runner import output_folder_problem
     from .errors import CLIError
     from .mimic import RichProgress, load_mimicry, make_settings
+    from .options import check_device_options, check_family_option
     from .purify import add_surviving_distortion, parse_purify_option, write_purified_folders
 
     settings = make_settings(
@@ -154,13 +152,9 @@ def evaluate(
             keys = ", ".join(v.key for v in settings.variants() if v.paired)
             raise CLIError(f"--report-scenario {report_scenario}: choose one of: {keys}.")
         headline = matches[0]
-    for folder in (clean_dir, *protected_dirs):
-        if folder.is_file():
-            raise CLIError(f"{folder}: a file; evaluate compares folders of images.")
-        if not folder.is_dir():
-            raise CLIError(f"{folder}: no such folder.")
-        if folder != clean_dir and folder.resolve() == clean_dir.resolve():
-            raise CLIError(f"{folder} is the clean folder itself; give the protected copies.")
+    check_device_options(device, dtype)
+    check_family_option(family)
+    _check_folders(clean_dir, protected_dirs)
     if thumbnail_size < 16:
         raise CLIError("--thumbnail-size must be at least 16.")
     # before the model loads, not after the first scenario
@@ -172,8 +166,13 @@ def evaluate(
             f"-o {out} holds an earlier evaluation (report.html, metrics, mimicry/); choose "
             "another folder, or pass --overwrite to replace it."
         )
-
+    _check_pairing(clean_dir, protected_dirs, out, settings)
     purifications = parse_purify_option(purify)
+    check_model_source(model)  # a mistyped path, before the LPIPS weights are downloaded
+    lpips_file = _checked_lpips_weights(lpips_weights)
+    if fid_weights is not None and not fid_weights.is_file():
+        raise CLIError(f"--fid-weights {fid_weights}: no such file.")
+
     mimicry = load_mimicry(
         settings, model, model_config, device, dtype, inpaint_model, family, inpaint_model_config
     )
@@ -184,7 +183,7 @@ def evaluate(
     )
     err = Console(stderr=True, log_path=False)
     with err.status("Loading metric models ..."):
-        lpips = LPIPS.from_file(resolve_lpips_weights(lpips_weights), mimicry.model.device)
+        lpips = LPIPS.from_file(lpips_file, mimicry.model.device)
         clip_model = ClipImageEmbedder.from_pretrained(clip, mimicry.model.device) if clip else None
         inception = (
             InceptionFeatures.from_file(fid_weights, mimicry.model.device) if fid_weights else None
@@ -205,20 +204,84 @@ def evaluate(
         )
     result.settings["model"] = model
     result.settings["inpaint_model"] = inpaint_model if "inpaint" in settings.scenarios else None
+    resolution_used = mimicry.settings.resolution
     add_surviving_distortion(
-        result, clean_dir, protected_dirs, purifications, mimicry.model, mimicry.settings.resolution
+        result, clean_dir, protected_dirs, purifications, mimicry.model, resolution_used, [out]
     )
     csv_path, json_path = write_metrics(result, out)
     report_path = write_report(result, out / "report.html")
     print_summary(result, err)
     for warning in result.warnings:
-        err.print(f"[yellow]warning[/yellow] {warning}")
+        err.print(f"[yellow]warning[/yellow] {escape(warning)}", soft_wrap=True)
     err.print(
         f"Done in {time.perf_counter() - started:.1f} s: {report_path}, {csv_path}, {json_path}"
     )
     if result.left_out:  # as protect, purify and mimic: the rest is done, but not everything
         err.print(f"{len(result.left_out)} image(s) left out (see the warnings above).")
         raise typer.Exit(code=1)
+
+
+def _check_folders(clean_dir: Path, protected_dirs: list[Path]) -> None:
+    """Every folder exists; no protected folder is the clean one or given twice (it would be
+    compared with itself, or evaluated twice under two names)."""
+    from .errors import CLIError
+
+    seen: dict[Path, Path] = {}
+    for folder in (clean_dir, *protected_dirs):
+        if folder.is_file():
+            raise CLIError(f"{folder}: a file; evaluate compares folders of images.")
+        if not folder.is_dir():
+            raise CLIError(f"{folder}: no such folder.")
+    for folder in protected_dirs:
+        resolved = folder.resolve()
+        if resolved == clean_dir.resolve():
+            raise CLIError(f"{folder} is the clean folder itself; give the protected copies.")
+        if resolved in seen:
+            raise CLIError(f"{folder}: given twice; give each protected folder once.")
+        seen[resolved] = folder
+
+
+def _check_pairing(clean_dir: Path, protected_dirs: list[Path], out: Path, settings) -> None:
+    """Pair the folders now, as the evaluation will: a protected folder none of whose images
+    match a clean one, or a missing inpainting mask, is said before the model loads."""
+    from ..evaluation import pair_folders
+    from .errors import CLIError
+    from .mimic import mask_problems
+
+    try:
+        clean, _ = pair_folders(clean_dir, protected_dirs, exclude=[out])
+    except (OSError, ValueError) as error:
+        raise CLIError(str(error)) from None
+    if "inpaint" in settings.scenarios:
+        problems = list(mask_problems(settings.mask, clean.files).values())
+        if problems:
+            raise CLIError(
+                f"{len(problems)} clean image(s) have no usable inpainting mask (first: "
+                f"{problems[0]}); add them, or leave inpaint out of --scenarios."
+            )
+
+
+def _checked_lpips_weights(given: Path | None) -> Path:
+    """The LPIPS weights file, found (or downloaded) and checked before the model loads."""
+    from ..evaluation import check_lpips_weights, resolve_lpips_weights
+    from ..metrics import LPIPS_WEIGHTS_ENV
+    from .errors import CLIError
+
+    try:
+        path = resolve_lpips_weights(given)  # downloads them once when none are given
+    except OSError as error:
+        raise CLIError(str(error)) from None
+    if given is not None:
+        where = "--lpips-weights"
+    elif os.environ.get(LPIPS_WEIGHTS_ENV):
+        where = f"{LPIPS_WEIGHTS_ENV}:"
+    else:
+        where = "the cached LPIPS weights (delete the file to download them again):"
+    try:
+        check_lpips_weights(path)
+    except (OSError, ValueError) as error:
+        raise CLIError(f"{where} {error}") from None
+    return path
 
 
 def remove_own_folders(out: Path) -> None:

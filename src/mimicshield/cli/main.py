@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -47,10 +48,25 @@ def _settings(
     if megapixels:
         from PIL import Image
 
-        try:
-            Image.MAX_IMAGE_PIXELS = int(float(megapixels) * 1e6) // 2
-        except ValueError:
-            raise CLIError(f"{MAX_MEGAPIXELS_VARIABLE}: not a number: {megapixels!r}.") from None
+        Image.MAX_IMAGE_PIXELS = int(_megapixels(megapixels) * 1e6) // 2
+
+
+def _megapixels(value: str) -> float:
+    """``MIMICSHIELD_MAX_MEGAPIXELS`` as a positive, finite number of megapixels.
+
+    Zero or less would make every file a "decompression bomb" (Pillow refuses images over
+    twice the limit), and infinity is no pixel count.
+    """
+    try:
+        number = float(value)
+    except ValueError:
+        raise CLIError(f"{MAX_MEGAPIXELS_VARIABLE}: not a number: {value!r}.") from None
+    if not math.isfinite(number) or number <= 0:
+        raise CLIError(
+            f"{MAX_MEGAPIXELS_VARIABLE} must be a positive number of megapixels; got {value!r} "
+            "(unset it for the default limit)."
+        )
+    return number
 
 
 app.command("protect")(protect_command.protect)

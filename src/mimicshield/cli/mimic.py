@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import time
 from pathlib import Path
 from typing import Annotated
@@ -133,9 +134,10 @@ def make_settings(**options) -> object:
         )
     if not 0 <= options["seed"] <= MAX_SEED:
         raise CLIError(f"--seed must be between 0 and {MAX_SEED}; got {options['seed']}.")
-    for name in ("sample_steps", "sdedit_steps", "num_samples"):
+    for name in ("sample_steps", "sdedit_steps", "num_samples", "ti_steps", "lora_steps"):
         if options[name] < 1:
-            raise CLIError(f"--{name.replace('_', '-')} must be at least 1.")
+            raise CLIError(f"--{name.replace('_', '-')} must be at least 1; got {options[name]}.")
+    _check_training_and_guidance(options)
     if (
         "img2img" in scenarios
         and int(options["sample_steps"] * min(options["img2img_strengths"])) < 1
@@ -146,9 +148,69 @@ def make_settings(**options) -> object:
             "--scenarios lora needs peft: pip install 'peft>=0.13' (or '.[evaluate]' in a "
             "checkout), or leave lora out."
         )
-    if options["mask"] is not None and not options["mask"].exists():
-        raise CLIError(f"--mask {options['mask']}: no such file or folder.")
+    if options["mask"] is not None:
+        _check_mask_option(options["mask"])
     return MimicrySettings(scenarios=scenarios, **options)
+
+
+def _check_training_and_guidance(options: dict) -> None:
+    """The numbers the model only reads minutes later (training, sampling): checked now, so a
+    typo is one line before the model loads, not a failure or a silent nonsense run after."""
+    from .errors import CLIError
+
+    guidance = options["guidance_scale"]
+    if not math.isfinite(guidance) or guidance < 0:
+        raise CLIError(f"--guidance must be 0 or more (1 = no guidance); got {guidance:g}.")
+    if not 0 < options["inpaint_keep"] <= 1:
+        raise CLIError(
+            "--inpaint-keep is the fraction of each side the kept ellipse spans, in (0, 1]; "
+            f"got {options['inpaint_keep']:g}."
+        )
+    for name, option in (("ti_learning_rate", "--ti-lr"), ("lora_learning_rate", "--lora-lr")):
+        if not math.isfinite(options[name]) or options[name] <= 0:
+            raise CLIError(f"{option} must be a positive number; got {options[name]:g}.")
+    if options["lora_rank"] < 1:
+        raise CLIError(f"--lora-rank must be at least 1; got {options['lora_rank']}.")
+
+
+def _check_mask_option(mask: Path) -> None:
+    """``--mask``: a folder, or one image file the package can read (said in one line)."""
+    from ..images import ImageFileError, load_image
+    from .errors import CLIError
+
+    if not mask.exists():
+        raise CLIError(f"--mask {mask}: no such file or folder.")
+    if mask.is_file():
+        try:
+            load_image(mask)
+        except ImageFileError as error:
+            raise CLIError(f"--mask {error}") from None
+
+
+def mask_problems(mask: Path | None, images: dict[str, Path]) -> dict[str, str]:
+    """For a ``--mask`` folder: why an image has no usable mask there, by image name (its
+    path below its folder without suffix; ``images`` maps names to files).
+
+    Matched as the inpainting matches them (:func:`~mimicshield.mimicry.find_mask`) and read
+    with the package's loader, before the model loads: a missing or unreadable mask is named
+    with its image, not found after minutes of loading and other scenarios.
+    """
+    from ..images import ImageFileError, load_image
+    from ..mimicry import find_mask
+
+    if mask is None or not mask.is_dir():
+        return {}
+    problems = {}
+    for name, path in images.items():
+        found = find_mask(mask, name)
+        if found is None:
+            problems[name] = f"{path}: no mask for it in --mask {mask}"
+            continue
+        try:
+            load_image(found)
+        except ImageFileError as error:
+            problems[name] = f"{path}: its mask {error}"
+    return problems
 
 
 def load_mimicry(
@@ -286,19 +348,19 @@ def mimic(
     ] = False,
 ) -> None:
     """Simulate mimicry on images; writes OUT/<scenario>/... PNGs and OUT/mimic.json."""
-    import torch
     from rich.console import Console
+    from rich.markup import escape
 
-    from ..images import ImageFileError, load_image, save_png
-    from ..mimicry import fit_image
+    from ..images import ImageFileError, load_image
     from ..runner import (
         OutputClaims,
-        collect_inputs,
         existing_outputs_error,
         no_inputs_message,
         output_folder_problem,
+        scan_inputs,
     )
     from .errors import CLIError
+    from .options import check_device_options, check_family_option
 
     settings = make_settings(
         scenarios=scenarios,
@@ -319,11 +381,17 @@ def mimic(
         lora_rank=lora_rank,
         seed=seed,
     )
-    files, missing = collect_inputs(inputs)
+    check_device_options(device, dtype)
+    check_family_option(family)
+    err = Console(stderr=True, log_path=False)
+    scan = scan_inputs(inputs, exclude=out)  # not its own outputs when -o is inside an input
+    files, missing = scan.files, scan.missing
     if not files:
         raise CLIError(no_inputs_message(inputs, missing))
     if (problem := output_folder_problem(inputs, out)) is not None:
         raise CLIError(problem)
+    for note in scan.notes:
+        err.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True)
     failed = [m.error for m in missing]  # reported at the end; the readable images go on
     variants = settings.variants()
     claims = OutputClaims(item.path for item in files)
@@ -345,6 +413,7 @@ def mimic(
         mimicked.append(str(item.path))
     if not images:
         raise CLIError(f"None of the images can be read: {'; '.join(failed)}")
+    unmasked = _unmasked(settings, images, failed)
     if not overwrite:
         planned = [out / "mimic.json", *claims.claimed]
         for variant in (v for v in variants if not v.paired):
@@ -358,18 +427,78 @@ def mimic(
         settings, model, model_config, device, dtype, inpaint_model, family, inpaint_model_config
     )
     settings = mimicry.settings  # the resolution resolved to the model's own size
-    images = {
-        name: fit_image(load_image(path).rgb, settings.resolution) for name, path in images.items()
-    }
-    err = Console(stderr=True, log_path=False)
     outputs: list[str] = []
+    try:
+        _run_variants(mimicry, variants, images, unmasked, out, outputs, err)
+    except KeyboardInterrupt:
+        err.print(
+            f"Interrupted. The {len(outputs)} file(s) written to {out} are complete (none is "
+            "half-written); mimic.json is written by a finished run only: run the same command "
+            "with --overwrite to redo it."
+        )
+        raise typer.Exit(code=130) from None
+
+    from .. import __version__
+    from ..images import write_atomically
+
+    record = {
+        "mimicshield_version": __version__,
+        "model": model,
+        "inpaint_model": inpaint_model if "inpaint" in settings.scenarios else None,
+        "inputs": mimicked,
+        "settings": settings.to_dict(),
+        "outputs": outputs,
+        "failed": failed,
+    }
+    text = json.dumps(record, indent=2)
+    write_atomically(out / "mimic.json", lambda temporary: temporary.write_text(text))
+    err.print(f"{len(outputs)} file(s) written to {out}")
+    if failed:
+        err.print(f"{len(failed)} input(s) left out:")
+        for message in failed:
+            err.print(f"  {escape(message)}", soft_wrap=True)
+        raise typer.Exit(code=1)
+
+
+def _unmasked(settings, images: dict[str, Path], failed: list[str]) -> set[str]:
+    """The images the inpaint scenario skips, for want of a usable mask in the --mask folder;
+    each is added to ``failed``. Refuses the run when inpaint is all it has to do and no
+    image has a mask."""
+    from .errors import CLIError
+
+    if "inpaint" not in settings.scenarios:
+        return set()
+    problems = mask_problems(settings.mask, images)
+    if problems and len(problems) == len(images) and settings.scenarios == ["inpaint"]:
+        first = next(iter(problems.values()))
+        raise CLIError(f"No image has a usable mask ({len(problems)} image(s); first: {first}).")
+    failed.extend(f"{problem}; inpaint skipped for it." for problem in problems.values())
+    return set(problems)
+
+
+def _run_variants(mimicry, variants, paths: dict, unmasked: set[str], out: Path, outputs, err):
+    """Run every variant on the images and save what it makes; ``outputs`` grows with each
+    file saved, so an interrupted run can say what is complete."""
+    import torch
+    from safetensors.torch import save_file
+
+    from ..images import load_image, save_png, write_atomically
+    from ..mimicry import fit_image
+    from .errors import CLIError
+
+    settings = mimicry.settings
+    images = {
+        name: fit_image(load_image(path).rgb, settings.resolution) for name, path in paths.items()
+    }
     with RichProgress(err) as progress:
         for variant in variants:
             folder = out / variant.key
             steps = mimicry.steps(variant)
             if variant.paired:
-                progress.start(variant.label, len(images) * steps)
-                for name, image in images.items():
+                skipped = unmasked if variant.scenario == "inpaint" else set()
+                chosen = {name: image for name, image in images.items() if name not in skipped}
+                progress.start(variant.label, len(chosen) * steps)
+                for name, image in chosen.items():
                     result = mimicry.run(variant, image, name, lambda s, t: progress.advance())
                     save_png(result, folder / f"{name}.png")
                     outputs.append(str(folder / f"{name}.png"))
@@ -382,31 +511,12 @@ def mimic(
             for i, sample in enumerate(samples):
                 save_png(sample, folder / f"sample_{i:03d}.png")
                 outputs.append(str(folder / f"sample_{i:03d}.png"))
-            from safetensors.torch import save_file
-
             weights_file = folder / f"{variant.scenario}_weights.safetensors"
-            save_file({k: v.contiguous() for k, v in weights.items()}, str(weights_file))
+            tensors = {k: v.contiguous() for k, v in weights.items()}
+            write_atomically(
+                weights_file, lambda part, tensors=tensors: save_file(tensors, str(part))
+            )
             outputs.append(str(weights_file))
-
-    from .. import __version__
-
-    record = {
-        "mimicshield_version": __version__,
-        "model": model,
-        "inpaint_model": inpaint_model if "inpaint" in settings.scenarios else None,
-        "inputs": mimicked,
-        "settings": settings.to_dict(),
-        "outputs": outputs,
-        "failed": failed,
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "mimic.json").write_text(json.dumps(record, indent=2))
-    err.print(f"{len(outputs)} file(s) written to {out}")
-    if failed:
-        err.print(f"{len(failed)} input(s) left out:")
-        for message in failed:
-            err.print(f"  {message}")
-        raise typer.Exit(code=1)
 
 
 mimic.__doc__ = (mimic.__doc__ or "") + "\n" + EXAMPLES

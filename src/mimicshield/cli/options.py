@@ -80,3 +80,35 @@ SeedOpt = Annotated[int, typer.Option(help="random seed: same seed, inputs and d
 MethodOpt = Annotated[str, typer.Option(help="protection method (see `mimicshield methods`)")]
 
 DEFAULTS = {"model": DEFAULT_MODEL, "method": DEFAULT_METHOD}
+
+
+def check_device_options(device: str, dtype: str | None = None) -> None:
+    """``--device`` and ``--dtype`` checked at the top of a command, as one line.
+
+    Unchecked, a typo reaches the loader as a ValueError after the inputs were read, and is
+    printed with the debugging hint meant for errors of the program itself.
+    """
+    from ..models import resolve_device, resolve_dtype
+    from .errors import CLIError
+
+    try:
+        chosen = resolve_device(device)
+    except ValueError as error:
+        message = str(error).replace("`device`", "--device")
+        raise CLIError(message if message.startswith("--") else f"--device: {message}") from None
+    if dtype is None:
+        return
+    try:
+        resolve_dtype(dtype, chosen)
+    except ValueError as error:
+        raise CLIError(str(error).replace("`dtype`", "--dtype")) from None
+
+
+def check_family_option(family: str | None) -> None:
+    """``--family`` (one model) checked at the top of a command, as one line."""
+    from ..families import FAMILIES
+    from .errors import CLIError
+
+    name = family_or_none(family)
+    if name is not None and name not in FAMILIES:
+        raise CLIError(f"--family must be one of auto, {', '.join(FAMILIES)}; got {name!r}.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import replace
 from enum import Enum
@@ -151,6 +152,7 @@ def protect(
     Rerun the same command after an interruption to continue where it stopped.
     """
     from rich.console import Console
+    from rich.markup import escape
 
     from ..ensemble import Ensemble
     from ..families import FAMILIES, default_work_size
@@ -159,19 +161,28 @@ def protect(
     from ..models import load_models
     from ..protector import CATEGORY_PROMPTS, DEFAULT_PROMPT, MAX_SEED, Protector
     from ..resolution import parse_work_size
+    from ..robust import parse_robust
     from ..runner import (
         ForeignManifestError,
         OutputOptions,
         check_manifest,
-        collect_inputs,
         no_inputs_message,
         output_folder_problem,
         protect_files,
+        scan_inputs,
     )
     from .errors import CLIError
+    from .options import check_device_options
     from .progress import ProtectProgress, print_results
 
-    chosen = get_method(method)
+    try:
+        chosen = get_method(method)
+    except ValueError as error:
+        raise CLIError(f"--method: {error}") from None
+    try:
+        transforms = parse_robust(robust)  # a typo said now, not after the model has loaded
+    except ValueError as error:
+        raise CLIError(f"--robust: {error}") from None
     # in the units the user typed, before the model loads (the Protector checks them again)
     if not 0 < eps <= 255:
         raise CLIError(f"--eps must be in (0, 255], in 1/255 units; got {eps:g}.")
@@ -185,6 +196,8 @@ def protect(
         raise CLIError(f"--step-size must be in (0, 255], in 1/255 units; got {step_size:g}.")
     if steps < 1:
         raise CLIError(f"--steps must be at least 1; got {steps}.")
+    if not math.isfinite(sdst_r) or sdst_r < 0:  # a negative weight would undo the SDS term
+        raise CLIError(f"--sdst-r must be 0 or more; got {sdst_r:g}.")
     if not 0 <= seed <= MAX_SEED:
         raise CLIError(f"--seed must be between 0 and {MAX_SEED}; got {seed}.")
     if prompt is not None and category is not None:
@@ -203,6 +216,7 @@ def protect(
         raise CLIError(f"--quality must be between 1 and 100; got {quality}.")
     if tile_size < 64:
         raise CLIError(f"--tile-size must be at least 64; got {tile_size}.")
+    check_device_options(device, dtype)
     sources = model or [DEFAULT_MODEL_ID]
     configs = _per_model(model_config, sources, "--model-config", CLIError)
     families = _per_model(family, sources, "--family", CLIError)
@@ -227,7 +241,8 @@ def protect(
         )
     except ValueError as error:
         raise CLIError(f"--work-size: {error}") from error
-    files, missing = collect_inputs(inputs, exclude=out)
+    scan = scan_inputs(inputs, exclude=out)
+    files, missing = scan.files, scan.missing
     if not files:
         raise CLIError(no_inputs_message(inputs, missing))
     # before the model loads (minutes, gigabytes), not after the first image
@@ -246,6 +261,8 @@ def protect(
             raise CLIError(f"--target {error}") from error
 
     err = Console(stderr=True)
+    for note in scan.notes:
+        err.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True)
     if file_format is FileFormat.jpeg:
         err.print(
             "[yellow]warning:[/yellow] JPEG is lossy: its compression removes part of the "
@@ -287,7 +304,7 @@ def protect(
         posterior=posterior.value,
         r=sdst_r,
         seed=seed,
-        robust=robust.split(",") if robust else (),
+        robust=transforms,
         cuda_graphs=cuda_graphs,
         deterministic=not nondeterministic,
     )

@@ -34,7 +34,12 @@ def _load_purification_model(
     from ..taesd import ENCODER_FILE, TinyAutoencoderLatents
 
     if (Path(source).expanduser() / ENCODER_FILE).is_file():
-        return TinyAutoencoderLatents.from_dir(Path(source).expanduser())
+        from .errors import CLIError
+
+        try:
+            return TinyAutoencoderLatents.from_dir(Path(source).expanduser())
+        except (OSError, ValueError) as error:  # a missing, corrupt or foreign weights file
+            raise CLIError(f"--model {source}: {error}") from None
     from ..models import load_models
 
     return load_models(
@@ -81,22 +86,27 @@ def purify(
     """
     import torch
     from rich.console import Console
+    from rich.markup import escape
 
     from ..images import ImageFileError, load_image, save_png
     from ..purify import NotApplicableError, parse_purifications
     from ..runner import (
         OutputClaims,
-        collect_inputs,
         existing_outputs_error,
         no_inputs_message,
         output_folder_problem,
+        scan_inputs,
     )
     from .errors import CLIError
+    from .options import check_device_options, check_family_option
 
     try:
         chosen = parse_purifications(methods)
     except ValueError as error:
         raise CLIError(f"--methods: {error}") from error
+    if model is not None:
+        check_device_options(device, dtype)
+        check_family_option(family)
     err = Console(stderr=True)
     needs_model = [p.name for p in chosen if p.needs is not None]
     loaded = None
@@ -107,11 +117,14 @@ def purify(
         err.print(f"[yellow]note:[/yellow] skipping {', '.join(needs_model)} (no --model given).")
         chosen = [p for p in chosen if p.needs is None]
 
-    files, missing = collect_inputs(inputs, exclude=out)
+    scan = scan_inputs(inputs, exclude=out)
+    files, missing = scan.files, scan.missing
     if not files:
         raise CLIError(no_inputs_message(inputs, missing))
     if (problem := output_folder_problem(inputs, out)) is not None:
         raise CLIError(problem)
+    for note in scan.notes:
+        err.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True)
     failures = [result.error for result in missing]
     claims = OutputClaims(file.path for file in files)
     planned = []  # (file, {purification name: destination}), checked before anything loads
@@ -137,32 +150,56 @@ def purify(
             err.print(f"[yellow]note:[/yellow] {', '.join(skipped)} not applicable to {model}.")
         chosen = [p for p in chosen if p.applicable(loaded)]
 
-    written = 0
-    for file, destinations in planned:
-        try:
-            loaded_image = load_image(file.path)
-        except ImageFileError as error:
-            failures.append(str(error))
-            continue
-        image = loaded_image.rgb[None]
-        for purification in chosen:
+    written: list[Path] = []  # complete files only: save_png writes atomically
+    try:
+        for file, destinations in planned:
             try:
-                with torch.no_grad():
-                    result = purification(image, loaded)
-            except NotApplicableError as error:
-                raise CLIError(str(error)) from error
-            save_png(result[0], destinations[purification.name], alpha=loaded_image.alpha)
-            written += 1
+                loaded_image = load_image(file.path)
+            except ImageFileError as error:
+                failures.append(str(error))
+                continue
+            image = loaded_image.rgb[None]
+            for purification in chosen:
+                try:
+                    with torch.no_grad():
+                        result = purification(image, loaded)
+                except NotApplicableError as error:
+                    raise CLIError(str(error)) from error
+                destination = destinations[purification.name]
+                try:
+                    save_png(result[0], destination, alpha=loaded_image.alpha)
+                except OSError as error:  # e.g. a file where the purification's folder goes
+                    why = _why(error, destination)
+                    failures.append(f"{file.path}: could not write {destination} ({why}).")
+                    continue
+                written.append(destination)
+    except KeyboardInterrupt:
+        err.print(
+            f"Interrupted. The {len(written)} image(s) written to {out} are complete (none is "
+            "half-written); run the same command with --overwrite to redo the rest."
+        )
+        raise typer.Exit(code=130) from None
     for failure in failures:
-        err.print(f"[red]failed:[/red] {failure}")
-    images = "image" if written == 1 else "images"
+        err.print(f"[red]failed:[/red] {escape(failure)}", soft_wrap=True)
+    images = "image" if len(written) == 1 else "images"
     kinds = "purification" if len(chosen) == 1 else "purifications"
-    err.print(f"Wrote {written} {images} to {out} ({len(chosen)} {kinds}).")
+    err.print(f"Wrote {len(written)} {images} to {out} ({len(chosen)} {kinds}).")
     if failures:
         raise typer.Exit(code=1)
 
 
 purify.__doc__ = (purify.__doc__ or "") + "\n" + EXAMPLES
+
+
+def _why(error: OSError, destination: Path) -> str:
+    """Why ``destination`` could not be written, as a user reads it: a file where one of its
+    folders should be (``[Errno 17] File exists`` says nothing useful), else the OS's words."""
+    blocked = next(
+        (f for f in reversed(destination.parents) if f.exists() and not f.is_dir()), None
+    )
+    if blocked is not None:
+        return f"{blocked} is a file, where a folder would go"
+    return error.strerror or str(error)
 
 
 # --- glue for ``mimicshield evaluate --purify`` ---------------------------------------------------
@@ -188,12 +225,13 @@ def write_purified_folders(
 
     import torch
 
+    from .. import __version__
     from ..evaluation import CLEAN, pair_folders
     from ..images import load_image, save_png
 
     if not purifications:
         return []
-    clean, methods = pair_folders(clean_dir, protected_dirs)
+    clean, methods = pair_folders(clean_dir, protected_dirs, exclude=[out])
     folders = []
     for source in (clean, *methods):
         for purification in purifications:
@@ -205,13 +243,19 @@ def write_purified_folders(
                     result = purification(load_image(path).rgb[None], model)
                 save_png(result[0], folder / f"{key}.png")
             method = label if source.name != CLEAN else purified_label("clean", purification.name)
-            manifest = {"parameters": {"method": method}, "purification": purification.name}
+            manifest = {
+                "mimicshield_version": __version__,  # marks the folder as a run's output
+                "parameters": {"method": method},
+                "purification": purification.name,
+            }
             (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
             folders.append(folder)
     return folders
 
 
-def surviving_records(clean_dir: Path, protected_dirs, purifications, model, fit) -> list:
+def surviving_records(
+    clean_dir: Path, protected_dirs, purifications, model, fit, exclude=()
+) -> list:
     """Per image and purification, ||E(p(x_adv)) - E(p(x0))|| / ||E(x_adv) - E(x0)||.
 
     As in the purified folders, ``p`` acts on the file at its own size; ``fit`` then maps each
@@ -224,7 +268,7 @@ def surviving_records(clean_dir: Path, protected_dirs, purifications, model, fit
     from ..purify import latent_distance, survival_ratio
     from ..report import SURVIVING_METRIC
 
-    clean, methods = pair_folders(clean_dir, protected_dirs)
+    clean, methods = pair_folders(clean_dir, protected_dirs, exclude=exclude)
     records = []
     for method in methods:
         for key, path in method.files.items():
@@ -259,7 +303,7 @@ def parse_purify_option(spec: str | None) -> list:
 
 
 def add_surviving_distortion(
-    result, clean_dir: Path, protected_dirs, purifications, model, resolution: int
+    result, clean_dir: Path, protected_dirs, purifications, model, resolution: int, exclude=()
 ) -> None:
     """Append the surviving latent distortion to an evaluation: records, plus one note per method.
 
@@ -272,9 +316,8 @@ def add_surviving_distortion(
 
     if not purifications:
         return
-    records = surviving_records(
-        clean_dir, protected_dirs, purifications, model, partial(fit_image, resolution=resolution)
-    )
+    fit = partial(fit_image, resolution=resolution)
+    records = surviving_records(clean_dir, protected_dirs, purifications, model, fit, exclude)
     result.records.extend(records)
     means: dict[str, list[str]] = {}
     for s in summarize(records):

@@ -80,6 +80,8 @@ def ui(
         ) from None
     from ..webapp import ProtectionService, ProtectSettings, UploadLimits, is_loopback, launch
 
+    if port is not None and not 1 <= port <= 65535:
+        raise CLIError(f"--port {port}: a port is a number from 1 to 65535.")
     tab_gb = 1 if max_tab_gb is None else max_tab_gb  # None: derived, always positive
     limits = (max_images, max_file_mb, max_megapixels, max_total_gb, tab_gb)
     if min(limits) <= 0:
@@ -87,6 +89,7 @@ def ui(
             "--max-images, --max-file-mb, --max-megapixels, --max-tab-gb and --max-total-gb "
             "must be positive."
         )
+    allow_pillow_pixels(int(max_megapixels * 1e6))
     resolve_device(device)  # fail now, not at the first job
     check_model_source(model)
     exposed = share or not is_loopback(host)
@@ -127,3 +130,16 @@ def ui(
 
 # cleandoc first: appended unindented lines would stop the help text from being dedented
 ui.__doc__ = inspect.cleandoc(ui.__doc__ or "") + "\n" + EXAMPLES
+
+
+def allow_pillow_pixels(max_pixels: int) -> None:
+    """Let Pillow open images up to the app's own limit, which then does the refusing.
+
+    Pillow refuses images over twice ``Image.MAX_IMAGE_PIXELS`` (179 MP by default) as
+    decompression bombs, so a ``--max-megapixels 300`` app said "more than 300 MP" of a 225 MP
+    image. The limit is only ever raised.
+    """
+    from PIL import Image
+
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > 2 * Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels // 2

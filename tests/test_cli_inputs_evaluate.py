@@ -1,0 +1,105 @@
+"""``evaluate`` given folders that do not pair up: refused first, or counted and reported."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from image_cases import noise
+from PIL import Image
+from typer.testing import CliRunner
+
+from mimicshield.cli.errors import CLIError
+from mimicshield.cli.main import app
+from mimicshield.evaluation import pair_folders
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _images(folder, names, seed=0):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        Image.fromarray(noise(32, 32, seed=seed + i)).save(folder / f"{name}.png")
+    return folder
+
+
+@pytest.fixture
+def model_never_loads(monkeypatch):
+    monkeypatch.setattr(
+        "mimicshield.models.load_models", lambda *a, **k: pytest.fail("the model loaded")
+    )
+
+
+def evaluate(*args: str):
+    return CliRunner().invoke(app, ["evaluate", *args], env={"COLUMNS": "200"})
+
+
+# --- 9. the clean folder as a protected one, a folder given twice ---------------------------
+
+
+def test_the_clean_folder_given_as_protected_is_refused(model_never_loads, tmp_path):
+    clean = _images(tmp_path / "clean", ["a", "b"])
+    for given in (str(clean), f"{clean}/", f"{clean}/../clean"):
+        result = evaluate(str(clean), given, "-o", str(tmp_path / "ev"))
+        assert isinstance(result.exception, CLIError)
+        assert "is the clean folder itself" in str(result.exception)
+
+
+def test_a_protected_folder_given_twice_is_refused(model_never_loads, tmp_path):
+    clean = _images(tmp_path / "clean", ["a"])
+    protected = _images(tmp_path / "prot", ["a"], seed=5)
+    result = evaluate(str(clean), str(protected), f"{protected}/", "-o", str(tmp_path / "ev"))
+    assert isinstance(result.exception, CLIError) and "given twice" in str(result.exception)
+
+
+def test_a_protected_folder_matching_nothing_is_refused_before_loading(model_never_loads, tmp_path):
+    clean = _images(tmp_path / "clean", ["a"])
+    other = _images(tmp_path / "other", ["z"])
+    result = evaluate(str(clean), str(other), "-o", str(tmp_path / "ev"))
+    assert isinstance(result.exception, CLIError)
+    assert "none of its images match" in str(result.exception)
+
+
+# --- 3. nothing under -o or the protected folders counts as clean -----------------------------
+
+
+def test_pairing_leaves_out_the_output_and_protected_folders_inside_the_clean_one(tmp_path):
+    clean = _images(tmp_path / "photos", ["a", "b"])
+    protected = _images(clean / "protected", ["a", "b"], seed=3)  # no manifest: still left out
+    _images(clean / "eval" / "purified" / "clean+blur", ["a", "b"], seed=6)
+    found, (method,) = pair_folders(clean, [protected], exclude=[clean / "eval"])
+    assert sorted(found.files) == ["a", "b"]
+    assert sorted(method.files) == ["a", "b"] and not method.missing
+
+
+# --- 10 and 3: a run with a missing copy, an extra file, and -o inside the clean folder -------
+
+
+def test_missing_copies_exit_1_extra_files_are_warned_and_o_inside_clean_is_not_read(
+    tiny_model_dir, tmp_path
+):
+    from safetensors.torch import save_file
+
+    from mimicshield.metrics import LPIPS
+
+    lpips = tmp_path / "lpips.safetensors"
+    save_file({k: v.contiguous() for k, v in LPIPS().state_dict().items()}, str(lpips))
+    clean = _images(tmp_path / "clean", ["img1", "img2", "img3"])
+    protected = _images(tmp_path / "prot", ["img1", "img2", "extra"], seed=10)
+    out = clean / "eval"  # inside the clean folder, with purified copies written into it
+    args = [str(clean), str(protected), "-o", str(out), "--model", str(tiny_model_dir)]
+    args += ["--device", "cpu", "--dtype", "fp32", "--lpips-weights", str(lpips)]
+    args += ["--resolution", "32", "--thumbnail-size", "32", "-s", "sdedit-onestep"]
+    args += ["--strengths", "0.1", "--purify", "blur"]
+    result = evaluate(*args)
+    assert result.exit_code == 1, result.output
+    document = json.loads((out / "metrics.json").read_text())
+    sources = {source["name"]: source for source in document["sources"]}
+    assert sources["clean"]["images"] == 3  # not the purified copies under -o
+    assert sources["clean+blur"]["images"] == 3
+    assert any("img3" in entry for entry in document["left_out"])
+    assert len(document["left_out"]) == 1  # the purified copy's gap is not counted twice
+    assert any(
+        "no clean image of the same name" in w and "extra" in w for w in document["warnings"]
+    )
+    assert "1 image(s) left out" in result.output

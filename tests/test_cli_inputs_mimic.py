@@ -1,0 +1,85 @@
+"""``mimic`` on awkward inputs: its own outputs, masks missing for some images, Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from image_cases import noise
+from PIL import Image
+from typer.testing import CliRunner
+
+from mimicshield.cli.main import app
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture
+def photos(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in (1, 2):
+        Image.fromarray(noise(32, 32, seed=i)).save(folder / f"img{i}.png")
+    return folder
+
+
+def mimic(model, *args: str):
+    options = ["--model", str(model), "--device", "cpu", "--dtype", "fp32", "--resolution", "32"]
+    options += ["--strengths", "0.1", "--sample-steps", "1"]
+    return CliRunner().invoke(app, ["mimic", *args, *options], env={"COLUMNS": "200"})
+
+
+def test_outputs_inside_the_input_folder_are_not_read_back(tiny_model_dir, photos):
+    """The auditor's mi/: mimic mi -o mi/m2, then mimic mi -o mi/m3 (and again into m2)."""
+    first = mimic(tiny_model_dir, str(photos), "-o", str(photos / "m2"), "-s", "sdedit-onestep")
+    assert first.exit_code == 0, first.output
+    for out, extra in ((photos / "m3", []), (photos / "m2", ["--overwrite"])):
+        again = mimic(tiny_model_dir, str(photos), "-o", str(out), "-s", "sdedit-onestep", *extra)
+        assert again.exit_code == 0, again.output
+        record = json.loads((out / "mimic.json").read_text())
+        assert sorted(record["inputs"]) == [str(photos / "img1.png"), str(photos / "img2.png")]
+        assert sorted(p.name for p in (out / "sdedit-onestep@0.1").iterdir()) == [
+            "img1.png",
+            "img2.png",
+        ]
+
+
+def test_a_missing_mask_skips_inpaint_for_that_image_and_the_batch_goes_on(
+    tiny_model_dir, photos, tmp_path
+):
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    Image.new("L", (32, 32), 255).save(masks / "img1.png")
+    out = tmp_path / "out"
+    result = mimic(
+        tiny_model_dir, str(photos), "-o", str(out), "-s", "sdedit-onestep,inpaint",
+        "--mask", str(masks),
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert (out / "inpaint" / "img1.png").is_file() and not (out / "inpaint" / "img2.png").exists()
+    assert (out / "sdedit-onestep@0.1" / "img2.png").is_file()  # the other scenarios ran for it
+    record = json.loads((out / "mimic.json").read_text())
+    (failure,) = record["failed"]
+    assert "img2.png: no mask for it" in failure and "inpaint skipped" in failure
+
+
+def test_mimic_interrupted_says_so_and_leaves_only_whole_files(
+    tiny_model_dir, photos, tmp_path, monkeypatch
+):
+    from mimicshield import images
+
+    real, calls = images.save_png, []
+
+    def save_then_stop(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(images, "save_png", save_then_stop)
+    out = tmp_path / "out"
+    result = mimic(tiny_model_dir, str(photos), "-o", str(out), "-s", "sdedit-onestep")
+    assert result.exit_code == 130
+    assert "Interrupted" in result.output and "1 file(s)" in result.output
+    assert [p.name for p in (out / "sdedit-onestep@0.1").iterdir()] == ["img1.png"]
+    assert not (out / "mimic.json").exists()
