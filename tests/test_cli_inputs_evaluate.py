@@ -103,3 +103,18 @@ def test_missing_copies_exit_1_extra_files_are_warned_and_o_inside_clean_is_not_
         "no clean image of the same name" in w and "extra" in w for w in document["warnings"]
     )
     assert "1 image(s) left out" in result.output
+
+
+@pytest.mark.parametrize("inside", ["purified", "mimicry/sds"])
+def test_an_input_inside_the_folders_evaluate_writes_is_refused(tmp_path, inside):
+    """`evaluate clean ev/purified -o ev --overwrite` would have deleted the protected folder
+    it was given, once the model had loaded."""
+    clean, protected = tmp_path / "clean", tmp_path / "ev" / inside
+    for folder in (clean, protected):
+        folder.mkdir(parents=True)
+        Image.new("RGB", (16, 16), (10, 20, 30)).save(folder / "a.png")
+    args = ["evaluate", str(clean), str(protected), "-o", str(tmp_path / "ev"), "--overwrite"]
+    result = CliRunner().invoke(app, [*args, "--model", str(tmp_path / "no-such-model")])
+    assert result.exit_code == 1
+    assert "which evaluate writes" in f"{result.output} {result.exception}"
+    assert (protected / "a.png").is_file()

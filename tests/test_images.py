@@ -460,7 +460,7 @@ def test_atomic_write_leaves_nothing_behind_when_interrupted(tmp_path):
     stale.write_bytes(b"half")
     users_own = tmp_path / "out" / ".download.part"  # not ours to delete
     users_own.write_bytes(b"mine")
-    assert remove_partial_files(tmp_path / "out") == [stale] and destination.exists()
+    assert remove_partial_files([destination]) == [stale] and destination.exists()
     assert users_own.exists()
 
 

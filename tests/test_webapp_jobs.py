@@ -156,6 +156,17 @@ def test_cancel_of_a_job_waiting_in_the_queue_answers_at_once(service):
         service._leave("tab-1", cancel)
 
 
+def test_a_run_that_never_started_a_job_leaves_no_waiting_job_behind(service):
+    """Protect with no images ends before any job starts; a later Cancel must not answer that
+    a job is waiting ("your job will not run")."""
+    handlers = _handlers(build_app(service))
+    protect, on_cancel = handlers["run_protect"], handlers["on_cancel"]
+    service.arm("tab-3")
+    updates = list(protect.fn(_page_data(protect), FakeRequest("tab-3")))
+    assert "Add one or more images" in str(updates[-1])
+    assert on_cancel.fn(FakeRequest("tab-3")) == {"__type__": "update"}
+
+
 # --- the page's messages -------------------------------------------------------------------
 
 

@@ -27,6 +27,7 @@ asks for a privacy clean-up; see :func:`save_image` for what each output format 
 from __future__ import annotations
 
 import contextlib
+import glob
 import io
 import json
 import math
@@ -34,7 +35,7 @@ import os
 import re
 import secrets
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -662,13 +663,21 @@ def write_atomically(destination: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
-def remove_partial_files(folder: Path) -> list[Path]:
-    """Delete temporary files a killed run left behind (``.NAME.XXXXXXXX.part``, our pattern
-    only: a user's own ``.part`` files are not ours to delete)."""
+def remove_partial_files(destinations: Iterable[Path]) -> list[Path]:
+    """Delete the temporary files a killed run left beside these outputs.
+
+    Only the names :func:`write_atomically` makes for these very outputs
+    (``.NAME.XXXXXXXX.part``): another ``.part`` file in the output folder, a download of the
+    user's say, is not ours to delete.
+    """
     removed = []
-    if folder.is_dir():
-        for path in folder.rglob(f".*{PARTIAL_SUFFIX}"):
-            if PARTIAL_NAME.fullmatch(path.name) and path.is_file():
+    for destination in destinations:
+        if not destination.parent.is_dir():
+            continue
+        prefix = f".{destination.name}."
+        for path in destination.parent.glob(f"{glob.escape(prefix)}*{PARTIAL_SUFFIX}"):
+            ours = PARTIAL_NAME.fullmatch(path.name) and len(path.name) == len(prefix) + 13
+            if ours and path.is_file() and not path.is_symlink():
                 path.unlink(missing_ok=True)
                 removed.append(path)
     return removed

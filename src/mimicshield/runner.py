@@ -18,7 +18,6 @@ import itertools
 import json
 import math
 import os
-import re
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -37,7 +36,6 @@ from .defaults import DEFAULT_TILE_SIZE, DEFAULT_WORK_SIZE
 from .ensemble import members
 from .images import (
     IMAGE_SUFFIXES,
-    PARTIAL_SUFFIX,
     ImageFileError,
     ImageHeader,
     LoadedImage,
@@ -45,6 +43,7 @@ from .images import (
     load_image,
     plan_output,
     probe_image,
+    remove_partial_files,
     save_image,
     to_array,
     write_atomically,
@@ -668,35 +667,13 @@ def protect_files(
         groups.setdefault(key, []).append(job)
 
     destinations = [job.destination for jobs in groups.values() for job in jobs]
-    remove_partial_outputs([out_dir / MANIFEST_NAME, *destinations])
+    remove_partial_files([out_dir / MANIFEST_NAME, *destinations])
     for shape, jobs in groups.items():
         size = batch_size(*shape) if callable(batch_size) else batch_size
         for start in range(0, len(jobs), size):
             batch = jobs[start : start + size]
             _protect_batch(batch, protector, options, settings, record, on_image_start, on_step)
     return report
-
-
-def remove_partial_outputs(destinations: Iterable[Path]) -> list[Path]:
-    """Delete the temporary files a killed run left beside these outputs.
-
-    Only the names :func:`~mimicshield.images.write_atomically` makes for these very outputs
-    (``.NAME.XXXXXXXX.part``): another ``.part`` file in the output folder, a download of the
-    user's say, is not ours to delete.
-    """
-    removed = []
-    for destination in destinations:
-        pattern = re.compile(
-            rf"\.{re.escape(destination.name)}\.[0-9a-f]{{8}}{re.escape(PARTIAL_SUFFIX)}"
-        )
-        if not destination.parent.is_dir():
-            continue
-        candidates = destination.parent.glob(f".{glob.escape(destination.name)}.*{PARTIAL_SUFFIX}")
-        for path in candidates:
-            if pattern.fullmatch(path.name) and path.is_file() and not path.is_symlink():
-                path.unlink(missing_ok=True)
-                removed.append(path)
-    return removed
 
 
 def _is_complete(

@@ -807,6 +807,14 @@ class ProtectionService:
             event.set()
         return waiting
 
+    def disarm(self, session: str) -> None:
+        """A run that ended before its job started gives back its unused flag, so that a later
+        Cancel does not answer that a job is waiting. Not while a job of the tab runs: a flag
+        armed then belongs to the tab's next click."""
+        armed = self._armed.get(session)
+        if armed is not None and not armed.is_set() and not self._is_running(session):
+            self._armed.pop(session, None)
+
     def cancel_requested(self, session: str) -> bool:
         events = [*self._running.get(session, ()), self._armed.get(session)]  # copied at once
         return any(event is not None and event.is_set() for event in events)
@@ -1744,9 +1752,14 @@ def build_app(service: ProtectionService):
             return message_html("Starting…", "info", "ms-starting")
 
         def run_protect(data: dict, request: gr.Request):
+            try:
+                yield from protect_updates(data, request.session_hash)
+            finally:  # ended before its job started (nothing to protect, bad settings)?
+                service.disarm(request.session_hash)
+
+        def protect_updates(data: dict, session: str):
             """Nothing on the page is cleared until the new job has results: the earlier ones
             stay on show (and on disk) through a job that is cancelled or fails."""
-            session = request.session_hash
             if service.cancel_requested(session):
                 yield {progress_html: message_html("Cancelled.", "warning")}
                 return
@@ -1865,7 +1878,12 @@ def build_app(service: ProtectionService):
         # -- the check, queued with the protection jobs
 
         def run_check(job: Job | None, name: str | None, request: gr.Request):
-            session = request.session_hash
+            try:
+                yield from check_updates(job, name, request.session_hash)
+            finally:
+                service.disarm(request.session_hash)
+
+        def check_updates(job: Job | None, name: str | None, session: str):
             if job is None or job.image(name) is None:
                 yield message_html("Protect an image first, then check it.", "error"), None, None
                 return

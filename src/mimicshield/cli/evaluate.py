@@ -160,6 +160,8 @@ def evaluate(
     # before the model loads, not after the first scenario
     if (problem := output_folder_problem([clean_dir, *protected_dirs], out)) is not None:
         raise CLIError(problem)
+    if (problem := own_folder_problem([clean_dir, *protected_dirs], out)) is not None:
+        raise CLIError(problem)
     earlier = [out / name for name in ("report.html", "metrics.json", "metrics.csv", *OWN_FOLDERS)]
     if not overwrite and any(path.exists() for path in earlier):
         raise CLIError(
@@ -282,6 +284,21 @@ def _checked_lpips_weights(given: Path | None) -> Path:
     except (OSError, ValueError) as error:
         raise CLIError(f"{where} {error}") from None
     return path
+
+
+def own_folder_problem(inputs: list[Path], out: Path) -> str | None:
+    """An input folder at or inside ``-o``'s ``mimicry/`` or ``purified/``: evaluate writes
+    there, and ``--overwrite`` deletes them, so it would write into (or delete) an input."""
+    for name in OWN_FOLDERS:
+        own = (out / name).resolve()
+        for folder in inputs:
+            resolved = folder.resolve()
+            if resolved == own or own in resolved.parents:
+                return (
+                    f"{folder} is inside {out / name}, which evaluate writes (and --overwrite "
+                    "deletes); move it, or choose another -o."
+                )
+    return None
 
 
 def remove_own_folders(out: Path) -> None:
