@@ -98,6 +98,31 @@ def test_the_same_image_uploaded_twice_is_kept_once(service):
     assert first.exists() and other.exists() and not again.exists()
 
 
+def test_an_unchanged_upload_is_read_once_however_often_the_list_comes(service, monkeypatch):
+    """Every upload event sends the whole list; fifty large photos were decoded and hashed
+    again for each added file (and once more when the job started)."""
+    import os
+
+    import mimicshield.webapp as webapp
+
+    read: list[Path] = []
+    check = webapp._check_upload
+    monkeypatch.setattr(
+        webapp, "_check_upload", lambda path, *args: read.append(path) or check(path, *args)
+    )
+    first, second = _uploaded(service, "a.png", seed=3), _uploaded(service, "b.png", seed=4)
+    service.accept_uploads("tab", [first])
+    accepted, _ = service.accept_uploads("tab", [first, second])
+    assert [u.name for u in service.validate([first, second])[0]] == ["a.png", "b.png"]
+    assert [u.name for u in accepted] == ["a.png", "b.png"]
+    assert sorted(read) == sorted([first, second])  # each once
+    # a file that changed is read again
+    _image(second, seed=5)
+    os.utime(second, ns=(0, 10**18))
+    service.accept_uploads("tab", [first, second])
+    assert read.count(second) == 2 and read.count(first) == 1
+
+
 def test_refused_and_left_over_uploads_leave_the_disk_at_once(tmp_path):
     limits = UploadLimits(max_images=3)
     service = _service(tmp_path / "small", max_images=3)

@@ -209,9 +209,15 @@ def validate_uploads(
     *,
     room: UploadRoom | None = None,
     verify: bool = False,
+    checked: dict | None = None,
 ) -> tuple[list[Upload], list[str]]:
     """The uploads to protect, and one message per file refused, repeated or left over the
-    count limit (or, given ``room``, the byte limits). ``verify`` decodes every file."""
+    count limit (or, given ``room``, the byte limits). ``verify`` decodes every file.
+
+    ``checked`` remembers each file's result (by path, size and modification time): every
+    upload event sends the whole list, and decoding and hashing fifty large photos again for
+    each added file took minutes.
+    """
     accepted: list[Upload] = []
     problems: list[str] = []
     paths = [Path(p) for p in paths]
@@ -219,7 +225,7 @@ def validate_uploads(
     total = 0
     for path in paths[: limits.max_images]:
         try:
-            upload = _check_upload(path, path.name, limits, verify)
+            upload = _remembered_check(path, limits, verify, checked)
         except ImageFileError as error:
             problems.append(str(error))
             continue
@@ -241,6 +247,28 @@ def validate_uploads(
             f"so the last {len(paths) - limits.max_images} were left out."
         )
     return accepted, problems
+
+
+def _remembered_check(path: Path, limits: UploadLimits, verify: bool, checked: dict | None):
+    """:func:`_check_upload`, or its earlier result for the same unchanged file (a decoded
+    file also answers a check that does not decode)."""
+    if checked is None:
+        return _check_upload(path, path.name, limits, verify)
+    try:
+        stat = path.stat()
+    except OSError:
+        return _check_upload(path, path.name, limits, verify)  # which says what is wrong
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    result, decoded = checked.get(key, (None, False))
+    if result is None or (verify and not decoded):
+        try:
+            result = _check_upload(path, path.name, limits, verify)
+        except ImageFileError as error:
+            result = error
+        checked[key] = (result, verify)
+    if isinstance(result, ImageFileError):
+        raise result
+    return result
 
 
 def protected_name(name: str) -> str:
@@ -673,6 +701,7 @@ class ProtectionService:
         # Cancellation belongs to each job: a tab's next job takes the flag armed for it, so
         # a Cancel pressed just before another Protect still stops the job that was running.
         self._armed: dict[str, threading.Event] = {}  # the flag a tab's next job takes
+        self._checked: dict = {}  # upload check results, see validate_uploads
         self._running: dict[str, set[threading.Event]] = {}  # flags of a tab's started jobs
         self._uploads: dict[str, set[Path]] = {}  # Gradio's cached copies of a tab's uploads
         # tabs' upload events run at once: one at a time here, so the byte limits hold and
@@ -903,9 +932,13 @@ class ProtectionService:
         dropped, the byte limits applied; what is not kept is deleted from disk now."""
         paths = [Path(p) for p in paths]
         self.remember_uploads(session, [*paths, target])
+        # the new files are decoded here, outside the lock every tab's uploads take
+        validate_uploads(paths, self.limits, verify=True, checked=self._checked)
         with self._upload_lock:
             room = self._room(session, paths)
-            accepted, problems = validate_uploads(paths, self.limits, room=room, verify=True)
+            accepted, problems = validate_uploads(
+                paths, self.limits, room=room, verify=True, checked=self._checked
+            )
             self.release_uploads(session, [*(u.path for u in accepted), target])
         return accepted, problems
 
@@ -952,8 +985,9 @@ class ProtectionService:
     # -- validation
 
     def validate(self, paths: Iterable[str | Path]) -> tuple[list[Upload], list[str]]:
-        """The check when a job starts: headers and repeats (the pixels were checked on upload)."""
-        return validate_uploads(paths, self.limits)
+        """The check when a job starts: headers and repeats (the pixels were checked on upload,
+        and unchanged files are not read again)."""
+        return validate_uploads(paths, self.limits, checked=self._checked)
 
     def validate_target(self, path: str | Path | None, verify: bool = False) -> str | None:
         if not path:
