@@ -438,6 +438,18 @@ def _fast_options(page, steps: int) -> None:
     page.locator("#ms-work-size textarea, #ms-work-size input").first.fill("32")
 
 
+# Waits, not timing assertions: on a loaded 2-core machine (the suite beside other jobs) a step
+# of the page took over 30 s, Playwright's default.
+PAGE_WAIT_MS = 120_000
+
+
+def _page(browser, **options):
+    """A page of its own browser context, with waits that tolerate a loaded machine."""
+    page = browser.new_context(viewport={"width": 1400, "height": 1400}, **options).new_page()
+    page.set_default_timeout(PAGE_WAIT_MS)
+    return page
+
+
 @requires_assets
 def test_the_app_in_headless_chromium(running_app, tmp_path):
     """Bad uploads, a bad option, three tabs sharing the queue, Cancel (running and queued),
@@ -460,7 +472,7 @@ def test_the_app_in_headless_chromium(running_app, tmp_path):
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            first = browser.new_context(viewport={"width": 1400, "height": 1400}).new_page()
+            first = _page(browser)
             first.goto(url, wait_until="load")
             first.wait_for_selector("#ms-protect")
             assert "device: cpu" in first.inner_text("#ms-device")
@@ -489,9 +501,7 @@ def test_the_app_in_headless_chromium(running_app, tmp_path):
             first.get_by_text(re.compile(r"step \d+/\d+ · ETA")).wait_for(timeout=60_000)
             assert "All images: 0/1 done · ETA" in first.inner_text("#ms-progress")
 
-            page = browser.new_context(
-                viewport={"width": 1400, "height": 1400}, accept_downloads=True
-            ).new_page()
+            page = _page(browser, accept_downloads=True)
             page.goto(url, wait_until="load")
             page.wait_for_selector("#ms-protect")
             _upload(page, artwork)
@@ -502,7 +512,7 @@ def test_the_app_in_headless_chromium(running_app, tmp_path):
             page.wait_for_selector("#ms-queued")
 
             # Tab 3 queues too, and cancels while it waits: told at once, not when tab 1 ends.
-            third = browser.new_context(viewport={"width": 1400, "height": 1400}).new_page()
+            third = _page(browser)
             third.goto(url, wait_until="load")
             third.wait_for_selector("#ms-protect")
             _upload(third, artwork)
