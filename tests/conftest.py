@@ -93,3 +93,34 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def interrupt_second_save(monkeypatch) -> list[Path]:
+    """``images.save_png`` raises KeyboardInterrupt (Ctrl-C) at its second call, as if the user
+    pressed it mid-batch; returns the destinations it was called with."""
+    from mimicshield import images
+
+    real, calls = images.save_png, []
+
+    def save_then_stop(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(images, "save_png", save_then_stop)
+    return calls
+
+
+@pytest.fixture
+def web_service(tmp_path, tiny_model_dir):
+    """A web-app ProtectionService on the tiny model with web_cases.FAST, closed after."""
+    from web_cases import FAST
+
+    from mimicshield.webapp import ProtectionService, ProtectSettings
+
+    settings = ProtectSettings(model=str(tiny_model_dir), **FAST)
+    service = ProtectionService(settings, work_root=tmp_path / "work")
+    yield service
+    service.close()

@@ -64,19 +64,8 @@ def test_a_missing_mask_skips_inpaint_for_that_image_and_the_batch_goes_on(
 
 
 def test_mimic_interrupted_says_so_and_leaves_only_whole_files(
-    tiny_model_dir, photos, tmp_path, monkeypatch
+    tiny_model_dir, photos, tmp_path, interrupt_second_save
 ):
-    from mimicshield import images
-
-    real, calls = images.save_png, []
-
-    def save_then_stop(*args, **kwargs):
-        calls.append(args[1])
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(images, "save_png", save_then_stop)
     out = tmp_path / "out"
     result = mimic(tiny_model_dir, str(photos), "-o", str(out), "-s", "sdedit-onestep")
     assert result.exit_code == 130

@@ -27,6 +27,7 @@ from conftest import CHROMIUM, CHROMIUM_ARGS, IMAGES, REPO_ROOT, WEIGHTS, requir
 from image_cases import noise
 from PIL import Image
 from typer.testing import CliRunner
+from web_cases import FAST
 
 pytest.importorskip("gradio", reason="the web app needs gradio (pip install -e '.[ui]')")
 
@@ -50,7 +51,6 @@ from mimicshield.webapp import (  # noqa: E402
 
 LPIPS_FILE = WEIGHTS / "lpips_alexnet.safetensors"
 # fast settings: one step at a 32-pixel work size (the tiny model's native size)
-FAST = {"device": "cpu", "dtype": "fp32", "steps": 1, "work_size": "32"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -24,22 +24,16 @@ from mimicshield.images import load_image  # noqa: E402
 from mimicshield.webapp import (  # noqa: E402
     JobCancelled,
     JobProgress,
-    ProtectionService,
-    ProtectSettings,
     amplify,
     render_progress,
 )
 
-FAST = {"device": "cpu", "dtype": "fp32", "steps": 1, "work_size": "32"}
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
-def service(tmp_path, tiny_model_dir):
-    settings = ProtectSettings(model=str(tiny_model_dir), **FAST)
-    service = ProtectionService(settings, work_root=tmp_path / "work")
-    yield service
-    service.close()
+def service(web_service):
+    return web_service
 
 
 def _pair(height: int, width: int, count: int = 2) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from image_cases import noise
 from PIL import Image
+from web_cases import FAST
 
 pytest.importorskip("gradio", reason="the web app needs gradio (pip install -e '.[ui]')")
 
@@ -29,7 +30,6 @@ from mimicshield.webapp import (  # noqa: E402
     robust_choices,
 )
 
-FAST = {"device": "cpu", "dtype": "fp32", "steps": 1, "work_size": "32"}
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -39,11 +39,8 @@ class FakeRequest:
 
 
 @pytest.fixture
-def service(tmp_path, tiny_model_dir):
-    settings = ProtectSettings(model=str(tiny_model_dir), **FAST)
-    service = ProtectionService(settings, work_root=tmp_path / "work")
-    yield service
-    service.close()
+def service(web_service):
+    return web_service
 
 
 def _png(path: Path, seed: int = 0) -> Path:
