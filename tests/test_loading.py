@@ -152,11 +152,15 @@ def test_single_file_offline_with_config_matches_folder(
 
 
 def test_single_file_without_config_offline_is_one_clear_line(single_files, tmp_path, monkeypatch):
+    """The built-in SD 1.x configs need a CLIP tokenizer, and none is here: the line names the
+    files and both ways to provide them (tests/test_offline_configs.py loads with one)."""
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr("mimicshield.configs.BPE_PACKAGES", ())  # whether open_clip is installed
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # local_files_only=None follows the environment
     with pytest.raises(ModelLoadError) as error:
         load_models(str(single_files[".safetensors"]), device="cpu", dtype="fp32")
-    assert_one_line(error, "--model-config", "offline")
+    assert_one_line(error, "--model-config FOLDER", "offline", "vocab.json and merges.txt")
+    assert_one_line(error, "FOLDER/tokenizer/", "run once online")
     with pytest.raises(ModelLoadError) as error:  # a hub id as config, not cached: same answer
         load_models(str(single_files[".ckpt"]), single_file_config="org/sd-config", **CPU)
     assert_one_line(error, "--model-config", "org/sd-config")

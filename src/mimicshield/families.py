@@ -30,7 +30,9 @@ class Family:
         title: how messages name it.
         pipeline: the diffusers pipeline class whose ``from_single_file`` converts its files.
         config_repo: the hub configs of its reference model, for a single file without
-            ``--model-config`` (architecture, VAE scale, tokenizers, scheduler).
+            ``--model-config`` (architecture, VAE scale, tokenizers, scheduler). The same
+            configs are built in (:mod:`mimicshield.configs`, under ``name``), for when the
+            hub cannot give them.
         inpaint_config_repo: the same for a 9-channel inpainting file, the repo diffusers
             itself picks for one.
         prediction_type: forced by ``--family``; None lets the scheduler config decide.

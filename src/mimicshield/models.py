@@ -14,7 +14,7 @@ import os
 import re
 import warnings
 from collections.abc import Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,6 +29,7 @@ from .performance import stop_saving_frozen_conv_inputs
 from .reproducibility import configure_cublas_workspace
 
 if TYPE_CHECKING:
+    from .configs import Vocabulary
     from .families import Family
 
 SUPPORTED_PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -632,9 +633,11 @@ def load_models(
             MPS, fp32 elsewhere: unlike diffusers, not always fp32 on the CPU.
         with_decoder: keep the VAE decoder (for mimicry simulations); dropped otherwise.
         single_file_config: for a single file, a diffusers folder (or hub id) whose configs and
-            tokenizer describe the checkpoint's architecture, VAE scale and scheduler. Without it
-            the configs of the family's reference model are used (offline: only from the local
-            hub cache).
+            tokenizer describe the checkpoint's architecture, VAE scale and scheduler, or a
+            folder holding only a CLIP ``tokenizer/``. Without it the configs of the family's
+            reference model are used (offline: only from the local hub cache), and where those
+            cannot be had, the ones built into mimicshield, with a CLIP tokenizer from the hub
+            cache or an installed ``open_clip``.
         local_files_only: never touch the network; defaults to ``HF_HUB_OFFLINE``.
         family: ``sd1``, ``sd2-base``, ``sd2-v`` or ``sdxl`` (see :mod:`mimicshield.families`);
             None detects it from the files. ``sd2-base``/``sd2-v`` also set the prediction type.
@@ -949,7 +952,10 @@ def _load_single_file(
     ``force_upcast``, the tokenizers and the scheduler (so ``prediction_type``) come from
     ``config``, a diffusers folder or hub id; without one, from the hub configs of the family's
     reference model (offline: only from the local hub cache), its inpainting model's for a
-    9-channel UNet. The family comes from ``family``, else from ``config``, else from the
+    9-channel UNet. Where those cannot be had (offline with an empty cache, or the hub failing),
+    from the configs built into mimicshield (:mod:`mimicshield.configs`), completed with a CLIP
+    tokenizer found on this machine, or given as a ``config`` folder holding only ``tokenizer/``.
+    The family comes from ``family``, else from ``config``, else from the
     file's key names; the prediction type from what the file declares (marker keys, metadata).
     An LDM ``.ckpt`` with EMA weights loads those. Returns what
     :func:`_load_diffusers_folder` returns (no missing weights: diffusers leaves them on meta).
@@ -972,43 +978,49 @@ def _load_single_file(
     if is_inpainting:
         detected = inpainting_family(detected)
     declared = checkpoint_schedule(summary.keys, path.name, summary.metadata)
-    config_dir = config_family = None
+    config_dir = config_family = tokenizer_folder = None
     if config is not None:
         guess = overridden or get_family(detected)  # only names the family in error messages
-        config_dir = _single_file_config(path, config, local_files_only, guess)
-        config_family = _config_family(Path(config_dir))
+        tokenizer_folder = _tokenizer_only_folder(config)
+        if tokenizer_folder is None:
+            config_dir = _single_file_config(path, config, local_files_only, guess)
+            config_family = _config_family(Path(config_dir))
     chosen = overridden or get_family(config_family or detected)
     if overridden is None and chosen.prediction_type and "prediction_type" in declared:
         chosen = get_family(sd2_family(str(declared["prediction_type"])))  # the file says
     elif overridden is not None and overridden.prediction_type:  # the user said
         declared.pop("prediction_type", None)
     check_architecture(chosen, detected, path.name)
-    if config_dir is None:
-        if overridden is None and detected == "sd2-v" and not declared:
-            warnings.warn(
-                f"{path.name}: an SD 2.x file does not say whether it is 768-v or 512-base; "
-                "assuming 768-v (v-prediction) as diffusers does. For a 512-base fine-tune pass "
-                "--family sd2-base.",
-                stacklevel=3,
-            )
-        config_dir = _single_file_config(path, None, local_files_only, chosen, is_inpainting)
-    try:
-        pipe = getattr(diffusers, chosen.pipeline).from_single_file(
-            str(path),
-            config=config_dir,
-            local_files_only=local_files_only,
-            **_single_file_options(chosen, path, summary),
+    if config_dir is None and overridden is None and detected == "sd2-v" and not declared:
+        warnings.warn(
+            f"{path.name}: an SD 2.x file does not say whether it is 768-v or 512-base; "
+            "assuming 768-v (v-prediction) as diffusers does. For a 512-base fine-tune pass "
+            "--family sd2-base.",
+            stacklevel=3,
         )
-    except _single_file_errors() as error:
-        repo = None if config is not None else chosen.reference_repo(is_inpainting)
-        raise _single_file_load_error(path, error, repo, chosen) from error
+    if config_dir is not None:
+        folder, origin = nullcontext(config_dir), None
+    else:
+        folder, origin = _family_configs(
+            path, chosen, is_inpainting, tokenizer_folder, local_files_only
+        )
+    with folder as config_folder:
+        try:
+            pipe = getattr(diffusers, chosen.pipeline).from_single_file(
+                str(path),
+                config=config_folder,
+                local_files_only=local_files_only,
+                **_single_file_options(chosen, path, summary),
+            )
+        except _single_file_errors() as error:
+            raise _single_file_load_error(path, error, origin) from error
     parts = {
         "vae": pipe.vae,
         "unet": pipe.unet,
         "text_encoder": pipe.text_encoder,
         "tokenizer": pipe.tokenizer,
         "scheduler": _declared_scheduler(
-            pipe.scheduler.config, declared, path.name, warn=config is not None
+            pipe.scheduler.config, declared, path.name, warn=origin is None
         ),
     }
     if chosen.is_xl:
@@ -1059,12 +1071,11 @@ def _single_file_options(chosen: Family, path: Path, summary: CheckpointSummary)
     return options
 
 
-def _single_file_load_error(
-    path: Path, error: Exception, repo: str | None, chosen: Family
-) -> ModelLoadError:
+def _single_file_load_error(path: Path, error: Exception, origin: str | None) -> ModelLoadError:
     """One line for a single file that diffusers could not convert, and what to try.
 
-    ``repo`` is the hub repo the configs came from, None when ``--model-config`` gave them.
+    ``origin`` says where the configs came from (a hub repo, or the built-in ones), None when
+    ``--model-config`` gave them.
     """
     if "meta tensor" in str(error):  # diffusers left weights the file lacks on the meta device
         part = _COMPONENT_NAMES.get(_module_in_traceback(error) or "", "model")
@@ -1072,10 +1083,10 @@ def _single_file_load_error(
             f"{path}: its {part} is missing weight tensors (they are not in the file); it may be "
             "truncated or pruned: re-download it, or use the full checkpoint."
         )
-    if repo is not None:
+    if origin is not None:
         advice = (
-            f"its configs came from {repo} ({chosen.title}); if that is the wrong family pass "
-            "--family, or --model-config DIR,"
+            f"its configs came from {origin}; if that is the wrong family pass --family, or "
+            "--model-config DIR,"
         )
     else:
         advice = "it must be a complete SD 1.x/2.x/SDXL checkpoint, and --model-config DIR"
@@ -1235,47 +1246,151 @@ def _config_family(folder: Path) -> str | None:
     return folder_family(model_index, unet, scheduler.get("prediction_type", "epsilon"))
 
 
-def _single_file_config(
-    path: Path, config: str | None, local_files_only: bool, family: Family, inpainting: bool = False
-) -> str:
-    """The local folder diffusers should read a single file's configs from.
+def _single_file_config(path: Path, config: str, local_files_only: bool, family: Family) -> str:
+    """The local folder of a ``--model-config``: the folder itself, or a hub id's snapshot.
 
     diffusers' ``from_single_file``, told ``local_files_only`` but finding no cached config,
     retries *online*. Resolving the folder here keeps offline runs off the network and turns a
-    missing config into one clear line. Only configs and tokenizer files are fetched. Without
-    ``config``: the family's reference repo (its inpainting one for ``inpainting``), else the
-    same configs under an old id already in the local hub cache.
+    missing config into one clear line. Only configs and tokenizer files are fetched.
     """
-    if config is not None:
-        folder = Path(config).expanduser()
-        if folder.is_dir():
-            return str(folder)
-        if _looks_like_path(config):
-            raise ModelLoadError(f"--model-config {config}: no such folder.")
-        repo_ids: tuple[str, ...] = (config,)
-    else:
-        repo_ids = family.reference_repos(inpainting)
-
+    folder = Path(config).expanduser()
+    if folder.is_dir():
+        return str(folder)
+    if _looks_like_path(config):
+        raise ModelLoadError(f"--model-config {config}: no such folder.")
     try:
-        return _config_snapshot(repo_ids[0], local_files_only)
+        return _config_snapshot(config, local_files_only)
+    except (OSError, ValueError) as error:
+        if _is_not_found(error) and local_files_only:
+            reason = f"offline, and the configs of {config!r} that describe its architecture "
+            reason += "are not in the local hub cache"
+        else:
+            reason = f"could not get the configs of {config!r} that describe its architecture "
+            reason += f"({type(error).__name__}: {_one_line(error)})"
+        raise ModelLoadError(
+            f"{path.name}: {reason}; pass --model-config DIR, a diffusers folder of the same model "
+            f"family ({family.title}), or --family if {family.title} is the wrong guess."
+        ) from error
+
+
+def _family_configs(
+    path: Path,
+    family: Family,
+    inpainting: bool,
+    tokenizer_folder: Path | None,
+    local_files_only: bool,
+) -> tuple[AbstractContextManager[str], str]:
+    """The configs of a single file without a ``--model-config`` of its own, and their origin.
+
+    The hub's, as a user with a network gets them (the family's reference repo, or its old id
+    in the cache), unless a ``--model-config`` folder gave only a tokenizer; else the built-in
+    ones, with a CLIP tokenizer found on this machine. Returns a context manager that gives the
+    folder while the file loads (the built-in configs are assembled in a temporary one), and
+    how messages name where the configs came from.
+    """
+    reference = family.reference_repo(inpainting)
+    hub_error = None
+    if tokenizer_folder is None:
+        folder, hub_error = _reference_config(local_files_only, family, inpainting)
+        if folder is not None:
+            return nullcontext(folder), f"{reference} ({family.title})"
+    vocabulary = _builtin_vocabulary(path, family, inpainting, tokenizer_folder, local_files_only)
+    origin = f"mimicshield's built-in {family.title} configs"
+    if hub_error is not None and not local_files_only:  # online, a user expects the hub's: say
+        warnings.warn(
+            f"{path.name}: could not get the configs of {reference!r} ({type(hub_error).__name__}"
+            f": {_one_line(hub_error)}); using {origin}, with the CLIP tokenizer from "
+            f"{vocabulary.origin}.",
+            stacklevel=4,
+        )
+    return _assembled_configs(family, vocabulary, inpainting), origin
+
+
+def _reference_config(
+    local_files_only: bool, family: Family, inpainting: bool
+) -> tuple[str | None, Exception | None]:
+    """The hub configs of the family's reference model (its inpainting one for ``inpainting``),
+    else the same configs under an old id in the local hub cache; or None, and the hub's error.
+
+    None sends the loader to the built-in configs.
+    """
+    repo_ids = family.reference_repos(inpainting)
+    try:
+        return _config_snapshot(repo_ids[0], local_files_only), None
     except (OSError, ValueError) as error:
         first_error = error
     for old_id in repo_ids[1:]:
         try:
-            return _config_snapshot(old_id, local_files_only=True)
+            return _config_snapshot(old_id, local_files_only=True), None
         except (OSError, ValueError):
             continue
-    title = family.title + (" inpainting" if inpainting else "")
-    if _is_not_found(first_error) and local_files_only:
-        reason = f"offline, and the configs of {repo_ids[0]!r} that describe its architecture "
-        reason += "are not in the local hub cache"
-    else:
-        reason = f"could not get the configs of {repo_ids[0]!r} that describe its architecture "
-        reason += f"({type(first_error).__name__}: {_one_line(first_error)})"
+    return None, first_error
+
+
+def _tokenizer_only_folder(config: str) -> Path | None:
+    """A ``--model-config`` folder that holds a CLIP tokenizer and no configs, else None.
+
+    Such a folder (``tokenizer/vocab.json`` and ``merges.txt``) completes the built-in configs,
+    which have everything but the tokenizer: what the missing-tokenizer message asks for.
+    """
+    from .configs import vocabulary_in_folder
+
+    folder = Path(config).expanduser()
+    if not folder.is_dir() or (folder / "model_index.json").is_file():
+        return None
+    if (folder / "unet" / "config.json").is_file():
+        return None
+    return folder if vocabulary_in_folder(folder) is not None else None
+
+
+def _builtin_vocabulary(
+    path: Path, family: Family, inpainting: bool, folder: Path | None, local_files_only: bool
+) -> Vocabulary:
+    """The CLIP tokenizer files the built-in configs are completed with, or one clear line.
+
+    From ``folder`` (a ``--model-config`` holding only a tokenizer) if given; else from the hub
+    cache (the family's reference repos first, then any other CLIP tokenizer) or an installed
+    ``open_clip`` (:func:`mimicshield.configs.find_vocabulary`). All CLIP text encoders of
+    SD 1.x, 2.x and SDXL share one vocabulary; what differs (the pad token) is built in.
+    """
+    from .configs import find_vocabulary, text_vocab_size, vocabulary_in_folder
+    from .families import FAMILIES
+
+    size = text_vocab_size(family.name)
+    given = vocabulary_in_folder(folder) if folder is not None else None
+    if given is not None:
+        problem = given.problem(size)
+        if problem is not None:
+            raise ModelLoadError(
+                f"--model-config {folder}: not the CLIP tokenizer of {family.title} ({problem})."
+            )
+        return given
+    repos = [*family.reference_repos(inpainting), *family.reference_repos(not inpainting)]
+    for other in FAMILIES.values():
+        repos += [*other.reference_repos(), *other.reference_repos(inpainting=True)]
+    found = find_vocabulary(repos, size)
+    if found is not None:
+        return found
+    repo = family.reference_repo(inpainting)
+    lead = "offline, and" if local_files_only else "the hub did not give its configs, and"
+    retry = "run once online" if local_files_only else "run again when the hub is reachable"
     raise ModelLoadError(
-        f"{path.name}: {reason}; pass --model-config DIR, a diffusers folder of the same model "
-        f"family ({title}), or --family if {family.title} is the wrong guess."
-    ) from first_error
+        f"{path.name}: {lead} no CLIP tokenizer for it: its {family.title} configs are built "
+        "into mimicshield, its tokenizer (vocab.json and merges.txt) is not, and neither the "
+        f"local hub cache ({repo!r} or another CLIP model) nor an installed open_clip has it; "
+        "put the two files in FOLDER/tokenizer/ and pass --model-config FOLDER, or "
+        f"{retry} so that {repo!r} is cached."
+    )
+
+
+@contextmanager
+def _assembled_configs(family: Family, vocabulary: Vocabulary, inpainting: bool):
+    """The built-in configs of ``family`` with ``vocabulary``, as a folder while loading."""
+    from .configs import assembled_configs
+
+    in_channels = 2 * SD_LATENT_CHANNELS + 1 if inpainting else None  # + mask + masked image
+    with assembled_configs(family.name, vocabulary, in_channels=in_channels) as folder:
+        yield folder
 
 
 def _config_snapshot(repo_id: str, local_files_only: bool) -> str:
