@@ -18,7 +18,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from mimicshield.bench import SD1_TEXT, SD1_UNET, SD1_VAE
+from mimicshield.bench import architecture
 from mimicshield.performance import (
     fuse_group_norm_silu,
     parameter_bytes,
@@ -27,6 +27,8 @@ from mimicshield.performance import (
 )
 
 GIB = 2**30
+SD1 = architecture()  # the full-size SD v1.x networks
+SD1_UNET, SD1_VAE, SD1_TEXT = SD1.unet, SD1.vae, SD1.text
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from .attack import project_linf
+from .configs import builtin_config
 from .methods import MIST_SEMANTIC_WEIGHT, SDST_DEFAULT_R, add_noise, get_method
 from .models import (
     LatentDiffusion,
@@ -70,50 +71,17 @@ SDS_FAMILY = ("sds+", "sds-", "sdst-")
 STEP_SIZE = 2 / 255  # 1/255 on the [0, 1] scale, in [-1, 1] units, as the paper's default
 EPS = 32 / 255  # 16/255 on the [0, 1] scale
 
-# The full-size SD v1.x architecture (the configs of CompVis/stable-diffusion-v1-4).
-SD1_UNET = {
-    "sample_size": 64,
-    "in_channels": 4,
-    "out_channels": 4,
-    "layers_per_block": 2,
-    "block_out_channels": (320, 640, 1280, 1280),
-    "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    "cross_attention_dim": 768,
-    "attention_head_dim": 8,
-}
-SD1_VAE = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "block_out_channels": (128, 256, 512, 512),
-    "down_block_types": ("DownEncoderBlock2D",) * 4,
-    "up_block_types": ("UpDecoderBlock2D",) * 4,
-    "latent_channels": 4,
-    "layers_per_block": 2,
-    "sample_size": 512,
-    "scaling_factor": 0.18215,
-    "force_upcast": True,
-}
-SD1_TEXT = {  # CLIP ViT-L/14's text tower
-    "vocab_size": 49408,
-    "hidden_size": 768,
-    "intermediate_size": 3072,
-    "num_attention_heads": 12,
-    "num_hidden_layers": 12,
-    "max_position_embeddings": 77,
-    "projection_dim": 768,
-    "hidden_act": "quick_gelu",
-}
-
 
 @dataclass(frozen=True)
 class Architecture:
-    """The configs of the three networks; ``sd1`` for figures, ``tiny`` for smoke tests."""
+    """The configs of the three networks and the noise schedule; ``sd1`` for figures, ``tiny``
+    for smoke tests."""
 
     name: str
     unet: dict
     vae: dict
     text: dict
+    scheduler: dict
 
     @property
     def latent_factor(self) -> int:
@@ -124,11 +92,13 @@ class Architecture:
 
 def architecture(tiny: bool = False) -> Architecture:
     if not tiny:
-        return Architecture("sd1", SD1_UNET, SD1_VAE, SD1_TEXT)
-    from .testing import TINY_TEXT, TINY_UNET, TINY_VAE
+        # the full-size SD v1.x networks, from the configs single files load with offline
+        parts = ("unet", "vae", "text_encoder", "scheduler")
+        return Architecture("sd1", *(builtin_config("sd1", part) for part in parts))
+    from .testing import SD1_SCHEDULER, TINY_TEXT, TINY_UNET, TINY_VAE
 
     text = {**TINY_TEXT, "vocab_size": 1000, "bos_token_id": 998, "eos_token_id": 999}
-    return Architecture("tiny", TINY_UNET, TINY_VAE, text)
+    return Architecture("tiny", TINY_UNET, TINY_VAE, text, SD1_SCHEDULER)
 
 
 @dataclass(frozen=True)
@@ -305,14 +275,14 @@ def build_networks(arch: Architecture, device: torch.device, *, seed: int = 0):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from .testing import SD1_SCHEDULER
-
     torch.manual_seed(seed)
     with _quiet_loading(), torch.device(device):
         vae = AutoencoderKL(**arch.vae)
         unet = UNet2DConditionModel(**arch.unet)
         text_encoder = CLIPTextModel(CLIPTextConfig(**arch.text))
-    alphas_cumprod = DDPMScheduler(**SD1_SCHEDULER).alphas_cumprod.to(device, torch.float32)
+    # from_config: the built-in scheduler config is a PNDM one; only its noise schedule is used
+    scheduler = DDPMScheduler.from_config(arch.scheduler)
+    alphas_cumprod = scheduler.alphas_cumprod.to(device, torch.float32)
     return vae, unet, text_encoder, alphas_cumprod
 
 

@@ -107,6 +107,16 @@ def builtin_folder(family: str) -> Path:
     return folder
 
 
+def builtin_config(family: str, component: str) -> dict:
+    """The built-in config of one component (``unet``, ``vae``, ``text_encoder``, ``scheduler``),
+    without diffusers' bookkeeping keys (``_class_name``): what the network's class is built from.
+    """
+    folder = builtin_folder(family) / component
+    name = "scheduler_config.json" if component.startswith("scheduler") else "config.json"
+    config = json.loads((folder / name).read_text())
+    return {key: value for key, value in config.items() if not key.startswith("_")}
+
+
 def text_vocab_size(family: str) -> int:
     """The number of tokens the family's (first) text encoder embeds, from its config."""
     config = json.loads((builtin_folder(family) / "text_encoder" / "config.json").read_text())
