@@ -16,8 +16,8 @@ ModelConfigOpt = Annotated[
     str | None,
     typer.Option(
         "--model-config",
-        help="for a single-file model: a diffusers folder of the same family, or a folder holding only "
-        "a CLIP tokenizer/ (works offline)",
+        help="for a single-file model: a diffusers folder of the same family, or a folder "
+        "holding only a CLIP tokenizer/ (works offline)",
     ),
 ]
 # protect: repeatable, one value per --model for an ensemble
@@ -41,8 +41,8 @@ ModelConfigsOpt = Annotated[
     list[str] | None,
     typer.Option(
         "--model-config",
-        help="for a single-file model: a diffusers folder of the same family, or a folder holding only "
-        "a CLIP tokenizer/ (works offline); "
+        help="for a single-file model: a diffusers folder of the same family, or a folder "
+        "holding only a CLIP tokenizer/ (works offline); "
         "with several --model, one per model in order, 'auto' for none",
     ),
 ]
