@@ -181,7 +181,7 @@ def test_output_names_stay_unique_and_etas_extrapolate(monkeypatch):
         "b.png",
     ]
     clock = [100.0]
-    monkeypatch.setattr("mimicshield.webapp.time.perf_counter", lambda: clock[0])
+    monkeypatch.setattr("mimicshield.webapp.jobs.time.perf_counter", lambda: clock[0])
     progress = JobProgress()
     progress.start_run(4)
     progress.done_images = 1
@@ -607,7 +607,8 @@ def test_a_port_in_use_says_to_choose_another_with_port(tmp_path):
         port = taken.getsockname()[1]
         service = ProtectionService(work_root=tmp_path / "w")
         with pytest.raises(OSError, match=f"port {port}.*with --port") as error:
-            launch(service, port=port, block=False, quiet=True)
+            # no preload: were the port free after all, it would fetch the default hub model
+            launch(service, port=port, block=False, quiet=True, preload=False)
     assert "GRADIO_SERVER_PORT" not in str(error.value)
 
 

@@ -77,7 +77,7 @@ def test_ssim_strips_of_a_50_megapixel_photo_stay_small():
 
 
 def test_previews_come_from_small_copies_and_keep_the_perturbation(service, tmp_path, monkeypatch):
-    monkeypatch.setattr("mimicshield.webapp.PREVIEW_SIZE", 16)
+    monkeypatch.setattr("mimicshield.webapp.jobs.PREVIEW_SIZE", 16)
     art = tmp_path / "art.png"
     Image.fromarray(noise(40, 64, seed=2)).save(art)
     accepted, _ = service.validate([art])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from web_cases import FAST
 pytest.importorskip("gradio", reason="the web app needs gradio (pip install -e '.[ui]')")
 
 from mimicshield import webapp  # noqa: E402
+from mimicshield.images import ImageFileError  # noqa: E402
 from mimicshield.webapp import (  # noqa: E402
     ImageResult,
     Job,
@@ -108,6 +110,93 @@ def test_cancel_during_a_model_load_stops_the_job_without_waiting_for_it(service
     assert "Cancelling…" in text and "step" not in text
 
 
+WAITING_FOR_LOAD = "Waiting for the previous model load to finish"
+
+
+def _slow_first_load(monkeypatch) -> tuple[threading.Event, threading.Event, list]:
+    """The real ``load_models``, whose first call waits until released (a slow first load:
+    importing diffusers, reading weights, a hub download). Returns (its first call started,
+    the release, the sources of every call)."""
+    from mimicshield import models
+
+    real, started, release, calls = models.load_models, threading.Event(), threading.Event(), []
+
+    def load_models(source, *args, **kwargs):
+        calls.append(source)
+        if len(calls) == 1:
+            started.set()
+            release.wait(600)
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(models, "load_models", load_models)
+    return started, release, calls
+
+
+def _cancelled_during_its_load(service, art: Path, started: threading.Event) -> None:
+    """A job of tab-1 cancelled while it loads the model: its load goes on, abandoned."""
+    job, outcome = _run_in_thread(
+        lambda: service.protect("tab-1", _uploads(service, art), service.defaults)
+    )
+    assert started.wait(120), "the load never started"
+    service.cancel("tab-1")
+    job.join(120)
+    assert outcome and isinstance(outcome[0], JobCancelled), outcome
+    assert not service.busy  # the app is free again, with the load still running
+
+
+def _wait_for(condition, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_a_job_after_a_cancelled_load_says_it_waits_for_it_and_reuses_it(
+    service, tmp_path, monkeypatch
+):
+    """The abandoned load held the models while the next job said "Loading" and waited on
+    it silently; now it says what it waits for, and the models that load gives are used."""
+    started, release, calls = _slow_first_load(monkeypatch)
+    art = _png(tmp_path / "art.png")
+    try:
+        _cancelled_during_its_load(service, art, started)
+        progress = JobProgress()
+        job, outcome = _run_in_thread(
+            lambda: service.protect("tab-2", _uploads(service, art), service.defaults, progress)
+        )
+        _wait_for(lambda: progress.phase == WAITING_FOR_LOAD or not job.is_alive())
+        assert progress.phase == WAITING_FOR_LOAD and WAITING_FOR_LOAD in render_progress(progress)
+    finally:
+        release.set()
+    job.join(300)
+    assert outcome and isinstance(outcome[0], Job) and outcome[0].protected, outcome
+    assert len(calls) == 1  # the same model: the abandoned load's result, not a second load
+
+
+def test_cancel_of_a_job_waiting_for_a_cancelled_load_answers_at_once(
+    service, tmp_path, monkeypatch
+):
+    started, release, calls = _slow_first_load(monkeypatch)
+    art = _png(tmp_path / "art.png")
+    try:
+        _cancelled_during_its_load(service, art, started)
+        progress = JobProgress()
+        job, outcome = _run_in_thread(
+            lambda: service.protect("tab-2", _uploads(service, art), service.defaults, progress)
+        )
+        _wait_for(lambda: progress.phase == WAITING_FOR_LOAD or not job.is_alive())
+        assert progress.phase == WAITING_FOR_LOAD, progress.phase
+        cancelled = time.monotonic()
+        service.cancel("tab-2")
+        job.join(120)
+        # polled every 0.2 s; the bound leaves room for a loaded machine, not for the load
+        assert time.monotonic() - cancelled < 3 and not release.is_set()
+        assert outcome and isinstance(outcome[0], JobCancelled), outcome
+        assert calls == [str(service.defaults.model[0])]  # it started no load of its own
+    finally:
+        release.set()
+
+
 def test_cancelling_says_what_it_waits_for():
     progress = JobProgress(cancel_requested=True)
     assert "<b>Cancelling…</b>" in render_progress(progress)  # queued or loading
@@ -120,15 +209,20 @@ def test_cancelling_says_what_it_waits_for():
     assert "Cancelling: stopping once this image is saved…" in render_progress(progress)
 
 
-def test_the_app_loads_its_model_while_the_page_opens(service):
+@pytest.mark.parametrize("preload", [True, False])
+def test_the_app_loads_its_model_while_the_page_opens(service, preload):
+    """Unless told not to: ``launch(preload=False)`` leaves the first load to the first job."""
     loaded = threading.Event()
     service.models_for = lambda settings: loaded.set() or []
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
-    running = webapp.launch(service, port=port, block=False, quiet=True)
+    running = webapp.launch(service, port=port, block=False, quiet=True, preload=preload)
     try:
-        assert loaded.wait(120), "the default model was not preloaded"
+        if preload:
+            assert loaded.wait(120), "the default model was not preloaded"
+        else:  # the preload starts its thread before launch returns: there would be one now
+            assert service._loader is None and not loaded.is_set()
     finally:
         running.close()
 
@@ -283,6 +377,32 @@ def test_protecting_again_keeps_the_earlier_results_until_there_are_new_ones(ser
     second = service.protect("tab", _uploads(service, art), service.defaults)
     assert not first.folder.exists() and second.protected[0].output.is_file()
     assert [p.name for p in service.session_folder("tab").iterdir()] == [second.folder.name]
+
+
+@pytest.mark.parametrize("where", ["before the GPU", "after the images"])
+def test_a_job_that_raises_cleans_up_like_one_that_protected_nothing(
+    service, tmp_path, monkeypatch, where
+):
+    """protect has one way out: raised before it takes the GPU (a target gone from disk) or
+    after its images were protected (no room for the zip), it leaves the tab's earlier results
+    and no folder of its own, the GPU free and no job of the tab running."""
+    art = _png(tmp_path / "art.png")
+    first = service.protect("tab", _uploads(service, art), service.defaults)
+    settings, expected = service.defaults, OSError
+    if where == "before the GPU":
+        settings = replace(settings, method="mist", target=str(tmp_path / "gone.png"))
+        expected = ImageFileError
+    else:
+
+        def no_room(*_):
+            raise OSError("No space left on device")
+
+        monkeypatch.setattr(service, "_zip", no_room)
+    with pytest.raises(expected):
+        service.protect("tab", _uploads(service, art), settings)
+    assert [p.name for p in service.session_folder("tab").iterdir()] == [first.folder.name]
+    assert first.zip_path.is_file() and first.protected[0].output.is_file()
+    assert not service.busy and not service._gpu.locked() and not service._is_running("tab")
 
 
 def test_downloads_are_named_as_protected_copies(service, tmp_path):

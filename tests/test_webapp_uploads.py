@@ -22,6 +22,7 @@ from mimicshield.images import ImageFileError  # noqa: E402
 from mimicshield.webapp import (  # noqa: E402
     ProtectionService,
     UploadLimits,
+    UploadRoom,
     build_app,
     validate_uploads,
 )
@@ -103,12 +104,12 @@ def test_an_unchanged_upload_is_read_once_however_often_the_list_comes(service, 
     again for each added file (and once more when the job started)."""
     import os
 
-    import mimicshield.webapp as webapp
+    from mimicshield.webapp import uploads  # where validate_uploads looks the check up
 
     read: list[Path] = []
-    check = webapp._check_upload
+    check = uploads._check_upload
     monkeypatch.setattr(
-        webapp, "_check_upload", lambda path, *args: read.append(path) or check(path, *args)
+        uploads, "_check_upload", lambda path, *args: read.append(path) or check(path, *args)
     )
     first, second = _uploaded(service, "a.png", seed=3), _uploaded(service, "b.png", seed=4)
     service.accept_uploads("tab", [first])
@@ -168,6 +169,27 @@ def test_uploads_are_bounded_per_tab_and_for_the_whole_app(tmp_path):
         accepted, problems = service.accept_uploads("tab-2", [tab_2[0], again])
         assert [u.path for u in accepted] == [tab_2[0], again] and not problems
         assert service.upload_bytes() == 2 * size
+    finally:
+        service.close()
+
+
+def test_the_room_of_a_tab_is_the_bytes_left_under_each_limit(tmp_path):
+    """What a tab's image list may still take: the tab's limit less its target image, and the
+    app's limit less every other upload; the limits themselves are in the messages."""
+    probe = _image(tmp_path / "probe.bmp")
+    size = probe.stat().st_size  # BMP: every image of this shape has this many bytes
+    service = _service(tmp_path, max_tab_bytes=3 * size, max_total_bytes=5 * size)
+    try:
+        target = _uploaded(service, "target.bmp", seed=1)
+        service.remember_uploads("tab-1", [target])
+        service.accept_uploads("tab-2", [_uploaded(service, "other.bmp", seed=2)])
+        listed = [_uploaded(service, "a.bmp", seed=3)]
+        room = service._room("tab-1", listed)
+        assert (room.tab_bytes_left, room.app_bytes_left) == (2 * size, 3 * size)
+        assert room.refusal("b.bmp", 2 * size) is None
+        assert "this tab's uploads would pass" in room.refusal("b.bmp", 2 * size + 1)
+        smaller = UploadRoom(tab_bytes_left=4 * size, app_bytes_left=size, limits=room.limits)
+        assert "the uploads of all open tabs" in smaller.refusal("b.bmp", size + 1)
     finally:
         service.close()
 
