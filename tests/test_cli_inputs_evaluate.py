@@ -118,3 +118,20 @@ def test_an_input_inside_the_folders_evaluate_writes_is_refused(tmp_path, inside
     assert result.exit_code == 1
     assert "which evaluate writes" in f"{result.output} {result.exception}"
     assert (protected / "a.png").is_file()
+
+
+def test_overwrite_refuses_an_evaluation_holding_a_read_only_file(model_never_loads, tmp_path):
+    import os
+
+    clean = _images(tmp_path / "clean", ["a"])
+    protected = _images(tmp_path / "prot", ["a"], seed=5)
+    out = tmp_path / "ev"
+    (out / "mimicry" / "clean").mkdir(parents=True)
+    kept = out / "mimicry" / "clean" / "a.png"
+    kept.write_bytes(b"kept")
+    (out / "report.html").write_text("earlier")
+    os.chmod(kept, 0o444)
+    result = evaluate(str(clean), str(protected), "-o", str(out), "--overwrite")
+    assert isinstance(result.exception, CLIError)
+    assert f"{kept} is read-only; not replaced" in str(result.exception)
+    assert kept.read_bytes() == b"kept" and (out / "report.html").read_text() == "earlier"

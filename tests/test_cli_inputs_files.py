@@ -18,9 +18,12 @@ from typer.testing import CliRunner
 from mimicshield import __version__
 from mimicshield.cli.errors import CLIError
 from mimicshield.cli.main import app
+from mimicshield.purify import PURIFICATIONS
 from mimicshield.runner import (
     MANIFEST_NAME,
+    PURIFY_RECORD_NAME,
     OutputOptions,
+    RecordError,
     collect_inputs,
     load_manifest,
     output_folder_problem,
@@ -264,3 +267,123 @@ def test_only_partial_files_of_this_runs_outputs_are_removed(tmp_path):
     protect_files(files, out, NoiseEngine(eps=4 / 255), options=NATIVE, manifest_header=HEADER)
     assert not ours.exists()
     assert all(path.read_bytes() == b"partial" for path in theirs)
+
+
+# --- purify's record: its folder is an earlier run's -------------------------------------------
+
+
+def test_purify_records_what_it_wrote_and_later_scans_skip_its_folder(tmp_path):
+    """purify photos -o photos/purified, then protect photos -o photos/out: not purified/."""
+    folder = tmp_path / "photos"
+    inputs = [_image(folder / "img1.png"), _image(folder / "sub" / "img2.png", seed=1)]
+    out = folder / "purified"
+    assert purify(str(folder), "-o", str(out), "-m", "jpeg75,blur").exit_code == 0
+    record = json.loads((out / PURIFY_RECORD_NAME).read_text())
+    assert record["mimicshield_version"] == __version__
+    described = {p["name"]: p for p in record["purifications"]}
+    assert sorted(described) == ["blur", "jpeg75"]
+    for name, description in described.items():
+        assert description["parameters"] == PURIFICATIONS[name].parameters()
+    written = sorted(path.relative_to(out).as_posix() for path in out.rglob("*.png"))
+    assert sorted(entry["output"] for entry in record["files"]) == written
+    for entry in record["files"]:
+        assert entry["settings"] == described[entry["purification"]]["settings"]
+        assert entry["output"].startswith(entry["purification"] + "/")
+    assert {entry["input"] for entry in record["files"]} == {str(path) for path in inputs}
+
+    scan = scan_inputs([str(folder)], exclude=folder / "out")  # what protect reads
+    assert sorted(f.relative.as_posix() for f in scan.files) == ["img1.png", "sub/img2.png"]
+    assert any("skipped 1 folder(s)" in note and str(out) in note for note in scan.notes)
+    again = purify(str(folder), "-o", str(folder / "again"), "-m", "blur")
+    assert again.exit_code == 0 and "skipped 1 folder(s)" in again.output
+    assert not (folder / "again" / "blur" / "purified").exists()
+
+    # a later run into the same folder adds to the record; the earlier entries stay
+    assert purify(str(inputs[0]), "-o", str(out), "-m", "noise").exit_code == 0
+    record = json.loads((out / PURIFY_RECORD_NAME).read_text())
+    assert sorted(p["name"] for p in record["purifications"]) == ["blur", "jpeg75", "noise"]
+    assert len(record["files"]) == len(written) + 1
+
+
+def test_purify_record_names_every_output_written_before_ctrl_c(tmp_path, interrupt_second_save):
+    for i in range(3):
+        _image(tmp_path / "in" / f"img{i}.png", seed=i)
+    out = tmp_path / "out"
+    assert purify(str(tmp_path / "in"), "-o", str(out), "-m", "blur").exit_code == 130
+    record = json.loads((out / PURIFY_RECORD_NAME).read_text())
+    assert [entry["output"] for entry in record["files"]] == ["blur/img0.png"]
+
+
+def test_purify_never_replaces_a_record_that_is_not_its_own(tmp_path):
+    good = _image(tmp_path / "good.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / PURIFY_RECORD_NAME).write_text('{"mine": true}')
+    result = purify(str(good), "-o", str(out), "-m", "blur")
+    assert isinstance(result.exception, CLIError)
+    assert "not written by mimicshield" in str(result.exception)
+    assert (out / PURIFY_RECORD_NAME).read_text() == '{"mine": true}'
+    assert not (out / "blur").exists()
+
+
+# --- --overwrite keeps the files a user made read-only -----------------------------------------
+
+
+def _read_only(path):
+    os.chmod(path, 0o444)
+    return path.read_bytes()
+
+
+def test_purify_overwrite_keeps_a_read_only_output_and_does_the_rest(tmp_path):
+    for i in range(2):
+        _image(tmp_path / "in" / f"img{i}.png", seed=i)
+    out = tmp_path / "out"
+    assert purify(str(tmp_path / "in"), "-o", str(out), "-m", "blur").exit_code == 0
+    kept = out / "blur" / "img0.png"
+    before = _read_only(kept)
+    (out / "blur" / "img1.png").write_bytes(b"stale")
+    result = purify(str(tmp_path / "in"), "-o", str(out), "-m", "blur,jpeg75", "--overwrite")
+    assert result.exit_code == 1, result.output
+    assert f"{kept} is read-only; not replaced." in result.output
+    assert kept.read_bytes() == before and os.stat(kept).st_mode & 0o777 == 0o444
+    Image.open(out / "blur" / "img1.png").load()  # the rest of the batch is done
+    assert (out / "jpeg75" / "img0.png").is_file()  # and the other purification of img0
+    assert "Wrote 3 images" in result.output
+
+
+def test_protect_overwrite_keeps_a_read_only_output_and_does_the_rest(tmp_path):
+    folder, out = tmp_path / "in", tmp_path / "out"
+    for i in range(2):
+        _image(folder / f"img{i}.png", seed=i)
+    files, _ = collect_inputs([str(folder)], exclude=out)
+    engine = NoiseEngine(eps=4 / 255)
+    protect_files(files, out, engine, options=NATIVE, manifest_header=HEADER)
+    before = _read_only(out / "img0.png")
+    report = protect_files(
+        files, out, engine, options=NATIVE, manifest_header=HEADER, overwrite=True
+    )
+    by_name = {result.relative: result for result in report.results}
+    assert by_name["img0.png"].status == "failed"
+    assert f"{out / 'img0.png'} is read-only; not replaced" in by_name["img0.png"].error
+    assert by_name["img1.png"].status == "protected"
+    assert (out / "img0.png").read_bytes() == before
+    # its entry still vouches for the kept output: a plain rerun finds it done
+    report = protect_files(files, out, engine, options=NATIVE, manifest_header=HEADER)
+    assert {result.status for result in report.results} == {"skipped"}
+
+
+def test_a_read_only_manifest_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    folder, out = tmp_path / "in", tmp_path / "out"
+    _image(folder / "img0.png")
+    files, _ = collect_inputs([str(folder)], exclude=out)
+    engine = NoiseEngine(eps=4 / 255)
+    protect_files(files, out, engine, options=NATIVE, manifest_header=HEADER)
+    before = _read_only(out / MANIFEST_NAME)
+    with pytest.raises(RecordError, match="read-only; not replaced"):
+        protect_files(files, out, engine, options=NATIVE, manifest_header=HEADER, overwrite=True)
+    assert (out / MANIFEST_NAME).read_bytes() == before
+
+    monkeypatch.setattr("mimicshield.models.load_models", lambda *a, **k: pytest.fail("loaded"))
+    result = CliRunner().invoke(app, ["protect", str(folder), "-o", str(out), "--overwrite"])
+    assert isinstance(result.exception, CLIError)
+    assert str(result.exception).count("\n") == 0 and "read-only" in str(result.exception)

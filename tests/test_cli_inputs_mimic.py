@@ -72,3 +72,28 @@ def test_mimic_interrupted_says_so_and_leaves_only_whole_files(
     assert "Interrupted" in result.output and "1 file(s)" in result.output
     assert [p.name for p in (out / "sdedit-onestep@0.1").iterdir()] == ["img1.png"]
     assert not (out / "mimic.json").exists()
+
+
+def test_overwrite_keeps_a_read_only_output_and_does_the_rest(tiny_model_dir, photos, tmp_path):
+    import os
+
+    out = tmp_path / "out"
+    args = [str(photos), "-o", str(out), "-s", "sdedit-onestep"]
+    assert mimic(tiny_model_dir, *args).exit_code == 0
+    kept = out / "sdedit-onestep@0.1" / "img1.png"
+    os.chmod(kept, 0o444)
+    before = kept.read_bytes()
+    (out / "sdedit-onestep@0.1" / "img2.png").write_bytes(b"stale")
+    result = mimic(tiny_model_dir, *args, "--overwrite")
+    assert result.exit_code == 1, result.output
+    assert f"{kept} is read-only; not replaced." in result.output
+    assert kept.read_bytes() == before
+    Image.open(out / "sdedit-onestep@0.1" / "img2.png").load()  # the rest is done
+    record = json.loads((out / "mimic.json").read_text())
+    assert record["failed"] == [f"{kept} is read-only; not replaced."]
+    assert str(kept) not in record["outputs"]
+
+    # the run's record itself: refused before the model loads
+    os.chmod(out / "mimic.json", 0o444)
+    refused = mimic(tmp_path / "no-such-model", *args, "--overwrite")
+    assert refused.exit_code == 1 and "mimic.json is read-only" in str(refused.exception)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -38,6 +39,7 @@ from PIL import Image, ImageCms, ImageOps
 from mimicshield.images import (
     IMAGE_SUFFIXES,
     ImageFileError,
+    ReadOnlyFileError,
     load_image,
     orient,
     plan_output,
@@ -462,6 +464,42 @@ def test_atomic_write_leaves_nothing_behind_when_interrupted(tmp_path):
     users_own.write_bytes(b"mine")
     assert remove_partial_files([destination]) == [stale] and destination.exists()
     assert users_own.exists()
+
+
+@pytest.fixture
+def umask_027():
+    """A umask other than the usual 022, so that a mode taken from it is told apart."""
+    earlier = os.umask(0o027)
+    yield 0o027
+    os.umask(earlier)
+
+
+def _mode(path) -> int:
+    return os.stat(path).st_mode & 0o777
+
+
+def test_atomic_writes_get_the_mode_open_would_give(tmp_path, umask_027):
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "lora_weights.safetensors"  # safetensors writes its files 0600
+    write_atomically(weights, lambda part: save_file({"w": torch.zeros(2)}, str(part)))
+    with open(tmp_path / "opened", "w"):
+        pass
+    assert _mode(weights) == _mode(tmp_path / "opened") == 0o666 & ~umask_027
+
+    # replacing a file keeps its mode, as writing it with open() does
+    os.chmod(weights, 0o600)
+    write_atomically(weights, lambda part: part.write_text("again"))
+    assert _mode(weights) == 0o600 and weights.read_text() == "again"
+
+
+def test_atomic_writes_never_replace_a_read_only_file(tmp_path):
+    kept = tmp_path / "kept.png"
+    kept.write_bytes(b"mine")
+    os.chmod(kept, 0o444)
+    with pytest.raises(ReadOnlyFileError, match="kept.png is read-only; not replaced"):
+        write_atomically(kept, lambda part: part.write_bytes(b"theirs"))
+    assert kept.read_bytes() == b"mine" and list(tmp_path.iterdir()) == [kept]
 
 
 @requires_assets

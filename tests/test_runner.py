@@ -425,3 +425,37 @@ def test_from_python_paths_are_accepted_and_the_manifest_tells_models_apart(
     refused = protect_files([art], out, changed, options=NATIVE)
     assert refused.results[0].status == "failed", refused.results  # another model
     assert "different settings" in refused.results[0].error, refused.results[0].error
+
+
+def test_a_folder_holding_two_runs_settings_describes_both(tmp_path):
+    """A resumed folder may keep outputs of an earlier run with other settings: the manifest's
+    top level is the latest run, and ``runs`` holds the settings each entry names."""
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    for name, seed in (("a.png", 40), ("b.png", 41)):
+        Image.fromarray(noise(16, 16, seed=seed)).save(folder / name)
+    files = collect_inputs([str(folder)])[0]
+    weak, strong = NoiseEngine(eps=4 / 255), NoiseEngine(eps=12 / 255)
+    protect_files(files[:1], out, weak, options=NATIVE)
+    report = protect_files(files[1:], out, strong, options=NATIVE)
+
+    manifest = load_manifest(out)
+    runs = {run["settings"]: run for run in manifest["runs"]}
+    assert len(runs) == 2 and manifest["runs"][-1]["settings"] == manifest["settings"]
+    assert manifest["parameters"]["eps"] == strong.config.eps  # the top level: the latest run
+    for entry in manifest["images"]:
+        made_by = weak if entry["relative"] == "a.png" else strong
+        assert runs[entry["settings"]]["parameters"]["eps"] == made_by.config.eps
+    assert any("2 different settings" in note for note in report.notes)
+
+    # a manifest from before "runs" still resumes, its header taken as its run
+    del manifest["runs"]
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest))
+    report = protect_files(files[1:], out, strong, options=NATIVE)
+    assert [r.status for r in report.results] == ["skipped"]
+    assert [run["settings"] for run in load_manifest(out)["runs"]] == [manifest["settings"]]
+
+    # once every output is redone with one settings, the manifest describes that one alone
+    report = protect_files(files, out, strong, options=NATIVE, overwrite=True)
+    assert {r.status for r in report.results} == {"protected"} and not report.notes
+    assert [run["settings"] for run in load_manifest(out)["runs"]] == [manifest["settings"]]

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .images import IMAGE_SUFFIXES, ImageFileError, load_image, save_png
+from .images import IMAGE_SUFFIXES, ImageFileError, load_image, save_png, write_atomically
 from .metrics import LPIPS, json_number, linf_255, psnr, ssim
 from .mimicry import Mimicry, MimicrySettings, Variant, fit_image
 
@@ -315,9 +315,8 @@ def download_lpips_weights(destination: Path) -> Path:
             torch.load(alexnet, map_location="cpu", weights_only=True),
             torch.load(heads, map_location="cpu", weights_only=True),
         )
-        partial_file = Path(folder) / destination.name
-        save_file(weights, str(partial_file))
-        os.replace(partial_file, destination)
+        # atomically, with the mode open() gives (safetensors alone writes 0600)
+        write_atomically(destination, lambda part: save_file(weights, str(part)))
     return destination
 
 

@@ -34,6 +34,7 @@ import math
 import os
 import re
 import secrets
+import stat
 import struct
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -645,22 +646,69 @@ def _png_info(text: dict[str, str], xmp: bytes | None) -> PngInfo:
     return info
 
 
+class ReadOnlyFileError(PermissionError):
+    """An output the user made read-only: they meant to keep it, so it is never replaced."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(f"{path} is read-only; not replaced.")
+        self.path = path
+
+
+def is_read_only(path: Path) -> bool:
+    """Whether ``path`` is a file without write permission for its owner, or for us.
+
+    The owner's write bit is what ``chmod -w`` and "read-only" in a file manager clear; it is
+    read from the mode rather than asked of ``os.access``, which says yes to root.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    if not stat.S_ISREG(mode):
+        return False
+    return not mode & stat.S_IWUSR or not os.access(path, os.W_OK)
+
+
 def write_atomically(destination: Path, write: Callable[[Path], None]) -> None:
     """Call ``write(temporary)`` beside ``destination``, flush it to disk, then rename.
 
     Why: an interrupted run (Ctrl-C, crash, full disk) must never leave a half-written file
     under the final name, where a resumed run would take it for a finished one.
+
+    The file gets the mode ``open()`` would give it: the user's umask for a new file, the
+    mode of the file it replaces otherwise (writers such as safetensors' make 0600 files). A
+    read-only ``destination`` is refused with :class:`ReadOnlyFileError`.
     """
+    if is_read_only(destination):
+        raise ReadOnlyFileError(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
     temporary = destination.with_name(f".{destination.name}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
     try:
+        mode = _mode_for(destination, temporary)
         write(temporary)
+        with contextlib.suppress(NotImplementedError, PermissionError):  # e.g. some network shares
+            os.chmod(temporary, mode)
         with open(temporary, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(temporary, destination)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def _mode_for(destination: Path, temporary: Path) -> int:
+    """The permission bits ``open(destination, "w")`` would leave: those of the file it
+    replaces, else 0666 less the umask. Read by creating ``temporary`` empty with 0666:
+    ``os.umask`` can only be read by changing it, which races with other threads."""
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        mode = os.fstat(descriptor).st_mode
+    finally:
+        os.close(descriptor)
+    with contextlib.suppress(OSError):
+        if stat.S_ISREG(existing := os.stat(destination).st_mode):
+            mode = existing
+    return stat.S_IMODE(mode) & 0o777
 
 
 def remove_partial_files(destinations: Iterable[Path]) -> list[Path]:

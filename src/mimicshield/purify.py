@@ -11,6 +11,7 @@ purification left the latent shift intact, 0 that it removed it completely.
 
 from __future__ import annotations
 
+import inspect
 import io
 import math
 from collections.abc import Callable, Sequence
@@ -293,6 +294,25 @@ class Purification:
         if self.needs is None and not self.sized:
             return self.fn(images)
         return self.fn(images, model)
+
+    def parameters(self, model=None) -> dict:
+        """The values it runs with (its function's defaults, and those the registry fixes),
+        so that a record of a run says what was done: JPEG quality, blur sigma, noise seed.
+
+        ``sized`` purifications add the working size they take from ``model``.
+        """
+        function, fixed = self.fn, {}
+        if isinstance(function, partial):
+            function, fixed = function.func, dict(function.keywords)
+        values = {
+            name: parameter.default
+            for name, parameter in inspect.signature(function).parameters.items()
+            if parameter.default is not inspect.Parameter.empty and name != "model"
+        }
+        values.update(fixed)
+        if self.sized:
+            values["size"] = getattr(model, "native_size", None) or WORK_SIZE
+        return values
 
     def applicable(self, model) -> bool:
         """Whether this purification can run with ``model`` (None: no model at hand)."""

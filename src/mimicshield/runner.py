@@ -40,6 +40,7 @@ from .images import (
     ImageHeader,
     LoadedImage,
     OutputPlan,
+    is_read_only,
     load_image,
     plan_output,
     probe_image,
@@ -58,6 +59,7 @@ from .resolution import (
 )
 
 MANIFEST_NAME = "manifest.json"
+PURIFY_RECORD_NAME = "purify.json"
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,7 @@ class FileResult:
 @dataclass
 class RunReport:
     results: list[FileResult] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # said after the results, not failures
 
     @property
     def failures(self) -> list[FileResult]:
@@ -138,9 +141,10 @@ class InputScan:
 
 
 # The records an earlier run leaves in its output folder (protect and evaluate's purified
-# folders: manifest.json; mimic: mimic.json; evaluate: metrics.json). A folder holding one is
-# skipped when a folder above it is read: a rerun must not take its own outputs for inputs.
-RUN_RECORDS = (MANIFEST_NAME, "mimic.json", "metrics.json")
+# folders: manifest.json; purify: purify.json; mimic: mimic.json; evaluate: metrics.json). A
+# folder holding one is skipped when a folder above it is read: a rerun must not take its own
+# outputs for inputs.
+RUN_RECORDS = (MANIFEST_NAME, PURIFY_RECORD_NAME, "mimic.json", "metrics.json")
 
 
 def is_run_folder(folder: Path) -> bool:
@@ -425,35 +429,66 @@ def existing_outputs_error(destinations: Iterable[Path], out_dir: Path) -> str |
 
 
 def load_manifest(out_dir: Path) -> dict:
-    path = Path(out_dir) / MANIFEST_NAME
+    return load_record(Path(out_dir) / MANIFEST_NAME)
+
+
+def load_record(path: Path) -> dict:
+    """A run's JSON record as a dict; {} when it is absent, unreadable or not a JSON object."""
     if not path.is_file():
         return {}
     try:
-        manifest = json.loads(path.read_text())
+        record = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-    return manifest if isinstance(manifest, dict) else {}
+    return record if isinstance(record, dict) else {}
 
 
-class ForeignManifestError(ValueError):
+class RecordError(ValueError):
+    """A run record in the output folder that must not be rewritten: not ours, or read-only."""
+
+
+class ForeignManifestError(RecordError):
     """``OUT/manifest.json`` exists but is not ours: rewriting it would lose the user's file."""
 
 
 def check_manifest(out_dir: Path) -> None:
-    """Raise :class:`ForeignManifestError` unless ``OUT/manifest.json`` is absent or ours.
+    """Raise :class:`RecordError` unless ``OUT/manifest.json`` is absent or ours to rewrite.
 
     Ours means a JSON object with ``mimicshield_version``, as :meth:`Manifest.write` writes
-    it (atomically, so a crash never leaves a half-written one).
+    it (atomically, so a crash never leaves a half-written one), and not made read-only.
     """
-    path = Path(out_dir) / MANIFEST_NAME
+    check_record(Path(out_dir) / MANIFEST_NAME)
+
+
+def check_record(path: Path) -> None:
+    """Raise :class:`RecordError` unless the record at ``path`` is absent, or ours and writable.
+
+    Said before a run starts: the record is rewritten after every file."""
     if not path.exists():
         return
-    manifest = load_manifest(out_dir)
-    if "mimicshield_version" not in manifest:
+    out_dir = path.parent
+    if "mimicshield_version" not in load_record(path):
         raise ForeignManifestError(
-            f"-o {out_dir}: {MANIFEST_NAME} there was not written by mimicshield and would be "
+            f"-o {out_dir}: {path.name} there was not written by mimicshield and would be "
             "overwritten; move it or choose another -o."
         )
+    if is_read_only(path):
+        raise RecordError(
+            f"-o {out_dir}: {path} is read-only; not replaced (make it writable, or choose "
+            "another -o)."
+        )
+
+
+def write_record(path: Path, record: dict) -> None:
+    """Write a run's record atomically, as strict JSON (which jq and browsers read: PSNR is
+    +inf for an unchanged image), marked with the version that wrote it."""
+    content = {
+        "mimicshield_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **record,
+    }
+    text = json.dumps(_strict_json(content), indent=2, allow_nan=False)
+    write_atomically(path, lambda temporary: temporary.write_text(text))
 
 
 class Manifest:
@@ -461,6 +496,10 @@ class Manifest:
 
     Entries are keyed by the input's path relative to its folder, which is also where its
     output lives, so a run over part of a folder keeps the entries of the rest.
+
+    The top-level header describes the latest run. Outputs of earlier runs with other
+    settings may remain beside it, so ``runs`` describes every run whose settings an entry
+    still names: each entry's ``settings`` is the ``settings`` of one of them.
     """
 
     def __init__(self, out_dir: Path, header: dict | None) -> None:
@@ -469,9 +508,14 @@ class Manifest:
         self.out_dir = out_dir
         self.header = header
         self.entries: dict[str, dict] = {}
-        for entry in load_manifest(out_dir).get("images", []):
+        earlier = load_manifest(out_dir)
+        for entry in earlier.get("images", []):
             if isinstance(entry, dict) and entry.get("relative"):
                 self.entries[entry["relative"]] = entry
+        self.runs = _earlier_runs(earlier)
+        if header is not None and header.get("settings"):
+            self.runs.pop(header["settings"], None)  # described again, last, by this run
+            self.runs[header["settings"]] = {"mimicshield_version": __version__, **header}
 
     def previous(self, relative: str) -> FileResult | None:
         entry = self.entries.get(relative)
@@ -493,19 +537,102 @@ class Manifest:
         if self.header is not None:
             self.write()
 
+    def settings_in_use(self) -> list[dict]:
+        """The runs whose outputs the folder holds (their entries name their settings), and
+        this one, oldest first."""
+        named = {e["settings"] for e in self.entries.values() if _named(e, "settings")}
+        current = (self.header or {}).get("settings")
+        return [run for key, run in self.runs.items() if key in named or key == current]
+
     def write(self) -> Path:
-        manifest = {
-            "mimicshield_version": __version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            **(self.header or {}),
-            "images": list(self.entries.values()),
-        }
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / MANIFEST_NAME
-        # strict JSON, which jq and browsers read: PSNR is +inf for an unchanged image
-        text = json.dumps(_strict_json(manifest), indent=2, allow_nan=False)
-        write_atomically(path, lambda temporary: temporary.write_text(text))
+        record = {**(self.header or {}), "runs": self.settings_in_use()}
+        write_record(path, {**record, "images": list(self.entries.values())})
         return path
+
+
+def _earlier_runs(manifest: dict) -> dict[str, dict]:
+    """The runs an earlier manifest describes, by settings. One written before ``runs``
+    existed describes its last run only, in its header: that run is taken from there."""
+    runs = manifest.get("runs")
+    if not isinstance(runs, list):  # written before ``runs`` existed
+        header = {k: v for k, v in manifest.items() if k not in ("created", "images", "runs")}
+        runs = [header] if manifest.get("settings") else []
+    return {run["settings"]: run for run in runs if _named(run, "settings")}
+
+
+class PurifyRecord:
+    """``OUT/purify.json``: what ``purify`` wrote there, so later scans skip the folder.
+
+    Entries are keyed by output (``jpeg75/a.png``) and name their input and the settings of
+    the purification that made them; ``purifications`` describes each settings an entry
+    names (a purification run again with another model is a second one), oldest first.
+    Earlier runs' entries are kept, as the protect manifest keeps them. Rewritten atomically
+    before the first output (:meth:`before_output`) and after each, as the protect manifest
+    is, so that after a crash it names every complete output.
+    """
+
+    def __init__(self, out_dir: Path, purifications: list[dict]) -> None:
+        self.path = Path(out_dir) / PURIFY_RECORD_NAME
+        check_record(self.path)
+        earlier = load_record(self.path)
+        self.entries = {
+            entry["output"]: entry
+            for entry in _as_list(earlier.get("files"))
+            if _named(entry, "output")
+        }
+        described = [*_as_list(earlier.get("purifications")), *map(_with_settings, purifications)]
+        self.purifications = {p["settings"]: p for p in described if _named(p, "settings")}
+        self.current = [_with_settings(p)["settings"] for p in purifications]
+        self.written = False
+
+    def settings(self, name: str) -> str:
+        """The settings id of this run's purification ``name``."""
+        return next(key for key in self.current if self.purifications[key]["name"] == name)
+
+    def before_output(self) -> None:
+        """Write the record before the first output, so the folder is marked as a run's even
+        if the run is killed while writing it."""
+        if not self.written:
+            self.write()
+
+    def add(self, source: Path, name: str, output: Path) -> None:
+        """Record that ``source``'s purification ``name`` is complete at ``output``."""
+        relative = output.relative_to(self.path.parent).as_posix()
+        self.entries[relative] = {
+            "input": str(source),
+            "purification": name,
+            "output": relative,
+            "settings": self.settings(name),
+        }
+        self.write()
+
+    def write(self) -> None:
+        named = {e["settings"] for e in self.entries.values() if _named(e, "settings")}
+        named.update(self.current)
+        described = [p for key, p in self.purifications.items() if key in named]
+        write_record(self.path, {"purifications": described, "files": list(self.entries.values())})
+        self.written = True
+
+
+def _named(item, key: str) -> bool:
+    """Whether a record's ``item`` is an object whose ``key`` is a name (a string)."""
+    return isinstance(item, dict) and isinstance(item.get(key), str) and bool(item[key])
+
+
+def _as_list(value) -> list:
+    """``value`` if a record holds a list there, else nothing (an edited or damaged record)."""
+    return value if isinstance(value, list) else []
+
+
+def _with_settings(purification: dict) -> dict:
+    """``purification`` (name, parameters, ...) with ``settings``: a short fingerprint of its
+    name and parameters, which the entries it made name."""
+    if "settings" in purification:
+        return purification
+    key = {k: purification.get(k) for k in ("name", "parameters")}
+    text = json.dumps(_strict_json(key), sort_keys=True, default=str)
+    return {**purification, "settings": hashlib.sha256(text.encode()).hexdigest()[:16]}
 
 
 def _strict_json(value):
@@ -673,6 +800,13 @@ def protect_files(
         for start in range(0, len(jobs), size):
             batch = jobs[start : start + size]
             _protect_batch(batch, protector, options, settings, record, on_image_start, on_step)
+    finished = [e for e in manifest.entries.values() if e.get("status") != "failed"]
+    held = {entry["settings"] for entry in finished if _named(entry, "settings")}
+    if len(held) > 1:
+        report.notes.append(
+            f"{out_dir} holds outputs made with {len(held)} different settings; "
+            f'{MANIFEST_NAME} describes each under "runs", and names the one of each image.'
+        )
     return report
 
 
@@ -712,6 +846,8 @@ def _plan(
     destination = out_dir / output
     if (refusal := claims.refusal(item.path, destination)) is not None:
         raise ImageFileError(refusal)
+    if overwrite and is_read_only(destination):
+        raise ImageFileError(f"{item.path}: output {destination} is read-only; not replaced.")
     if destination.exists() and not overwrite:
         raise ImageFileError(
             f"{item.path}: output {destination} already exists and "

@@ -168,6 +168,12 @@ def evaluate(
             f"-o {out} holds an earlier evaluation (report.html, metrics, mimicry/); choose "
             "another folder, or pass --overwrite to replace it."
         )
+    if overwrite and (kept := read_only_outputs(out)):
+        more = f" (and {len(kept) - 1} more)" if len(kept) > 1 else ""
+        raise CLIError(
+            f"-o {out}: {kept[0]}{more} is read-only; not replaced (an evaluation is replaced "
+            "whole: make it writable, or choose another -o)."
+        )
     _check_pairing(clean_dir, protected_dirs, out, settings)
     purifications = parse_purify_option(purify)
     check_model_source(model)  # a mistyped path, before the LPIPS weights are downloaded
@@ -299,6 +305,18 @@ def own_folder_problem(inputs: list[Path], out: Path) -> str | None:
                     "deletes); move it, or choose another -o."
                 )
     return None
+
+
+def read_only_outputs(out: Path) -> list[Path]:
+    """The files of an earlier evaluation in ``out`` that the user made read-only.
+
+    ``--overwrite`` replaces the report, the metrics and the image folders together, so one
+    kept file refuses the run: a new report beside an old image would contradict it."""
+    from ..images import is_read_only
+
+    files = [out / name for name in ("report.html", "metrics.json", "metrics.csv")]
+    files += sorted(path for name in OWN_FOLDERS for path in (out / name).rglob("*"))
+    return [path for path in files if is_read_only(path)]
 
 
 def remove_own_folders(out: Path) -> None:

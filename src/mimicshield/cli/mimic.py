@@ -351,7 +351,7 @@ def mimic(
     from rich.console import Console
     from rich.markup import escape
 
-    from ..images import ImageFileError, load_image
+    from ..images import ImageFileError, is_read_only, load_image
     from ..runner import (
         OutputClaims,
         existing_outputs_error,
@@ -422,6 +422,11 @@ def mimic(
             planned.extend(folder / f"sample_{i:03d}.png" for i in range(settings.num_samples))
         if (message := existing_outputs_error(planned, out)) is not None:
             raise CLIError(message)
+    elif is_read_only(out / "mimic.json"):  # the run's record: said before the model loads
+        raise CLIError(
+            f"-o {out}: {out / 'mimic.json'} is read-only; not replaced (make it writable, or "
+            "choose another -o)."
+        )
 
     mimicry = load_mimicry(
         settings, model, model_config, device, dtype, inpaint_model, family, inpaint_model_config
@@ -429,7 +434,7 @@ def mimic(
     settings = mimicry.settings  # the resolution resolved to the model's own size
     outputs: list[str] = []
     try:
-        _run_variants(mimicry, variants, images, unmasked, out, outputs, err)
+        _run_variants(mimicry, variants, images, unmasked, out, outputs, failed, err)
     except KeyboardInterrupt:
         err.print(
             f"Interrupted. The {len(outputs)} file(s) written to {out} are complete (none is "
@@ -476,15 +481,26 @@ def _unmasked(settings, images: dict[str, Path], failed: list[str]) -> set[str]:
     return set(problems)
 
 
-def _run_variants(mimicry, variants, paths: dict, unmasked: set[str], out: Path, outputs, err):
+def _run_variants(
+    mimicry, variants, paths: dict, unmasked: set[str], out: Path, outputs, failed, err
+):
     """Run every variant on the images and save what it makes; ``outputs`` grows with each
-    file saved, so an interrupted run can say what is complete."""
+    file saved, so an interrupted run can say what is complete. A file the user made
+    read-only is not replaced (nor made, when it is one image's): it goes into ``failed``."""
     import torch
     from safetensors.torch import save_file
 
-    from ..images import load_image, save_png, write_atomically
+    from ..images import ReadOnlyFileError, is_read_only, load_image, save_png, write_atomically
     from ..mimicry import fit_image
     from .errors import CLIError
+
+    def save(path: Path, write) -> None:
+        try:
+            write()
+        except ReadOnlyFileError as error:
+            failed.append(str(error))
+            return
+        outputs.append(str(path))
 
     settings = mimicry.settings
     images = {
@@ -497,11 +513,14 @@ def _run_variants(mimicry, variants, paths: dict, unmasked: set[str], out: Path,
             if variant.paired:
                 skipped = unmasked if variant.scenario == "inpaint" else set()
                 chosen = {name: image for name, image in images.items() if name not in skipped}
+                kept = [name for name in chosen if is_read_only(folder / f"{name}.png")]
+                failed.extend(str(ReadOnlyFileError(folder / f"{name}.png")) for name in kept)
+                chosen = {name: image for name, image in chosen.items() if name not in kept}
                 progress.start(variant.label, len(chosen) * steps)
                 for name, image in chosen.items():
                     result = mimicry.run(variant, image, name, lambda s, t: progress.advance())
-                    save_png(result, folder / f"{name}.png")
-                    outputs.append(str(folder / f"{name}.png"))
+                    path = folder / f"{name}.png"
+                    save(path, lambda path=path, result=result: save_png(result, path))
                 continue
             if len({tuple(image.shape) for image in images.values()}) > 1:
                 raise CLIError(f"{variant.scenario} needs images of one size: use --resolution N.")
@@ -509,14 +528,15 @@ def _run_variants(mimicry, variants, paths: dict, unmasked: set[str], out: Path,
             batch = torch.stack(list(images.values()))
             samples, weights = mimicry.run_set(variant, batch, lambda s, t: progress.advance())
             for i, sample in enumerate(samples):
-                save_png(sample, folder / f"sample_{i:03d}.png")
-                outputs.append(str(folder / f"sample_{i:03d}.png"))
+                path = folder / f"sample_{i:03d}.png"
+                save(path, lambda path=path, sample=sample: save_png(sample, path))
             weights_file = folder / f"{variant.scenario}_weights.safetensors"
             tensors = {k: v.contiguous() for k, v in weights.items()}
-            write_atomically(
-                weights_file, lambda part, tensors=tensors: save_file(tensors, str(part))
-            )
-            outputs.append(str(weights_file))
+
+            def write_weights(path: Path = weights_file, tensors: dict = tensors) -> None:
+                write_atomically(path, lambda part: save_file(tensors, str(part)))
+
+            save(weights_file, write_weights)
 
 
 mimic.__doc__ = (mimic.__doc__ or "") + "\n" + EXAMPLES

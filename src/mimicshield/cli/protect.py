@@ -163,8 +163,8 @@ def protect(
     from ..resolution import parse_work_size
     from ..robust import parse_robust
     from ..runner import (
-        ForeignManifestError,
         OutputOptions,
+        RecordError,
         check_manifest,
         no_inputs_message,
         output_folder_problem,
@@ -250,7 +250,7 @@ def protect(
         raise CLIError(problem)
     try:
         check_manifest(out)
-    except ForeignManifestError as error:
+    except RecordError as error:  # not ours, or read-only
         raise CLIError(str(error)) from None
 
     target_image = None
@@ -359,6 +359,8 @@ def protect(
         raise typer.Exit(code=130) from None
     report.results.extend(missing)
     print_results(report, time.perf_counter() - started)
+    for note in report.notes:
+        err.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True)
     if report.failures:
         raise typer.Exit(code=1)
 

@@ -1,7 +1,9 @@
 """``mimicshield purify INPUTS... -o OUT``: apply what an attacker does before mimicry.
 
 Writes ``OUT/<purification>/<relative path>.png`` for every input and purification, at the
-input's size, so protected images can be checked (``mimicshield evaluate``) after purification.
+input's size, so protected images can be checked (``mimicshield evaluate``) after purification,
+and ``OUT/purify.json``, the record of what was written, by which settings, from which input
+(later scans of a folder above skip ``OUT``, as they skip protect's and mimic's outputs).
 """
 
 from __future__ import annotations
@@ -88,10 +90,14 @@ def purify(
     from rich.console import Console
     from rich.markup import escape
 
-    from ..images import ImageFileError, load_image, save_png
+    from ..images import ImageFileError, is_read_only, load_image, save_png
     from ..purify import NotApplicableError, parse_purifications
     from ..runner import (
+        PURIFY_RECORD_NAME,
         OutputClaims,
+        PurifyRecord,
+        RecordError,
+        check_record,
         existing_outputs_error,
         no_inputs_message,
         output_folder_problem,
@@ -139,6 +145,15 @@ def purify(
         every = [path for _, destinations in planned for path in destinations.values()]
         if (message := existing_outputs_error(every, out)) is not None:
             raise CLIError(message)
+    for file, destinations in planned:  # a file the user made read-only is kept: said at the end
+        for name, destination in list(destinations.items()):
+            if is_read_only(destination):
+                failures.append(f"{file.path}: output {destination} is read-only; not replaced.")
+                del destinations[name]
+    try:  # not ours, or read-only: said before the model loads
+        check_record(out / PURIFY_RECORD_NAME)
+    except RecordError as error:
+        raise CLIError(str(error)) from None
 
     if model is not None and (needs_model or any(p.sized for p in chosen)):
         with err.status(f"Loading {model} ..."):
@@ -150,22 +165,27 @@ def purify(
             err.print(f"[yellow]note:[/yellow] {', '.join(skipped)} not applicable to {model}.")
         chosen = [p for p in chosen if p.applicable(loaded)]
 
+    record = PurifyRecord(out, [_description(p, loaded, model) for p in chosen])
     written: list[Path] = []  # complete files only: save_png writes atomically
     try:
         for file, destinations in planned:
+            todo = [p for p in chosen if p.name in destinations]
+            if not todo:
+                continue
             try:
                 loaded_image = load_image(file.path)
             except ImageFileError as error:
                 failures.append(str(error))
                 continue
             image = loaded_image.rgb[None]
-            for purification in chosen:
+            for purification in todo:
                 try:
                     with torch.no_grad():
                         result = purification(image, loaded)
                 except NotApplicableError as error:
                     raise CLIError(str(error)) from error
                 destination = destinations[purification.name]
+                record.before_output()
                 try:
                     save_png(result[0], destination, alpha=loaded_image.alpha)
                 except OSError as error:  # e.g. a file where the purification's folder goes
@@ -173,6 +193,7 @@ def purify(
                     failures.append(f"{file.path}: could not write {destination} ({why}).")
                     continue
                 written.append(destination)
+                record.add(file.path, purification.name, destination)
     except KeyboardInterrupt:
         err.print(
             f"Interrupted. The {len(written)} image(s) written to {out} are complete (none is "
@@ -189,6 +210,16 @@ def purify(
 
 
 purify.__doc__ = (purify.__doc__ or "") + "\n" + EXAMPLES
+
+
+def _description(purification, loaded, model: str | None) -> dict:
+    """What ``purify.json`` says of one purification: its name, what it does, and the values
+    it ran with, with the model when it uses one (or would: ``resize`` takes its size)."""
+    parameters = purification.parameters(loaded)
+    if purification.needs is not None or purification.sized:
+        local = model is not None and Path(model).expanduser().exists()
+        parameters["model"] = str(Path(model).expanduser().resolve()) if local else model
+    return {"name": purification.name, "summary": purification.summary, "parameters": parameters}
 
 
 def _why(error: OSError, destination: Path) -> str:
