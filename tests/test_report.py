@@ -161,3 +161,23 @@ def test_best_counts_infinite_values_instead_of_dropping_them():
     records += [Record("B", "imperceptibility", None, "x", "psnr", 40.0)]
     summaries = {s.source: s for s in summarize(records)}
     assert _best(summaries, "psnr") == {"A"}  # an unchanged image is the most imperceptible
+
+
+def test_an_interrupted_report_or_metrics_write_keeps_the_earlier_files(tmp_path, monkeypatch):
+    """Ctrl-C while the report or the metrics are written leaves the earlier run's files whole
+    (and no partial files), rather than a truncated report under the final name."""
+    from mimicshield.evaluation import write_metrics
+
+    earlier = {name: f"earlier {name}" for name in ("report.html", "metrics.csv", "metrics.json")}
+    for name, text in earlier.items():
+        (tmp_path / name).write_text(text)
+
+    def interrupted(fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("os.fsync", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_report(_result(), tmp_path / "report.html")
+    with pytest.raises(KeyboardInterrupt):
+        write_metrics(_result(), tmp_path)
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == earlier

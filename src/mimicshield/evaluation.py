@@ -17,6 +17,7 @@ Everything ends up as :class:`Record` rows (source, scenario, strength, image, m
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -32,7 +33,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .images import IMAGE_SUFFIXES, ImageFileError, load_image, save_png, write_atomically
+from .images import (
+    IMAGE_SUFFIXES,
+    ImageFileError,
+    load_image,
+    save_png,
+    write_atomically,
+    write_text_atomically,
+)
 from .metrics import LPIPS, json_number, linf_255, psnr, ssim
 from .mimicry import Mimicry, MimicrySettings, Variant, fit_image
 
@@ -936,14 +944,15 @@ def write_metrics(result: EvaluationResult, out_dir: Path) -> tuple[Path, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out_dir / "metrics.csv"
-    with csv_path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["source", "scenario", "strength", "image", "metric", "value"])
-        for r in result.records:
-            strength = "" if r.strength is None else f"{r.strength:g}"
-            writer.writerow(
-                [r.source, r.scenario, strength, r.image or "", r.metric, json_number(r.value)]
-            )
+    rows = io.StringIO()
+    writer = csv.writer(rows)
+    writer.writerow(["source", "scenario", "strength", "image", "metric", "value"])
+    for r in result.records:
+        strength = "" if r.strength is None else f"{r.strength:g}"
+        writer.writerow(
+            [r.source, r.scenario, strength, r.image or "", r.metric, json_number(r.value)]
+        )
+    write_text_atomically(csv_path, rows.getvalue())
 
     from . import __version__
 
@@ -962,5 +971,7 @@ def write_metrics(result: EvaluationResult, out_dir: Path) -> tuple[Path, Path]:
         "records": [{**asdict(r), "value": json_number(r.value)} for r in result.records],
     }
     json_path = out_dir / "metrics.json"
-    json_path.write_text(json.dumps(document, indent=2, ensure_ascii=False, allow_nan=False))
+    write_text_atomically(
+        json_path, json.dumps(document, indent=2, ensure_ascii=False, allow_nan=False)
+    )
     return csv_path, json_path

@@ -696,6 +696,13 @@ def write_atomically(destination: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
+def write_text_atomically(destination: Path, text: str) -> None:
+    """:func:`write_atomically` for a text file (UTF-8, line endings as given)."""
+    write_atomically(
+        destination, lambda temporary: temporary.write_text(text, encoding="utf-8", newline="")
+    )
+
+
 def _mode_for(destination: Path, temporary: Path) -> int:
     """The permission bits ``open(destination, "w")`` would leave: those of the file it
     replaces, else 0666 less the umask. Read by creating ``temporary`` empty with 0666:

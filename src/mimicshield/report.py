@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .evaluation import CLEAN, METRICS, EvaluationResult, Summary, summarize
+from .images import write_text_atomically
 
 __all__ = ["Series", "format_value", "line_plot_svg", "render_report", "thumbnail", "write_report"]
 
@@ -548,5 +549,5 @@ def write_report(result: EvaluationResult, path: str | Path) -> Path:
     """Write ``report.html`` (UTF-8); returns its path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_report(result), encoding="utf-8")
+    write_text_atomically(path, render_report(result))
     return path

@@ -47,7 +47,7 @@ from .images import (
     remove_partial_files,
     save_image,
     to_array,
-    write_atomically,
+    write_text_atomically,
 )
 from .metrics import json_number, linf_255, number_from_json, psnr, ssim
 from .performance import release_cached_memory
@@ -488,7 +488,7 @@ def write_record(path: Path, record: dict) -> None:
         **record,
     }
     text = json.dumps(_strict_json(content), indent=2, allow_nan=False)
-    write_atomically(path, lambda temporary: temporary.write_text(text))
+    write_text_atomically(path, text)
 
 
 class Manifest:

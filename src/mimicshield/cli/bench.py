@@ -163,6 +163,7 @@ def bench(
     from rich.console import Console
 
     from ..bench import BenchSettings, run_bench
+    from ..images import write_text_atomically
     from .errors import CLIError
     from .options import check_device_options
 
@@ -201,8 +202,7 @@ def bench(
     def save(report) -> None:
         if json_out is not None:
             report.environment["command"] = command
-            json_out.parent.mkdir(parents=True, exist_ok=True)
-            json_out.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+            write_text_atomically(json_out, json.dumps(report.to_dict(), indent=2) + "\n")
 
     def on_result(report, result) -> None:
         err.print(result_line(result))

@@ -444,7 +444,7 @@ def mimic(
         raise typer.Exit(code=130) from None
 
     from .. import __version__
-    from ..images import write_atomically
+    from ..images import write_text_atomically
 
     record = {
         "mimicshield_version": __version__,
@@ -456,7 +456,7 @@ def mimic(
         "failed": failed,
     }
     text = json.dumps(record, indent=2)
-    write_atomically(out / "mimic.json", lambda temporary: temporary.write_text(text))
+    write_text_atomically(out / "mimic.json", text)
     err.print(f"{len(outputs)} file(s) written to {out}")
     if failed:
         err.print(f"{len(failed)} input(s) left out:")

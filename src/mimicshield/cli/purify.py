@@ -258,7 +258,7 @@ def write_purified_folders(
 
     from .. import __version__
     from ..evaluation import CLEAN, pair_folders
-    from ..images import load_image, save_png
+    from ..images import load_image, save_png, write_text_atomically
 
     if not purifications:
         return []
@@ -279,7 +279,7 @@ def write_purified_folders(
                 "parameters": {"method": method},
                 "purification": purification.name,
             }
-            (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
+            write_text_atomically(folder / "manifest.json", json.dumps(manifest, indent=2))
             folders.append(folder)
     return folders
 
