@@ -20,6 +20,7 @@ class FakeConfig:
     steps: int = 2
     seed: int = 0
     quantize_levels: int | None = 255
+    method: str = "noise"
 
     def to_dict(self) -> dict:
         return asdict(self)

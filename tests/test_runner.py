@@ -459,3 +459,19 @@ def test_a_folder_holding_two_runs_settings_describes_both(tmp_path):
     report = protect_files(files, out, strong, options=NATIVE, overwrite=True)
     assert {r.status for r in report.results} == {"protected"} and not report.notes
     assert [run["settings"] for run in load_manifest(out)["runs"]] == [manifest["settings"]]
+
+
+def test_evaluate_labels_a_folder_resumed_with_another_method_by_both(tmp_path):
+    """``evaluate`` names a protected folder by its manifest's method; one that holds images
+    of two methods (a resumed run with another method) is named by both, not the last alone."""
+    from mimicshield.evaluation import pair_folders
+
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    for name, seed in (("a.png", 40), ("b.png", 41)):
+        Image.fromarray(noise(16, 16, seed=seed)).save(folder / name)
+    files = collect_inputs([str(folder)])[0]
+    protect_files(files[:1], out, NoiseEngine(method="sds-"), options=NATIVE)
+    assert [m.name for m in pair_folders(folder, [out])[1]] == ["sds-"]
+    protect_files(files[1:], out, NoiseEngine(method="mist"), options=NATIVE)
+    assert [m.name for m in pair_folders(folder, [out])[1]] == ["sds- + mist"]

@@ -478,17 +478,29 @@ def _image_files(
 
 
 def _method_label(folder: Path) -> str:
-    """The method named in the folder's manifest.json (written by ``protect``), else its name."""
-    manifest = folder / "manifest.json"
-    if manifest.is_file():
-        try:
-            parameters = json.loads(manifest.read_text()).get("parameters", {})
-            method = parameters.get("method") if isinstance(parameters, dict) else None
-        except (OSError, ValueError, AttributeError):  # not JSON, or not a JSON object
-            method = None
-        if method:
-            return str(method)
+    """The method named in the folder's manifest.json (written by ``protect``), else its name.
+
+    A folder resumed with another method holds images of each: its manifest's ``runs`` name
+    them all, and so does the label ("sds- + mist"), rather than the last run's alone.
+    """
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):  # none, or not JSON
+        manifest = None
+    if isinstance(manifest, dict):
+        runs = manifest.get("runs")
+        runs = runs if isinstance(runs, list) and runs else [manifest]
+        methods = [_run_method(run) for run in runs]
+        methods = list(dict.fromkeys(str(m) for m in methods if m))  # unique, in order
+        if methods:
+            return " + ".join(methods)
     return folder.name or str(folder)
+
+
+def _run_method(run: object) -> object:
+    """``run["parameters"]["method"]``, or None where a hand-edited manifest lacks it."""
+    parameters = run.get("parameters") if isinstance(run, dict) else None
+    return parameters.get("method") if isinstance(parameters, dict) else None
 
 
 def pair_folders(
