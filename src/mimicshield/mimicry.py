@@ -35,13 +35,21 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from glob import escape as glob_escape
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .methods import loss_scale, v_target
-from .models import Conditioning, LatentDiffusion, sdxl_time_ids
+from .models import (
+    Conditioning,
+    LatentDiffusion,
+    diffusers_clip_skip,
+    encode_prompt_ids,
+    find_final_layer_norm,
+    sdxl_time_ids,
+)
 from .reproducibility import deterministic_algorithms
 
 __all__ = [
@@ -365,17 +373,22 @@ def build_pipeline(
     return pipe
 
 
-def _size_conditioning(model: LatentDiffusion, height: int, width: int) -> dict:
-    """SDXL's micro-conditioning of an uncropped ``height`` x ``width`` image, as the pipeline's
-    arguments; the same time ids ``model.condition`` gives SDEdit. Nothing for SD 1.x/2.x."""
-    if not model.is_xl:
-        return {}
-    ids = [int(v) for v in sdxl_time_ids(height, width)[0].tolist()]
-    return {
-        "original_size": tuple(ids[0:2]),
-        "crops_coords_top_left": tuple(ids[2:4]),
-        "target_size": tuple(ids[4:6]),
-    }
+def _conditioning_arguments(model: LatentDiffusion, height: int, width: int) -> dict:
+    """How a pipeline conditions on the prompt, as its arguments; the one place the mimicry's
+    pipelines get them. The model's clip skip in diffusers' count (one less than ours, None for
+    1: :func:`~mimicshield.models.diffusers_clip_skip`), so a clip-skip-2 model is run as its
+    users run it; for SDXL also the micro-conditioning of an uncropped ``height`` x ``width``
+    image, the same time ids ``model.condition`` gives SDEdit.
+    """
+    arguments: dict = {"clip_skip": diffusers_clip_skip(model.clip_skip)}
+    if model.is_xl:
+        ids = [int(v) for v in sdxl_time_ids(height, width)[0].tolist()]
+        arguments.update(
+            original_size=tuple(ids[0:2]),
+            crops_coords_top_left=tuple(ids[2:4]),
+            target_size=tuple(ids[4:6]),
+        )
+    return arguments
 
 
 class _DropVaeCastNotice(logging.Filter):
@@ -399,19 +412,39 @@ def _quiet_vae_casts():
 
 
 @contextmanager
-def _pipeline_run(model: LatentDiffusion):
-    """Run pipelines quietly and leave the model's VAE in the dtype the model holds it in.
+def _pipeline_run(model: LatentDiffusion, pipe):
+    """Run ``pipe`` quietly and leave the model's VAE in the dtype the model holds it in.
 
     With ``force_upcast`` (SDXL's VAE config, and the default), an SDXL pipeline casts the VAE
     it was given to fp32 to encode and back to the UNet's dtype: lossless for a bf16 or fp32
     VAE, but after an error midway the VAE would stay fp32. It is put back here.
     """
-    with _quiet_vae_casts():
+    with _quiet_vae_casts(), _final_norm_where_diffusers_looks(pipe.text_encoder):
         try:
             yield
         finally:
             if model.vae.dtype != model.vae_dtype:
                 model.vae.to(model.vae_dtype)
+
+
+@contextmanager
+def _final_norm_where_diffusers_looks(text_encoder):
+    """Let diffusers' SD 1.x/2.x pipelines find the final layer norm for clip skip.
+
+    With a ``clip_skip`` they read ``text_encoder.text_model.final_layer_norm``, but
+    transformers 5.6 flattened ``CLIPTextModel``: the norm is on the model, there is no
+    ``text_model``, and the pipeline raised AttributeError (diffusers issue 14124). For the
+    run, a plain attribute (not a submodule: weights and state dict unchanged) points there.
+    """
+    norm = find_final_layer_norm(text_encoder)
+    if hasattr(text_encoder, "text_model") or norm is None:
+        yield
+        return
+    text_encoder.text_model = SimpleNamespace(final_layer_norm=norm)
+    try:
+        yield
+    finally:
+        del text_encoder.text_model
 
 
 def _step_end(callback: StepCallback | None, total: int):
@@ -441,9 +474,9 @@ def img2img(
     or ``StableDiffusionXLImg2ImgPipeline`` for SDXL (time ids of the uncropped image)."""
     pipe = build_pipeline(pipeline_class("img2img", model), model)
     total = max(1, int(num_inference_steps * strength))
-    size = _size_conditioning(model, images.shape[-2], images.shape[-1])
+    conditioning = _conditioning_arguments(model, images.shape[-2], images.shape[-1])
     outputs = []
-    with _pipeline_run(model):
+    with _pipeline_run(model, pipe):
         for image in images:
             result = pipe(
                 prompt=prompt,
@@ -454,7 +487,7 @@ def img2img(
                 generator=torch.Generator().manual_seed(seed),
                 output_type="pt",
                 callback_on_step_end=_step_end(callback, total),
-                **size,
+                **conditioning,
             )
             outputs.append(result.images[0].float().cpu())
     return torch.stack(outputs)
@@ -495,9 +528,9 @@ def inpaint(
     """
     pipe = build_pipeline(pipeline_class("inpaint", model), model)
     _, _, height, width = images.shape
-    size = _size_conditioning(model, height, width)
+    conditioning = _conditioning_arguments(model, height, width)
     outputs = []
-    with _pipeline_run(model):
+    with _pipeline_run(model, pipe):
         for i, image in enumerate(images):
             mask = centered_ellipse_mask(height, width, keep) if masks is None else masks[i]
             result = pipe(
@@ -512,7 +545,7 @@ def inpaint(
                 generator=torch.Generator().manual_seed(seed),
                 output_type="pt",
                 callback_on_step_end=_step_end(callback, num_inference_steps),
-                **size,
+                **conditioning,
             )
             outputs.append(result.images[0].float().cpu())
     return torch.stack(outputs)
@@ -548,9 +581,9 @@ def generate(
         text_encoder_2=text_encoder_2,
         tokenizer_2=tokenizer_2,
     )
-    size = _size_conditioning(model, height, width)
+    conditioning = _conditioning_arguments(model, height, width)
     outputs = []
-    with _pipeline_run(model):
+    with _pipeline_run(model, pipe):
         for i in range(num_images):
             result = pipe(
                 prompt=prompt,
@@ -561,7 +594,7 @@ def generate(
                 generator=torch.Generator().manual_seed(seed + i),
                 output_type="pt",
                 callback_on_step_end=_step_end(callback, num_inference_steps),
-                **size,
+                **conditioning,
             )
             outputs.append(result.images[0].float().cpu())
     return torch.stack(outputs)
@@ -704,18 +737,20 @@ def _ti_conditioning(
 ) -> Tensor | Conditioning:
     """c of the prompt from the encoder copies being trained, with gradients.
 
-    SD 1.x/2.x: the bare embedding. SDXL: built as ``model.embed_prompt`` and
-    ``model.condition`` build it: both encoders' penultimate hidden states concatenated, the
-    pooled embedding from the second's projection, the time ids of an uncropped image of
-    ``size`` (height, width).
+    Built as ``model.embed_prompt`` and ``model.condition`` build it, at the model's clip skip
+    (:func:`~mimicshield.models.encode_prompt_ids`). SD 1.x/2.x: the bare embedding. SDXL: both
+    encoders' hidden states concatenated, the pooled embedding from the second's projection,
+    the time ids of an uncropped image of ``size`` (height, width).
     """
+    encoded = [
+        encode_prompt_ids(p.text_encoder, i, model.clip_skip, xl=model.is_xl)
+        for p, i in zip(placeholders, ids, strict=True)
+    ]
     if not model.is_xl:
-        return placeholders[0].text_encoder(ids[0])[0]
-    first, second = (
-        p.text_encoder(i, output_hidden_states=True) for p, i in zip(placeholders, ids, strict=True)
-    )
-    hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
-    pooled = second[0]  # CLIPTextModelWithProjection's text_embeds
+        return encoded[0][0]
+    (first, _), (second, output) = encoded
+    hidden = torch.cat([first, second], dim=-1)
+    pooled = output[0]  # CLIPTextModelWithProjection's text_embeds
     return Conditioning(hidden, pooled, sdxl_time_ids(*size).to(model.device))
 
 

@@ -13,7 +13,7 @@ import logging
 import os
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,6 +195,96 @@ def sdxl_time_ids(height: int, width: int) -> Tensor:
     return torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32)
 
 
+# how clip skip is counted here, said wherever it is taken (CLI help, errors, docstrings)
+CLIP_SKIP_NUMBERING = (
+    "1 = the text encoder's last layer (the default), 2 = the penultimate, as model cards, "
+    "A1111 and civitai count; diffusers' own clip_skip is one less"
+)
+
+
+def check_clip_skip(clip_skip: int) -> int:
+    """``clip_skip`` if it is a whole number of at least 1; a one-line ValueError otherwise."""
+    if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip < 1:
+        raise ValueError(
+            f"clip skip must be a whole number of at least 1 ({CLIP_SKIP_NUMBERING}); "
+            f"got {clip_skip!r}."
+        )
+    return clip_skip
+
+
+def diffusers_clip_skip(clip_skip: int) -> int | None:
+    """diffusers' ``clip_skip`` for ours: it counts the layers skipped beyond the last one, so
+    it is one less, and None (its default, the last layer) for 1."""
+    return None if check_clip_skip(clip_skip) == 1 else clip_skip - 1
+
+
+def max_clip_skip(num_hidden_layers: int, xl: bool) -> int:
+    """The deepest clip skip a text encoder of ``num_hidden_layers`` layers has hidden states for.
+
+    Its hidden states are the embeddings' output and each layer's (``num_hidden_layers + 1``);
+    SDXL already starts one layer up, at the penultimate.
+    """
+    return num_hidden_layers if xl else num_hidden_layers + 1
+
+
+def prompt_hidden_states(
+    output, clip_skip: int, *, xl: bool, final_layer_norm: Callable[[Tensor], Tensor] | None = None
+) -> Tensor:
+    """The hidden states of one CLIP text encoder's ``output`` that the UNet is conditioned on.
+
+    Computes what diffusers' pipelines compute with ``clip_skip=diffusers_clip_skip(clip_skip)``:
+
+    * SD 1.x/2.x: clip skip 1 is ``output[0]``, the last layer through the final layer norm (the
+      output of the encoder called as usual, so it is what it always was, to the bit); clip skip
+      N > 1 is the N-th hidden state from the end, through the same ``final_layer_norm``, which
+      keeps it on the scale the UNet was trained on.
+    * SDXL: the (N+1)-th hidden state from the end, without the final norm: SDXL was trained on
+      the penultimate layer as it is, so clip skip 1 is that.
+
+    ``output`` must hold ``hidden_states`` (the encoder called with ``output_hidden_states``)
+    for SDXL and for N > 1: :func:`needs_hidden_states`.
+    """
+    check_clip_skip(clip_skip)
+    if xl:
+        return output.hidden_states[-(clip_skip + 1)]
+    if clip_skip == 1:
+        return output[0]
+    if final_layer_norm is None:
+        raise ValueError("SD 1.x/2.x clip skip above 1 needs the text encoder's final layer norm.")
+    return final_layer_norm(output.hidden_states[-clip_skip])
+
+
+def needs_hidden_states(clip_skip: int, xl: bool) -> bool:
+    """Whether :func:`prompt_hidden_states` reads the per-layer hidden states."""
+    return xl or clip_skip > 1
+
+
+def find_final_layer_norm(text_encoder: torch.nn.Module) -> torch.nn.Module | None:
+    """A CLIP text encoder's final layer norm: on the model itself since transformers 5.6
+    flattened ``CLIPTextModel``, under ``text_model`` before (and still in
+    ``CLIPTextModelWithProjection``)."""
+    norm = getattr(text_encoder, "final_layer_norm", None)
+    if norm is None:
+        norm = getattr(getattr(text_encoder, "text_model", None), "final_layer_norm", None)
+    return norm
+
+
+def encode_prompt_ids(
+    text_encoder: torch.nn.Module, input_ids: Tensor, clip_skip: int, *, xl: bool
+) -> tuple[Tensor, object]:
+    """Run one text encoder on token ids: (the hidden states :func:`prompt_hidden_states`
+    picks, the encoder's whole output, whose ``[0]`` is SDXL's pooled ``text_embeds``).
+
+    Shared by :meth:`LatentDiffusion.embed_prompt` and textual inversion's training, so that
+    protection and the mimicry simulations condition the UNet the same way.
+    """
+    output = text_encoder(input_ids, output_hidden_states=needs_hidden_states(clip_skip, xl))
+    hidden = prompt_hidden_states(
+        output, clip_skip, xl=xl, final_layer_norm=find_final_layer_norm(text_encoder)
+    )
+    return hidden, output
+
+
 @dataclass
 class LatentDiffusion:
     """The VAE encoder, UNet, text encoder and noise schedule of one latent diffusion model.
@@ -204,6 +294,10 @@ class LatentDiffusion:
 
     SDXL (``family="sdxl"``) adds ``text_encoder_2``/``tokenizer_2``; its conditioning comes
     from :meth:`condition`, which every family supports.
+
+    ``clip_skip`` is the text encoder layer prompts are read from, counted as A1111 and model
+    cards count it (1 = the last layer, 2 = the penultimate; diffusers' ``clip_skip`` is one
+    less): :func:`prompt_hidden_states`. Many anime SD 1.x fine-tunes are prompted with 2.
     """
 
     # the networks and the schedule are left out of the repr (it printed 30,000 characters)
@@ -224,7 +318,12 @@ class LatentDiffusion:
     # where the checkpoint's scheduler places inference steps (SDEdit, the mimicry pipelines)
     timestep_spacing: str = "leading"
     steps_offset: int = 1
-    _prompt_cache: dict[str, Conditioning] = field(default_factory=dict, repr=False)
+    clip_skip: int = 1
+    # keyed on (prompt, clip_skip): dataclasses.replace(model, clip_skip=2) shares the dict
+    _prompt_cache: dict[tuple[str, int], Conditioning] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        check_clip_skip(self.clip_skip)
 
     @property
     def num_train_timesteps(self) -> int:
@@ -290,7 +389,7 @@ class LatentDiffusion:
         The size only matters to SDXL, whose time ids say the image is uncropped at that size.
         """
         self.embed_prompt(prompt)
-        cond = self._prompt_cache[prompt]
+        cond = self._prompt_cache[(prompt, self.clip_skip)]
         if self.is_xl:
             time_ids = sdxl_time_ids(height, width).to(self.device)
             cond = Conditioning(cond.hidden_states, cond.pooled, time_ids)
@@ -298,31 +397,39 @@ class LatentDiffusion:
 
     @torch.no_grad()
     def embed_prompt(self, prompt: str) -> Tensor:
-        """c = text_encoder(tokenize(prompt)), computed once per prompt and cached.
+        """c = text_encoder(tokenize(prompt)) at ``clip_skip``, computed once and cached.
 
-        SDXL: both encoders' penultimate hidden states, concatenated (the pooled embedding is
-        cached alongside for :meth:`condition`), exactly as diffusers' SDXL pipeline does.
+        SD 1.x/2.x: the last hidden state, or with clip skip N > 1 the N-th from the end
+        through the final layer norm. SDXL: both encoders' hidden states one layer further up
+        (the penultimate for clip skip 1), concatenated, with the pooled embedding cached
+        alongside for :meth:`condition`. What diffusers' pipelines compute with
+        ``clip_skip=diffusers_clip_skip(self.clip_skip)`` (:func:`prompt_hidden_states`).
         """
-        if prompt in self._prompt_cache:
-            return self._prompt_cache[prompt].hidden_states
+        key = (prompt, self.clip_skip)
+        if key in self._prompt_cache:
+            return self._prompt_cache[key].hidden_states
         if self.text_encoder is None or self.tokenizer is None:
             raise RuntimeError(
                 "The text encoder was released; embed every prompt before releasing."
             )
         if not self.is_xl:
-            embedding = self.text_encoder(self._tokens(self.tokenizer, prompt))[0]
-            self._prompt_cache[prompt] = Conditioning(embedding.to(self.dtype))
-            return self._prompt_cache[prompt].hidden_states
+            embedding, _ = encode_prompt_ids(
+                self.text_encoder, self._tokens(self.tokenizer, prompt), self.clip_skip, xl=False
+            )
+            self._prompt_cache[key] = Conditioning(embedding.to(self.dtype))
+            return self._prompt_cache[key].hidden_states
         if self.text_encoder_2 is None or self.tokenizer_2 is None:
             raise RuntimeError("This SDXL model has no second text encoder.")
-        first = self.text_encoder(self._tokens(self.tokenizer, prompt), output_hidden_states=True)
-        second = self.text_encoder_2(
-            self._tokens(self.tokenizer_2, prompt), output_hidden_states=True
+        first, _ = encode_prompt_ids(
+            self.text_encoder, self._tokens(self.tokenizer, prompt), self.clip_skip, xl=True
         )
-        hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
-        pooled = second[0]  # CLIPTextModelWithProjection's text_embeds
-        self._prompt_cache[prompt] = Conditioning(hidden.to(self.dtype), pooled.to(self.dtype))
-        return self._prompt_cache[prompt].hidden_states
+        second, output = encode_prompt_ids(
+            self.text_encoder_2, self._tokens(self.tokenizer_2, prompt), self.clip_skip, xl=True
+        )
+        hidden = torch.cat([first, second], dim=-1)
+        pooled = output[0]  # CLIPTextModelWithProjection's text_embeds
+        self._prompt_cache[key] = Conditioning(hidden.to(self.dtype), pooled.to(self.dtype))
+        return self._prompt_cache[key].hidden_states
 
     def _tokens(self, tokenizer, prompt: str) -> Tensor:
         return tokenizer(
@@ -520,6 +627,19 @@ def _check_tokenizers(parts: Mapping[str, object], source: str) -> None:
             )
 
 
+def _check_clip_skip_depth(
+    parts: Mapping[str, object], clip_skip: int, xl: bool, source: str
+) -> None:
+    """Refuse a clip skip deeper than a text encoder's layers, naming how deep it can go."""
+    for name in ("text_encoder", "text_encoder_2"):
+        layers = getattr(getattr(parts.get(name), "config", None), "num_hidden_layers", None)
+        if isinstance(layers, int) and clip_skip > max_clip_skip(layers, xl):
+            raise ModelLoadError(
+                f"{source}: clip skip {clip_skip} is deeper than its {name} ({layers} layers) "
+                f"goes; the most it takes is {max_clip_skip(layers, xl)} ({CLIP_SKIP_NUMBERING})."
+            )
+
+
 def _check_weights_present(
     parts: Mapping[str, object],
     missing: Mapping[str, list[str]],
@@ -621,6 +741,7 @@ def load_models(
     local_files_only: bool | None = None,
     family: str | None = None,
     inpainting: bool = False,
+    clip_skip: int = 1,
 ) -> LatentDiffusion:
     """Load what the protection methods need: the VAE encoder, UNet, text encoder and schedule.
 
@@ -645,6 +766,9 @@ def load_models(
             a 9-channel inpainting UNet is accepted (a plain one too), and a single file's
             configs default to its family's inpainting model. Otherwise a UNet that takes more
             than the latents (inpainting, upscaler, InstructPix2Pix, depth) is refused.
+        clip_skip: the text encoder layer prompts are read from: 1 = the last (the default),
+            2 = the penultimate, as model cards, A1111 and civitai count it; diffusers'
+            ``clip_skip`` is one less. A value deeper than the text encoder is refused.
 
     Models the methods would run wrongly are refused with :class:`UnsupportedModelError`, and
     components with weights missing from their files with :class:`ModelLoadError`.
@@ -655,6 +779,7 @@ def load_models(
     # Before anything runs on the GPU: cuBLAS sizes its workspace once, at its first use, and
     # the protection's deterministic mode needs the reproducible setting.
     configure_cublas_workspace()
+    check_clip_skip(clip_skip)
     torch_device = resolve_device(device)
     torch_dtype = check_mps_dtype(resolve_dtype(dtype, torch_device), torch_device)
     if local_files_only is None:
@@ -691,6 +816,7 @@ def load_models(
         _check_unet(unet, vae, source, inpainting)
         _check_weights_present(parts, missing, source, with_decoder=with_decoder)
         _check_tokenizers(parts, source)
+        _check_clip_skip_depth(parts, clip_skip, chosen.is_xl, source)
         vae_dtype = prepare_components(
             vae,
             [unet, text_encoder, text_encoder_2],
@@ -719,6 +845,7 @@ def load_models(
         family=chosen.name,
         timestep_spacing=str(scheduler.config.get("timestep_spacing", "leading")),
         steps_offset=int(scheduler.config.get("steps_offset", 0)),
+        clip_skip=clip_skip,
     )
 
 

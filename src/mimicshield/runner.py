@@ -20,7 +20,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -670,8 +670,24 @@ def default_manifest_header(protector: Protector) -> dict:
     return {
         "model": [getattr(model, "name", "") or type(model).__name__ for model, _ in models],
         "model_weights": [weight for _, weight in models],
-        "parameters": {**protector.config.to_dict(), "target_sha256": digest},
+        "parameters": {
+            **protector.config.to_dict(),
+            "target_sha256": digest,
+            "clip_skip": clip_skip_parameter([model for model, _ in models]),
+        },
     }
+
+
+def clip_skip_parameter(models: Sequence) -> int | list[int]:
+    """The manifest's ``clip_skip``: the model's, or one per model of an ensemble."""
+    values = [int(getattr(model, "clip_skip", 1)) for model in models]
+    return values[0] if len(values) == 1 else values
+
+
+def _is_default_clip_skip(value) -> bool:
+    """Clip skip 1 for every model: what runs made before clip skip existed did."""
+    values = value if isinstance(value, list) else [value]
+    return all(v == 1 for v in values)
 
 
 def settings_changes(earlier: dict, header: dict, limit: int = 4) -> str:
@@ -686,6 +702,8 @@ def settings_changes(earlier: dict, header: dict, limit: int = 4) -> str:
         for group in ("parameters", "options"):
             for key, value in (values.get(group) or {}).items():
                 out[key] = value
+        if "parameters" in values and _is_default_clip_skip(out.get("clip_skip", 1)):
+            out["clip_skip"] = 1  # also a manifest from before clip skip, and [1, 1]
         return out
 
     # this run's header as the manifest will hold it (tuples as lists, inf as a string)
@@ -702,9 +720,13 @@ def settings_changes(earlier: dict, header: dict, limit: int = 4) -> str:
 def settings_id(protector: Protector, options: OutputOptions, header: dict | None) -> str:
     """A short fingerprint of everything that shapes an output (not the device it ran on)."""
     header = header or {}
+    parameters = header.get("parameters")
+    if isinstance(parameters, dict) and _is_default_clip_skip(parameters.get("clip_skip", 1)):
+        # left out at its default, so that runs made before it was recorded still resume
+        parameters = {k: v for k, v in parameters.items() if k != "clip_skip"}
     settings = {
         "model": header.get("model"),
-        "parameters": header.get("parameters"),
+        "parameters": parameters,
         "config": protector.config.to_dict(),
         "options": _options_fingerprint(options),
     }

@@ -32,7 +32,15 @@ from .mimic import (
     TiLrOpt,
     TiStepsOpt,
 )
-from .options import DeviceOpt, DtypeOpt, FamilyOneOpt, ModelConfigOpt, ModelOpt, SeedOpt
+from .options import (
+    ClipSkipOpt,
+    DeviceOpt,
+    DtypeOpt,
+    FamilyOneOpt,
+    ModelConfigOpt,
+    ModelOpt,
+    SeedOpt,
+)
 from .purify import PURIFIED_FOLDER
 
 # the image folders evaluate writes into -o: mimicry outputs (evaluation.evaluate) and purified
@@ -100,6 +108,7 @@ def evaluate(
     model: ModelOpt = DEFAULT_MODEL_ID,
     model_config: ModelConfigOpt = None,
     family: FamilyOneOpt = None,
+    clip_skip: ClipSkipOpt = 1,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     seed: SeedOpt = 0,
@@ -123,7 +132,7 @@ def evaluate(
     from ..runner import output_folder_problem
     from .errors import CLIError
     from .mimic import RichProgress, load_mimicry, make_settings
-    from .options import check_device_options, check_family_option
+    from .options import check_clip_skip_option, check_device_options, check_family_option
     from .purify import add_surviving_distortion, parse_purify_option, write_purified_folders
 
     settings = make_settings(
@@ -154,6 +163,7 @@ def evaluate(
         headline = matches[0]
     check_device_options(device, dtype)
     check_family_option(family)
+    check_clip_skip_option(clip_skip)
     _check_folders(clean_dir, protected_dirs)
     if thumbnail_size < 16:
         raise CLIError("--thumbnail-size must be at least 16.")
@@ -182,7 +192,15 @@ def evaluate(
         raise CLIError(f"--fid-weights {fid_weights}: no such file.")
 
     mimicry = load_mimicry(
-        settings, model, model_config, device, dtype, inpaint_model, family, inpaint_model_config
+        settings,
+        model,
+        model_config,
+        device,
+        dtype,
+        inpaint_model,
+        family,
+        inpaint_model_config,
+        clip_skip=clip_skip,
     )
     if overwrite:  # the model loaded: the earlier outputs go, with variants this run lacks
         remove_own_folders(out)
@@ -212,6 +230,7 @@ def evaluate(
         )
     result.settings["model"] = model
     result.settings["inpaint_model"] = inpaint_model if "inpaint" in settings.scenarios else None
+    result.settings["clip_skip"] = clip_skip
     resolution_used = mimicry.settings.resolution
     add_surviving_distortion(
         result, clean_dir, protected_dirs, purifications, mimicry.model, resolution_used, [out]

@@ -17,6 +17,7 @@ import typer
 
 from ..defaults import DEFAULT_MODEL as DEFAULT_MODEL_ID
 from .options import (
+    ClipSkipOpt,
     DeviceOpt,
     DtypeOpt,
     FamilyOneOpt,
@@ -222,8 +223,11 @@ def load_mimicry(
     inpaint_model,
     family=None,
     inpaint_model_config=None,
+    clip_skip: int = 1,
 ):
-    """Load the model (with its VAE decoder) and, when given, the inpainting model."""
+    """Load the model (with its VAE decoder) and, when given, the inpainting model; both read
+    prompts at ``clip_skip``, the attacker's inpainting version of the model being prompted
+    as the model is."""
     from rich.console import Console
 
     from ..mimicry import Mimicry
@@ -239,6 +243,7 @@ def load_mimicry(
             with_decoder=True,
             single_file_config=model_config,
             family=family_or_none(family),
+            clip_skip=clip_skip,
         )
     inpainter = None
     if inpaint_model is not None and "inpaint" in settings.scenarios:
@@ -251,6 +256,7 @@ def load_mimicry(
                     with_decoder=True,
                     single_file_config=inpaint_model_config,
                     inpainting=True,
+                    clip_skip=clip_skip,
                 )
             except ModelLoadError as error:
                 raise CLIError(
@@ -340,6 +346,7 @@ def mimic(
     model: ModelOpt = DEFAULT_MODEL_ID,
     model_config: ModelConfigOpt = None,
     family: FamilyOneOpt = None,
+    clip_skip: ClipSkipOpt = 1,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     seed: SeedOpt = 0,
@@ -360,7 +367,7 @@ def mimic(
         scan_inputs,
     )
     from .errors import CLIError
-    from .options import check_device_options, check_family_option
+    from .options import check_clip_skip_option, check_device_options, check_family_option
 
     settings = make_settings(
         scenarios=scenarios,
@@ -383,6 +390,7 @@ def mimic(
     )
     check_device_options(device, dtype)
     check_family_option(family)
+    check_clip_skip_option(clip_skip)
     err = Console(stderr=True, log_path=False)
     scan = scan_inputs(inputs, exclude=out)  # not its own outputs when -o is inside an input
     files, missing = scan.files, scan.missing
@@ -429,7 +437,15 @@ def mimic(
         )
 
     mimicry = load_mimicry(
-        settings, model, model_config, device, dtype, inpaint_model, family, inpaint_model_config
+        settings,
+        model,
+        model_config,
+        device,
+        dtype,
+        inpaint_model,
+        family,
+        inpaint_model_config,
+        clip_skip=clip_skip,
     )
     settings = mimicry.settings  # the resolution resolved to the model's own size
     outputs: list[str] = []
@@ -450,6 +466,7 @@ def mimic(
         "mimicshield_version": __version__,
         "model": model,
         "inpaint_model": inpaint_model if "inpaint" in settings.scenarios else None,
+        "clip_skip": clip_skip,
         "inputs": mimicked,
         "settings": settings.to_dict(),
         "outputs": outputs,

@@ -64,6 +64,22 @@ FamilyOneOpt = Annotated[
     ),
 ]
 
+# the numbering of mimicshield.models.CLIP_SKIP_NUMBERING, written out so --help imports no torch
+CLIP_SKIP_HELP = (
+    "text encoder layer the prompt is read from: 1 = the last (default), 2 = the penultimate "
+    "('clip skip 2' of many anime SD 1.x fine-tunes), as model cards, A1111 and civitai count; "
+    "diffusers' clip_skip is one less"
+)
+# protect: one value per --model
+ClipSkipsOpt = Annotated[
+    list[int] | None,
+    typer.Option(
+        "--clip-skip", help=CLIP_SKIP_HELP + "; with several --model, one per model in order"
+    ),
+]
+# mimic, evaluate, purify, ui: one model
+ClipSkipOpt = Annotated[int, typer.Option("--clip-skip", help=CLIP_SKIP_HELP)]
+
 
 def family_or_none(family: str | None) -> str | None:
     """``auto`` and no value both mean: detect the family from the files."""
@@ -114,3 +130,14 @@ def check_family_option(family: str | None) -> None:
     name = family_or_none(family)
     if name is not None and name not in FAMILIES:
         raise CLIError(f"--family must be one of auto, {', '.join(FAMILIES)}; got {name!r}.")
+
+
+def check_clip_skip_option(clip_skip: int) -> None:
+    """``--clip-skip`` checked at the top of a command, as one line."""
+    from ..models import check_clip_skip
+    from .errors import CLIError
+
+    try:
+        check_clip_skip(clip_skip)
+    except ValueError as error:
+        raise CLIError(str(error).replace("clip skip", "--clip-skip", 1)) from None

@@ -15,6 +15,7 @@ import typer
 from ..defaults import DEFAULT_METHOD, DEFAULT_TILE_SIZE, DEFAULT_WORK_SIZE
 from ..defaults import DEFAULT_MODEL as DEFAULT_MODEL_ID
 from .options import (
+    ClipSkipsOpt,
     DeviceOpt,
     DtypeOpt,
     FamilyOpt,
@@ -86,6 +87,7 @@ def protect(
     model_weight: ModelWeightOpt = None,
     model_config: ModelConfigsOpt = None,
     family: FamilyOpt = None,
+    clip_skip: ClipSkipsOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     seed: SeedOpt = 0,
@@ -166,13 +168,14 @@ def protect(
         OutputOptions,
         RecordError,
         check_manifest,
+        clip_skip_parameter,
         no_inputs_message,
         output_folder_problem,
         protect_files,
         scan_inputs,
     )
     from .errors import CLIError
-    from .options import check_device_options
+    from .options import check_clip_skip_option, check_device_options
     from .progress import ProtectProgress, print_results
 
     try:
@@ -223,6 +226,9 @@ def protect(
     for name in families:
         if name is not None and name not in FAMILIES:
             raise CLIError(f"--family must be one of auto, {', '.join(FAMILIES)}; got {name!r}.")
+    clip_skips = _clip_skips(clip_skip, sources, CLIError)
+    for value in clip_skips:
+        check_clip_skip_option(value)
     if model_weight is not None and len(model_weight) != len(sources):
         raise CLIError(
             f"--model-weight: give one weight per --model ({len(sources)}); "
@@ -269,7 +275,9 @@ def protect(
             "perturbation and weakens the protection; PNG keeps all of it."
         )
     loaded_models = []
-    for source, config, family_name in zip(sources, configs, families, strict=True):
+    for source, config, family_name, skip in zip(
+        sources, configs, families, clip_skips, strict=True
+    ):
         with err.status(f"Loading {source} ..."):
             loaded_models.append(
                 load_models(
@@ -278,6 +286,7 @@ def protect(
                     dtype=dtype,
                     single_file_config=config,
                     family=family_name,
+                    clip_skip=skip,
                 )
             )
     loaded = loaded_models[0]
@@ -331,7 +340,11 @@ def protect(
         **({} if single else {"model_weights": engine.weights}),
         "device": str(loaded.device),
         "dtype": str(loaded.dtype).removeprefix("torch."),
-        "parameters": {**protector.config.to_dict(), "target": str(target) if target else None},
+        "parameters": {
+            **protector.config.to_dict(),
+            "target": str(target) if target else None,
+            "clip_skip": clip_skip_parameter(loaded_models),
+        },
         "seed": seed,
         "deterministic": protector.deterministic,
     }
@@ -391,6 +404,18 @@ def _per_model(values: list[str] | None, sources: list[str], option: str, error)
             f"got {len(values)}."
         )
     return [None if value.strip().lower() == "auto" else value for value in values]
+
+
+def _clip_skips(values: list[int] | None, sources: list[str], error) -> list[int]:
+    """``--clip-skip``: 1 for every model when not given, else one value per --model."""
+    if not values:
+        return [1] * len(sources)
+    if len(values) != len(sources):
+        raise error(
+            f"--clip-skip: give one value per --model ({len(sources)}, 1 for the default); "
+            f"got {len(values)}."
+        )
+    return list(values)
 
 
 protect.__doc__ = (protect.__doc__ or "") + "\n" + EXAMPLES

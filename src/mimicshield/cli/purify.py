@@ -13,7 +13,14 @@ from typing import Annotated
 
 import typer
 
-from .options import DeviceOpt, DtypeOpt, FamilyOneOpt, ModelConfigOpt, family_or_none
+from .options import (
+    ClipSkipOpt,
+    DeviceOpt,
+    DtypeOpt,
+    FamilyOneOpt,
+    ModelConfigOpt,
+    family_or_none,
+)
 
 # the names of mimicshield.purify.PURIFICATIONS, written out so that --help imports no torch
 # (tests/test_purify.py checks that the two agree)
@@ -30,7 +37,12 @@ Examples:
 
 
 def _load_purification_model(
-    source: str, device: str, dtype: str, config: str | None, family: str | None = None
+    source: str,
+    device: str,
+    dtype: str,
+    config: str | None,
+    family: str | None = None,
+    clip_skip: int = 1,
 ):
     """An SD model with its decoder, or TAEF2 when ``source`` is a folder of taef2_*.pth files."""
     from ..taesd import ENCODER_FILE, TinyAutoencoderLatents
@@ -51,6 +63,7 @@ def _load_purification_model(
         with_decoder=True,
         single_file_config=config,
         family=family_or_none(family),
+        clip_skip=clip_skip,
     )
 
 
@@ -76,6 +89,7 @@ def purify(
     ] = None,
     model_config: ModelConfigOpt = None,
     family: FamilyOneOpt = None,
+    clip_skip: ClipSkipOpt = 1,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     overwrite: Annotated[
@@ -104,12 +118,13 @@ def purify(
         scan_inputs,
     )
     from .errors import CLIError
-    from .options import check_device_options, check_family_option
+    from .options import check_clip_skip_option, check_device_options, check_family_option
 
     try:
         chosen = parse_purifications(methods)
     except ValueError as error:
         raise CLIError(f"--methods: {error}") from error
+    check_clip_skip_option(clip_skip)
     if model is not None:
         check_device_options(device, dtype)
         check_family_option(family)
@@ -157,7 +172,7 @@ def purify(
 
     if model is not None and (needs_model or any(p.sized for p in chosen)):
         with err.status(f"Loading {model} ..."):
-            loaded = _load_purification_model(model, device, dtype, model_config, family)
+            loaded = _load_purification_model(model, device, dtype, model_config, family, clip_skip)
         skipped = [p.name for p in chosen if not p.applicable(loaded)]
         if skipped and methods.strip() != "all":
             raise CLIError(f"{', '.join(skipped)}: not applicable to {model}.")
@@ -219,6 +234,8 @@ def _description(purification, loaded, model: str | None) -> dict:
     if purification.needs is not None or purification.sized:
         local = model is not None and Path(model).expanduser().exists()
         parameters["model"] = str(Path(model).expanduser().resolve()) if local else model
+    if purification.needs == "unet" and hasattr(loaded, "clip_skip"):  # it reads a prompt
+        parameters["clip_skip"] = loaded.clip_skip
     return {"name": purification.name, "summary": purification.summary, "parameters": parameters}
 
 

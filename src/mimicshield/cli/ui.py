@@ -9,7 +9,15 @@ from typing import Annotated
 import typer
 
 from ..defaults import DEFAULT_MODEL as DEFAULT_MODEL_ID
-from .options import DeviceOpt, DtypeOpt, FamilyOneOpt, ModelConfigOpt, ModelOpt, family_or_none
+from .options import (
+    ClipSkipOpt,
+    DeviceOpt,
+    DtypeOpt,
+    FamilyOneOpt,
+    ModelConfigOpt,
+    ModelOpt,
+    family_or_none,
+)
 
 EXAMPLES = """
 Examples:
@@ -23,6 +31,7 @@ def ui(
     model: ModelOpt = DEFAULT_MODEL_ID,
     model_config: ModelConfigOpt = None,
     family: FamilyOneOpt = None,
+    clip_skip: ClipSkipOpt = 1,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     host: Annotated[
@@ -71,7 +80,9 @@ def ui(
 
     from ..models import check_model_source, resolve_device
     from .errors import CLIError
+    from .options import check_clip_skip_option
 
+    check_clip_skip_option(clip_skip)
     try:
         import gradio  # noqa: F401
     except ImportError:
@@ -106,6 +117,7 @@ def ui(
             model=model,
             model_config=model_config,
             family=family_or_none(family),
+            clip_skip=clip_skip,
             device=device,
             dtype=dtype,
         ),

@@ -43,6 +43,7 @@ ADVANCED = [  # (name, label): the advanced options, in the order of `mimicshiel
     ("model_weight", "Ensemble weights, one per model line (empty: equal)"),
     ("model_config", "Config folder of a single-file model (one per model line, 'auto' for none)"),
     ("family", "Family: auto, sd1, sd2-base, sd2-v or sdxl (one per model line)"),
+    ("clip_skip", "Clip skip: 1 = last text encoder layer, 2 = penultimate (A1111's count)"),
     ("device", "Device"),
     ("dtype", "Precision"),
     ("seed", "Seed"),
@@ -94,6 +95,16 @@ def _page_number(values: dict[str, object], name: str, whole: bool = False) -> f
     return int(number) if whole else number
 
 
+def _page_clip_skips(value: object) -> tuple[int, ...]:
+    """The clip skip box: one whole number for every model, or one per model line; empty: 1."""
+    text = value if isinstance(value, str) else _as_text(value)  # type: ignore[arg-type]
+    parts = split_values(text, "\n, ") or ("1",)
+    try:
+        return tuple(int(part) for part in parts)
+    except ValueError:
+        raise ValueError(f"Clip skip: enter whole numbers; got {', '.join(parts)}.") from None
+
+
 def _as_text(values: Sequence[object] | None) -> str:
     """A tuple of per-model values as the page shows it: one per line, blank when all unset."""
     if not values or all(v is None for v in values):
@@ -122,6 +133,7 @@ def _settings_from_page(
         model_weight=model_weight,
         model_config=str(values.get("model_config") or ""),
         family=str(values.get("family") or ""),
+        clip_skip=_page_clip_skips(values.get("clip_skip")),
         device=str(values["device"]),
         dtype=str(values["dtype"]),
         method=str(values["method"]),
@@ -248,6 +260,11 @@ def build_app(service: ProtectionService):
                             value=_as_text(defaults.family),
                             interactive=choose_model,
                             **opt("family"),
+                        ),
+                        "clip_skip": gr.Textbox(
+                            value=_as_text(defaults.clip_skip),
+                            interactive=choose_model,
+                            **opt("clip_skip"),
                         ),
                         "device": gr.Dropdown(
                             service.available_devices(), value=defaults.device, **opt("device")

@@ -152,8 +152,13 @@ class ProtectionService:
     def models_for(self, settings: ProtectSettings) -> list:
         """The loaded models (with their decoders, for the check), reloaded only when they must
         be. Several models make an ensemble; one set is kept in memory at a time."""
-        chosen = (settings.model, settings.model_config, settings.family)
-        fixed = (self.defaults.model, self.defaults.model_config, self.defaults.family)
+        chosen = (settings.model, settings.model_config, settings.family, settings.clip_skip)
+        fixed = (
+            self.defaults.model,
+            self.defaults.model_config,
+            self.defaults.family,
+            self.defaults.clip_skip,
+        )
         if not self.allow_model_choice and chosen != fixed:
             raise ValueError(
                 "This app is reachable from other computers, so its model is fixed to "
@@ -186,9 +191,14 @@ class ProtectionService:
                     with_decoder=True,
                     single_file_config=config,
                     family=family,
+                    clip_skip=clip_skip,
                 )
-                for source, config, family in zip(
-                    settings.model, settings.model_config, settings.family, strict=True
+                for source, config, family, clip_skip in zip(
+                    settings.model,
+                    settings.model_config,
+                    settings.family,
+                    settings.clip_skip,
+                    strict=True,
                 )
             ]
             # measured before --compile, which would compile again for the measuring size
@@ -521,7 +531,7 @@ class ProtectionService:
 
     def _run(self, cancel, job, files, by_path, out_dir, models, target, progress) -> None:
         from ..ensemble import Ensemble
-        from ..runner import protect_files
+        from ..runner import clip_skip_parameter, protect_files
 
         settings = job.settings
         single = len(models) == 1
@@ -536,6 +546,7 @@ class ProtectionService:
             "parameters": {
                 **protector.config.to_dict(),
                 "target": Path(settings.target).name if settings.target else None,
+                "clip_skip": clip_skip_parameter(models),
             },
             "seed": settings.seed,
             "deterministic": protector.deterministic,

@@ -43,14 +43,29 @@ def per_model(
     return tuple(None if v.lower() == "auto" else v for v in values)
 
 
+def _clip_skips(values: int | Sequence[int], count: int) -> tuple[int, ...]:
+    """One clip skip per model: one value stands for every model, several go one each."""
+    from ..models import check_clip_skip
+
+    values = (values,) * count if isinstance(values, int) else tuple(values)
+    if len(values) == 1:
+        values *= count
+    if len(values) != count:
+        raise ValueError(f"Clip skip: give one value per model ({count}); got {len(values)}.")
+    for value in values:
+        check_clip_skip(value)
+    return values
+
+
 @dataclass(frozen=True)
 class ProtectSettings:
     """Every option of ``mimicshield protect``, with its defaults, as the page submits them.
 
     ``eps`` and ``step_size`` are in 1/255 units, as on the command line. Several models make an
-    ensemble; ``model_config`` and ``family`` then hold one value per model. ``work_size`` None
-    is the CLI's default (measured, raised to the models' own size). ``overwrite`` has no
-    counterpart: every job writes into a fresh folder.
+    ensemble; ``model_config`` and ``family`` then hold one value per model, ``clip_skip`` one
+    per model or one for all (``mimicshield ui --clip-skip``, which the page keeps).
+    ``work_size`` None is the CLI's default (measured, raised to the models' own size).
+    ``overwrite`` has no counterpart: every job writes into a fresh folder.
     """
 
     # text typed in the page (one value per line) is split into tuples in __post_init__
@@ -58,6 +73,7 @@ class ProtectSettings:
     model_weight: tuple[float, ...] | None = None
     model_config: tuple[str | None, ...] | str | None = None
     family: tuple[str | None, ...] | str | None = None
+    clip_skip: tuple[int, ...] | int = 1
     device: str = "auto"
     dtype: str = "auto"
     method: str = DEFAULT_METHOD
@@ -99,6 +115,7 @@ class ProtectSettings:
         for name in families:
             if name is not None and name not in FAMILIES:
                 raise ValueError(f"Family must be auto, {', '.join(FAMILIES)}; got {name!r}.")
+        object.__setattr__(self, "clip_skip", _clip_skips(self.clip_skip, count))
         if self.model_weight is not None:
             weights = tuple(float(w) for w in self.model_weight)
             if len(weights) != count or not all(math.isfinite(w) and w > 0 for w in weights):
@@ -156,6 +173,7 @@ class ProtectSettings:
             self.model,
             self.model_config,
             self.family,
+            self.clip_skip,
             self.device,
             self.dtype,
             self.low_memory,
