@@ -124,3 +124,18 @@ def web_service(tmp_path, tiny_model_dir):
     service = ProtectionService(settings, work_root=tmp_path / "work")
     yield service
     service.close()
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty hub cache of this test's own, which every loader reads."""
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """Whether two modules hold the same tensors under the same names."""
+    got, want = a.state_dict(), b.state_dict()
+    return got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)

@@ -14,7 +14,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import assert_one_line
+from conftest import assert_one_line, same_weights
 from safetensors.torch import load_file, save_file
 
 from mimicshield.families import (
@@ -43,20 +43,6 @@ def _cache_repo(cache, repo_id: str, folder, *, weights: bool = False):
     (repo / "refs").mkdir(parents=True, exist_ok=True)
     (repo / "refs" / "main").write_text(COMMIT)
     return snapshot
-
-
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch):
-    """An empty hub cache of this test's own, which every loader reads."""
-    cache = tmp_path / "hub"
-    cache.mkdir()
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
-    return cache
-
-
-def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    got, want = a.state_dict(), b.state_dict()
-    return got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
 def _replace_unet(folder, **config) -> None:
@@ -111,8 +97,8 @@ def test_inpainting_single_file_loads_with_its_familys_inpainting_configs(
     assert (model.family, model.prediction_type) == (loaded_as, "epsilon")
     assert model.unet.config.in_channels == 9
     reference = load_models(str(folder), inpainting=True, with_decoder=True, **CPU)
-    assert _same_weights(model.unet, reference.unet)
-    assert _same_weights(model.text_encoder, reference.text_encoder)
+    assert same_weights(model.unet, reference.unet)
+    assert same_weights(model.text_encoder, reference.text_encoder)
 
 
 def test_inpainting_single_file_runs_in_the_inpainting_mimicry(tmp_path, hub_cache, images_8bit):
@@ -395,7 +381,7 @@ def test_ckpt_with_incomplete_ema_keeps_the_trained_weights(sd1_ckpt, tiny_model
     path = _with_ema(sd1_ckpt, tmp_path / "ema.ckpt", drop=3)
     with pytest.warns(UserWarning, match="do not cover the whole UNet"):
         model = load_models(str(path), **CPU)
-    assert _same_weights(model.unet, tiny_model.unet)
+    assert same_weights(model.unet, tiny_model.unet)
 
 
 # ------------------------------------------------------------------ missing weights

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_one_line
+from conftest import assert_one_line, same_weights
 
 from mimicshield import configs
 from mimicshield.configs import (
@@ -49,15 +49,6 @@ PROMPT = "a painting, by someone!"
 def no_installed_bpe(monkeypatch):
     """Whether open_clip is installed here must not change a result: each test says."""
     monkeypatch.setattr(configs, "BPE_PACKAGES", ())
-
-
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch):
-    """An empty hub cache of this test's own."""
-    cache = tmp_path / "hub"
-    cache.mkdir()
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
-    return cache
 
 
 def _cache_files(cache: Path, repo_id: str, files: dict[str, Path]) -> None:
@@ -411,11 +402,6 @@ def builtin(tiny_builtin, monkeypatch) -> Path:
     return tiny_builtin
 
 
-def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    got, want = a.state_dict(), b.state_dict()
-    return got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
-
-
 def _assert_loads_as_its_folder(model, folder: Path, family: str) -> None:
     reference = load_models(str(folder), **CPU)
     assert (model.family, model.prediction_type) == (reference.family, reference.prediction_type)
@@ -424,7 +410,7 @@ def _assert_loads_as_its_folder(model, folder: Path, family: str) -> None:
     assert (model.timestep_spacing, model.steps_offset) == ("leading", 1)
     for name in ("vae", "unet", "text_encoder", "text_encoder_2"):
         if getattr(reference, name) is not None:
-            assert _same_weights(getattr(model, name), getattr(reference, name)), name
+            assert same_weights(getattr(model, name), getattr(reference, name)), name
     tokenizers = [model.tokenizer, model.tokenizer_2] if model.is_xl else [model.tokenizer]
     assert tuple(t.pad_token for t in tokenizers) == PAD_TOKENS[family]
     z = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
@@ -480,7 +466,7 @@ def test_an_inpainting_file_loads_through_the_built_in_configs(builtin, hub_cach
     model = load_models(str(path), inpainting=True, **CPU)
     assert (model.family, model.unet.config.in_channels) == ("sd1", 9)
     reference = load_models(str(folder), inpainting=True, **CPU)
-    assert _same_weights(model.unet, reference.unet)
+    assert same_weights(model.unet, reference.unet)
 
 
 def test_a_model_config_folder_holding_only_a_tokenizer_completes_the_built_in_configs(
@@ -529,7 +515,7 @@ def test_open_clip_gives_the_vocabulary_where_nothing_is_cached(
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     monkeypatch.setattr(configs, "BPE_PACKAGES", ("open_clip",))
     model = load_models(str(path), **CPU)
-    assert _same_weights(model.text_encoder, CLIPTextModel.from_pretrained(folder / "text_encoder"))
+    assert same_weights(model.text_encoder, CLIPTextModel.from_pretrained(folder / "text_encoder"))
     tokens = model.tokenizer("a painting", padding="max_length", max_length=77).input_ids
     assert tokens[:4] == [TINY_BPE_SIZE - 2, 320, 518, TINY_BPE_SIZE - 1]
 
