@@ -257,6 +257,40 @@ def test_built_in_schedule_vae_and_tokenizers_are_the_familys(family):
     assert folder_family(index, unet, prediction_type) == family
 
 
+@pytest.mark.parametrize(
+    ("family", "encoder"),
+    [
+        ("sd1", "text_encoder"),
+        ("sd2-v", "text_encoder"),
+        ("sdxl", "text_encoder"),
+        ("sdxl", "text_encoder_2"),
+    ],
+)
+def test_built_in_text_encoders_pool_where_the_hub_configs_pool(family, encoder):
+    """transformers pools a CLIP prompt by its special-token ids: the hub's SD configs carry
+    CLIP's original ids (end token 2), which pool at the highest token id, where others pool
+    at the first end token. Textual inversion's placeholder (an id above the end token) tells
+    them apart, so SDXL's pooled embedding would differ between online and offline loads."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from mimicshield.testing import TINY_TEXT
+
+    config = json.loads((builtin_folder(family) / encoder / "config.json").read_text())
+    special = {key: config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    small = {key: value for key, value in TINY_TEXT.items() if key != "projection_dim"}
+    torch.manual_seed(0)
+    model = CLIPTextModel(CLIPTextConfig(vocab_size=config["vocab_size"] + 1, **small, **special))
+    start, end, placeholder = (
+        config["vocab_size"] - 2,
+        config["vocab_size"] - 1,
+        config["vocab_size"],
+    )
+    ids = torch.tensor([[start, 320, placeholder, end, end, end]])
+    with torch.no_grad():
+        out = model(ids)
+    assert torch.equal(out.pooler_output[0], out.last_hidden_state[0, 2])  # the placeholder's
+
+
 def test_sd2_768_v_upcasts_its_attention():
     """SD 2.1-v overflows in fp16 attention (its release computes it in fp32); 512-base not."""
     assert _config("sd2-v", "unet")["upcast_attention"] is True

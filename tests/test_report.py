@@ -165,19 +165,34 @@ def test_best_counts_infinite_values_instead_of_dropping_them():
 
 def test_an_interrupted_report_or_metrics_write_keeps_the_earlier_files(tmp_path, monkeypatch):
     """Ctrl-C while the report or the metrics are written leaves the earlier run's files whole
-    (and no partial files), rather than a truncated report under the final name."""
+    (and no partial files), rather than a truncated file under the final name."""
+    import os
+
     from mimicshield.evaluation import write_metrics
 
     earlier = {name: f"earlier {name}" for name in ("report.html", "metrics.csv", "metrics.json")}
     for name, text in earlier.items():
         (tmp_path / name).write_text(text)
+    flushes, real_fsync = [], os.fsync
 
-    def interrupted(fd):
-        raise KeyboardInterrupt
+    def interrupted_at(count: int):
+        def fsync(fd):  # the flush before each rename: the Nth is interrupted
+            flushes.append(fd)
+            if len(flushes) == count:
+                raise KeyboardInterrupt
+            return real_fsync(fd)
 
-    monkeypatch.setattr("os.fsync", interrupted)
+        return fsync
+
+    monkeypatch.setattr("os.fsync", interrupted_at(1))
     with pytest.raises(KeyboardInterrupt):
         write_report(_result(), tmp_path / "report.html")
+    flushes.clear()
+    monkeypatch.setattr("os.fsync", interrupted_at(2))  # metrics.csv written, then .json cut
     with pytest.raises(KeyboardInterrupt):
         write_metrics(_result(), tmp_path)
-    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == earlier
+    files = {p.name: p.read_text() for p in tmp_path.iterdir()}
+    assert files.keys() == earlier.keys()  # no partial files left beside them
+    assert files["report.html"] == earlier["report.html"]
+    assert files["metrics.json"] == earlier["metrics.json"]
+    assert files["metrics.csv"].startswith("source,scenario")  # the one finished before

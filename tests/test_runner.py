@@ -475,3 +475,21 @@ def test_evaluate_labels_a_folder_resumed_with_another_method_by_both(tmp_path):
     assert [m.name for m in pair_folders(folder, [out])[1]] == ["sds-"]
     protect_files(files[1:], out, NoiseEngine(method="mist"), options=NATIVE)
     assert [m.name for m in pair_folders(folder, [out])[1]] == ["sds- + mist"]
+
+
+def test_a_run_whose_every_file_failed_is_not_described_as_one_the_folder_holds(tmp_path):
+    """The manifest's ``runs`` (and evaluate's label) name the runs whose outputs the folder
+    holds: a later run with another method whose every file failed made none."""
+    from mimicshield.evaluation import pair_folders
+
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    Image.fromarray(noise(16, 16, seed=40)).save(folder / "a.png")
+    protect_files(collect_inputs([str(folder)])[0], out, NoiseEngine(method="sds-"), options=NATIVE)
+    (folder / "c.png").write_bytes(b"not an image")
+    files = collect_inputs([str(folder)])[0]
+    report = protect_files(files, out, NoiseEngine(method="mist"), options=NATIVE)
+    assert {r.status for r in report.results} == {"failed"}, report.results
+    manifest = load_manifest(out)
+    assert [run["parameters"]["method"] for run in manifest["runs"]] == ["sds-"]
+    assert [m.name for m in pair_folders(folder, [out])[1]] == ["sds-"]

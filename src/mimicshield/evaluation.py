@@ -360,7 +360,7 @@ class ClipImageEmbedder:
         mean, std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
         config_file = Path(source) / "preprocessor_config.json"
         if config_file.is_file():
-            config = json.loads(config_file.read_text())
+            config = json.loads(config_file.read_text(encoding="utf-8"))
             mean, std = config.get("image_mean", mean), config.get("image_std", std)
         size = int(model.config.vision_config.image_size)
         return cls(model.to(device).eval().requires_grad_(False), size, mean, std, device)
@@ -484,7 +484,7 @@ def _method_label(folder: Path) -> str:
     them all, and so does the label ("sds- + mist"), rather than the last run's alone.
     """
     try:
-        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):  # none, or not JSON
         manifest = None
     if isinstance(manifest, dict):
@@ -551,7 +551,7 @@ def pair_folders(
 def _is_purified(folder: Path) -> bool:
     """Whether ``folder`` is a purified copy ``evaluate --purify`` wrote (its manifest says)."""
     try:
-        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     return isinstance(manifest, dict) and "purification" in manifest

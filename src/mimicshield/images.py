@@ -686,7 +686,7 @@ def write_atomically(destination: Path, write: Callable[[Path], None]) -> None:
     try:
         mode = _mode_for(destination, temporary)
         write(temporary)
-        with contextlib.suppress(NotImplementedError, PermissionError):  # e.g. some network shares
+        with contextlib.suppress(OSError):  # best effort: some network shares refuse chmod
             os.chmod(temporary, mode)
         with open(temporary, "rb+") as handle:
             os.fsync(handle.fileno())

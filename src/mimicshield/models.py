@@ -1035,7 +1035,7 @@ def _model_index(source: str, folder: Path | None, local_files_only: bool) -> di
         index = folder / "model_index.json"
         if index.is_file():
             try:
-                return json.loads(index.read_text())
+                return json.loads(index.read_text(encoding="utf-8"))
             except ValueError as error:
                 raise _component_error(source, "model_index.json", error) from error
         return {sub.name: [None, None] for sub in folder.iterdir() if sub.is_dir()}
@@ -1052,7 +1052,7 @@ def _model_index(source: str, folder: Path | None, local_files_only: bool) -> di
             raise _load_error(source, error, local_files_only) from error
         raise _component_error(source, "model_index.json", error) from error
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text(encoding="utf-8"))
     except ValueError as error:  # a hub repo or cache with a broken file
         raise _component_error(source, "model_index.json", error) from error
 
@@ -1368,8 +1368,12 @@ def _config_family(folder: Path) -> str | None:
     model_index = _model_index(str(folder), folder, local_files_only=True)
     check_pipeline_supported(model_index, f"--model-config {folder}")
     scheduler_config = folder / "scheduler" / "scheduler_config.json"
-    scheduler = json.loads(scheduler_config.read_text()) if scheduler_config.is_file() else {}
-    unet = json.loads(unet_config.read_text())
+    scheduler = (
+        json.loads(scheduler_config.read_text(encoding="utf-8"))
+        if scheduler_config.is_file()
+        else {}
+    )
+    unet = json.loads(unet_config.read_text(encoding="utf-8"))
     return folder_family(model_index, unet, scheduler.get("prediction_type", "epsilon"))
 
 

@@ -154,7 +154,7 @@ def is_run_folder(folder: Path) -> bool:
         if not record.is_file():
             continue
         try:
-            content = json.loads(record.read_text())
+            content = json.loads(record.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue  # not ours: a user's file of the same name
         # evaluate's purified folders predate the version key: their record names the purification
@@ -437,7 +437,7 @@ def load_record(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        record = json.loads(path.read_text())
+        record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return record if isinstance(record, dict) else {}
@@ -538,11 +538,14 @@ class Manifest:
             self.write()
 
     def settings_in_use(self) -> list[dict]:
-        """The runs whose outputs the folder holds (their entries name their settings), and
-        this one, oldest first."""
-        named = {e["settings"] for e in self.entries.values() if _named(e, "settings")}
-        current = (self.header or {}).get("settings")
-        return [run for key, run in self.runs.items() if key in named or key == current]
+        """The runs whose outputs the folder holds (their finished entries name their
+        settings), oldest first: a run whose every file failed made nothing to describe."""
+        named = {
+            entry["settings"]
+            for entry in self.entries.values()
+            if _named(entry, "settings") and entry.get("status") in ("protected", "skipped")
+        }
+        return [run for key, run in self.runs.items() if key in named]
 
     def write(self) -> Path:
         path = self.out_dir / MANIFEST_NAME

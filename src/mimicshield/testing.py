@@ -108,7 +108,7 @@ def save_tiny_stable_diffusion(
     UNet2DConditionModel(**TINY_UNET).save_pretrained(folder / "unet")
     AutoencoderKL(**TINY_VAE).save_pretrained(folder / "vae")
     write_tiny_tokenizer(folder / "tokenizer")
-    vocab_size = len(json.loads(_vocab(folder).read_text()))
+    vocab_size = len(json.loads(_vocab(folder).read_text(encoding="utf-8")))
     special = {"bos_token_id": vocab_size - 2, "eos_token_id": vocab_size - 1, "pad_token_id": 1}
     text_config = CLIPTextConfig(vocab_size=vocab_size, **special, **TINY_TEXT)
     CLIPTextModel(text_config).save_pretrained(folder / "text_encoder")
@@ -138,11 +138,11 @@ def save_tiny_inpainting_model(folder: str | Path, *, seed: int = 0, family: str
 
     prediction_type = "epsilon" if family.startswith("sd2") else None
     folder = save_tiny_family_model(folder, family, seed=seed, prediction_type=prediction_type)
-    unet_config = json.loads((folder / "unet" / "config.json").read_text())
+    unet_config = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
     unet_config = {k: v for k, v in unet_config.items() if not k.startswith("_")}
     torch.manual_seed(seed + 1)
     UNet2DConditionModel(**{**unet_config, "in_channels": 9}).save_pretrained(folder / "unet")
-    index = json.loads((folder / "model_index.json").read_text())
+    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
     xl = family == "sdxl"
     index["_class_name"] = f"StableDiffusion{'XL' if xl else ''}InpaintPipeline"
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
@@ -176,7 +176,9 @@ def copy_tiny_model(
             path = folder / component / "scheduler_config.json"
         else:
             path = folder / component / "config.json"
-        path.write_text(json.dumps({**json.loads(path.read_text()), **updates}, indent=2))
+        path.write_text(
+            json.dumps({**json.loads(path.read_text(encoding="utf-8")), **updates}, indent=2)
+        )
     return folder
 
 
@@ -195,12 +197,12 @@ def save_tiny_single_file(
     from safetensors.torch import load_file, save_file
 
     folder, path = Path(diffusers_folder), Path(path)
-    unet_config = json.loads((folder / "unet" / "config.json").read_text())
-    vae_config = json.loads((folder / "vae" / "config.json").read_text())
+    unet_config = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
+    vae_config = json.loads((folder / "vae" / "config.json").read_text(encoding="utf-8"))
     unet = load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
     vae = load_file(folder / "vae" / "diffusion_pytorch_model.safetensors")
     text = load_file(folder / "text_encoder" / "model.safetensors")
-    text_config = json.loads((folder / "text_encoder" / "config.json").read_text())
+    text_config = json.loads((folder / "text_encoder" / "config.json").read_text(encoding="utf-8"))
 
     state_dict = {}
     for key, value in unet.items():
@@ -406,13 +408,17 @@ def save_tiny_family_model(
         encoders.append(("_2", CLIPTextModelWithProjection, TINY_SDXL_TEXT_2))
     for suffix, cls, config in encoders:
         write_tiny_tokenizer(folder / f"tokenizer{suffix}")
-        vocab_size = len(json.loads((folder / f"tokenizer{suffix}" / "vocab.json").read_text()))
+        vocab_size = len(
+            json.loads((folder / f"tokenizer{suffix}" / "vocab.json").read_text(encoding="utf-8"))
+        )
         special = {"bos_token_id": vocab_size - 2, "eos_token_id": vocab_size - 1}
         text_config = CLIPTextConfig(vocab_size=vocab_size, pad_token_id=1, **special, **config)
         cls(text_config).save_pretrained(folder / f"text_encoder{suffix}")
     if xl:  # the real SDXL's second tokenizer pads with "!", not with the end token
         path = folder / "tokenizer_2" / "tokenizer_config.json"
-        path.write_text(json.dumps({**json.loads(path.read_text()), "pad_token": "!"}))
+        path.write_text(
+            json.dumps({**json.loads(path.read_text(encoding="utf-8")), "pad_token": "!"})
+        )
     scheduler_cls = EulerDiscreteScheduler if xl else DDPMScheduler
     scheduler_config = {
         **(SDXL_SCHEDULER if xl else SD1_SCHEDULER),

@@ -243,7 +243,7 @@ def json_out_problem(path: Path) -> str | None:
 
 def _is_bench_json(path: Path) -> bool:
     try:
-        content = json.loads(path.read_text())
+        content = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     return isinstance(content, dict) and {"settings", "environment", "results"} <= content.keys()

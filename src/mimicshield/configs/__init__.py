@@ -113,13 +113,15 @@ def builtin_config(family: str, component: str) -> dict:
     """
     folder = builtin_folder(family) / component
     name = "scheduler_config.json" if component.startswith("scheduler") else "config.json"
-    config = json.loads((folder / name).read_text())
+    config = json.loads((folder / name).read_text(encoding="utf-8"))
     return {key: value for key, value in config.items() if not key.startswith("_")}
 
 
 def text_vocab_size(family: str) -> int:
     """The number of tokens the family's (first) text encoder embeds, from its config."""
-    config = json.loads((builtin_folder(family) / "text_encoder" / "config.json").read_text())
+    config = json.loads(
+        (builtin_folder(family) / "text_encoder" / "config.json").read_text(encoding="utf-8")
+    )
     return int(config["vocab_size"])
 
 
@@ -240,7 +242,7 @@ def assembled_configs(
         shutil.copytree(builtin_folder(family), folder)
         if in_channels is not None:
             unet = folder / "unet" / "config.json"
-            config = {**json.loads(unet.read_text()), "in_channels": in_channels}
+            config = {**json.loads(unet.read_text(encoding="utf-8")), "in_channels": in_channels}
             unet.write_text(json.dumps(config, indent=2))
         for tokenizer in sorted(folder.glob("tokenizer*")):
             vocabulary.write(tokenizer)

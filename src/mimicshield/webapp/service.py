@@ -59,7 +59,7 @@ def _session_folder_name(session: str) -> str:
 def _user_manifest(path: Path, job: "Job") -> str:
     """The job's manifest.json as the user gets it in the zip: each ``input`` is the name of
     the file they uploaded, not the server's temporary copy (whose path names the session)."""
-    manifest = json.loads(path.read_text())
+    manifest = json.loads(path.read_text(encoding="utf-8"))
     uploaded = {str(image.input): image.uploaded_as or image.name for image in job.images}
     for entry in manifest.get("images", []):
         entry["input"] = uploaded.get(entry.get("input"), Path(str(entry.get("input"))).name)
