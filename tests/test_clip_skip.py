@@ -3,8 +3,9 @@
 ``--clip-skip 1`` is the last layer (what diffusers does with ``clip_skip=None``), 2 the
 penultimate; diffusers' ``clip_skip`` is one less. Checked against the hidden states computed
 here by hand, against diffusers' own ``encode_prompt``, against the output of before, and in
-every place that conditions on a prompt: protection, textual inversion, the mimicry pipelines,
-the CLI, the manifest.
+every place that conditions on a prompt: protection, textual inversion, the mimicry pipelines
+(both halves of classifier-free guidance: the prompt and the negative one), the CLI, the
+manifest.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import dataclasses
 import json
 import shutil
 import sys
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import pytest
@@ -140,6 +142,21 @@ def _diffusers_pipeline(model):
     )
 
 
+@contextmanager
+def _final_norm_where_diffusers_looks(text_encoder):
+    """diffusers 0.42 reads ``text_encoder.text_model.final_layer_norm`` for a clip skip, which
+    transformers 5.6 no longer has on ``CLIPTextModel`` (diffusers issue 14124): an alias for
+    comparing with its ``encode_prompt`` (the mimicry passes embeddings and needs none)."""
+    if hasattr(text_encoder, "text_model"):
+        yield
+        return
+    text_encoder.text_model = SimpleNamespace(final_layer_norm=text_encoder.final_layer_norm)
+    try:
+        yield
+    finally:
+        del text_encoder.text_model
+
+
 @pytest.mark.parametrize("clip_skip", [1, 2])
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_embedding_equals_diffusers_encode_prompt_with_clip_skip_one_less(
@@ -147,9 +164,7 @@ def test_embedding_equals_diffusers_encode_prompt_with_clip_skip_one_less(
 ):
     model = at(loaded[family], clip_skip)
     pipe = _diffusers_pipeline(model)
-    # diffusers 0.42 reads text_encoder.text_model.final_layer_norm, which transformers 5.6 no
-    # longer has on CLIPTextModel (diffusers issue 14124): the run the mimicry makes
-    with M._final_norm_where_diffusers_looks(pipe.text_encoder), torch.no_grad():
+    with _final_norm_where_diffusers_looks(pipe.text_encoder), torch.no_grad():
         theirs = pipe.encode_prompt(
             PROMPT,
             device="cpu",
@@ -226,13 +241,11 @@ def test_load_models_takes_clip_skip_and_refuses_what_the_encoder_lacks(tiny_mod
 
 @pytest.fixture
 def pipeline_calls(monkeypatch) -> list[dict]:
-    """Every diffusers pipeline the mimicry runs records its arguments instead of running;
-    with each, whether the text encoder's final norm was where diffusers looks for it."""
+    """Every diffusers pipeline the mimicry runs records its arguments instead of running."""
     calls: list[dict] = []
 
     def fake_call(pipe, **kwargs):
-        norm = getattr(getattr(pipe.text_encoder, "text_model", None), "final_layer_norm", None)
-        calls.append({**kwargs, "norm_found": norm is not None})
+        calls.append(kwargs)
         height = kwargs.get("height") or kwargs["image"].shape[-2]
         width = kwargs.get("width") or kwargs["image"].shape[-1]
         return SimpleNamespace(images=torch.zeros(1, 3, height, width))
@@ -243,28 +256,176 @@ def pipeline_calls(monkeypatch) -> list[dict]:
     return calls
 
 
+def _run_every_pipeline(model, **kwargs) -> None:
+    """img2img, inpainting and text-to-image (the TI and LoRA samples), two steps each."""
+    images = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    M.img2img(model, images, 0.5, prompt=PROMPT, num_inference_steps=2, **kwargs)
+    M.inpaint(model, images, prompt=PROMPT, num_inference_steps=2, **kwargs)
+    M.generate(model, PROMPT, 1, 32, 32, num_inference_steps=2, **kwargs)
+
+
 @pytest.mark.parametrize(
-    ("family", "clip_skip", "expected"),
+    ("family", "clip_skip"),
     # the tiny SDXL encoders have hidden states up to clip skip 2
-    [("sd1", 1, None), ("sd1", 2, 1), ("sd1", 3, 2), ("sdxl", 1, None), ("sdxl", 2, 1)],
+    [("sd1", 1), ("sd1", 2), ("sd1", 3), ("sdxl", 1), ("sdxl", 2)],
 )
-def test_mimicry_pipelines_get_diffusers_clip_skip(
-    loaded, pipeline_calls, family, clip_skip, expected
+def test_mimicry_pipelines_get_both_prompts_embedded_at_the_models_clip_skip(
+    loaded, pipeline_calls, family, clip_skip
 ):
+    """Not diffusers' prompt and clip_skip, which encode the negative prompt at the last layer:
+    the embeddings of ``model.condition``, the negative prompt's too (SDXL's: zeros)."""
     model = at(loaded[family], clip_skip)
-    images = torch.rand(1, 3, 32, 32)
-    M.img2img(model, images, 0.5, num_inference_steps=2)
-    M.inpaint(model, images, num_inference_steps=2)
-    M.generate(model, PROMPT, 2, 32, 32, num_inference_steps=2)  # TI and LoRA samples
-    assert len(pipeline_calls) == 4
-    assert [call["clip_skip"] for call in pipeline_calls] == [expected] * 4
-    assert all(call["norm_found"] for call in pipeline_calls)
-    assert not hasattr(model.text_encoder, "text_model")  # the alias lasts the run only
+    _run_every_pipeline(model)
+    assert len(pipeline_calls) == 3
+    want = model.condition(PROMPT, 1, 32, 32)
+    for call in pipeline_calls:
+        assert "prompt" not in call and "clip_skip" not in call and "negative_prompt" not in call
+        assert torch.equal(call["prompt_embeds"], want.hidden_states)
+        if not model.is_xl:
+            assert torch.equal(call["negative_prompt_embeds"], model.embed_prompt(""))
+            continue
+        assert torch.equal(call["pooled_prompt_embeds"], want.pooled)
+        assert not call["negative_prompt_embeds"].any()  # force_zeros_for_empty_prompt
+        assert not call["negative_pooled_prompt_embeds"].any()
+        assert call["original_size"] == call["target_size"] == (32, 32)
+        assert call["crops_coords_top_left"] == (0, 0)
+
+
+def _spy_unet(model, monkeypatch) -> list[torch.Tensor]:
+    """The encoder_hidden_states of every UNet call; the UNet still runs."""
+    seen: list[torch.Tensor] = []
+    forward = model.unet.forward
+
+    def spy(sample, timestep, *args, **kwargs):
+        seen.append(kwargs["encoder_hidden_states"].detach().clone())
+        return forward(sample, timestep, *args, **kwargs)
+
+    monkeypatch.setattr(model.unet, "forward", spy)
+    return seen
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_guidance_conditions_the_unet_on_both_prompts_at_clip_skip_2(loaded, family, monkeypatch):
+    """With guidance (7.5) each UNet call gets the batch (negative, prompt): for SD 1.x/2.x both
+    at layer 2, as A1111 and ComfyUI encode them, not the negative at layer 1 as diffusers 0.42
+    does with its clip_skip; for SDXL the prompt at its clip skip 2 and the zero negative."""
+    model = at(loaded[family], 2)
+    seen = _spy_unet(model, monkeypatch)
+    _run_every_pipeline(model, guidance_scale=7.5)
+    assert len(seen) == 1 + 2 + 2  # img2img runs half its two steps at strength 0.5
+    prompt = model.embed_prompt(PROMPT)
+    negative = model.embed_prompt("")
+    at_layer_1 = at(loaded[family], 1)
+    assert not torch.allclose(prompt, at_layer_1.embed_prompt(PROMPT))  # the layer matters
+    for hidden in seen:
+        assert hidden.shape == (2, *prompt.shape[1:])
+        assert torch.equal(hidden[1:], prompt)
+        if model.is_xl:
+            assert not hidden[0].any()
+            continue
+        assert torch.equal(hidden[:1], negative)
+        assert not torch.allclose(hidden[:1], at_layer_1.embed_prompt(""))
+
+
+def _diffusers_encodes_the_prompt(model, prompt: str, height: int, width: int) -> dict:
+    """The pipeline arguments of before: the prompt itself, encoded by diffusers at its default
+    clip_skip (None: the last layer), and SDXL's time ids of an uncropped image."""
+    if not model.is_xl:
+        return {"prompt": prompt}
+    size = (height, width)
+    return {
+        "prompt": prompt,
+        "original_size": size,
+        "crops_coords_top_left": (0, 0),
+        "target_size": size,
+    }
+
+
+def _ti_copies(model) -> dict:
+    """Textual inversion's copies of the text encoders, the new token's rows moved off their
+    start, as generate gets them for the samples."""
+    pairs = [("", model.tokenizer, model.text_encoder)]
+    if model.is_xl:
+        pairs.append(("_2", model.tokenizer_2, model.text_encoder_2))
+    copies = {}
+    for suffix, tokenizer, encoder in pairs:
+        placeholder = M._Placeholder.add(tokenizer, encoder, M.TI_TOKEN, "art")
+        with torch.no_grad():
+            placeholder.weight[placeholder.token_id] += 0.5
+        copies[f"tokenizer{suffix}"] = placeholder.tokenizer
+        copies[f"text_encoder{suffix}"] = placeholder.text_encoder
+    return copies
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_clip_skip_1_samples_are_bit_identical_to_diffusers_encoding_the_prompt(
+    loaded, family, monkeypatch
+):
+    """The embeddings passed now, at clip skip 1, are what diffusers computed from the prompt:
+    the same images to the bit, textual inversion's samples with the new token included."""
+    model = at(loaded[family], 1)
+    images = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    ti_prompt = f"an image in the style of {M.TI_TOKEN}"
+    copies = _ti_copies(model)
+
+    def runs() -> list[torch.Tensor]:
+        return [
+            M.img2img(model, images, 0.5, prompt=PROMPT, num_inference_steps=4, seed=3),
+            M.inpaint(model, images, prompt=PROMPT, num_inference_steps=2, seed=3),
+            M.generate(model, PROMPT, 1, 32, 32, num_inference_steps=2, seed=3),
+            M.generate(model, ti_prompt, 1, 32, 32, num_inference_steps=2, seed=3, **copies),
+        ]
+
+    now = runs()
+    with monkeypatch.context() as patched:
+        patched.setattr(M, "_conditioning_arguments", _diffusers_encodes_the_prompt)
+        before = runs()
+    for ours, theirs in zip(now, before, strict=True):
+        assert torch.equal(ours, theirs)
+    assert not torch.equal(now[2], now[3])  # the learned token reached the samples
+
+
+def test_textual_inversion_samples_with_the_learned_token_at_clip_skip_2(loaded, monkeypatch):
+    """The samples are conditioned through the trained copy, by ``encode_prompt_ids`` at the
+    model's clip skip: the template with the learned token, and the empty negative prompt,
+    both at layer 2 through the final norm."""
+    model = at(loaded["sd1"], 2)
+    generate, sampled_with = M.generate, []
+
+    def spy_generate(*args, **kwargs):
+        sampled_with.append(kwargs)
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(M, "generate", spy_generate)
+    seen = _spy_unet(model, monkeypatch)
+    schedule = M.TrainingSchedule(steps=2, learning_rate=1e-2)
+    _, learned = M.textual_inversion_mimicry(
+        model, torch.rand(2, 3, 32, 32), schedule, num_samples=1, num_inference_steps=2
+    )
+
+    (used,) = sampled_with
+    encoder, tokenizer = used["text_encoder"], used["tokenizer"]
+    token_ids = ids(tokenizer, f"an image in the style of {M.TI_TOKEN}")
+    assert tokenizer.convert_tokens_to_ids(M.TI_TOKEN) in token_ids[0].tolist()
+    assert torch.equal(encoder.get_input_embeddings().weight[-1], learned)
+    with torch.no_grad():
+        states = encoder(token_ids, output_hidden_states=True).hidden_states
+        prompt = encoder.final_layer_norm(states[-2])
+        empty = encoder(ids(tokenizer, ""), output_hidden_states=True).hidden_states
+        negative = encoder.final_layer_norm(empty[-2])
+        last_layer = encoder(token_ids)[0]
+    assert not torch.allclose(prompt, last_layer)
+    sampling = seen[2:]  # after the two training steps
+    assert len(sampling) == 2
+    for hidden in sampling:
+        torch.testing.assert_close(hidden[1:], prompt, rtol=0, atol=1e-6)
+        torch.testing.assert_close(hidden[:1], negative, rtol=0, atol=1e-6)
 
 
 def test_an_sd1_pipeline_really_runs_with_clip_skip_2(loaded):
-    """Unpatched: diffusers' own SD 1.x pipeline, which fails on transformers 5.6's flattened
-    CLIPTextModel without the alias, runs and leaves the text encoder as it was."""
+    """Unpatched, diffusers' own SD 1.x pipeline runs on transformers 5.6's flattened
+    CLIPTextModel (given embeddings, it never reaches for text_model.final_layer_norm) and
+    leaves the text encoder as it was."""
     model = at(loaded["sd1"], 2)
     keys = set(model.text_encoder.state_dict())
     out = M.img2img(model, torch.rand(1, 3, 32, 32), 0.5, num_inference_steps=2)

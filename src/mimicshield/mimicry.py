@@ -35,7 +35,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from glob import escape as glob_escape
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -45,9 +44,7 @@ from .methods import loss_scale, v_target
 from .models import (
     Conditioning,
     LatentDiffusion,
-    diffusers_clip_skip,
     encode_prompt_ids,
-    find_final_layer_norm,
     sdxl_time_ids,
 )
 from .reproducibility import deterministic_algorithms
@@ -373,22 +370,42 @@ def build_pipeline(
     return pipe
 
 
-def _conditioning_arguments(model: LatentDiffusion, height: int, width: int) -> dict:
-    """How a pipeline conditions on the prompt, as its arguments; the one place the mimicry's
-    pipelines get them. The model's clip skip in diffusers' count (one less than ours, None for
-    1: :func:`~mimicshield.models.diffusers_clip_skip`), so a clip-skip-2 model is run as its
-    users run it; for SDXL also the micro-conditioning of an uncropped ``height`` x ``width``
-    image, the same time ids ``model.condition`` gives SDEdit.
+def _conditioning_arguments(model: LatentDiffusion, prompt: str, height: int, width: int) -> dict:
+    """The prompt, embedded here, as a pipeline takes it; the one place the mimicry's pipelines
+    get it. Not diffusers' ``prompt``/``clip_skip``: diffusers 0.42 encodes the negative prompt
+    of classifier-free guidance at the last layer whatever the clip skip.
+
+    Both halves of the guidance batch come from ``model.condition``, as protection and SDEdit
+    condition: the prompt and, for SD 1.x/2.x, the empty negative prompt, both at the model's
+    clip skip, as A1111 and ComfyUI encode them. SDXL's negative is zeros, what diffusers' SDXL
+    pipelines make of an empty negative prompt (``force_zeros_for_empty_prompt``), and SDXL also
+    gets the micro-conditioning of an uncropped ``height`` x ``width`` image, SDEdit's time ids.
     """
-    arguments: dict = {"clip_skip": diffusers_clip_skip(model.clip_skip)}
-    if model.is_xl:
-        ids = [int(v) for v in sdxl_time_ids(height, width)[0].tolist()]
-        arguments.update(
-            original_size=tuple(ids[0:2]),
-            crops_coords_top_left=tuple(ids[2:4]),
-            target_size=tuple(ids[4:6]),
-        )
-    return arguments
+    cond = model.condition(prompt, 1, height, width)
+    if not model.is_xl:
+        negative = model.condition("", 1, height, width)
+        return {
+            "prompt_embeds": cond.hidden_states,
+            "negative_prompt_embeds": negative.hidden_states,
+        }
+    ids = [int(v) for v in cond.time_ids[0].tolist()]
+    return {
+        "prompt_embeds": cond.hidden_states,
+        "pooled_prompt_embeds": cond.pooled,
+        "negative_prompt_embeds": torch.zeros_like(cond.hidden_states),
+        "negative_pooled_prompt_embeds": torch.zeros_like(cond.pooled),
+        "original_size": tuple(ids[0:2]),
+        "crops_coords_top_left": tuple(ids[2:4]),
+        "target_size": tuple(ids[4:6]),
+    }
+
+
+def _with_text_encoders(model: LatentDiffusion, **modules) -> LatentDiffusion:
+    """The model with the text encoders and tokenizers given (those not None) in place of its
+    own, and a prompt cache of its own: textual inversion's trained copies then embed the
+    prompt with its new token as ``model.embed_prompt`` does, at the model's clip skip."""
+    given = {name: module for name, module in modules.items() if module is not None}
+    return replace(model, **given, _prompt_cache={}) if given else model
 
 
 class _DropVaeCastNotice(logging.Filter):
@@ -419,32 +436,12 @@ def _pipeline_run(model: LatentDiffusion, pipe):
     it was given to fp32 to encode and back to the UNet's dtype: lossless for a bf16 or fp32
     VAE, but after an error midway the VAE would stay fp32. It is put back here.
     """
-    with _quiet_vae_casts(), _final_norm_where_diffusers_looks(pipe.text_encoder):
+    with _quiet_vae_casts():
         try:
             yield
         finally:
             if model.vae.dtype != model.vae_dtype:
                 model.vae.to(model.vae_dtype)
-
-
-@contextmanager
-def _final_norm_where_diffusers_looks(text_encoder):
-    """Let diffusers' SD 1.x/2.x pipelines find the final layer norm for clip skip.
-
-    With a ``clip_skip`` they read ``text_encoder.text_model.final_layer_norm``, but
-    transformers 5.6 flattened ``CLIPTextModel``: the norm is on the model, there is no
-    ``text_model``, and the pipeline raised AttributeError (diffusers issue 14124). For the
-    run, a plain attribute (not a submodule: weights and state dict unchanged) points there.
-    """
-    norm = find_final_layer_norm(text_encoder)
-    if hasattr(text_encoder, "text_model") or norm is None:
-        yield
-        return
-    text_encoder.text_model = SimpleNamespace(final_layer_norm=norm)
-    try:
-        yield
-    finally:
-        del text_encoder.text_model
 
 
 def _step_end(callback: StepCallback | None, total: int):
@@ -474,12 +471,11 @@ def img2img(
     or ``StableDiffusionXLImg2ImgPipeline`` for SDXL (time ids of the uncropped image)."""
     pipe = build_pipeline(pipeline_class("img2img", model), model)
     total = max(1, int(num_inference_steps * strength))
-    conditioning = _conditioning_arguments(model, images.shape[-2], images.shape[-1])
+    conditioning = _conditioning_arguments(model, prompt, images.shape[-2], images.shape[-1])
     outputs = []
     with _pipeline_run(model, pipe):
         for image in images:
             result = pipe(
-                prompt=prompt,
                 image=image[None].to(model.device, torch.float32),  # the pipeline casts
                 strength=strength,
                 guidance_scale=guidance_scale,
@@ -528,13 +524,12 @@ def inpaint(
     """
     pipe = build_pipeline(pipeline_class("inpaint", model), model)
     _, _, height, width = images.shape
-    conditioning = _conditioning_arguments(model, height, width)
+    conditioning = _conditioning_arguments(model, prompt, height, width)
     outputs = []
     with _pipeline_run(model, pipe):
         for i, image in enumerate(images):
             mask = centered_ellipse_mask(height, width, keep) if masks is None else masks[i]
             result = pipe(
-                prompt=prompt,
                 image=image[None].to(model.device, torch.float32),  # the pipeline casts
                 mask_image=mask[None].to(model.device, torch.float32),
                 height=height,
@@ -570,7 +565,9 @@ def generate(
 ) -> Tensor:
     """Text-to-image samples; sample i uses seed ``seed + i`` whatever the concept learned.
 
-    The modules given replace the model's own (``text_encoder_2``/``tokenizer_2``: SDXL only).
+    The modules given replace the model's own (``text_encoder_2``/``tokenizer_2``: SDXL only),
+    in the pipeline and in embedding the prompt: textual inversion's trained copies know its
+    new token.
     """
     pipe = build_pipeline(
         pipeline_class("text2img", model),
@@ -581,12 +578,18 @@ def generate(
         text_encoder_2=text_encoder_2,
         tokenizer_2=tokenizer_2,
     )
-    conditioning = _conditioning_arguments(model, height, width)
+    prompted = _with_text_encoders(
+        model,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+    )
+    conditioning = _conditioning_arguments(prompted, prompt, height, width)
     outputs = []
     with _pipeline_run(model, pipe):
         for i in range(num_images):
             result = pipe(
-                prompt=prompt,
                 height=height,
                 width=width,
                 guidance_scale=guidance_scale,
