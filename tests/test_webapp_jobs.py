@@ -3,6 +3,7 @@ earlier results kept until new ones exist, download names, and how a job's end i
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import threading
 import time
@@ -42,7 +43,12 @@ class FakeRequest:
 
 @pytest.fixture
 def service(web_service):
-    return web_service
+    yield web_service
+    # a load a test abandoned (Cancel during it) finishes before the next test, and before
+    # the interpreter exits: torch aborts the process when a thread is still inside it
+    loader = web_service._loader
+    if loader is not None:
+        loader.join(300)
 
 
 def _png(path: Path, seed: int = 0) -> Path:
@@ -132,10 +138,12 @@ def _slow_first_load(monkeypatch) -> tuple[threading.Event, threading.Event, lis
     return started, release, calls
 
 
-def _cancelled_during_its_load(service, art: Path, started: threading.Event) -> None:
-    """A job of tab-1 cancelled while it loads the model: its load goes on, abandoned."""
+def _cancelled_during_its_load(service, art: Path, started: threading.Event, settings=None) -> None:
+    """A job of tab-1 cancelled while it loads its model (the default one unless ``settings``
+    say otherwise): its load goes on, abandoned."""
+    settings = settings or service.defaults
     job, outcome = _run_in_thread(
-        lambda: service.protect("tab-1", _uploads(service, art), service.defaults)
+        lambda: service.protect("tab-1", _uploads(service, art), settings)
     )
     assert started.wait(120), "the load never started"
     service.cancel("tab-1")
@@ -151,15 +159,20 @@ def _wait_for(condition, seconds: float = 120) -> None:
         time.sleep(0.05)
 
 
-def test_a_job_after_a_cancelled_load_says_it_waits_for_it_and_reuses_it(
+def _other_models(service):
+    """Settings whose models differ from the default ones (another clip skip)."""
+    return dataclasses.replace(service.defaults, clip_skip=2)
+
+
+def test_a_job_after_a_cancelled_load_of_other_models_says_it_waits_for_it(
     service, tmp_path, monkeypatch
 ):
     """The abandoned load held the models while the next job said "Loading" and waited on
-    it silently; now it says what it waits for, and the models that load gives are used."""
+    it silently; now it says what it waits for, then loads its own."""
     started, release, calls = _slow_first_load(monkeypatch)
     art = _png(tmp_path / "art.png")
     try:
-        _cancelled_during_its_load(service, art, started)
+        _cancelled_during_its_load(service, art, started, _other_models(service))
         progress = JobProgress()
         job, outcome = _run_in_thread(
             lambda: service.protect("tab-2", _uploads(service, art), service.defaults, progress)
@@ -170,7 +183,29 @@ def test_a_job_after_a_cancelled_load_says_it_waits_for_it_and_reuses_it(
         release.set()
     job.join(300)
     assert outcome and isinstance(outcome[0], Job) and outcome[0].protected, outcome
-    assert len(calls) == 1  # the same model: the abandoned load's result, not a second load
+    assert len(calls) == 2  # the abandoned load's models were other ones: its own load
+
+
+def test_a_job_after_a_cancelled_load_of_its_models_uses_that_load(service, tmp_path, monkeypatch):
+    """The load still running (a cancelled job's, or the preload) is of this job's models: it
+    is this job's load, shown as such, and its models are used rather than loaded again."""
+    started, release, calls = _slow_first_load(monkeypatch)
+    art = _png(tmp_path / "art.png")
+    phases = []
+    try:
+        _cancelled_during_its_load(service, art, started)
+        progress = JobProgress()
+        job, outcome = _run_in_thread(
+            lambda: service.protect("tab-2", _uploads(service, art), service.defaults, progress)
+        )
+        _wait_for(lambda: progress.phase or not job.is_alive())
+        phases.append(progress.phase)
+    finally:
+        release.set()
+    job.join(300)
+    assert phases[0] and phases[0] != WAITING_FOR_LOAD
+    assert outcome and isinstance(outcome[0], Job) and outcome[0].protected, outcome
+    assert len(calls) == 1  # the same models: the abandoned load's result, not a second load
 
 
 def test_cancel_of_a_job_waiting_for_a_cancelled_load_answers_at_once(
@@ -179,7 +214,7 @@ def test_cancel_of_a_job_waiting_for_a_cancelled_load_answers_at_once(
     started, release, calls = _slow_first_load(monkeypatch)
     art = _png(tmp_path / "art.png")
     try:
-        _cancelled_during_its_load(service, art, started)
+        _cancelled_during_its_load(service, art, started, _other_models(service))
         progress = JobProgress()
         job, outcome = _run_in_thread(
             lambda: service.protect("tab-2", _uploads(service, art), service.defaults, progress)

@@ -107,6 +107,7 @@ class ProtectionService:
         # The model load running now, whoever started it: the preload, or a job that was
         # cancelled and left it running. One at a time; see _models_or_cancel.
         self._loader: _Worker | None = None
+        self._loader_key: tuple | None = None  # the models it loads (ProtectSettings.model_key)
         self._loader_lock = threading.Lock()
         self._models: list = []
         self._auto_batch = None  # the batch-size rule of the loaded models
@@ -225,6 +226,7 @@ class ProtectionService:
             if self._loader is not None and self._loader.is_alive():
                 return self._loader, False
             self._loader = _Worker(partial(self.models_for, settings), name="mimicshield-load")
+            self._loader_key = settings.model_key
             self._loader.start()
             return self._loader, True
 
@@ -242,7 +244,9 @@ class ProtectionService:
         """
         while True:
             loader, ours = self._load(settings)
-            progress.phase = phase if ours else WAITING_FOR_LOAD
+            # the preload (or a cancelled job's load) of these very models is this job's load
+            same = self._loader_key == settings.model_key
+            progress.phase = phase if ours or same else WAITING_FOR_LOAD
             while loader.is_alive():
                 loader.join(0.2)
                 self._raise_if_cancelled(cancel)
