@@ -160,3 +160,24 @@ def test_version_is_printed_without_loading_anything():
 
     result = run_cli("--version")
     assert result.returncode == 0 and result.stdout.strip() == f"mimicshield {__version__}"
+
+
+def test_a_proxy_error_from_the_hub_is_one_line(input_folder, tmp_path, monkeypatch, capsys):
+    """huggingface_hub 2.x lets its HTTP client's errors through (a proxy refusing the
+    connection is no OSError): they end as one ``Error:`` line, not a traceback."""
+    httpx2 = pytest.importorskip("httpx2")
+    from mimicshield import models
+    from mimicshield.cli.main import main
+
+    def behind_a_proxy(*args, **kwargs):
+        raise httpx2.ProxyError("407 Proxy Authentication Required")
+
+    monkeypatch.setattr(models, "load_models", behind_a_proxy)
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", ["mimicshield", "protect", str(input_folder), "-o", str(out)])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.startswith("Error: 407 Proxy Authentication Required")

@@ -554,8 +554,22 @@ def test_open_clip_gives_the_vocabulary_where_nothing_is_cached(
     assert tokens[:4] == [TINY_BPE_SIZE - 2, 320, 518, TINY_BPE_SIZE - 1]
 
 
+def _proxy_error() -> Exception:
+    """What huggingface_hub 2.x lets through when a proxy refuses the connection."""
+    httpx2 = pytest.importorskip("httpx2")
+    return httpx2.ProxyError("407 Proxy Authentication Required")
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        lambda: OSError("We couldn't connect to 'https://huggingface.co' to load the files"),
+        _proxy_error,  # no OSError: it used to skip the fallback and end in a traceback
+    ],
+    ids=["connection", "proxy"],
+)
 def test_online_a_hub_that_fails_falls_back_to_the_built_in_configs(
-    builtin, tiny_dirs, hub_cache, tmp_path, monkeypatch
+    failure, builtin, tiny_dirs, hub_cache, tmp_path, monkeypatch
 ):
     """The hub id stays what a user with a network gets; only when it fails, and said."""
     from mimicshield import models
@@ -564,7 +578,7 @@ def test_online_a_hub_that_fails_falls_back_to_the_built_in_configs(
 
     def unreachable(repo_id: str, local_files_only: bool) -> str:
         asked.append((repo_id, local_files_only))
-        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+        raise failure()
 
     monkeypatch.setattr(models, "_config_snapshot", unreachable)
     path = save_tiny_single_file(tiny_dirs["sd1"], tmp_path / "sd1.safetensors")

@@ -8,6 +8,7 @@ Every diffusers object stays behind :class:`LatentDiffusion` (in the spirit of k
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -1437,6 +1438,19 @@ def _family_configs(
     return _assembled_configs(family, vocabulary, inpainting), origin
 
 
+def hub_errors() -> tuple[type[Exception], ...]:
+    """What a hub request can raise: huggingface_hub's own errors (OSError, ValueError) and its
+    HTTP client's, which huggingface_hub 2.x lets through as they are (a proxy that refuses
+    the connection raises ``httpx2.ProxyError``, no OSError)."""
+    errors: list[type[Exception]] = [OSError, ValueError]
+    for client in ("httpx2", "httpx"):
+        try:
+            errors.append(importlib.import_module(client).HTTPError)
+        except (ImportError, AttributeError):  # not installed, or another API
+            continue
+    return tuple(errors)
+
+
 def _reference_config(
     local_files_only: bool, family: Family, inpainting: bool
 ) -> tuple[str | None, Exception | None]:
@@ -1448,12 +1462,12 @@ def _reference_config(
     repo_ids = family.reference_repos(inpainting)
     try:
         return _config_snapshot(repo_ids[0], local_files_only), None
-    except (OSError, ValueError) as error:
+    except hub_errors() as error:
         first_error = error
     for old_id in repo_ids[1:]:
         try:
             return _config_snapshot(old_id, local_files_only=True), None
-        except (OSError, ValueError):
+        except hub_errors():
             continue
     return None, first_error
 

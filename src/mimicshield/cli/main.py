@@ -80,9 +80,10 @@ app.command("ui")(ui_command.ui)
 
 def _known_errors() -> tuple[type[BaseException], ...]:
     from ..images import ImageFileError
-    from ..models import ModelLoadError
+    from ..models import ModelLoadError, hub_errors
 
-    return (CLIError, ImageFileError, ModelLoadError, OSError, ValueError)
+    # hub_errors: OSError, ValueError and the network errors of a hub request (a proxy)
+    return (CLIError, ImageFileError, ModelLoadError, *hub_errors())
 
 
 def _input_errors() -> tuple[type[BaseException], ...]:
