@@ -352,8 +352,12 @@ def test_a_remote_page_cannot_choose_another_model(tmp_path, tiny_model_dir):
     settings = ProtectSettings(model=str(tiny_model_dir), **FAST)
     service = ProtectionService(settings, allow_model_choice=False, work_root=tmp_path / "w")
     other = ProtectSettings(model=str(tmp_path), **FAST)
-    with pytest.raises(ValueError, match="model is fixed"):
+    with pytest.raises(ValueError, match=r"model is fixed .*\(here the model differs\)"):
         service.protect("tab", _uploads(service, _png(tmp_path / "a.png")), other)
+    # the same model read another way is another model too, and the message says which part
+    deeper = ProtectSettings(model=str(tiny_model_dir), clip_skip=2, **FAST)
+    with pytest.raises(ValueError, match=r"\(here the clip skip differs\)"):
+        service.protect("tab", _uploads(service, _png(tmp_path / "b.png")), deeper)
     service.close()
 
 

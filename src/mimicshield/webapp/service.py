@@ -161,10 +161,12 @@ class ProtectionService:
             self.defaults.clip_skip,
         )
         if not self.allow_model_choice and chosen != fixed:
+            names = ("model", "model config", "family", "clip skip")
+            changed = [name for name, a, b in zip(names, chosen, fixed, strict=True) if a != b]
             raise ValueError(
                 "This app is reachable from other computers, so its model is fixed to "
-                f"{', '.join(self.defaults.model)}; restart `mimicshield ui --model ...` to "
-                "change it."
+                f"{', '.join(self.defaults.model)} (here the {' and '.join(changed)} differs); "
+                "restart `mimicshield ui --model ...` to change it."
             )
         with self._model_lock:
             if self._models and self._model_key == settings.model_key:
