@@ -97,3 +97,20 @@ def test_overwrite_keeps_a_read_only_output_and_does_the_rest(tiny_model_dir, ph
     os.chmod(out / "mimic.json", 0o444)
     refused = mimic(tmp_path / "no-such-model", *args, "--overwrite")
     assert refused.exit_code == 1 and "mimic.json is read-only" in str(refused.exception)
+
+
+def test_overwrite_refuses_a_training_whose_sample_is_read_only(photos, tmp_path):
+    """A textual inversion's or LoRA's weights and samples are one set: a read-only sample
+    kept beside new ones would mix two runs, so the run is refused before the model loads."""
+    import os
+
+    out = tmp_path / "out"
+    sample = out / "lora" / "sample_001.png"
+    sample.parent.mkdir(parents=True)
+    sample.write_bytes(b"an earlier run's sample")
+    os.chmod(sample, 0o444)
+    args = [str(photos), "-o", str(out), "-s", "lora", "--overwrite"]
+    refused = mimic(tmp_path / "no-such-model", *args)
+    assert refused.exit_code == 1
+    assert f"{sample} is read-only; not replaced" in str(refused.exception)
+    assert sample.read_bytes() == b"an earlier run's sample"

@@ -422,18 +422,22 @@ def mimic(
     if not images:
         raise CLIError(f"None of the images can be read: {'; '.join(failed)}")
     unmasked = _unmasked(settings, images, failed)
+    # a training variant's weights and samples: one set, written together
+    trained = []
+    for variant in (v for v in variants if not v.paired):
+        folder = out / variant.key
+        trained.append(folder / f"{variant.scenario}_weights.safetensors")
+        trained.extend(folder / f"sample_{i:03d}.png" for i in range(settings.num_samples))
     if not overwrite:
-        planned = [out / "mimic.json", *claims.claimed]
-        for variant in (v for v in variants if not v.paired):
-            folder = out / variant.key
-            planned.append(folder / f"{variant.scenario}_weights.safetensors")
-            planned.extend(folder / f"sample_{i:03d}.png" for i in range(settings.num_samples))
+        planned = [out / "mimic.json", *claims.claimed, *trained]
         if (message := existing_outputs_error(planned, out)) is not None:
             raise CLIError(message)
-    elif is_read_only(out / "mimic.json"):  # the run's record: said before the model loads
+    elif kept := [path for path in (out / "mimic.json", *trained) if is_read_only(path)]:
+        # said before the model loads: the run's record, or one file of a set that a new
+        # training would leave beside the others of another run
         raise CLIError(
-            f"-o {out}: {out / 'mimic.json'} is read-only; not replaced (make it writable, or "
-            "choose another -o)."
+            f"-o {out}: {kept[0]} is read-only; not replaced (make it writable, or choose "
+            "another -o)."
         )
 
     mimicry = load_mimicry(
