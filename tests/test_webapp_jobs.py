@@ -164,6 +164,18 @@ def _other_models(service):
     return dataclasses.replace(service.defaults, clip_skip=2)
 
 
+def _job_behind_a_cancelled_load_of_other_models(service, art: Path, started):
+    """tab-2's job of the default models, started while tab-1's cancelled load of other models
+    still runs; returned once it says it waits for that load (or has ended)."""
+    _cancelled_during_its_load(service, art, started, _other_models(service))
+    progress = JobProgress()
+    job, outcome = _run_in_thread(
+        lambda: service.protect("tab-2", _uploads(service, art), service.defaults, progress)
+    )
+    _wait_for(lambda: progress.phase == WAITING_FOR_LOAD or not job.is_alive())
+    return job, outcome, progress
+
+
 def test_a_job_after_a_cancelled_load_of_other_models_says_it_waits_for_it(
     service, tmp_path, monkeypatch
 ):
@@ -172,12 +184,7 @@ def test_a_job_after_a_cancelled_load_of_other_models_says_it_waits_for_it(
     started, release, calls = _slow_first_load(monkeypatch)
     art = _png(tmp_path / "art.png")
     try:
-        _cancelled_during_its_load(service, art, started, _other_models(service))
-        progress = JobProgress()
-        job, outcome = _run_in_thread(
-            lambda: service.protect("tab-2", _uploads(service, art), service.defaults, progress)
-        )
-        _wait_for(lambda: progress.phase == WAITING_FOR_LOAD or not job.is_alive())
+        job, outcome, progress = _job_behind_a_cancelled_load_of_other_models(service, art, started)
         assert progress.phase == WAITING_FOR_LOAD and WAITING_FOR_LOAD in render_progress(progress)
     finally:
         release.set()
@@ -214,12 +221,7 @@ def test_cancel_of_a_job_waiting_for_a_cancelled_load_answers_at_once(
     started, release, calls = _slow_first_load(monkeypatch)
     art = _png(tmp_path / "art.png")
     try:
-        _cancelled_during_its_load(service, art, started, _other_models(service))
-        progress = JobProgress()
-        job, outcome = _run_in_thread(
-            lambda: service.protect("tab-2", _uploads(service, art), service.defaults, progress)
-        )
-        _wait_for(lambda: progress.phase == WAITING_FOR_LOAD or not job.is_alive())
+        job, outcome, progress = _job_behind_a_cancelled_load_of_other_models(service, art, started)
         assert progress.phase == WAITING_FOR_LOAD, progress.phase
         cancelled = time.monotonic()
         service.cancel("tab-2")
