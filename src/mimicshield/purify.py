@@ -40,6 +40,7 @@ __all__ = [
     "has_decoder",
     "jpeg",
     "latent_distance",
+    "model_work_size",
     "parse_purifications",
     "rescale",
     "resize",
@@ -84,10 +85,15 @@ def resize_to_work_size(images: Tensor, work_size: int = WORK_SIZE) -> Tensor:
     return rescale(images, scale)
 
 
+def model_work_size(model=None) -> int:
+    """``model``'s own size (768 for SD 2.x-v, 1024 for SDXL), 512 without a model or when the
+    model does not say (TAEF2)."""
+    return getattr(model, "native_size", None) or WORK_SIZE
+
+
 def resize_to_model_size(images: Tensor, model=None) -> Tensor:
-    """:func:`resize_to_work_size` at ``model``'s own size (768 for SD 2.x-v, 1024 for SDXL),
-    512 without a model or when the model does not say (TAEF2)."""
-    return resize_to_work_size(images, getattr(model, "native_size", None) or WORK_SIZE)
+    """:func:`resize_to_work_size` at :func:`model_work_size`."""
+    return resize_to_work_size(images, model_work_size(model))
 
 
 def crop_resize(images: Tensor, fraction: float = 0.2) -> Tensor:
@@ -311,7 +317,7 @@ class Purification:
         }
         values.update(fixed)
         if self.sized:
-            values["size"] = getattr(model, "native_size", None) or WORK_SIZE
+            values["size"] = model_work_size(model)
         return values
 
     def applicable(self, model) -> bool:
