@@ -236,6 +236,95 @@ def test_load_models_takes_clip_skip_and_refuses_what_the_encoder_lacks(tiny_mod
     assert "the most it takes is 3" in str(error.value)
 
 
+def weights_never_load(monkeypatch) -> None:
+    """Every loader of a component (and of a single file's weights) fails the test."""
+    import diffusers
+    import transformers
+
+    def refuse(*args, **kwargs):
+        pytest.fail("a component loaded before the too-deep clip skip was refused")
+
+    for cls in (
+        diffusers.DDPMScheduler,
+        diffusers.AutoencoderKL,
+        diffusers.UNet2DConditionModel,
+        transformers.CLIPTextModel,
+        transformers.CLIPTextModelWithProjection,
+    ):
+        monkeypatch.setattr(cls, "from_pretrained", refuse)
+    for pipeline in (diffusers.StableDiffusionPipeline, diffusers.StableDiffusionXLPipeline):
+        monkeypatch.setattr(pipeline, "from_single_file", refuse)
+
+
+def _refusal(source: str, clip_skip: int, **kwargs) -> str:
+    with pytest.raises(ModelLoadError) as error:
+        load_models(source, **CPU, clip_skip=clip_skip, **kwargs)
+    message = str(error.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize(
+    ("family", "clip_skip", "most"),
+    [("sd1", 4, 3), ("sdxl", 3, 2)],  # two layers each; SDXL starts one up
+)
+def test_a_too_deep_clip_skip_is_refused_from_the_configs_before_any_weight_loads(
+    tiny_model_dir, tiny_family_dirs, family, clip_skip, most, monkeypatch
+):
+    folder = str(tiny_model_dir if family == "sd1" else tiny_family_dirs[family])
+    with monkeypatch.context() as patched:
+        weights_never_load(patched)
+        early = _refusal(folder, clip_skip)
+    assert f"{folder}: clip skip {clip_skip} is deeper than its text_encoder (2 layers)" in early
+    assert f"the most it takes is {most}" in early
+    # the same line as the check on the loaded encoders, kept for configs that cannot be read
+    monkeypatch.setattr("mimicshield.models._component_config", lambda *args: None)
+    assert _refusal(folder, clip_skip) == early
+
+
+def test_sdxl_second_encoder_is_checked_from_its_config(tiny_family_dirs, tmp_path, monkeypatch):
+    from mimicshield.testing import copy_tiny_model
+
+    folder = copy_tiny_model(
+        tiny_family_dirs["sdxl"], tmp_path / "xl", text_encoder={"num_hidden_layers": 5}
+    )
+    weights_never_load(monkeypatch)
+    assert "its text_encoder_2 (2 layers)" in _refusal(str(folder), 3)
+
+
+def test_a_hub_ids_clip_skip_is_refused_from_its_cached_text_encoder_config(
+    tiny_model_dir, hub_cache, monkeypatch
+):
+    """Only the index and the encoder's config.json are in the cache: nothing else is read."""
+    snapshot = hub_cache / "models--org--tiny" / "snapshots" / ("0" * 40)
+    for name in ("model_index.json", "text_encoder/config.json"):
+        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+        (snapshot / name).write_bytes((tiny_model_dir / name).read_bytes())
+    (hub_cache / "models--org--tiny" / "refs").mkdir()
+    (hub_cache / "models--org--tiny" / "refs" / "main").write_text("0" * 40)
+    weights_never_load(monkeypatch)
+    assert _refusal("org/tiny", 4).startswith("org/tiny: clip skip 4 is deeper than its")
+
+
+def test_a_too_deep_clip_skip_of_a_single_file_is_refused_before_its_weights_are_read(
+    tiny_model_dir, tmp_path, hub_cache, monkeypatch
+):
+    """From the configs it would be built with: a ``--model-config`` folder's, or the built-in
+    ones (SD 1.x: CLIP ViT-L's 12 layers), offline with nothing cached."""
+    from mimicshield.configs import Vocabulary
+    from mimicshield.testing import copy_tiny_model, save_tiny_single_file
+
+    path = save_tiny_single_file(tiny_model_dir, tmp_path / "tiny.safetensors")
+    config = copy_tiny_model(tiny_model_dir, tmp_path / "config", weights=False)
+    weights_never_load(monkeypatch)
+    given = _refusal(str(path), 4, single_file_config=str(config))
+    assert f"{path}: clip skip 4 is deeper than its text_encoder (2 layers)" in given
+    vocabulary = Vocabulary(b"{}", b"", "a test")  # never read: nothing is built
+    monkeypatch.setattr("mimicshield.models._builtin_vocabulary", lambda *args: vocabulary)
+    builtin = _refusal(str(path), 14)
+    assert "text_encoder (12 layers) goes; the most it takes is 13" in builtin
+
+
 # --- the mimicry's diffusers pipelines -------------------------------------------------------
 
 
@@ -600,12 +689,13 @@ def test_purify_sdedit_runs_and_records_clip_skip(fake_loader, image_folder, tmp
     assert "clip_skip" not in described["jpeg75"]  # reads no prompt
 
 
-def test_the_web_apps_settings_take_clip_skip_into_the_model_key():
+def test_the_web_apps_settings_keep_clip_skip_out_of_the_model_key():
+    """The weights are the same at every clip skip: the service reuses them (test_webapp)."""
     from mimicshield.webapp.settings import ProtectSettings
 
     plain, skipped = ProtectSettings(model="m"), ProtectSettings(model="m", clip_skip=2)
     assert skipped.clip_skip == (2,)
-    assert plain.model_key != skipped.model_key
+    assert plain.model_key == skipped.model_key
     assert ProtectSettings(model="a\nb", clip_skip=2).clip_skip == (2, 2)  # ui's one value
     with pytest.raises(ValueError, match="at least 1"):
         ProtectSettings(model="m", clip_skip=0)

@@ -16,7 +16,8 @@ import re
 import warnings
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -628,17 +629,79 @@ def _check_tokenizers(parts: Mapping[str, object], source: str) -> None:
             )
 
 
+_TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+
+
+def _check_clip_skip_layers(
+    layers: Mapping[str, object], clip_skip: int, xl: bool, source: str
+) -> None:
+    """Refuse a clip skip deeper than a text encoder's layers (by component name), naming how
+    deep it can go. A count that is not a whole number (unknown) is not checked."""
+    for name, count in layers.items():
+        if isinstance(count, bool) or not isinstance(count, int):
+            continue
+        if clip_skip > max_clip_skip(count, xl):
+            raise ModelLoadError(
+                f"{source}: clip skip {clip_skip} is deeper than its {name} ({count} layers) "
+                f"goes; the most it takes is {max_clip_skip(count, xl)} ({CLIP_SKIP_NUMBERING})."
+            )
+
+
 def _check_clip_skip_depth(
     parts: Mapping[str, object], clip_skip: int, xl: bool, source: str
 ) -> None:
-    """Refuse a clip skip deeper than a text encoder's layers, naming how deep it can go."""
-    for name in ("text_encoder", "text_encoder_2"):
-        layers = getattr(getattr(parts.get(name), "config", None), "num_hidden_layers", None)
-        if isinstance(layers, int) and clip_skip > max_clip_skip(layers, xl):
-            raise ModelLoadError(
-                f"{source}: clip skip {clip_skip} is deeper than its {name} ({layers} layers) "
-                f"goes; the most it takes is {max_clip_skip(layers, xl)} ({CLIP_SKIP_NUMBERING})."
-            )
+    """:func:`_check_clip_skip_layers` on loaded text encoders: the check after loading, for
+    models whose configs could not be read before (:func:`_check_configured_clip_skip`)."""
+    layers = {
+        name: getattr(getattr(parts.get(name), "config", None), "num_hidden_layers", None)
+        for name in _TEXT_ENCODERS
+    }
+    _check_clip_skip_layers(layers, clip_skip, xl, source)
+
+
+def at_clip_skip(model: LatentDiffusion, clip_skip: int) -> LatentDiffusion:
+    """``model`` reading prompts at another ``clip_skip`` without loading it again: the copy
+    shares the weights and the prompt cache (keyed on the clip skip). Refused as
+    :func:`load_models` refuses it; released text encoders leave the depth unchecked, but then
+    no new prompt can be embedded anyway."""
+    check_clip_skip(clip_skip)
+    if clip_skip == model.clip_skip:
+        return model
+    parts = {"text_encoder": model.text_encoder, "text_encoder_2": model.text_encoder_2}
+    _check_clip_skip_depth(parts, clip_skip, model.is_xl, model.name)
+    return replace(model, clip_skip=clip_skip)
+
+
+def _configured_layers(config_file: Path | None) -> int | None:
+    """``num_hidden_layers`` of a text encoder's ``config.json``; None where it cannot be read
+    (missing, broken, not saying), which leaves the check to the loaded encoder."""
+    if config_file is None:
+        return None
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    if config.get("model_type") == "clip" and isinstance(config.get("text_config"), dict):
+        config = config["text_config"]  # a full CLIP config, as transformers reads it
+    layers = config.get("num_hidden_layers")
+    return layers if isinstance(layers, int) and not isinstance(layers, bool) else None
+
+
+def _check_configured_clip_skip(
+    config_file: Callable[[str], Path | None], clip_skip: int, xl: bool, source: str
+) -> None:
+    """Refuse a too-deep clip skip from the text encoders' configs, before any weight is read.
+
+    ``config_file`` gives a component's ``config.json`` (None where it cannot be had). Only
+    the first text encoder without ``xl``; SDXL's second one too.
+    """
+    if clip_skip == 1:  # every encoder has a last layer: nothing to read
+        return
+    names = _TEXT_ENCODERS if xl else _TEXT_ENCODERS[:1]
+    layers = {name: _configured_layers(config_file(name)) for name in names}
+    _check_clip_skip_layers(layers, clip_skip, xl, source)
 
 
 def _check_weights_present(
@@ -769,7 +832,8 @@ def load_models(
             than the latents (inpainting, upscaler, InstructPix2Pix, depth) is refused.
         clip_skip: the text encoder layer prompts are read from: 1 = the last (the default),
             2 = the penultimate, as model cards, A1111 and civitai count it; diffusers'
-            ``clip_skip`` is one less. A value deeper than the text encoder is refused.
+            ``clip_skip`` is one less. A value deeper than the text encoder is refused, from
+            its config before the weights load where the config can be read.
 
     Models the methods would run wrongly are refused with :class:`UnsupportedModelError`, and
     components with weights missing from their files with :class:`ModelLoadError`.
@@ -803,10 +867,12 @@ def load_models(
     with _quiet_loading():
         if path.is_file():
             parts, chosen, missing = _load_single_file(
-                path, single_file_config, local_files_only, family, inpainting
+                path, single_file_config, local_files_only, family, inpainting, clip_skip
             )
         else:
-            parts, chosen, missing = _load_diffusers_folder(source, local_files_only, family)
+            parts, chosen, missing = _load_diffusers_folder(
+                source, local_files_only, family, clip_skip
+            )
         vae, unet, scheduler = parts["vae"], parts["unet"], parts["scheduler"]
         text_encoder, text_encoder_2 = parts["text_encoder"], parts.get("text_encoder_2")
 
@@ -907,13 +973,14 @@ def _looks_like_path(source: str) -> bool:
 
 
 def _load_diffusers_folder(
-    source: str, local_files_only: bool, family: str | None
+    source: str, local_files_only: bool, family: str | None, clip_skip: int = 1
 ) -> tuple[dict, Family, dict[str, list[str]]]:
     """Load each component on its own, so the safety checker and feature extractor never load.
 
     For a hub id only the subfolders the family needs are downloaded (and ``model_index.json``,
-    which names the pipeline), never the safety checker's weights. Returns the components by
-    name, the :class:`~mimicshield.families.Family` they were loaded as, and the weights each
+    which names the pipeline), never the safety checker's weights. A ``clip_skip`` deeper than
+    the text encoders' configs say is refused before any weight is read. Returns the components
+    by name, the :class:`~mimicshield.families.Family` they were loaded as, and the weights each
     component's files lacked (left random or on the meta device: refused later).
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -935,6 +1002,11 @@ def _load_diffusers_folder(
     check_pipeline_supported(model_index, source)
     if is_local:
         _require_subfolders(folder, _COMPONENTS, source)
+    # SDXL for sure only when the index names a second encoder; else the looser SD 1.x/2.x
+    # bound, so this never refuses what the check after loading would take
+    xl = "text_encoder_2" in model_index
+    config_file = partial(_component_config, source, folder if is_local else None, local_files_only)
+    _check_configured_clip_skip(config_file, clip_skip, xl, source)
     loader = _ComponentLoader(source, folder if is_local else None, local_files_only)
 
     try:  # the class the checkpoint names, before DDPMScheduler reads its config as its own
@@ -1058,6 +1130,23 @@ def _model_index(source: str, folder: Path | None, local_files_only: bool) -> di
         raise _component_error(source, "model_index.json", error) from error
 
 
+def _component_config(
+    source: str, folder: Path | None, local_files_only: bool, name: str
+) -> Path | None:
+    """A component's ``config.json`` in a local folder, or fetched alone from the hub (cached
+    for the load after); None where the hub does not give it."""
+    if folder is not None:
+        return folder / name / "config.json"
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        file = hf_hub_download(source, f"{name}/config.json", local_files_only=local_files_only)
+    except (*hub_errors(), EntryNotFoundError):  # the load after says what is wrong
+        return None
+    return Path(file)
+
+
 def _require_subfolders(folder: Path, names: tuple[str, ...], source: str) -> None:
     missing = [name for name in names if not (folder / name).is_dir()]
     if missing:
@@ -1073,6 +1162,7 @@ def _load_single_file(
     local_files_only: bool,
     family: str | None,
     inpainting: bool = False,
+    clip_skip: int = 1,
 ) -> tuple[dict, Family, dict[str, list[str]]]:
     """Load an original-format (CompVis/LDM/SGM) checkpoint through diffusers' own converter.
 
@@ -1085,7 +1175,8 @@ def _load_single_file(
     tokenizer found on this machine, or given as a ``config`` folder holding only ``tokenizer/``.
     The family comes from ``family``, else from ``config``, else from the
     file's key names; the prediction type from what the file declares (marker keys, metadata).
-    An LDM ``.ckpt`` with EMA weights loads those. Returns what
+    An LDM ``.ckpt`` with EMA weights loads those. A ``clip_skip`` deeper than the configs'
+    text encoders is refused before diffusers reads the weights. Returns what
     :func:`_load_diffusers_folder` returns (no missing weights: diffusers leaves them on meta).
     """
     import diffusers
@@ -1133,6 +1224,11 @@ def _load_single_file(
             path, chosen, is_inpainting, tokenizer_folder, local_files_only
         )
     with folder as config_folder:
+        # the text encoders are built from these configs, so they say how deep they go
+        configs = Path(config_folder)
+        _check_configured_clip_skip(
+            lambda name: configs / name / "config.json", clip_skip, chosen.is_xl, str(path)
+        )
         try:
             pipe = getattr(diffusers, chosen.pipeline).from_single_file(
                 str(path),
