@@ -236,6 +236,91 @@ def test_several_models_protect_as_an_ensemble(service, tmp_path, tiny_model_dir
     assert manifest["model_weights"] == [0.25, 0.75] and manifest["family"] == ["sd1", "sd1"]
 
 
+@pytest.fixture
+def load_calls(monkeypatch) -> list[tuple[str, int]]:
+    """The real ``load_models``, recording (source, clip skip) of every call."""
+    from mimicshield import models
+
+    real, calls = models.load_models, []
+
+    def load_models(source, **kwargs):
+        calls.append((source, kwargs["clip_skip"]))
+        return real(source, **kwargs)
+
+    monkeypatch.setattr(models, "load_models", load_models)
+    return calls
+
+
+def _at_layer(model, prompt: str, clip_skip: int):
+    """The SD 1.x prompt embedding at ``clip_skip``, computed here from the encoder."""
+    import torch
+
+    tokens = model._tokens(model.tokenizer, prompt)
+    with torch.no_grad():
+        states = model.text_encoder(tokens, output_hidden_states=True).hidden_states
+        return model.text_encoder.final_layer_norm(states[-clip_skip])
+
+
+def test_another_clip_skip_reads_the_loaded_model_at_its_layer(service, tmp_path, load_calls):
+    """Only the layer prompts are read from changes: the weights stay, and are not read again."""
+    import torch
+
+    from mimicshield.models import ModelLoadError
+
+    source = service.defaults.model[0]
+    [first] = service.models_for(service.defaults)
+    deeper = replace(service.defaults, clip_skip=2)
+    job = service.protect("tab", _uploads(service, _png(tmp_path / "a.png")), deeper)
+    assert load_calls == [(source, 1)]
+    [second] = service.models_for(deeper)
+    assert second.clip_skip == 2 and second.unet is first.unet
+    prompt = deeper.chosen_prompt
+    at_2 = _at_layer(first, prompt, 2)
+    torch.testing.assert_close(second.embed_prompt(prompt), at_2, rtol=0, atol=1e-6)
+    assert not torch.allclose(second.embed_prompt(prompt), first.embed_prompt(prompt))
+    manifest = json.loads((job.protected[0].output.parent / "manifest.json").read_text())
+    assert manifest["parameters"]["clip_skip"] == 2
+    # deeper than its two layers: the load's own one-line refusal, and the models stay
+    with pytest.raises(ModelLoadError) as error:
+        service.models_for(replace(service.defaults, clip_skip=4))
+    assert str(error.value) == (
+        f"{source}: clip skip 4 is deeper than its text_encoder (2 layers) goes; the most it "
+        "takes is 3 (1 = the text encoder's last layer (the default), 2 = the penultimate, as "
+        "model cards, A1111 and civitai count; diffusers' own clip_skip is one less)."
+    )
+    [back] = service.models_for(service.defaults)
+    assert back.clip_skip == 1 and back.unet is first.unet and load_calls == [(source, 1)]
+
+
+def _page_values(settings: ProtectSettings, clip_skip: str) -> dict:
+    """The page's boxes showing ``settings``, with ``clip_skip`` typed in its box."""
+    values = {name: getattr(settings, name) for name, _ in ADVANCED}
+    values.update(model="\n".join(settings.model), model_weight="", model_config="", family="")
+    values.update(category="none", robust=[], target=None, work_size=settings.work_size or "")
+    return {**values, "clip_skip": clip_skip}
+
+
+def test_an_ensembles_clip_skips_go_one_per_model_without_a_reload(service, load_calls):
+    """The page's clip skip box: one value for every model, or one per model line in order."""
+    import torch
+
+    two = replace(service.defaults, model=service.defaults.model * 2, clip_skip=(2, 1))
+    first, second = service.models_for(two)
+    assert (first.clip_skip, second.clip_skip) == (2, 1)
+    prompt = two.chosen_prompt
+    torch.testing.assert_close(first.embed_prompt(prompt), _at_layer(first, prompt, 2))
+    torch.testing.assert_close(second.embed_prompt(prompt), _at_layer(second, prompt, 1))
+    swapped = service.models_for(replace(two, clip_skip=(1, 3)))
+    assert [model.clip_skip for model in swapped] == [1, 3] and len(load_calls) == 2
+    torch.testing.assert_close(swapped[1].embed_prompt(prompt), _at_layer(second, prompt, 3))
+    settings = _settings_from_page(service, _page_values(two, "3, 2"), "standard", 16)
+    assert settings.clip_skip == (3, 2)
+    assert _settings_from_page(service, _page_values(two, "2"), "light", 8).clip_skip == (2, 2)
+    with pytest.raises(ValueError, match=r"^Clip skip: give one value per model \(2\); got 3\.$"):
+        _settings_from_page(service, _page_values(two, "1\n2\n3"), "standard", 16)
+    assert "one per model line, or one for all" in dict(ADVANCED)["clip_skip"]
+
+
 class HeldProgress(JobProgress):
     """Holds the job inside its step callback at the given steps until the test releases it:
     the test and the job thread meet at known points, with no sleeps."""

@@ -4,6 +4,7 @@ earlier results kept until new ones exist, download names, and how a job's end i
 from __future__ import annotations
 
 import dataclasses
+import json
 import socket
 import threading
 import time
@@ -160,8 +161,9 @@ def _wait_for(condition, seconds: float = 120) -> None:
 
 
 def _other_models(service):
-    """Settings whose models differ from the default ones (another clip skip)."""
-    return dataclasses.replace(service.defaults, clip_skip=2)
+    """Settings whose models differ from the default ones: the family given rather than
+    detected (another clip skip would reuse the loaded weights)."""
+    return dataclasses.replace(service.defaults, family="sd1")
 
 
 def _job_behind_a_cancelled_load_of_other_models(service, art: Path, started):
@@ -193,14 +195,19 @@ def test_a_job_after_a_cancelled_load_of_other_models_says_it_waits_for_it(
     assert len(calls) == 2  # the abandoned load's models were other ones: its own load
 
 
-def test_a_job_after_a_cancelled_load_of_its_models_uses_that_load(service, tmp_path, monkeypatch):
-    """The load still running (a cancelled job's, or the preload) is of this job's models: it
-    is this job's load, shown as such, and its models are used rather than loaded again."""
+@pytest.mark.parametrize("clip_skip", [1, 2])
+def test_a_job_after_a_cancelled_load_of_its_models_uses_that_load(
+    service, tmp_path, monkeypatch, clip_skip
+):
+    """The load still running (a cancelled job's, or the preload) is of this job's models (at
+    any clip skip: the same weights): it is this job's load, shown as such, and its models are
+    used rather than loaded again."""
     started, release, calls = _slow_first_load(monkeypatch)
     art = _png(tmp_path / "art.png")
     phases = []
+    cancelled = dataclasses.replace(service.defaults, clip_skip=clip_skip)
     try:
-        _cancelled_during_its_load(service, art, started)
+        _cancelled_during_its_load(service, art, started, cancelled)
         progress = JobProgress()
         job, outcome = _run_in_thread(
             lambda: service.protect("tab-2", _uploads(service, art), service.defaults, progress)
@@ -213,6 +220,8 @@ def test_a_job_after_a_cancelled_load_of_its_models_uses_that_load(service, tmp_
     assert phases[0] and phases[0] != WAITING_FOR_LOAD
     assert outcome and isinstance(outcome[0], Job) and outcome[0].protected, outcome
     assert len(calls) == 1  # the same models: the abandoned load's result, not a second load
+    manifest = outcome[0].protected[0].output.parent / "manifest.json"
+    assert json.loads(manifest.read_text())["parameters"]["clip_skip"] == 1  # this job's
 
 
 def test_cancel_of_a_job_waiting_for_a_cancelled_load_answers_at_once(

@@ -43,7 +43,11 @@ ADVANCED = [  # (name, label): the advanced options, in the order of `mimicshiel
     ("model_weight", "Ensemble weights, one per model line (empty: equal)"),
     ("model_config", "Config folder of a single-file model (one per model line, 'auto' for none)"),
     ("family", "Family: auto, sd1, sd2-base, sd2-v or sdxl (one per model line)"),
-    ("clip_skip", "Clip skip: 1 = last text encoder layer, 2 = penultimate (A1111's count)"),
+    (
+        "clip_skip",
+        "Clip skip: 1 = last text encoder layer, 2 = penultimate (A1111's count; one per model "
+        "line, or one for all)",
+    ),
     ("device", "Device"),
     ("dtype", "Precision"),
     ("seed", "Seed"),

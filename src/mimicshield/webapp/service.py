@@ -170,12 +170,9 @@ class ProtectionService:
             )
         with self._model_lock:
             if self._models and self._model_key == settings.model_key:
-                try:  # low-memory models released their text encoder: new prompts need a reload
-                    for model in self._models:
-                        model.embed_prompt(settings.chosen_prompt)  # the check's too
-                    return self._models
-                except RuntimeError:
-                    pass
+                reused = self._reuse_models(settings.clip_skip, settings.chosen_prompt)
+                if reused is not None:
+                    return reused
             self._models, self._model_key = [], None
             from ..models import load_models
             from ..performance import (
@@ -214,6 +211,24 @@ class ProtectionService:
                     )
             self._models, self._model_key = models, settings.model_key
             return models
+
+    def _reuse_models(self, clip_skips: Sequence[int], prompt: str) -> list | None:
+        """The loaded models at ``clip_skips`` (their weights do not depend on it), or None when
+        a released text encoder (low memory, compile) cannot embed ``prompt``: a reload then.
+        A clip skip deeper than a model's text encoder is refused as its load would refuse it."""
+        from ..models import at_clip_skip
+
+        models = [
+            at_clip_skip(model, clip_skip)
+            for model, clip_skip in zip(self._models, clip_skips, strict=True)
+        ]
+        try:
+            for model in models:
+                model.embed_prompt(prompt)  # the check's too
+        except RuntimeError:
+            return None
+        self._models = models
+        return models
 
     def preload(self) -> None:
         """Start loading the default model(s) while the page opens, so the first Protect does

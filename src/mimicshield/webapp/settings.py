@@ -168,12 +168,13 @@ class ProtectSettings:
 
     @property
     def model_key(self) -> tuple:
-        """What makes loaded models reusable: the performance options change them in place."""
+        """What makes loaded weights reusable: the performance options change them in place.
+        Not the clip skip: it only says which layer prompts are read from, and the service
+        reuses loaded models at another (``models.at_clip_skip``)."""
         return (
             self.model,
             self.model_config,
             self.family,
-            self.clip_skip,
             self.device,
             self.dtype,
             self.low_memory,
