@@ -269,6 +269,21 @@ def test_checkpoint_family_from_the_text_encoder_prefix(key, family):
     assert checkpoint_family([unet_key, key], "x.safetensors") == family
 
 
+@pytest.mark.parametrize(
+    "family_key", ["cond_stage_model.transformer.x", "conditioner.embedders.1.model.x"]
+)
+def test_an_lcm_single_file_is_refused_for_its_guidance_embedding(family_key):
+    keys = [
+        "model.diffusion_model.input_blocks.0.0.weight",
+        "model.diffusion_model.time_embed.cond_proj.weight",
+        family_key,
+    ]
+    with pytest.raises(UnsupportedModelError, match="x.safetensors: an LCM-distilled UNet"):
+        checkpoint_family(keys, "x.safetensors")
+    # a text encoder's own projection keys are not the UNet's
+    assert checkpoint_family([keys[0], "cond_stage_model.cond_proj.weight"], "x") == "sd1"
+
+
 def test_default_work_size_rises_to_the_native_size():
     assert default_work_size(512, [512, None]) == 512
     assert default_work_size(512, [512, 1024, 768]) == 1024

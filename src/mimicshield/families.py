@@ -139,7 +139,8 @@ _TRANSFORMER_KEYS = {
     "y_embedder.": "PixArt/DiT",
     "t_embedder.": "DiT",
 }
-UNET_INPUT_KEY = "model.diffusion_model.input_blocks.0.0.weight"
+_UNET_PREFIX = "model.diffusion_model."
+UNET_INPUT_KEY = _UNET_PREFIX + "input_blocks.0.0.weight"
 
 
 def get_family(name: str) -> Family:
@@ -258,6 +259,14 @@ def checkpoint_family(keys: Iterable[str], source: str) -> str:
         raise ModelLoadError(
             f"{source}: no Stable Diffusion UNet in this checkpoint (no {UNET_INPUT_KEY}); pass a "
             f"full SD 1.x/2.x/SDXL checkpoint ({NOT_YET_SUPPORTED})."
+        )
+    if any(key.startswith(_UNET_PREFIX) and ".cond_proj." in key for key in keys):
+        # diffusers' converter drops these weights without a word: the UNet would load as
+        # a plain one, missing the guidance-scale embedding it was distilled with
+        raise UnsupportedModelError(
+            f"{source}: an LCM-distilled UNet (its time embedding has cond_proj weights, a "
+            "guidance-scale embedding mimicshield does not pass); protect against the model "
+            "it was distilled from."
         )
     if any(key.startswith("conditioner.embedders.1.model.") for key in keys):
         return "sdxl"
