@@ -33,8 +33,8 @@ ModelWeightOpt = Annotated[
     list[float] | None,
     typer.Option(
         "--model-weight",
-        help="weight of each --model in the ensemble, in order (default equal); only the ratios "
-        "matter",
+        help="weight of each --model in the ensemble: repeat it, once per --model in order "
+        "(default equal); only the ratios matter",
     ),
 ]
 ModelConfigsOpt = Annotated[
@@ -43,7 +43,7 @@ ModelConfigsOpt = Annotated[
         "--model-config",
         help="for a single-file model: a diffusers folder of the same family, or a folder "
         "holding only a CLIP tokenizer/ (works offline); "
-        "with several --model, one per model in order, 'auto' for none",
+        "with several --model, repeated once per model, in order, 'auto' for none",
     ),
 ]
 FamilyOpt = Annotated[
@@ -51,7 +51,7 @@ FamilyOpt = Annotated[
     typer.Option(
         "--family",
         help="sd1, sd2-base, sd2-v, sdxl or auto (default: detected from the files); with "
-        "several --model, one per model in order",
+        "several --model, repeated once per model, in order",
     ),
 ]
 # mimic, evaluate, purify, ui: one model
@@ -74,7 +74,8 @@ CLIP_SKIP_HELP = (
 ClipSkipsOpt = Annotated[
     list[int] | None,
     typer.Option(
-        "--clip-skip", help=CLIP_SKIP_HELP + "; with several --model, one per model in order"
+        "--clip-skip",
+        help=CLIP_SKIP_HELP + "; with several --model, repeated once per model, in order",
     ),
 ]
 # mimic, evaluate, purify, ui: one model

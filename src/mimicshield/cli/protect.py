@@ -31,7 +31,8 @@ Examples:
   mimicshield protect art.png -o protected/
   mimicshield protect portfolio/ -o protected/ --category artwork --eps 8
   mimicshield protect "shots/*.jpg" -o out/ --model ./my-sd15-folder --method sdst-
-  mimicshield protect art.png -o out/ --model ./sd15 --model ./sdxl.safetensors --model-weight 1 2
+  mimicshield protect art.png -o out/ --model ./sd15 --model ./sdxl.safetensors \\
+      --model-weight 1 --model-weight 2
 """
 
 
