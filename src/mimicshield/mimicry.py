@@ -900,6 +900,17 @@ def _train_placeholders(
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
+def _add_seeded_adapter(unet, config, name: str, seed: int) -> None:
+    """Add the LoRA adapter with weights drawn from ``seed``, not the global RNG.
+
+    peft initialises the adapter from torch's global generator, which nothing seeds: the same
+    seed would train from different starting weights. A forked RNG keeps the caller's state.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet.add_adapter(config, adapter_name=name)
+
+
 def lora_mimicry(
     model: LatentDiffusion,
     images: Tensor,
@@ -935,7 +946,7 @@ def lora_mimicry(
     config = LoraConfig(
         r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(LORA_TARGETS)
     )
-    unet.add_adapter(config, adapter_name=name)
+    _add_seeded_adapter(unet, config, name, schedule.seed)
     try:
         params = [p for p in unet.parameters() if p.requires_grad]
         for p in params:  # train the adapter in fp32 even when the UNet runs in half precision
