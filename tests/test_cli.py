@@ -181,3 +181,39 @@ def test_a_proxy_error_from_the_hub_is_one_line(input_folder, tmp_path, monkeypa
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert err.startswith("Error: 407 Proxy Authentication Required")
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_warnings_are_one_line_and_library_deprecations_are_left_out(
+    input_folder, tmp_path, monkeypatch, capsys, recwarn, debug
+):
+    import warnings
+
+    from mimicshield import models
+    from mimicshield.cli.main import main
+
+    def warning_load(*args, **kwargs):
+        warnings.warn("model.safetensors: --model-config is ignored", stacklevel=2)
+        warnings.warn("`upcast_vae` is deprecated", FutureWarning, stacklevel=2)
+        raise models.ModelLoadError("stop here")
+
+    if debug:
+        monkeypatch.setenv("MIMICSHIELD_DEBUG", "1")
+    else:
+        monkeypatch.delenv("MIMICSHIELD_DEBUG", raising=False)
+    monkeypatch.setattr(models, "load_models", warning_load)
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", ["mimicshield", "protect", str(input_folder), "-o", str(out)])
+    showwarning = warnings.showwarning
+    with pytest.raises((SystemExit, models.ModelLoadError)):
+        main()
+    err = capsys.readouterr().err
+    assert warnings.showwarning is showwarning  # put back after the command
+    if debug:  # left to Python (here pytest, which records them)
+        assert "warning:" not in err
+        assert "--model-config is ignored" in str(recwarn.pop(UserWarning).message)
+    else:
+        lines = err.splitlines()
+        assert lines[0] == "warning: model.safetensors: --model-config is ignored"
+        assert lines[1] == "Error: stop here"
+        assert "upcast_vae" not in err and "Warning" not in err

@@ -5,6 +5,9 @@ from __future__ import annotations
 import math
 import os
 import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import typer
 
@@ -94,10 +97,30 @@ def _input_errors() -> tuple[type[BaseException], ...]:
     return (CLIError, ImageFileError, ModelLoadError)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line, as errors are: the file, line number and source line Python
+    prints with it say nothing to someone running a command."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
+@contextmanager
+def _one_line_warnings() -> Iterator[None]:
+    """Warnings printed by :func:`_show_warning`; the libraries' deprecation notices (about
+    their own API, which a CLI user cannot act on) left out. MIMICSHIELD_DEBUG keeps Python's."""
+    with warnings.catch_warnings():
+        if not os.environ.get("MIMICSHIELD_DEBUG"):
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.showwarning = _show_warning
+        yield
+
+
 def main() -> None:
-    """Run the app; known errors print ``Error: ...`` on stderr and exit 1."""
+    """Run the app; known errors print ``Error: ...`` on stderr and exit 1, warnings one
+    ``warning: ...`` line each."""
     try:
-        app()
+        with _one_line_warnings():
+            app()
     except Exception as error:  # SystemExit (--help, exit codes) is not an Exception
         if os.environ.get("MIMICSHIELD_DEBUG") or not isinstance(error, _known_errors()):
             raise
