@@ -123,6 +123,8 @@ def test_the_api_checks_what_it_is_given(tiny_model, images_8bit):
         protector.protect(images_8bit, seeds=[1])  # both images would share one draw
     with pytest.raises(ValueError, match="at least 8 pixels"):
         protector(torch.rand(1, 3, 4, 32))
+    with pytest.raises(ValueError, match="empty batch"):
+        protector(torch.rand(0, 3, 32, 32))
     with pytest.raises(ValueError, match="divide by 255"):
         protector((images_8bit * 255).to(torch.uint8))
     with pytest.raises(ValueError, match="whole number"):

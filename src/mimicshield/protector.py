@@ -404,6 +404,8 @@ def _check_images(images: Tensor) -> None:
         raise TypeError(f"`images` must be a tensor; got {type(images).__name__}.")
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"`images` must have shape (N, 3, H, W); got {tuple(images.shape)}.")
+    if len(images) == 0:  # torch's own error for an empty batch names no argument
+        raise ValueError("`images` is an empty batch (N = 0): pass at least one image.")
     if min(images.shape[-2:]) < MIN_SIDE:
         raise ValueError(
             f"`images` must be at least {MIN_SIDE} pixels a side; got {tuple(images.shape[-2:])}."
