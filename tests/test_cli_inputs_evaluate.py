@@ -135,3 +135,40 @@ def test_overwrite_refuses_an_evaluation_holding_a_read_only_file(model_never_lo
     assert isinstance(result.exception, CLIError)
     assert f"{kept} is read-only; not replaced" in str(result.exception)
     assert kept.read_bytes() == b"kept" and (out / "report.html").read_text() == "earlier"
+
+
+def test_an_image_too_small_for_resolution_0_is_left_out_and_the_rest_evaluated(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    from safetensors.torch import save_file
+
+    from mimicshield.metrics import LPIPS
+
+    lpips = tmp_path / "lpips.safetensors"
+    save_file({k: v.contiguous() for k, v in LPIPS().state_dict().items()}, str(lpips))
+    clean, protected = tmp_path / "clean", tmp_path / "prot"
+    for folder, seed in ((clean, 0), (protected, 10)):
+        folder.mkdir()
+        Image.fromarray(noise(5, 7, seed=seed)).save(folder / "tiny7x5.png")
+        Image.fromarray(noise(45, 67, seed=seed + 1)).save(folder / "odd67x45.png")
+    out = tmp_path / "ev"
+    args = [str(clean), str(protected), "-o", str(out), "--model", str(tiny_model_dir)]
+    args += ["--device", "cpu", "--dtype", "fp32", "--lpips-weights", str(lpips)]
+    args += ["--resolution", "0", "--thumbnail-size", "32", "-s", "sdedit-onestep"]
+    args += ["--strengths", "0.1"]
+    result = evaluate(*args)
+    assert result.exit_code == 1, result.output
+    document = json.loads((out / "metrics.json").read_text())
+    assert {source["images"] for source in document["sources"]} == {1}
+    assert document["left_out"] == [str(clean / "tiny7x5.png")]
+    (warning,) = [w for w in document["warnings"] if "tiny7x5.png" in w]
+    assert "7x5 is smaller than 8 pixels" in warning and "\n" not in warning
+    assert "1 image(s) left out" in result.output
+
+    (clean / "odd67x45.png").unlink()  # only too-small images: refused before the model loads
+    monkeypatch.setattr(
+        "mimicshield.models.load_models", lambda *a, **k: pytest.fail("the model loaded")
+    )
+    alone = evaluate(*args, "--overwrite")
+    assert isinstance(alone.exception, CLIError)
+    assert "tiny7x5.png: 7x5 is smaller than 8 pixels" in str(alone.exception)

@@ -114,3 +114,31 @@ def test_overwrite_refuses_a_training_whose_sample_is_read_only(photos, tmp_path
     assert refused.exit_code == 1
     assert f"{sample} is read-only; not replaced" in str(refused.exception)
     assert sample.read_bytes() == b"an earlier run's sample"
+
+
+def test_an_image_too_small_for_resolution_0_is_left_out_and_named(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """The reviewer's tiny7x5.png beside odd67x45.png: the small one is one line naming it,
+    said before the model loads; the other is mimicked at its own size, and the run exits 1."""
+    Image.fromarray(noise(5, 7, seed=1)).save(tmp_path / "tiny7x5.png")
+    Image.fromarray(noise(45, 67, seed=2)).save(tmp_path / "odd67x45.png")
+    out = tmp_path / "out"
+    args = ["mimic", str(tmp_path / "tiny7x5.png"), str(tmp_path / "odd67x45.png"), "-o", str(out)]
+    args += ["--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "fp32"]
+    args += ["--resolution", "0", "-s", "sdedit-onestep", "--strengths", "0.1"]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 1, result.output
+    with Image.open(out / "sdedit-onestep@0.1" / "odd67x45.png") as written:
+        assert written.size == (64, 40)
+    record = json.loads((out / "mimic.json").read_text())
+    (message,) = record["failed"]
+    assert "tiny7x5.png" in message and "7x5" in message and "8 pixels" in message
+    assert "\n" not in message and record["inputs"] == [str(tmp_path / "odd67x45.png")]
+    assert "1 input(s) left out" in result.output
+
+    monkeypatch.setattr(
+        "mimicshield.models.load_models", lambda *a, **k: pytest.fail("the model loaded")
+    )
+    alone = CliRunner().invoke(app, [*args[:2], *args[3:], "--overwrite"])
+    assert "tiny7x5.png: 7x5 is smaller than 8 pixels" in str(alone.exception)

@@ -42,7 +42,7 @@ from .images import (
     write_text_atomically,
 )
 from .metrics import LPIPS, json_number, linf_255, psnr, ssim
-from .mimicry import Mimicry, MimicrySettings, Variant, fit_image
+from .mimicry import Mimicry, MimicrySettings, Variant, fit_image, size_problem
 
 __all__ = [
     "CLEAN",
@@ -683,7 +683,7 @@ def evaluate(
 
     # Native-resolution images, loaded once (the clean ones) or per method. A file that cannot
     # be read is left out, with a warning, and the evaluation goes on without it.
-    native_clean = _readable(clean, result)
+    native_clean = _readable(clean, result, settings.resolution)
     for m in methods:
         m.files = {key: path for key, path in m.files.items() if key in native_clean}
     fitted: dict[str, dict[str, Tensor]] = {CLEAN: {}}
@@ -700,7 +700,7 @@ def evaluate(
     for m in methods:
         fitted[m.name] = {}
         for key in list(m.files):
-            protected = _load_or_leave_out(m, key, result)
+            protected = _load_or_leave_out(m, key, result, settings.resolution)
             if protected is None:
                 progress.advance()
                 continue
@@ -851,15 +851,24 @@ def _numbers(result: EvaluationResult, source: str, image: str, variant: Variant
     }
 
 
-def _load_or_leave_out(source: Source, key: str, result: EvaluationResult) -> Tensor | None:
-    """Image ``key`` of ``source`` as RGB; if it cannot be read, a warning, and the image
-    leaves ``source.files`` (so no later stage looks for it)."""
+def _load_or_leave_out(
+    source: Source, key: str, result: EvaluationResult, resolution: int | None
+) -> Tensor | None:
+    """Image ``key`` of ``source`` as RGB; if it cannot be read, or is too small to mimic at
+    ``resolution``, a warning, and the image leaves ``source.files`` (so no later stage looks
+    for it)."""
+    path = source.files[key]
     try:
-        return load_image(source.files[key]).rgb
+        image = load_image(path).rgb
     except ImageFileError as error:
         result.warnings.append(f"{error} It is left out of the evaluation.")
         result.left_out.append(str(source.files.pop(key)))
         return None
+    if (problem := size_problem(image.shape[2], image.shape[1], resolution)) is not None:
+        result.warnings.append(f"{path}: {problem}. It is left out of the evaluation.")
+        result.left_out.append(str(source.files.pop(key)))
+        return None
+    return image
 
 
 def _require_images(source: Source) -> None:
@@ -867,10 +876,14 @@ def _require_images(source: Source) -> None:
         raise ValueError(f"{source.folder}: none of its images can be read.")
 
 
-def _readable(source: Source, result: EvaluationResult) -> dict[str, Tensor]:
+def _readable(
+    source: Source, result: EvaluationResult, resolution: int | None
+) -> dict[str, Tensor]:
     """The RGB images of ``source`` that load, all at once (the clean ones are compared with
     every method). Raises when none is left."""
-    images = {key: _load_or_leave_out(source, key, result) for key in list(source.files)}
+    images = {
+        key: _load_or_leave_out(source, key, result, resolution) for key in list(source.files)
+    }
     _require_images(source)
     return {key: image for key, image in images.items() if image is not None}
 

@@ -1097,6 +1097,22 @@ def model_resolution(model: LatentDiffusion) -> int:
     return model.native_size or 512
 
 
+def size_problem(width: int, height: int, resolution: int | None, multiple: int = 8) -> str | None:
+    """Why an image of ``width`` x ``height`` cannot be mimicked at ``resolution``, or None.
+
+    Only resolution 0 keeps an image's own size, cropped to a multiple of ``multiple`` (the
+    VAE's downsampling): a side below that crops to nothing. Asked per file before the model
+    loads, so such an image is left out with its name, not found after the load.
+    """
+    if resolution or (width >= multiple and height >= multiple):
+        return None
+    return (
+        f"{width}x{height} is smaller than {multiple} pixels a side, the least --resolution 0 "
+        f"can keep (it crops each image's own size to a multiple of {multiple}); use "
+        "--resolution N to resize it"
+    )
+
+
 def fit_image(image: Tensor, resolution: int, multiple: int = 8) -> Tensor:
     """(3, H, W) -> the square ``resolution`` crop an attacker would use (shorter side resized).
 
@@ -1112,9 +1128,9 @@ def fit_image(image: Tensor, resolution: int, multiple: int = 8) -> Tensor:
             )[0].clamp(0, 1)
         crop_h = crop_w = resolution
     else:
+        if (problem := size_problem(width, height, resolution, multiple)) is not None:
+            raise ValueError(f"An image of {problem}.")
         crop_h, crop_w = height // multiple * multiple, width // multiple * multiple
-        if crop_h == 0 or crop_w == 0:
-            raise ValueError(f"Image of {width}x{height} is smaller than {multiple} pixels.")
     top = (image.shape[1] - crop_h) // 2
     left = (image.shape[2] - crop_w) // 2
     return image[:, top : top + crop_h, left : left + crop_w].contiguous()

@@ -279,6 +279,9 @@ def _check_pairing(clean_dir: Path, protected_dirs: list[Path], out: Path, setti
         clean, _ = pair_folders(clean_dir, protected_dirs, exclude=[out])
     except (OSError, ValueError) as error:
         raise CLIError(str(error)) from None
+    small = _too_small(clean.files.values(), settings.resolution)
+    if len(small) == len(clean.files):
+        raise CLIError(f"None of the clean images can be mimicked (first: {small[0]}).")
     if "inpaint" in settings.scenarios:
         problems = list(mask_problems(settings.mask, clean.files).values())
         if problems:
@@ -286,6 +289,23 @@ def _check_pairing(clean_dir: Path, protected_dirs: list[Path], out: Path, setti
                 f"{len(problems)} clean image(s) have no usable inpainting mask (first: "
                 f"{problems[0]}); add them, or leave inpaint out of --scenarios."
             )
+
+
+def _too_small(paths, resolution: int | None) -> list[str]:
+    """Why each file too small for ``resolution`` is (read from its header, before the model
+    loads); the evaluation leaves such files out, with this warning, and goes on."""
+    from ..images import ImageFileError, probe_image
+    from ..mimicry import size_problem
+
+    problems = []
+    for path in paths:
+        try:
+            header = probe_image(path)
+        except ImageFileError:
+            continue  # the evaluation names it when it reads it
+        if (problem := size_problem(header.width, header.height, resolution)) is not None:
+            problems.append(f"{path}: {problem}")
+    return problems
 
 
 def _checked_lpips_weights(given: Path | None) -> Path:

@@ -359,6 +359,7 @@ def mimic(
     from rich.markup import escape
 
     from ..images import ImageFileError, is_read_only, load_image
+    from ..mimicry import size_problem
     from ..runner import (
         OutputClaims,
         existing_outputs_error,
@@ -412,15 +413,19 @@ def mimic(
             failed.append(refused)
             continue
         try:  # read now, so a bad file is named before the model loads; kept as a path,
-            load_image(item.path)  # since a folder of full-size images would not fit in memory
-            images[name] = item.path
+            loaded = load_image(item.path)  # since a folder of full-size images would not fit
         except ImageFileError as error:
             failed.append(str(error))
             continue
+        _, height, width = loaded.rgb.shape
+        if (problem := size_problem(width, height, settings.resolution)) is not None:
+            failed.append(f"{item.path}: {problem}.")
+            continue
+        images[name] = item.path
         claims.claim(item.path, *destinations)
         mimicked.append(str(item.path))
     if not images:
-        raise CLIError(f"None of the images can be read: {'; '.join(failed)}")
+        raise CLIError(f"None of the images can be mimicked: {'; '.join(failed)}")
     unmasked = _unmasked(settings, images, failed)
     # a training variant's weights and samples: one set, written together
     trained = []
