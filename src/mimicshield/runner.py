@@ -19,14 +19,17 @@ import json
 import math
 import os
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 from PIL import Image
 from torch import Tensor
 
@@ -59,6 +62,8 @@ from .resolution import (
 )
 
 MANIFEST_NAME = "manifest.json"
+# held by the run writing the folder; hidden, so folder scans skip it as they skip dotfiles
+LOCK_NAME = ".mimicshield.lock"
 PURIFY_RECORD_NAME = "purify.json"
 
 
@@ -491,6 +496,66 @@ def write_record(path: Path, record: dict) -> None:
     write_text_atomically(path, text)
 
 
+class OutputBusyError(RecordError):
+    """Another mimicshield run holds the output folder's lock (see :func:`output_lock`)."""
+
+
+_held = threading.local()  # the output folders this thread holds: taking one again is a no-op
+
+
+@contextmanager
+def output_lock(out_dir: Path | str) -> Iterator[None]:
+    """Hold ``OUT/.mimicshield.lock`` while a run writes ``out_dir``.
+
+    Two runs into one folder would each rewrite its record from what they read at the start,
+    and the last would drop the other's files: the second is refused at once
+    (:class:`OutputBusyError`), touching nothing. Re-entrant in a thread: the CLI takes it
+    before the model loads, and :func:`protect_files` takes it again. The OS lock dies with
+    its process, so a file left by a killed run does not block. A folder made only for the
+    lock is removed again when nothing was written there (runs make it only to write).
+    """
+    folder = Path(out_dir).expanduser().resolve()
+    held: set[Path] = _held.__dict__.setdefault("folders", set())
+    if folder in held:
+        yield
+        return
+    made = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(folder / LOCK_NAME, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise OutputBusyError(_busy_message(out_dir)) from None
+    if not lock.lock_file or not Path(lock.lock_file).exists():  # removed by the run before
+        lock.release()
+        raise OutputBusyError(_busy_message(out_dir))
+    held.add(folder)
+    try:
+        yield
+    finally:
+        held.discard(folder)
+        if made:
+            _remove_unused(folder)
+        lock.release()
+
+
+def _busy_message(out_dir: Path | str) -> str:
+    return (
+        f"{out_dir} is being written by another mimicshield run (lock file "
+        f"{Path(out_dir) / LOCK_NAME}); wait for it to finish."
+    )
+
+
+def _remove_unused(folder: Path) -> None:
+    """Remove a folder made for the lock that holds nothing else; done while the lock is
+    still held, so no other run can have taken the file being removed."""
+    if [path.name for path in folder.iterdir()] != [LOCK_NAME]:
+        return
+    with suppress(OSError):
+        (folder / LOCK_NAME).unlink()
+        folder.rmdir()
+
+
 class Manifest:
     """``OUT/manifest.json``: this run's header, and one entry per input (earlier runs kept).
 
@@ -669,16 +734,71 @@ def default_manifest_header(protector: Protector) -> dict:
     model = getattr(protector, "model", None)  # any engine with .config and .protect() will do
     models = [] if model is None else members(model)
     target = getattr(protector, "target", None)
-    digest = None if target is None else hashlib.sha256(target.numpy().tobytes()).hexdigest()
+    # no target recorded as the CLI records it, so that the CLI resumes this run's folder
+    about_target = {"target": None}
+    if target is not None:
+        about_target = {"target_sha256": hashlib.sha256(target.numpy().tobytes()).hexdigest()}
+    names = [model_id(getattr(model, "name", "") or type(model).__name__) for model, _ in models]
     return {
-        "model": [getattr(model, "name", "") or type(model).__name__ for model, _ in models],
+        "model": names[0] if len(names) == 1 else names,  # as the CLI records it
         "model_weights": [weight for _, weight in models],
         "parameters": {
             **protector.config.to_dict(),
-            "target_sha256": digest,
+            **about_target,
             "clip_skip": clip_skip_parameter([model for model, _ in models]),
         },
     }
+
+
+def model_id(source: str) -> str:
+    """A local model's absolute path (``tiny`` and ``./tiny/`` are one model, and resume);
+    a hub id as given."""
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else source
+
+
+def _one_model(value):
+    """A manifest's ``model``: one model as its name, whether recorded alone or in a list
+    (as Python runs recorded it before they matched the CLI)."""
+    return value[0] if isinstance(value, list) and len(value) == 1 else value
+
+
+def _same_runs(earlier: dict, header: dict, config: dict) -> list[str]:
+    """The settings ids of the runs ``earlier`` describes whose settings are this run's
+    ``header``, though recorded otherwise (:func:`_comparable`): a folder made from Python
+    resumes from the CLI. Only when the header holds the whole protector ``config``, which
+    the settings id covers besides it."""
+    now = _comparable(header)
+    if any(
+        now["parameters"].get(key, object()) != value for key, value in _as_json(config).items()
+    ):
+        return []
+    return [key for key, run in _earlier_runs(earlier).items() if _comparable(run) == now]
+
+
+def _comparable(run: dict) -> dict:
+    """What shapes a run's outputs, from its header, with what the CLI and Python recorded
+    differently made one: the model alone or in a list (paths resolved), no target as
+    ``target`` or ``target_sha256``, clip skip and ``strip_metadata`` at their defaults."""
+    run = _as_json(run)
+    model = _one_model(run.get("model"))
+    model = [model_id(m) for m in model] if isinstance(model, list) else model
+    model = model_id(model) if isinstance(model, str) else model
+    parameters = dict(run.get("parameters") or {})
+    if _is_default_clip_skip(parameters.get("clip_skip", 1)):
+        parameters.pop("clip_skip", None)
+    if parameters.get("target") is None and parameters.get("target_sha256") is None:
+        parameters.pop("target", None)
+        parameters.pop("target_sha256", None)
+    options = dict(run.get("options") or {})
+    if not options.get("strip_metadata"):
+        options.pop("strip_metadata", None)
+    return {"model": model, "parameters": parameters, "options": options}
+
+
+def _as_json(value):
+    """``value`` as the manifest holds it (tuples as lists, inf as a string)."""
+    return json.loads(json.dumps(_strict_json(value), default=str))
 
 
 def clip_skip_parameter(models: Sequence) -> int | list[int]:
@@ -702,6 +822,8 @@ def settings_changes(earlier: dict, header: dict, limit: int = 4) -> str:
         for key in ("model", "model_weights", "family", "dtype"):
             if key in values:
                 out[key] = values[key]
+        if "model" in out:
+            out["model"] = _one_model(out["model"])
         for group in ("parameters", "options"):
             for key, value in (values.get(group) or {}).items():
                 out[key] = value
@@ -780,68 +902,75 @@ def protect_files(
     and the protector's settings. Temporary files a killed run left beside this run's outputs are
     removed before the first is written.
     """
-    options = options or default_output_options(protector)
-    out_dir = Path(out_dir)
-    files = [_as_input_file(item) for item in files]
-    if manifest_header is None:
-        manifest_header = default_manifest_header(protector)
-    settings = settings_id(protector, options, manifest_header)
-    header = {**manifest_header, "settings": settings, "options": asdict(options)}
-    earlier = load_manifest(out_dir)  # before this run rewrites it: what a refusal names
-    changes = settings_changes(earlier, header) if earlier.get("settings") else ""
-    manifest = Manifest(out_dir, header)
-    report = RunReport()
+    with output_lock(out_dir):  # a second run into out_dir would drop this one's entries
+        options = options or default_output_options(protector)
+        out_dir = Path(out_dir)
+        files = [_as_input_file(item) for item in files]
+        if manifest_header is None:
+            manifest_header = default_manifest_header(protector)
+        settings = settings_id(protector, options, manifest_header)
+        header = {**manifest_header, "settings": settings, "options": asdict(options)}
+        earlier = load_manifest(out_dir)  # before this run rewrites it: what a refusal names
+        changes = settings_changes(earlier, header) if earlier.get("settings") else ""
+        # an earlier run's outputs count as this run's when its settings were the same
+        accepted = {settings, *_same_runs(earlier, header, protector.config.to_dict())}
+        manifest = Manifest(out_dir, header)
+        report = RunReport()
 
-    def record(result: FileResult) -> None:
-        report.results.append(result)
-        manifest.record(result)
-        if on_image_done is not None:
-            on_image_done(result)
+        def record(result: FileResult) -> None:
+            report.results.append(result)
+            manifest.record(result)
+            if on_image_done is not None:
+                on_image_done(result)
 
-    claims = OutputClaims(item.path for item in files)
-    groups: dict[tuple[int, int], list[_Job]] = {}
-    for item in files:
-        relative = item.relative.as_posix()
-        previous = manifest.previous(relative)
-        if not overwrite and _is_complete(previous, item, out_dir, settings):
-            kept = {**asdict(previous), "status": "skipped", "input": str(item.path)}
-            claims.claim(item.path, out_dir / previous.output)
-            record(FileResult(**kept))
-            continue
-        try:
-            changed = changes if previous and previous.settings == earlier.get("settings") else ""
-            job = _plan(item, out_dir, options, claims, overwrite, previous, settings, changed)
-        except ImageFileError as error:
-            record(FileResult(str(item.path), None, "failed", str(error), relative=relative))
-            continue
-        claims.claim(item.path, job.destination)
-        key = padded_shape(*work_shape(job.header.height, job.header.width, options.work_size))
-        groups.setdefault(key, []).append(job)
+        claims = OutputClaims(item.path for item in files)
+        groups: dict[tuple[int, int], list[_Job]] = {}
+        for item in files:
+            relative = item.relative.as_posix()
+            previous = manifest.previous(relative)
+            if not overwrite and _is_complete(previous, item, out_dir, accepted):
+                kept = {**asdict(previous), "status": "skipped", "input": str(item.path)}
+                kept["settings"] = settings  # the same settings, as this run's header names them
+                claims.claim(item.path, out_dir / previous.output)
+                record(FileResult(**kept))
+                continue
+            try:
+                changed = (
+                    changes if previous and previous.settings == earlier.get("settings") else ""
+                )
+                job = _plan(item, out_dir, options, claims, overwrite, previous, accepted, changed)
+            except ImageFileError as error:
+                record(FileResult(str(item.path), None, "failed", str(error), relative=relative))
+                continue
+            claims.claim(item.path, job.destination)
+            key = padded_shape(*work_shape(job.header.height, job.header.width, options.work_size))
+            groups.setdefault(key, []).append(job)
 
-    destinations = [job.destination for jobs in groups.values() for job in jobs]
-    remove_partial_files([out_dir / MANIFEST_NAME, *destinations])
-    for shape, jobs in groups.items():
-        size = batch_size(*shape) if callable(batch_size) else batch_size
-        for start in range(0, len(jobs), size):
-            batch = jobs[start : start + size]
-            _protect_batch(batch, protector, options, settings, record, on_image_start, on_step)
-    finished = [e for e in manifest.entries.values() if e.get("status") != "failed"]
-    held = {entry["settings"] for entry in finished if _named(entry, "settings")}
-    if len(held) > 1:
-        report.notes.append(
-            f"{out_dir} holds outputs made with {len(held)} different settings; "
-            f'{MANIFEST_NAME} describes each under "runs", and names the one of each image.'
-        )
-    return report
+        destinations = [job.destination for jobs in groups.values() for job in jobs]
+        remove_partial_files([out_dir / MANIFEST_NAME, *destinations])
+        for shape, jobs in groups.items():
+            size = batch_size(*shape) if callable(batch_size) else batch_size
+            for start in range(0, len(jobs), size):
+                batch = jobs[start : start + size]
+                _protect_batch(batch, protector, options, settings, record, on_image_start, on_step)
+        finished = [e for e in manifest.entries.values() if e.get("status") != "failed"]
+        held = {entry["settings"] for entry in finished if _named(entry, "settings")}
+        if len(held) > 1:
+            report.notes.append(
+                f"{out_dir} holds outputs made with {len(held)} different settings; "
+                f'{MANIFEST_NAME} describes each under "runs", and names the one of each image.'
+            )
+        return report
 
 
 def _is_complete(
-    previous: FileResult | None, item: InputFile, out_dir: Path, settings: str
+    previous: FileResult | None, item: InputFile, out_dir: Path, accepted: Collection[str]
 ) -> bool:
-    """Recorded as done with these settings, and neither file has changed since."""
+    """Recorded as done with these settings (one of ``accepted``), and neither file has
+    changed since."""
     if previous is None or previous.status not in ("protected", "skipped"):
         return False
-    if previous.settings != settings or not previous.output:
+    if previous.settings not in accepted or not previous.output:
         return False
     output = out_dir / previous.output
     if not output.is_file() or not item.path.is_file():
@@ -859,7 +988,7 @@ def _plan(
     claims: OutputClaims,
     overwrite: bool,
     previous: FileResult | None,
-    settings: str,
+    accepted: Collection[str],
     changes: str = "",
 ) -> _Job:
     """Read the header and decide the output path; refuse anything that would lose a file.
@@ -876,12 +1005,12 @@ def _plan(
     if destination.exists() and not overwrite:
         raise ImageFileError(
             f"{item.path}: output {destination} already exists and "
-            f"{_why_not_resumed(previous, settings, changes)}; pass --overwrite to replace it."
+            f"{_why_not_resumed(previous, accepted, changes)}; pass --overwrite to replace it."
         )
     return _Job(item, header, plan, destination, output.as_posix())
 
 
-def _why_not_resumed(previous: FileResult | None, settings: str, changes: str) -> str:
+def _why_not_resumed(previous: FileResult | None, accepted: Collection[str], changes: str) -> str:
     """Why an existing output is not taken as finished, for the refusal's message.
 
     A manifest without a finished entry for it (none, or the failure an earlier refusal
@@ -893,7 +1022,7 @@ def _why_not_resumed(previous: FileResult | None, settings: str, changes: str) -
             "is not recorded in the manifest as finished (it may be a file of yours, or a run "
             "stopped between saving it and updating the manifest)"
         )
-    if previous.settings not in (None, settings):
+    if previous.settings is not None and previous.settings not in accepted:
         return "was protected with different settings" + (f" ({changes})" if changes else "")
     return "does not match the manifest (the input or the output changed since)"
 

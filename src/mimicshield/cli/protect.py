@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from enum import Enum
 from functools import partial
@@ -170,6 +172,7 @@ def protect(
         RecordError,
         check_manifest,
         clip_skip_parameter,
+        model_id,
         no_inputs_message,
         output_folder_problem,
         protect_files,
@@ -255,128 +258,145 @@ def protect(
     # before the model loads (minutes, gigabytes), not after the first image
     if (problem := output_folder_problem(inputs, out)) is not None:
         raise CLIError(problem)
-    try:
-        check_manifest(out)
-    except RecordError as error:  # not ours, or read-only
-        raise CLIError(str(error)) from None
-
-    target_image = None
-    if target is not None:
+    with held_output(out):  # until the command ends: one run at a time per folder
         try:
-            target_image = load_image(target).rgb
-        except ImageFileError as error:
-            raise CLIError(f"--target {error}") from error
+            check_manifest(out)
+        except RecordError as error:  # not ours, or read-only
+            raise CLIError(str(error)) from None
 
-    err = Console(stderr=True)
-    for note in scan.notes:
-        err.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True)
-    if file_format is FileFormat.jpeg:
-        err.print(
-            "[yellow]warning:[/yellow] JPEG is lossy: its compression removes part of the "
-            "perturbation and weakens the protection; PNG keeps all of it."
-        )
-    loaded_models = []
-    for source, config, family_name, skip in zip(
-        sources, configs, families, clip_skips, strict=True
-    ):
-        with err.status(f"Loading {source} ..."):
-            loaded_models.append(
-                load_models(
-                    source,
-                    device=device,
-                    dtype=dtype,
-                    single_file_config=config,
-                    family=family_name,
-                    clip_skip=skip,
+        target_image = None
+        if target is not None:
+            try:
+                target_image = load_image(target).rgb
+            except ImageFileError as error:
+                raise CLIError(f"--target {error}") from error
+
+        err = Console(stderr=True)
+        for note in scan.notes:
+            err.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True)
+        if file_format is FileFormat.jpeg:
+            err.print(
+                "[yellow]warning:[/yellow] JPEG is lossy: its compression removes part of the "
+                "perturbation and weakens the protection; PNG keeps all of it."
+            )
+        loaded_models = []
+        for source, config, family_name, skip in zip(
+            sources, configs, families, clip_skips, strict=True
+        ):
+            with err.status(f"Loading {source} ..."):
+                loaded_models.append(
+                    load_models(
+                        source,
+                        device=device,
+                        dtype=dtype,
+                        single_file_config=config,
+                        family=family_name,
+                        clip_skip=skip,
+                    )
                 )
+        loaded = loaded_models[0]
+        engine = loaded if len(loaded_models) == 1 else Ensemble(loaded_models, model_weight)
+        if compile_networks and loaded.device.type == "cpu":
+            err.print(
+                "[yellow]warning:[/yellow] --compile made steps slower on the CPU where it was "
+                "measured (BENCHMARKS.md); it pays on GPUs."
             )
-    loaded = loaded_models[0]
-    engine = loaded if len(loaded_models) == 1 else Ensemble(loaded_models, model_weight)
-    if compile_networks and loaded.device.type == "cpu":
-        err.print(
-            "[yellow]warning:[/yellow] --compile made steps slower on the CPU where it was "
-            "measured (BENCHMARKS.md); it pays on GPUs."
+        if work_size is None:
+            sizes = [m.native_size for m in loaded_models]
+            options = replace(options, work_size=default_work_size(options.work_size, sizes))
+        chosen_prompt = (
+            DEFAULT_PROMPT if prompt is None else prompt
+        )  # "" is a prompt: unconditional
+        if category is not None:
+            chosen_prompt = CATEGORY_PROMPTS[category.value]
+        protector = Protector(
+            engine,
+            method,
+            target=target_image,
+            eps=eps / 255,
+            step_size=step_size / 255,
+            steps=steps,
+            prompt=chosen_prompt,
+            posterior=posterior.value,
+            r=sdst_r,
+            seed=seed,
+            robust=transforms,
+            cuda_graphs=cuda_graphs,
+            deterministic=not nondeterministic,
         )
-    if work_size is None:
-        sizes = [m.native_size for m in loaded_models]
-        options = replace(options, work_size=default_work_size(options.work_size, sizes))
-    chosen_prompt = DEFAULT_PROMPT if prompt is None else prompt  # "" is a prompt: unconditional
-    if category is not None:
-        chosen_prompt = CATEGORY_PROMPTS[category.value]
-    protector = Protector(
-        engine,
-        method,
-        target=target_image,
-        eps=eps / 255,
-        step_size=step_size / 255,
-        steps=steps,
-        prompt=chosen_prompt,
-        posterior=posterior.value,
-        r=sdst_r,
-        seed=seed,
-        robust=transforms,
-        cuda_graphs=cuda_graphs,
-        deterministic=not nondeterministic,
-    )
-    from ..performance import AutoBatchSize, apply_performance_options
+        from ..performance import AutoBatchSize, apply_performance_options
 
-    fitting = None
-    if batch is None:
-        fitting = AutoBatchSize(loaded_models, method=method, low_memory=low_memory)
-    for each in loaded_models:
-        apply_performance_options(
-            each,
-            [chosen_prompt],
-            low_memory,
-            compile_networks,
-            console=err if each is loaded else None,  # say it once
-            method=method,
-        )
+        fitting = None
+        if batch is None:
+            fitting = AutoBatchSize(loaded_models, method=method, low_memory=low_memory)
+        for each in loaded_models:
+            apply_performance_options(
+                each,
+                [chosen_prompt],
+                low_memory,
+                compile_networks,
+                console=err if each is loaded else None,  # say it once
+                method=method,
+            )
 
-    single = len(sources) == 1
-    header = {
-        # local models by their full path: `tiny` and `./tiny/` are one model, and resume
-        "model": _model_id(sources[0]) if single else [_model_id(s) for s in sources],
-        "family": loaded.family if single else [m.family for m in loaded_models],
-        **({} if single else {"model_weights": engine.weights}),
-        "device": str(loaded.device),
-        "dtype": str(loaded.dtype).removeprefix("torch."),
-        "parameters": {
-            **protector.config.to_dict(),
-            "target": str(target) if target else None,
-            "clip_skip": clip_skip_parameter(loaded_models),
-        },
-        "seed": seed,
-        "deterministic": protector.deterministic,
-    }
-    started = time.perf_counter()
+        single = len(sources) == 1
+        header = {
+            # local models by their full path: `tiny` and `./tiny/` are one model, and resume
+            "model": model_id(sources[0]) if single else [model_id(s) for s in sources],
+            "family": loaded.family if single else [m.family for m in loaded_models],
+            **({} if single else {"model_weights": engine.weights}),
+            "device": str(loaded.device),
+            "dtype": str(loaded.dtype).removeprefix("torch."),
+            "parameters": {
+                **protector.config.to_dict(),
+                "target": str(target) if target else None,
+                "clip_skip": clip_skip_parameter(loaded_models),
+            },
+            "seed": seed,
+            "deterministic": protector.deterministic,
+        }
+        started = time.perf_counter()
+        try:
+            note = COMPILE_NOTE if compile_networks else None
+            with ProtectProgress(len(files), steps, console=err, first_step_note=note) as progress:
+                report = protect_files(
+                    files,
+                    out,
+                    protector,
+                    options=options,
+                    batch_size=batch if fitting is None else partial(fitting, tile_size=tile_size),
+                    overwrite=overwrite,
+                    manifest_header=header,
+                    on_image_start=progress.image_started,
+                    on_step=progress.step,
+                    on_image_done=progress.image_done,
+                )
+        except KeyboardInterrupt:
+            err.print(
+                f"Interrupted. Finished images are saved and listed in {out / 'manifest.json'}; "
+                "run the same command again to continue."
+            )
+            raise typer.Exit(code=130) from None
+        report.results.extend(missing)
+        print_results(report, time.perf_counter() - started)
+        for note in report.notes:
+            err.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True)
+        if report.failures:
+            raise typer.Exit(code=1)
+
+
+@contextmanager
+def held_output(out: Path) -> Iterator[None]:
+    """Hold ``out``'s lock for the rest of a command: a second run into the folder stops at
+    once, with one line, before any model loads (see :func:`~mimicshield.runner.output_lock`)."""
+    from ..runner import OutputBusyError, output_lock
+    from .errors import CLIError
+
     try:
-        note = COMPILE_NOTE if compile_networks else None
-        with ProtectProgress(len(files), steps, console=err, first_step_note=note) as progress:
-            report = protect_files(
-                files,
-                out,
-                protector,
-                options=options,
-                batch_size=batch if fitting is None else partial(fitting, tile_size=tile_size),
-                overwrite=overwrite,
-                manifest_header=header,
-                on_image_start=progress.image_started,
-                on_step=progress.step,
-                on_image_done=progress.image_done,
-            )
-    except KeyboardInterrupt:
-        err.print(
-            f"Interrupted. Finished images are saved and listed in {out / 'manifest.json'}; "
-            "run the same command again to continue."
-        )
-        raise typer.Exit(code=130) from None
-    report.results.extend(missing)
-    print_results(report, time.perf_counter() - started)
-    for note in report.notes:
-        err.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True)
-    if report.failures:
-        raise typer.Exit(code=1)
+        with output_lock(out):
+            yield
+    except OutputBusyError as error:
+        raise CLIError(str(error)) from None
 
 
 def _batch_size(value: str, error) -> int | None:
@@ -420,9 +440,3 @@ def _clip_skips(values: list[int] | None, sources: list[str], error) -> list[int
 
 
 protect.__doc__ = (protect.__doc__ or "") + "\n" + EXAMPLES
-
-
-def _model_id(source: str) -> str:
-    """A local model's absolute path; a hub id as given."""
-    path = Path(source).expanduser()
-    return str(path.resolve()) if path.exists() else source

@@ -119,6 +119,7 @@ def purify(
     )
     from .errors import CLIError
     from .options import check_clip_skip_option, check_device_options, check_family_option
+    from .protect import held_output
 
     try:
         chosen = parse_purifications(methods)
@@ -144,84 +145,94 @@ def purify(
         raise CLIError(no_inputs_message(inputs, missing))
     if (problem := output_folder_problem(inputs, out)) is not None:
         raise CLIError(problem)
-    for note in scan.notes:
-        err.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True)
-    failures = [result.error for result in missing]
-    claims = OutputClaims(file.path for file in files)
-    planned = []  # (file, {purification name: destination}), checked before anything loads
-    for file in files:
-        destinations = {p.name: out / p.name / file.relative.with_suffix(".png") for p in chosen}
-        if (refused := claims.refusal(file.path, *destinations.values())) is not None:
-            failures.append(refused)
-            continue
-        claims.claim(file.path, *destinations.values())
-        planned.append((file, destinations))
-    if not overwrite:
-        every = [path for _, destinations in planned for path in destinations.values()]
-        if (message := existing_outputs_error(every, out)) is not None:
-            raise CLIError(message)
-    for file, destinations in planned:  # a file the user made read-only is kept: said at the end
-        for name, destination in list(destinations.items()):
-            if is_read_only(destination):
-                failures.append(f"{file.path}: output {destination} is read-only; not replaced.")
-                del destinations[name]
-    try:  # not ours, or read-only: said before the model loads
-        check_record(out / PURIFY_RECORD_NAME)
-    except RecordError as error:
-        raise CLIError(str(error)) from None
-
-    if model is not None and (needs_model or any(p.sized for p in chosen)):
-        with err.status(f"Loading {model} ..."):
-            loaded = _load_purification_model(model, device, dtype, model_config, family, clip_skip)
-        skipped = [p.name for p in chosen if not p.applicable(loaded)]
-        if skipped and methods.strip() != "all":
-            raise CLIError(f"{', '.join(skipped)}: not applicable to {model}.")
-        if skipped:
-            err.print(f"[yellow]note:[/yellow] {', '.join(skipped)} not applicable to {model}.")
-        chosen = [p for p in chosen if p.applicable(loaded)]
-
-    record = PurifyRecord(out, [_description(p, loaded, model) for p in chosen])
-    written: list[Path] = []  # complete files only: save_png writes atomically
-    try:
-        for file, destinations in planned:
-            todo = [p for p in chosen if p.name in destinations]
-            if not todo:
+    with held_output(out):  # until the command ends: one run at a time per folder
+        for note in scan.notes:
+            err.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True)
+        failures = [result.error for result in missing]
+        claims = OutputClaims(file.path for file in files)
+        planned = []  # (file, {purification name: destination}), checked before anything loads
+        for file in files:
+            destinations = {
+                p.name: out / p.name / file.relative.with_suffix(".png") for p in chosen
+            }
+            if (refused := claims.refusal(file.path, *destinations.values())) is not None:
+                failures.append(refused)
                 continue
-            try:
-                loaded_image = load_image(file.path)
-            except ImageFileError as error:
-                failures.append(str(error))
-                continue
-            image = loaded_image.rgb[None]
-            for purification in todo:
-                try:
-                    with torch.no_grad():
-                        result = purification(image, loaded)
-                except NotApplicableError as error:
-                    raise CLIError(str(error)) from error
-                destination = destinations[purification.name]
-                record.before_output()
-                try:
-                    save_png(result[0], destination, alpha=loaded_image.alpha)
-                except OSError as error:  # e.g. a file where the purification's folder goes
-                    why = _why(error, destination)
-                    failures.append(f"{file.path}: could not write {destination} ({why}).")
+            claims.claim(file.path, *destinations.values())
+            planned.append((file, destinations))
+        if not overwrite:
+            every = [path for _, destinations in planned for path in destinations.values()]
+            if (message := existing_outputs_error(every, out)) is not None:
+                raise CLIError(message)
+        for (
+            file,
+            destinations,
+        ) in planned:  # a file the user made read-only is kept: said at the end
+            for name, destination in list(destinations.items()):
+                if is_read_only(destination):
+                    failures.append(
+                        f"{file.path}: output {destination} is read-only; not replaced."
+                    )
+                    del destinations[name]
+        try:  # not ours, or read-only: said before the model loads
+            check_record(out / PURIFY_RECORD_NAME)
+        except RecordError as error:
+            raise CLIError(str(error)) from None
+
+        if model is not None and (needs_model or any(p.sized for p in chosen)):
+            with err.status(f"Loading {model} ..."):
+                loaded = _load_purification_model(
+                    model, device, dtype, model_config, family, clip_skip
+                )
+            skipped = [p.name for p in chosen if not p.applicable(loaded)]
+            if skipped and methods.strip() != "all":
+                raise CLIError(f"{', '.join(skipped)}: not applicable to {model}.")
+            if skipped:
+                err.print(f"[yellow]note:[/yellow] {', '.join(skipped)} not applicable to {model}.")
+            chosen = [p for p in chosen if p.applicable(loaded)]
+
+        record = PurifyRecord(out, [_description(p, loaded, model) for p in chosen])
+        written: list[Path] = []  # complete files only: save_png writes atomically
+        try:
+            for file, destinations in planned:
+                todo = [p for p in chosen if p.name in destinations]
+                if not todo:
                     continue
-                written.append(destination)
-                record.add(file.path, purification.name, destination)
-    except KeyboardInterrupt:
-        err.print(
-            f"Interrupted. The {len(written)} image(s) written to {out} are complete (none is "
-            "half-written); run the same command with --overwrite to redo the rest."
-        )
-        raise typer.Exit(code=130) from None
-    for failure in failures:
-        err.print(f"[red]failed:[/red] {escape(failure)}", soft_wrap=True)
-    images = "image" if len(written) == 1 else "images"
-    kinds = "purification" if len(chosen) == 1 else "purifications"
-    err.print(f"Wrote {len(written)} {images} to {out} ({len(chosen)} {kinds}).")
-    if failures:
-        raise typer.Exit(code=1)
+                try:
+                    loaded_image = load_image(file.path)
+                except ImageFileError as error:
+                    failures.append(str(error))
+                    continue
+                image = loaded_image.rgb[None]
+                for purification in todo:
+                    try:
+                        with torch.no_grad():
+                            result = purification(image, loaded)
+                    except NotApplicableError as error:
+                        raise CLIError(str(error)) from error
+                    destination = destinations[purification.name]
+                    record.before_output()
+                    try:
+                        save_png(result[0], destination, alpha=loaded_image.alpha)
+                    except OSError as error:  # e.g. a file where the purification's folder goes
+                        why = _why(error, destination)
+                        failures.append(f"{file.path}: could not write {destination} ({why}).")
+                        continue
+                    written.append(destination)
+                    record.add(file.path, purification.name, destination)
+        except KeyboardInterrupt:
+            err.print(
+                f"Interrupted. The {len(written)} image(s) written to {out} are complete (none is "
+                "half-written); run the same command with --overwrite to redo the rest."
+            )
+            raise typer.Exit(code=130) from None
+        for failure in failures:
+            err.print(f"[red]failed:[/red] {escape(failure)}", soft_wrap=True)
+        images = "image" if len(written) == 1 else "images"
+        kinds = "purification" if len(chosen) == 1 else "purifications"
+        err.print(f"Wrote {len(written)} {images} to {out} ({len(chosen)} {kinds}).")
+        if failures:
+            raise typer.Exit(code=1)
 
 
 purify.__doc__ = (purify.__doc__ or "") + "\n" + EXAMPLES
