@@ -142,3 +142,52 @@ def test_an_image_too_small_for_resolution_0_is_left_out_and_named(
     )
     alone = CliRunner().invoke(app, [*args[:2], *args[3:], "--overwrite"])
     assert "tiny7x5.png: 7x5 is smaller than 8 pixels" in str(alone.exception)
+
+
+def _mimic_at(model, photos, out, strength: str, *extra: str):
+    args = ["mimic", str(photos), "-o", str(out), "--model", str(model), "--device", "cpu"]
+    args += ["--dtype", "fp32", "--resolution", "32", "-s", "sdedit-onestep"]
+    args += ["--strengths", strength, *extra]
+    return CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+
+
+def test_overwrite_removes_the_earlier_runs_variants_and_nothing_else(
+    tiny_model_dir, photos, tmp_path
+):
+    out = tmp_path / "out"
+    first = _mimic_at(tiny_model_dir, photos, out, "0.1")
+    assert first.exit_code == 0, first.output
+    (out / "notes.txt").write_text("mine")
+    (out / "mine").mkdir()
+    (out / "mine" / "a.png").write_bytes(b"mine")
+    again = _mimic_at(tiny_model_dir, photos, out, "0.2", "--overwrite")
+    assert again.exit_code == 0, again.output
+    assert not (out / "sdedit-onestep@0.1").exists()
+    assert sorted(p.name for p in (out / "sdedit-onestep@0.2").iterdir()) == [
+        "img1.png",
+        "img2.png",
+    ]
+    assert (out / "notes.txt").read_text() == "mine" and (out / "mine" / "a.png").is_file()
+
+    (out / "sdedit-onestep@0.2" / "keep.txt").write_text("mine")  # a user's file in mimic's folder
+    third = _mimic_at(tiny_model_dir, photos, out, "0.3", "--overwrite")
+    assert third.exit_code == 0, third.output
+    assert [p.name for p in (out / "sdedit-onestep@0.2").iterdir()] == ["keep.txt"]
+    record = json.loads((out / "mimic.json").read_text())
+    assert all("@0.3" in path for path in record["outputs"])
+
+
+def test_overwrite_refuses_to_remove_a_read_only_earlier_output(
+    tiny_model_dir, photos, tmp_path, monkeypatch
+):
+    out = tmp_path / "out"
+    assert _mimic_at(tiny_model_dir, photos, out, "0.1").exit_code == 0
+    kept = out / "sdedit-onestep@0.1" / "img1.png"
+    kept.chmod(0o444)
+    monkeypatch.setattr(
+        "mimicshield.models.load_models", lambda *a, **k: pytest.fail("the model loaded")
+    )
+    result = _mimic_at(tiny_model_dir, photos, out, "0.2", "--overwrite")
+    assert f"{kept}, an earlier run's output" in str(result.exception)
+    assert "read-only" in str(result.exception)
+    assert kept.is_file() and (out / "sdedit-onestep@0.1" / "img2.png").is_file()

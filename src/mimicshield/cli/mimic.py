@@ -351,7 +351,12 @@ def mimic(
     dtype: DtypeOpt = "auto",
     seed: SeedOpt = 0,
     overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="replace outputs that exist already")
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="replace an earlier run in -o: its outputs this run does not make (those its "
+            "mimic.json lists) are removed",
+        ),
     ] = False,
 ) -> None:
     """Simulate mimicry on images; writes OUT/<scenario>/... PNGs and OUT/mimic.json."""
@@ -444,6 +449,12 @@ def mimic(
             f"-o {out}: {kept[0]} is read-only; not replaced (make it writable, or choose "
             "another -o)."
         )
+    stale = _stale_outputs(out, {*claims.claimed, *trained}) if overwrite else []
+    if kept := [path for path in stale if is_read_only(path)]:
+        raise CLIError(
+            f"-o {out}: {kept[0]}, an earlier run's output this run does not make, is "
+            "read-only; not removed (make it writable, or choose another -o)."
+        )
 
     mimicry = load_mimicry(
         settings,
@@ -457,6 +468,7 @@ def mimic(
         clip_skip=clip_skip,
     )
     settings = mimicry.settings  # the resolution resolved to the model's own size
+    _remove_stale(out, stale)  # the model loaded: the earlier run's other variants go
     outputs: list[str] = []
     try:
         _run_variants(mimicry, variants, images, unmasked, out, outputs, failed, err)
@@ -489,6 +501,67 @@ def mimic(
         for message in failed:
             err.print(f"  {escape(message)}", soft_wrap=True)
         raise typer.Exit(code=1)
+
+
+def earlier_outputs(out: Path) -> list[Path]:
+    """The files the earlier run's ``out/mimic.json`` lists, as paths under ``out``: each in
+    one of the variant folders that run made, none of a user's other files."""
+    from ..mimicry import MimicrySettings
+
+    try:
+        record = json.loads((out / "mimic.json").read_text(encoding="utf-8"))
+        earlier = record["settings"]
+        keys = {
+            variant.key
+            for variant in MimicrySettings(
+                scenarios=list(earlier["scenarios"]),
+                sdedit_strengths=tuple(earlier["sdedit_strengths"]),
+                img2img_strengths=tuple(earlier["img2img_strengths"]),
+            ).variants()
+        }
+        listed = [Path(path) for path in record["outputs"]]
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return []  # none, or not one mimic wrote: nothing is known to be its own
+    found = []
+    for path in listed:
+        relative = _under(out, path, keys)
+        if relative is None or ".." in relative.parts or len(relative.parts) < 2:
+            continue
+        if relative.parts[0] in keys:
+            found.append(out / relative)
+    return found
+
+
+def _under(out: Path, path: Path, keys: set[str]) -> Path | None:
+    """``path`` (as the earlier run wrote it, from its working folder) relative to ``out``;
+    else from its last variant folder on, for an ``-o`` spelt another way."""
+    try:
+        return path.resolve().relative_to(out.resolve())
+    except ValueError:
+        pass
+    starts = [i for i, part in enumerate(path.parts[:-1]) if part in keys]
+    return Path(*path.parts[starts[-1] :]) if starts else None
+
+
+def _stale_outputs(out: Path, planned: set[Path]) -> list[Path]:
+    """The earlier run's outputs that this run would not replace: with ``--overwrite`` they
+    go, so no variant or image of that run is left beside a mimic.json that omits it."""
+    planned = {path.resolve() for path in planned}
+    return [p for p in earlier_outputs(out) if p.resolve() not in planned and p.is_file()]
+
+
+def _remove_stale(out: Path, stale: list[Path]) -> None:
+    """Delete ``stale`` and the earlier record (it lists them), then the folders left empty;
+    a folder holding anything else stays."""
+    if not stale:
+        return
+    (out / "mimic.json").unlink(missing_ok=True)  # a new one is written by a finished run
+    for path in stale:
+        path.unlink(missing_ok=True)
+        for folder in path.parents:
+            if folder == out or out not in folder.parents or any(folder.iterdir()):
+                break
+            folder.rmdir()
 
 
 def _unmasked(settings, images: dict[str, Path], failed: list[str]) -> set[str]:
