@@ -172,3 +172,35 @@ def test_an_image_too_small_for_resolution_0_is_left_out_and_the_rest_evaluated(
     alone = evaluate(*args, "--overwrite")
     assert isinstance(alone.exception, CLIError)
     assert "tiny7x5.png: 7x5 is smaller than 8 pixels" in str(alone.exception)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "said"),
+    [
+        ("--clip", "./no-clip-here", "no such folder"),
+        ("--clip", "empty-folder", "no config.json"),
+        ("--clip", "weights.bin", "a file"),
+        ("--fid-weights", "missing.pt", "no such file"),
+        ("--fid-weights", "weights.bin", "not a TorchScript file"),
+    ],
+)
+def test_a_clip_or_fid_model_that_cannot_load_is_refused_before_the_model(
+    model_never_loads, tmp_path, monkeypatch, option, value, said
+):
+    from safetensors.torch import save_file
+
+    from mimicshield.metrics import LPIPS
+
+    lpips = tmp_path / "lpips.safetensors"
+    save_file({k: v.contiguous() for k, v in LPIPS().state_dict().items()}, str(lpips))
+    (tmp_path / "empty-folder").mkdir()
+    (tmp_path / "weights.bin").write_bytes(b"not a zip archive")
+    monkeypatch.chdir(tmp_path)
+    clean = _images(tmp_path / "clean", ["a"])
+    protected = _images(tmp_path / "prot", ["a"], seed=5)
+    args = [str(clean), str(protected), "-o", str(tmp_path / "ev"), "--lpips-weights", str(lpips)]
+    result = evaluate(*args, option, value)
+    assert isinstance(result.exception, CLIError)
+    message = str(result.exception)
+    assert message.startswith(f"{option} {value}: ") and said in message
+    assert not (tmp_path / "ev").exists()

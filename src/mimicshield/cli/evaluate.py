@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import zipfile
 from pathlib import Path
 from typing import Annotated
 
@@ -188,8 +189,10 @@ def evaluate(
     purifications = parse_purify_option(purify)
     check_model_source(model)  # a mistyped path, before the LPIPS weights are downloaded
     lpips_file = _checked_lpips_weights(lpips_weights)
-    if fid_weights is not None and not fid_weights.is_file():
-        raise CLIError(f"--fid-weights {fid_weights}: no such file.")
+    if clip is not None and (problem := clip_source_problem(clip)) is not None:
+        raise CLIError(f"--clip {clip}: {problem}")
+    if fid_weights is not None and (problem := fid_weights_problem(fid_weights)) is not None:
+        raise CLIError(f"--fid-weights {fid_weights}: {problem}")
 
     mimicry = load_mimicry(
         settings,
@@ -306,6 +309,32 @@ def _too_small(paths, resolution: int | None) -> list[str]:
         if (problem := size_problem(header.width, header.height, resolution)) is not None:
             problems.append(f"{path}: {problem}")
     return problems
+
+
+def clip_source_problem(source: str) -> str | None:
+    """What is wrong with a ``--clip`` that cannot be a CLIPModel, found before the diffusion
+    model loads (the metric models load after it, minutes later); a hub id is checked when it
+    loads."""
+    path = Path(source).expanduser()
+    takes = "--clip takes a CLIPModel folder or a hub id, e.g. openai/clip-vit-large-patch14"
+    if path.is_dir():
+        return None if (path / "config.json").is_file() else f"no config.json ({takes})."
+    if path.exists():
+        return f"a file ({takes})."
+    if source.startswith((".", "/", "~")) or "\\" in source or source.count("/") > 1:
+        return f"no such folder ({takes})."
+    return None
+
+
+def fid_weights_problem(path: Path) -> str | None:
+    """What is wrong with a ``--fid-weights`` file, found before the diffusion model loads.
+    TorchScript files are zip archives: anything else fails ``torch.jit.load`` later with
+    the file reader's internal messages."""
+    if not path.is_file():
+        return "no such file."
+    if not zipfile.is_zipfile(path):
+        return "not a TorchScript file (for example inception-2015-12-05.pt)."
+    return None
 
 
 def _checked_lpips_weights(given: Path | None) -> Path:
