@@ -16,6 +16,7 @@ from PIL import Image
 from mimicshield.images import load_image
 from mimicshield.protector import Protector
 from mimicshield.runner import (
+    LOCK_NAME,
     MANIFEST_NAME,
     OutputOptions,
     collect_inputs,
@@ -128,7 +129,8 @@ def test_bad_files_each_fail_with_one_line_and_the_rest_is_protected(tmp_path, e
     for failure in report.failures:
         assert failure.error.startswith(str(tmp_path / "in")) and "\n" not in failure.error
     assert (tmp_path / "out" / "good.png").is_file()
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.png", MANIFEST_NAME]
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == [LOCK_NAME, "good.png", MANIFEST_NAME]  # the lock file stays, unlocked
 
 
 @pytest.mark.parametrize("size", [(1, 1), (5, 40)])
@@ -207,7 +209,7 @@ def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, engine):
     with pytest.raises(KeyboardInterrupt):
         run(folder, out, engine, batch_size=2, on_image_start=interrupt.start,
             on_step=interrupt.step)  # fmt: skip
-    done = sorted(p.name for p in out.iterdir())
+    done = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME)
     assert done == ["img0.png", "img1.png", MANIFEST_NAME]  # the first batch, whole
     first = {name: (out / name).read_bytes() for name in done[:2]}
     (out / ".img2.png.deadbeef.part").write_bytes(b"left by a killed run")
@@ -416,7 +418,7 @@ def test_from_python_paths_are_accepted_and_the_manifest_tells_models_apart(
     out = tmp_path / "out"
     first = protect_files([str(art)], out, protector, options=NATIVE)
     assert [r.status for r in first.results] == ["protected"]
-    assert load_manifest(out)["model"] == [tiny_model.name]
+    assert load_manifest(out)["model"] == tiny_model.name  # one model as the CLI records it
     again = protect_files([art], out, protector, options=NATIVE)
     assert [r.status for r in again.results] == ["skipped"]
     other = copy.copy(tiny_model)
