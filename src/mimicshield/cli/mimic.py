@@ -49,7 +49,13 @@ StrengthsOpt = Annotated[
 Img2ImgStrengthsOpt = Annotated[
     str, typer.Option("--img2img-strengths", help="img2img strengths, comma-separated")
 ]
-PromptOpt = Annotated[str, typer.Option(help="prompt for img2img and inpainting")]
+PromptOpt = Annotated[
+    str,
+    typer.Option(
+        help="prompt of the scenarios that take one: SDEdit (unguided, as the paper), img2img "
+        "and inpainting; textual inversion and LoRA train on their own"
+    ),
+]
 GuidanceOpt = Annotated[float, typer.Option("--guidance", help="classifier-free guidance scale")]
 SampleStepsOpt = Annotated[
     int, typer.Option(help="denoising steps of the img2img, inpainting and sampling pipelines")
