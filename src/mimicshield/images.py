@@ -2,7 +2,7 @@
 
 I/O lives only here (and in :mod:`mimicshield.runner`, which calls it). An image is decoded to RGB
 in [0, 1] for the engine plus everything needed to write it back the way the user made it: the
-alpha channel untouched, the bit depth, whether it was grey, the ICC profile, EXIF and XMP.
+alpha channel untouched, the bit depth, whether it was grey, the ICC profile, EXIF, XMP and IPTC.
 
 Choices, per input mode:
 
@@ -20,8 +20,9 @@ Choices, per input mode:
   PNG) is still read at 8 bits by Pillow, with a note.
 
 Metadata: the ICC profile is always kept (the colours depend on it), and so are the dpi. EXIF
-(orientation and thumbnail removed), XMP and PNG text chunks are kept unless ``strip_metadata``
-asks for a privacy clean-up; see :func:`save_image` for what each output format can hold.
+(orientation and thumbnail removed), XMP, IPTC-IIM and PNG text chunks are kept unless
+``strip_metadata`` asks for a privacy clean-up; see :func:`save_image` for what each output format
+can hold.
 """
 
 from __future__ import annotations
@@ -48,7 +49,20 @@ from PIL.PngImagePlugin import PngInfo
 from PIL.TiffImagePlugin import ImageFileDirectory_v2
 from torch import Tensor
 
-from .metadata import ORIENTATION, clean_exif, merge_xmp
+from .metadata import (
+    IPTC_RAW_PROFILE,
+    IRB_RAW_PROFILE,
+    ORIENTATION,
+    checked_iptc,
+    clean_exif,
+    insert_jpeg_segment,
+    iptc_app13,
+    iptc_from_app13,
+    iptc_from_irb,
+    iptc_from_raw_profile,
+    iptc_raw_profile,
+    merge_xmp,
+)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp"}
 OUTPUT_FORMATS = ("png", "jpeg")
@@ -60,7 +74,14 @@ SIXTEEN_BIT_GREY_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
 COLOUR_MODES = {"RGB", "RGBA", "RGBa", "RGBX", "YCbCr", "P", "PA", "CMYK"}
 ALPHA_MODES = {"LA", "La", "RGBA", "RGBa", "PA"}
 # PNG text chunks that are stale copies of metadata handled elsewhere (ImageMagick writes these).
-SKIPPED_PNG_TEXT = {"XML:com.adobe.xmp", "Raw profile type exif", "Raw profile type APP1"}
+# The IPTC ones are read into ``LoadedImage.iptc`` and written back from it, never copied as text.
+SKIPPED_PNG_TEXT = {
+    "XML:com.adobe.xmp",
+    "Raw profile type exif",
+    "Raw profile type APP1",
+    IPTC_RAW_PROFILE,
+    IRB_RAW_PROFILE,
+}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Chunks copied from Pillow's metadata writer into a 16-bit PNG made by OpenCV (see _encode_png16).
 PNG_METADATA_CHUNKS = {b"iCCP", b"pHYs", b"tEXt", b"zTXt", b"iTXt", b"eXIf"}
@@ -69,6 +90,8 @@ PNG_IMAGE_CHUNKS = {b"IHDR", b"IDAT", b"IEND"}
 EXIF_SUB_IFDS = {0x8769: "Exif", 0x8825: "GPS", 0xA005: "Interoperability"}
 # Tags tifffile writes itself (the resolution, from the dpi); an EXIF copy would be a duplicate.
 TIFF_WRITER_TAGS = {282, 283, 296}
+# TIFF tags holding IPTC-IIM (IPTC-NAA) and a Photoshop resource list (which may hold IPTC too).
+TIFF_IPTC_TAG, TIFF_PHOTOSHOP_TAG = 33723, 34377
 # TIFF field types tifffile can write as extratags (13, IFD, is a sub-IFD pointer: it cannot).
 TIFF_VALUE_TYPES = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12}
 
@@ -104,6 +127,7 @@ class LoadedImage:
     icc_profile: bytes | None = None
     exif: bytes | None = None  # orientation and thumbnail removed
     xmp: bytes | str | None = None
+    iptc: bytes | None = None  # IPTC-IIM datasets (By-line, CopyrightNotice, Keywords, ...)
     info: dict = field(default_factory=dict)  # dpi, PNG text chunks, gamma
     notes: list[str] = field(default_factory=list)
 
@@ -224,6 +248,7 @@ def load_image(path: str | Path) -> LoadedImage:
         stored_orientation = _orientation(opened)  # before load(), which may apply it (TIFF)
         upright_size = opened.size
         opened.load()  # also reads the metadata chunks after the pixels
+        iptc, iptc_note = _iptc(path, opened)  # before a rotated TIFF is reread without its tags
         # Pillow's TIFF loader turns its pixels upright and drops the tag; pixels read with
         # tifffile or OpenCV are as stored and need the orientation read before load().
         orientation = stored_orientation if deep else _orientation(opened)
@@ -232,6 +257,8 @@ def load_image(path: str | Path) -> LoadedImage:
             # (orientation 5-8) and leaves them at their stored size: read them as stored.
             opened, orientation = _tiff_as_stored(path, opened), stored_orientation
         loaded = _decode(path, opened, deep, orientation)
+        loaded.iptc = iptc
+        loaded.notes.extend([iptc_note] if iptc_note else [])
         if reduced and loaded.bits == 8:  # 16-bit grey with alpha
             loaded.notes.append("16-bit PNG read at 8 bits per channel (Pillow's limit)")
         return loaded
@@ -408,6 +435,44 @@ def _exif_bytes(image: Image.Image) -> bytes | None:
         return None
 
 
+def _iptc(path: Path, image: Image.Image) -> tuple[bytes | None, str | None]:
+    """The IPTC-IIM of a JPEG, PNG or TIFF, and a note when a damaged block was dropped.
+
+    A damaged block costs only itself: the pixels and the other metadata are still protected.
+    WebP and BMP have no place for IIM (a WebP's IPTC fields live in its XMP, which is kept).
+    """
+    try:
+        if image.format in ("JPEG", "MPO"):
+            applist = getattr(image, "applist", [])
+            return iptc_from_app13([data for marker, data in applist if marker == "APP13"]), None
+        if image.format == "PNG":
+            text = getattr(image, "text", {})
+            for key in (IPTC_RAW_PROFILE, IRB_RAW_PROFILE):
+                if isinstance(text.get(key), str):
+                    return iptc_from_raw_profile(text[key]), None
+        if image.format == "TIFF":
+            return _tiff_iptc(path), None
+    except (ValueError, struct.error) as error:
+        return None, f"damaged IPTC metadata not copied ({error})"
+    return None, None
+
+
+def _tiff_iptc(path: Path) -> bytes | None:
+    """Tag 33723, else the IPTC resource of tag 34377, read with tifffile: writers store 33723
+    as UNDEFINED or as LONG, and Pillow drops a LONG one ("too many entries"); tifffile gives
+    the bytes as stored either way."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        tags = tif.pages[0].tags
+        iptc, photoshop = tags.get(TIFF_IPTC_TAG), tags.get(TIFF_PHOTOSHOP_TAG)
+        if iptc is not None and isinstance(iptc.value, bytes):
+            return checked_iptc(iptc.value)
+        if photoshop is not None and isinstance(photoshop.value, bytes):
+            return iptc_from_irb(photoshop.value)
+    return None
+
+
 def _kept_info(image: Image.Image) -> dict:
     kept: dict = {}
     if "dpi" in image.info:
@@ -465,8 +530,9 @@ def save_image(
     """Write ``array`` atomically with the input's metadata; return notes on what was left out.
 
     Always kept: the ICC profile (the colours depend on it) and the dpi. Kept unless
-    ``strip_metadata``: EXIF (orientation and thumbnail removed), XMP and PNG text chunks.
-    ``strip_metadata`` is the privacy option: EXIF with its GPS, XMP and text comments all go.
+    ``strip_metadata``: EXIF (orientation and thumbnail removed), XMP, IPTC-IIM and PNG text
+    chunks. ``strip_metadata`` is the privacy option: EXIF with its GPS, XMP, IPTC (names and
+    places) and text comments all go.
     ``provenance`` merges the "no AI/ML training" properties into the XMP (with
     ``strip_metadata``, that notice is the only XMP written).
 
@@ -474,23 +540,39 @@ def save_image(
     encodes the pixels and Pillow the metadata, so it carries what an 8-bit PNG would (see
     :func:`_encode_png16`). 16-bit TIFF through ``tifffile``: ICC, XMP, dpi and the tags of
     EXIF's main IFD, but not its Exif and GPS sub-IFDs (see :func:`_tiff_exif_tags`).
+
+    IPTC-IIM goes where each format keeps it: a JPEG's APP13 "Photoshop 3.0" segment (Pillow has
+    no option for it, so it is spliced into the encoded bytes; a block over one segment's 64 KB is
+    left out with a note), a PNG's "Raw profile type iptc" zTXt chunk, a TIFF's tag 33723.
     """
     exif = None if strip_metadata else loaded.exif
     xmp = merge_xmp(None if strip_metadata else loaded.xmp, provenance=provenance)
     text = {} if strip_metadata else loaded.info.get("text", {})
+    iptc = None if strip_metadata else loaded.iptc
     icc, dpi = loaded.icc_profile, loaded.info.get("dpi")
     notes: list[str] = []
+    app13 = iptc_app13(iptc) if iptc and plan.format == "JPEG" else None
+    if iptc and plan.format == "JPEG" and app13 is None:
+        notes.append(
+            f"IPTC metadata ({len(iptc)} bytes) not copied: over the 64 KB of one JPEG segment"
+        )
 
     def pillow_options() -> dict:
         options: dict = {"icc_profile": icc, "exif": exif, "dpi": dpi}
         if plan.format == "JPEG":
             options.update(quality=quality, subsampling=0, xmp=xmp)
         else:
-            options["pnginfo"] = _png_info(text, xmp)
+            options["pnginfo"] = _png_info(text, xmp, iptc)
         return {k: v for k, v in options.items() if v is not None}
 
     def write_pillow(temporary: Path) -> None:
-        Image.fromarray(array).save(temporary, format=plan.format, **pillow_options())
+        picture = Image.fromarray(array)
+        if app13 is None:
+            picture.save(temporary, format=plan.format, **pillow_options())
+            return
+        encoded = io.BytesIO()
+        picture.save(encoded, format=plan.format, **pillow_options())
+        temporary.write_bytes(insert_jpeg_segment(encoded.getvalue(), app13))
 
     def write_png16(temporary: Path) -> None:
         # Pillow cannot hold 16-bit colour, but it writes the metadata chunks: save them with a
@@ -516,6 +598,8 @@ def save_image(
 
         def imwrite(tags: list[tuple]) -> None:
             xmp_tags = [(700, "B", len(xmp), xmp, True)] if xmp else []
+            if iptc:  # UNDEFINED (7): IIM is bytes; LONG, which some writers use, needs padding
+                xmp_tags.append((TIFF_IPTC_TAG, 7, len(iptc), iptc, True))
             options: dict = {}
             if dpi:
                 options.update(resolution=(float(dpi[0]), float(dpi[1])), resolutionunit="INCH")
@@ -636,13 +720,15 @@ def _tiff_tag(tag: int, kind: int, value: object) -> tuple:
     return (tag, kind, len(values), values, True)
 
 
-def _png_info(text: dict[str, str], xmp: bytes | None) -> PngInfo:
+def _png_info(text: dict[str, str], xmp: bytes | None, iptc: bytes | None = None) -> PngInfo:
     info = PngInfo()
     for key, value in text.items():
         if isinstance(value, str):
             info.add_itxt(key, value)
     if xmp:
         info.add_itxt("XML:com.adobe.xmp", xmp.decode("utf-8"), zip=False)
+    if iptc:  # zTXt, Latin-1 text: the profile is hex digits, as ImageMagick and exiftool write it
+        info.add_text(IPTC_RAW_PROFILE, iptc_raw_profile(iptc), zip=True)
     return info
 
 

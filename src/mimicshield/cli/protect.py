@@ -152,8 +152,8 @@ def protect(
 ) -> None:
     """Protect images against diffusion mimicry; writes PNGs and OUT/manifest.json.
 
-    Outputs keep the input's pixel size, mode, ICC profile, EXIF (minus orientation) and XMP
-    (--strip-metadata removes the EXIF, XMP and text comments).
+    Outputs keep the input's pixel size, mode, ICC profile, EXIF (minus orientation), XMP and
+    IPTC (--strip-metadata removes the EXIF, XMP, IPTC and text comments).
     Rerun the same command after an interruption to continue where it stopped.
     """
     from rich.console import Console
