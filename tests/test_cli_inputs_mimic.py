@@ -191,3 +191,31 @@ def test_overwrite_refuses_to_remove_a_read_only_earlier_output(
     assert f"{kept}, an earlier run's output" in str(result.exception)
     assert "read-only" in str(result.exception)
     assert kept.is_file() and (out / "sdedit-onestep@0.1" / "img2.png").is_file()
+
+
+def test_inpainting_options_without_the_inpaint_scenario_are_said_to_be_ignored(
+    tiny_model_dir, photos, tmp_path, monkeypatch
+):
+    """--mask and --inpaint-model do nothing without the inpaint scenario: said, and the
+    inpainting model is not loaded."""
+    from mimicshield import models
+
+    loaded = []
+    load_models = models.load_models
+    monkeypatch.setattr(
+        models, "load_models", lambda s, **k: loaded.append(s) or load_models(s, **k)
+    )
+    mask = tmp_path / "mask.png"
+    Image.fromarray(noise(32, 32, seed=9)).save(mask)
+    args = [str(photos), "-o", str(tmp_path / "out"), "-s", "sdedit-onestep", "--mask", str(mask)]
+    args += ["--inpaint-model", str(tmp_path / "never-loaded")]
+    with pytest.warns(UserWarning) as said:
+        result = mimic(tiny_model_dir, *args)
+    assert result.exit_code == 0, result.output
+    messages = [str(w.message) for w in said]
+    for option in ("--mask", "--inpaint-model"):
+        assert (
+            f"{option} is for the inpaint scenario, which --scenarios leaves out: ignored."
+            in messages
+        )
+    assert loaded == [str(tiny_model_dir)]

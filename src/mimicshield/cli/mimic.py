@@ -10,6 +10,7 @@ import importlib.util
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -157,7 +158,18 @@ def make_settings(**options) -> object:
         )
     if options["mask"] is not None:
         _check_mask_option(options["mask"])
+        if "inpaint" not in scenarios:
+            _ignored("--mask", "inpaint")
     return MimicrySettings(scenarios=scenarios, **options)
+
+
+def _ignored(option: str, scenario: str) -> None:
+    """Say that an option given for a scenario the run leaves out does nothing (a user who
+    passed it expected it to)."""
+    warnings.warn(
+        f"{option} is for the {scenario} scenario, which --scenarios leaves out: ignored.",
+        stacklevel=3,
+    )
 
 
 def _check_training_and_guidance(options: dict) -> None:
@@ -252,6 +264,8 @@ def load_mimicry(
             clip_skip=clip_skip,
         )
     inpainter = None
+    if inpaint_model is not None and "inpaint" not in settings.scenarios:
+        _ignored("--inpaint-model", "inpaint")
     if inpaint_model is not None and "inpaint" in settings.scenarios:
         with err.status(f"Loading {inpaint_model} ..."):
             try:
