@@ -138,6 +138,7 @@ def test_purify_command_writes_one_folder_per_purification(tmp_path):
     assert result.exit_code == 0, result.output
     for name in ("jpeg75", "blur"):
         assert Image.open(out / name / "nested" / "a.png").size == (30, 21)
+    assert "2/2" in result.output  # the progress bar counts (image, purification) pairs
 
     refused = CliRunner().invoke(app, ["purify", str(folder), "-o", str(out), "-m", "vae"])
     assert isinstance(refused.exception, CLIError) and "needs --model" in str(refused.exception)

@@ -295,24 +295,9 @@ class RichProgress:
     """One bar with ETA for the loop that is running; a log line for each finished loop."""
 
     def __init__(self, console) -> None:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
+        from .progress import counting_progress
 
-        self.progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=console,
-        )
+        self.progress = counting_progress(console)
         self.task = None
         self.description = ""
         self.started = 0.0

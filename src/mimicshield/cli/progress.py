@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.progress import (
     BarColumn,
+    MofNCompleteColumn,
     Progress,
     TextColumn,
     TimeElapsedColumn,
@@ -17,6 +18,20 @@ from rich.table import Table
 
 if TYPE_CHECKING:
     from ..runner import FileResult, RunReport
+
+
+def counting_progress(console: Console) -> Progress:
+    """One bar with done/total, elapsed time and ETA: for loops whose steps are images or
+    training steps (mimic, evaluate, purify)."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+    )
 
 
 class ProtectProgress:

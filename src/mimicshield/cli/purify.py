@@ -119,6 +119,7 @@ def purify(
     )
     from .errors import CLIError
     from .options import check_clip_skip_option, check_device_options, check_family_option
+    from .progress import counting_progress
     from .protect import held_output
 
     try:
@@ -193,33 +194,38 @@ def purify(
 
         record = PurifyRecord(out, [_description(p, loaded, model) for p in chosen])
         written: list[Path] = []  # complete files only: save_png writes atomically
+        work = [(file, [p for p in chosen if p.name in d], d) for file, d in planned]
         try:
-            for file, destinations in planned:
-                todo = [p for p in chosen if p.name in destinations]
-                if not todo:
-                    continue
-                try:
-                    loaded_image = load_image(file.path)
-                except ImageFileError as error:
-                    failures.append(str(error))
-                    continue
-                image = loaded_image.rgb[None]
-                for purification in todo:
-                    try:
-                        with torch.no_grad():
-                            result = purification(image, loaded)
-                    except NotApplicableError as error:
-                        raise CLIError(str(error)) from error
-                    destination = destinations[purification.name]
-                    record.before_output()
-                    try:
-                        save_png(result[0], destination, alpha=loaded_image.alpha)
-                    except OSError as error:  # e.g. a file where the purification's folder goes
-                        why = _why(error, destination)
-                        failures.append(f"{file.path}: could not write {destination} ({why}).")
+            with counting_progress(err) as progress:
+                bar = progress.add_task("purifying", total=sum(len(todo) for _, todo, _ in work))
+                for file, todo, destinations in work:
+                    if not todo:
                         continue
-                    written.append(destination)
-                    record.add(file.path, purification.name, destination)
+                    try:
+                        loaded_image = load_image(file.path)
+                    except ImageFileError as error:
+                        failures.append(str(error))
+                        progress.advance(bar, len(todo))
+                        continue
+                    image = loaded_image.rgb[None]
+                    for purification in todo:
+                        progress.update(bar, description=f"{file.relative} ({purification.name})")
+                        try:
+                            with torch.no_grad():
+                                result = purification(image, loaded)
+                        except NotApplicableError as error:
+                            raise CLIError(str(error)) from error
+                        destination = destinations[purification.name]
+                        record.before_output()
+                        try:
+                            save_png(result[0], destination, alpha=loaded_image.alpha)
+                        except OSError as error:  # e.g. a file where the folder goes
+                            why = _why(error, destination)
+                            failures.append(f"{file.path}: could not write {destination} ({why}).")
+                        else:
+                            written.append(destination)
+                            record.add(file.path, purification.name, destination)
+                        progress.advance(bar)
         except KeyboardInterrupt:
             err.print(
                 f"Interrupted. The {len(written)} image(s) written to {out} are complete (none is "
