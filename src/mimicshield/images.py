@@ -37,6 +37,7 @@ import re
 import secrets
 import stat
 import struct
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -92,6 +93,7 @@ EXIF_SUB_IFDS = {0x8769: "Exif", 0x8825: "GPS", 0xA005: "Interoperability"}
 TIFF_WRITER_TAGS = {282, 283, 296}
 # TIFF tags holding IPTC-IIM (IPTC-NAA) and a Photoshop resource list (which may hold IPTC too).
 TIFF_IPTC_TAG, TIFF_PHOTOSHOP_TAG = 33723, 34377
+IPTC_TAG_WARNING = r"Metadata Warning, tag 33723 had too many entries"
 # TIFF field types tifffile can write as extratags (13, IFD, is a sub-IFD pointer: it cannot).
 TIFF_VALUE_TYPES = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12}
 
@@ -159,7 +161,11 @@ def _reading(path: Path) -> Iterator[None]:
     try:
         if path.stat().st_size == 0:
             raise ImageFileError(f"{path}: empty file (0 bytes).")
-        yield
+        with warnings.catch_warnings():
+            # Pillow drops a TIFF's IPTC tag stored as LONGs with this warning; it is read
+            # with tifffile instead (_tiff_iptc), so the warning says nothing true
+            warnings.filterwarnings("ignore", IPTC_TAG_WARNING, UserWarning)
+            yield
     except ImageFileError:
         raise
     except FileNotFoundError as error:
