@@ -153,6 +153,17 @@ def test_pair_folders_matches_by_relative_path_and_stem(tmp_path):
     assert [m.name for m in pair_folders(tmp_path / "clean", [tmp_path / "p2"])[1]] == ["p2"]
 
 
+def test_folders_of_one_method_are_all_told_apart_by_folder_name():
+    from mimicshield.evaluation import distinct_labels
+
+    folders = [Path("runs/e8"), Path("runs/e16"), Path("other"), Path("x/e8")]
+    labels = ["sds-", "sds-", "mist", "sds-"]
+    # the two e8 folders share a name too: their paths tell them apart
+    assert distinct_labels(labels, folders) == ["runs/e8", "sds- (e16)", "mist", "x/e8"]
+    assert distinct_labels(["sds-", "mist"], folders[:2]) == ["sds-", "mist"]
+    assert distinct_labels(["clean"], [Path("c")]) == ["clean (c)"]  # never the clean column's
+
+
 # --- metric models -----------------------------------------------------------------------------
 
 

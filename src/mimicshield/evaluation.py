@@ -525,18 +525,12 @@ def pair_folders(
     if not clean.files:
         raise ValueError(f"{clean_dir}: no images found.")
     methods: list[Source] = []
-    used = {CLEAN}
-    for folder in map(Path, protected_dirs):
+    protected = list(map(Path, protected_dirs))
+    for folder in protected:
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder}: no such folder.")
-        label = _method_label(folder)
-        if label in used:
-            label = (
-                f"{label} ({folder.name})"
-                if f"{label} ({folder.name})" not in used
-                else str(folder)
-            )
-        used.add(label)
+    labels = distinct_labels([_method_label(folder) for folder in protected], protected)
+    for folder, label in zip(protected, labels, strict=True):
         found, ambiguous = _image_files(folder, others(folder))
         files = {key: found[key] for key in clean.files if key in found}
         missing = [key for key in clean.files if key not in found]
@@ -546,6 +540,21 @@ def pair_folders(
         source = Source(label, folder, files, missing, ambiguous, extra, _is_purified(folder))
         methods.append(source)
     return clean, methods
+
+
+def distinct_labels(labels: list[str], folders: list[Path]) -> list[str]:
+    """One label per folder, told apart where several folders share one (two runs of a
+    method): each of them gets its folder's name, or its path where names repeat too, so no
+    column reads as the plain method while another has a suffix."""
+
+    def repeated(names: list[str]) -> set[str]:
+        return {name for name in names if names.count(name) > 1 or name == CLEAN}
+
+    pairs = list(zip(labels, folders, strict=True))
+    shared = repeated(labels)
+    named = [f"{label} ({folder.name})" if label in shared else label for label, folder in pairs]
+    still = repeated(named)
+    return [str(f) if name in still else name for name, (_, f) in zip(named, pairs, strict=True)]
 
 
 def _is_purified(folder: Path) -> bool:
