@@ -96,6 +96,17 @@ def test_a_single_broken_input_is_named_instead_of_no_image_files_found(mixed, t
         assert "No image files found" not in str(result.exception)
 
 
+def test_a_pattern_matching_nothing_is_not_called_a_missing_file(tmp_path):
+    _, missing = collect_inputs([str(tmp_path / "nomatch" / "*.png"), str(tmp_path / "a.png")])
+    assert [result.error for result in missing] == [
+        f"{tmp_path / 'nomatch' / '*.png'}: the pattern matches no file.",
+        f"{tmp_path / 'a.png'}: no such file.",
+    ]
+    result = purify(str(tmp_path / "nomatch" / "[ab].png"), "-o", str(tmp_path / "out"))
+    assert isinstance(result.exception, CLIError)
+    assert "[ab].png: the pattern matches no file." in str(result.exception)
+
+
 def test_a_broken_link_inside_a_folder_is_a_failure(tmp_path):
     _image(tmp_path / "in" / "a.png")
     os.symlink("gone.png", tmp_path / "in" / "b.png")
@@ -349,6 +360,25 @@ def test_purify_overwrite_keeps_a_read_only_output_and_does_the_rest(tmp_path):
     Image.open(out / "blur" / "img1.png").load()  # the rest of the batch is done
     assert (out / "jpeg75" / "img0.png").is_file()  # and the other purification of img0
     assert "Wrote 3 images" in result.output
+
+
+def test_a_file_blocking_an_output_subfolder_is_named_by_protect_too(tmp_path):
+    """protect words it as purify does: the file in the way, not ``[Errno 17] File exists``."""
+    _image(tmp_path / "in" / "sub" / "a.png")
+    _image(tmp_path / "in" / "b.png", seed=1)
+    out = tmp_path / "blk"
+    out.mkdir()
+    (out / "sub").write_text("a file of the user's")
+    files, _ = collect_inputs([str(tmp_path / "in")], exclude=out)
+    report = protect_files(
+        files, out, NoiseEngine(eps=4 / 255), options=NATIVE, manifest_header=HEADER
+    )
+    by_name = {result.relative: result for result in report.results}
+    assert by_name["b.png"].status == "protected"
+    assert by_name["sub/a.png"].error == (
+        f"{tmp_path / 'in' / 'sub' / 'a.png'}: could not write {out / 'sub' / 'a.png'} "
+        f"({out / 'sub'} is a file, where a folder would go)."
+    )
 
 
 def test_protect_overwrite_keeps_a_read_only_output_and_does_the_rest(tmp_path):

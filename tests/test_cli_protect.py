@@ -181,7 +181,15 @@ def test_work_size_option_reaches_the_manifest(tmp_path, folder, preloaded):
         (["--batch-size", "many"], "a number or 'auto'"),
         (["--cuda-graphs", "--compile"], "does not combine"),
         (["--cuda-graphs", "--low-memory"], "does not combine"),
-        (["--eps", "-4"], "--eps must be in (0, 255], in 1/255 units; got -4"),
+        (["--eps", "-4"], "--eps must be between 1 and 255, in 1/255 units; got -4."),
+        (["--eps", "0"], "--eps must be between 1 and 255, in 1/255 units; got 0."),
+        (["--eps", "256"], "--eps must be between 1 and 255, in 1/255 units; got 256."),
+        (
+            ["--eps", "0.5"],
+            "--eps must be between 1 and 255, in 1/255 units; got 0.5, which looks like the "
+            "[0, 1] scale (did you mean 128?).",
+        ),
+        (["--eps", "0.001"], "between 1 and 255, in 1/255 units; got 0.001, which looks like"),
         (["--step-size", "1e9"], "--step-size must be in (0, 255], in 1/255 units; got 1e+09"),
         (["--steps", "0"], "--steps must be at least 1"),
         (["--seed", str(10**20)], "--seed must be between 0 and"),
@@ -307,3 +315,35 @@ def test_an_empty_prompt_is_kept(tmp_path, folder, preloaded):
     assert result.exit_code == 0, result.output
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["parameters"]["prompt"] == ""
+
+
+def test_the_current_bar_says_when_an_image_is_being_saved():
+    """After the last step a large image is quantized, written and measured for seconds: the
+    bar names that phase instead of sitting silent at 100 %."""
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from mimicshield.cli.progress import ProtectProgress
+
+    item = SimpleNamespace(path=Path("photos/big.png"))
+    with ProtectProgress(1, 2, console=Console(file=io.StringIO(), width=200)) as bars:
+        bars.image_started(item, 1)
+        bars.step(2, 2)
+        bars.saving(item)
+        assert bars.progress.tasks[1].description == "saving big.png ..."
+
+
+def test_a_file_where_an_output_subfolder_goes_is_explained(tmp_path, preloaded):
+    """As purify says it: the file in the way, not ``[Errno 17] File exists``."""
+    source = tmp_path / "in"
+    (source / "sub").mkdir(parents=True)
+    Image.fromarray(noise(24, 32, seed=1)).save(source / "sub" / "a.png")
+    out = tmp_path / "blk"
+    out.mkdir()
+    (out / "sub").write_text("a file of the user's")
+    result = invoke(str(source), "-o", str(out))
+    assert result.exit_code == 1, result.output
+    assert f"{out / 'sub'} is a file, where a folder would go" in result.output
+    assert "Errno" not in result.output and (out / "sub").read_text() == "a file of the user's"

@@ -135,6 +135,16 @@ class _Job:
     output: str
 
 
+@dataclass(frozen=True)
+class _Hooks:
+    """The callbacks of :func:`protect_files` that follow one batch: started, each step, and
+    each image's saving (quantizing, writing, measuring) once the steps are done."""
+
+    image_start: Callable[[InputFile, int], None] | None = None
+    step: Callable[[int, int], None] | None = None
+    saving: Callable[[InputFile], None] | None = None
+
+
 @dataclass
 class InputScan:
     """What the input arguments hold: the image files, a failure for each argument (or file
@@ -271,9 +281,25 @@ def scan_inputs(arguments: Iterable[str], exclude: Path | None = None) -> InputS
                 elif match.is_symlink() and not match.exists():
                     fail(str(match), _broken_link(match))
         else:
-            fail(argument, "no such file")
+            fail(argument, _nothing_there(argument))
     scan.files = list(found.values())
     return scan
+
+
+def _nothing_there(argument: str) -> str:
+    """What an argument naming nothing is: a pattern with no match is not a missing file."""
+    return "the pattern matches no file" if glob.has_magic(argument) else "no such file"
+
+
+def write_problem(error: OSError, destination: Path) -> str:
+    """Why ``destination`` could not be written, as a user reads it: a file where one of its
+    folders should be (``[Errno 17] File exists`` says nothing useful), else the OS's words."""
+    blocked = next(
+        (f for f in reversed(destination.parents) if f.exists() and not f.is_dir()), None
+    )
+    if blocked is not None:
+        return f"{blocked} is a file, where a folder would go"
+    return error.strerror or str(error)
 
 
 def collect_inputs(
@@ -887,6 +913,7 @@ def protect_files(
     manifest_header: dict | None = None,
     on_image_start: Callable[[InputFile, int], None] | None = None,
     on_step: Callable[[int, int], None] | None = None,
+    on_saving: Callable[[InputFile], None] | None = None,
     on_image_done: Callable[[FileResult], None] | None = None,
 ) -> RunReport:
     """Protect ``files`` into ``out_dir``, grouping images of equal working size into batches.
@@ -900,7 +927,8 @@ def protect_files(
     rewritten after every image, so an interrupted run resumes where it stopped; its header is
     ``manifest_header`` (the CLI's: model, device, parameters), by default the models' names
     and the protector's settings. Temporary files a killed run left beside this run's outputs are
-    removed before the first is written.
+    removed before the first is written. ``on_saving`` is called as each protected image starts
+    being quantized, saved and measured (seconds for a large image, after its last step).
     """
     with output_lock(out_dir):  # a second run into out_dir would drop this one's entries
         options = options or default_output_options(protector)
@@ -948,11 +976,12 @@ def protect_files(
 
         destinations = [job.destination for jobs in groups.values() for job in jobs]
         remove_partial_files([out_dir / MANIFEST_NAME, *destinations])
+        hooks = _Hooks(on_image_start, on_step, on_saving)
         for shape, jobs in groups.items():
             size = batch_size(*shape) if callable(batch_size) else batch_size
             for start in range(0, len(jobs), size):
                 batch = jobs[start : start + size]
-                _protect_batch(batch, protector, options, settings, record, on_image_start, on_step)
+                _protect_batch(batch, protector, options, settings, record, hooks)
         finished = [e for e in manifest.entries.values() if e.get("status") != "failed"]
         held = {entry["settings"] for entry in finished if _named(entry, "settings")}
         if len(held) > 1:
@@ -1033,8 +1062,7 @@ def _protect_batch(
     options: OutputOptions,
     settings: str,
     record: Callable[[FileResult], None],
-    on_image_start,
-    on_step,
+    hooks: _Hooks,
 ) -> None:
     loaded: list[tuple[_Job, LoadedImage]] = []
     for job in batch:
@@ -1043,7 +1071,7 @@ def _protect_batch(
         except ImageFileError as error:
             record(_failure(job, str(error)))
     if loaded:
-        _protect_loaded(loaded, protector, options, settings, record, on_image_start, on_step)
+        _protect_loaded(loaded, protector, options, settings, record, hooks)
 
 
 def _protect_loaded(
@@ -1052,15 +1080,14 @@ def _protect_loaded(
     options: OutputOptions,
     settings: str,
     record: Callable[[FileResult], None],
-    on_image_start,
-    on_step,
+    hooks: _Hooks,
 ) -> None:
     """Protect and save decoded images; halves the batch while it runs out of device memory.
 
     Each image draws from its own generator, so a split batch protects every image as before.
     """
-    if on_image_start is not None:
-        on_image_start(loaded[0][0].item, len(loaded))
+    if hooks.image_start is not None:
+        hooks.image_start(loaded[0][0].item, len(loaded))
     started = time.perf_counter()
     try:
         protected = protect_at_work_size(
@@ -1069,7 +1096,7 @@ def _protect_loaded(
             work_size=options.work_size,
             tile_size=options.tile_size,
             batch_size=len(loaded),
-            callback=on_step,
+            callback=hooks.step,
         )
     except torch.cuda.OutOfMemoryError as error:
         if len(loaded) == 1:
@@ -1083,11 +1110,13 @@ def _protect_loaded(
         release_cached_memory()
         half = len(loaded) // 2
         for part in (loaded[:half], loaded[half:]):
-            _protect_loaded(part, protector, options, settings, record, on_image_start, on_step)
+            _protect_loaded(part, protector, options, settings, record, hooks)
         return
     seconds = (time.perf_counter() - started) / len(loaded)
 
     for (job, image), adversarial in zip(loaded, protected, strict=True):
+        if hooks.saving is not None:
+            hooks.saving(job.item)
         record(_save(job, image, adversarial, protector.config.eps, options, settings, seconds))
 
 
@@ -1119,7 +1148,8 @@ def _save(
             strip_metadata=options.strip_metadata,
         )
     except OSError as error:
-        return _failure(job, f"{job.item.path}: could not write {job.destination} ({error}).")
+        why = write_problem(error, job.destination)
+        return _failure(job, f"{job.item.path}: could not write {job.destination} ({why}).")
 
     notes = [*image.notes, *([job.plan.note] if job.plan.note else []), *saving_notes]
     if job.plan.format == "JPEG":  # measure what the lossy file really holds
@@ -1135,7 +1165,8 @@ def _save(
         bits=8 if job.plan.levels == 255 else 16,
         psnr=float(psnr(final[None], clean[None])[0]),
         ssim=_defined(float(ssim(final[None], clean[None])[0])),
-        linf_255=float(linf_255(final[None], clean[None])[0]),
+        # float32 noise (2.000007) rounded off; 16-bit files step by 255/65535, so not to whole
+        linf_255=round(float(linf_255(final[None], clean[None])[0]), 4),
         seconds=round(seconds, 3),
         note="; ".join(notes) or None,
         settings=settings,

@@ -96,6 +96,11 @@ class ProtectProgress:
             self.progress.console.print(self.first_step_note.format(seconds=seconds))
             self.first_step_note = None
 
+    def saving(self, item) -> None:
+        """After the last step a large image spends seconds being quantized, written and
+        measured: the current bar says so instead of sitting silent at 100 %."""
+        self.progress.update(self.current, description=f"saving {item.path.name} ...")
+
     def image_done(self, result: FileResult) -> None:
         self.images_done += 1
         advance = 0 if result.status == "protected" else self.steps  # its steps never ran

@@ -191,14 +191,8 @@ def protect(
     except ValueError as error:
         raise CLIError(f"--robust: {error}") from None
     # in the units the user typed, before the model loads (the Protector checks them again)
-    if not 0 < eps <= 255:
-        raise CLIError(f"--eps must be in (0, 255], in 1/255 units; got {eps:g}.")
-    if eps < 1:  # below one grey level the 8-bit file cannot change at all
-        hint = f" (did you mean {round(eps * 255)}?)" if eps * 255 >= 1 else ""
-        raise CLIError(
-            f"--eps is in 1/255 units and must be at least 1; got {eps:g}, which looks like the "
-            f"[0, 1] scale{hint}."
-        )
+    if not 1 <= eps <= 255:  # below one grey level the 8-bit file cannot change at all
+        raise CLIError(_eps_problem(eps))
     if not 0 < step_size <= 255:
         raise CLIError(f"--step-size must be in (0, 255], in 1/255 units; got {step_size:g}.")
     if steps < 1:
@@ -369,6 +363,7 @@ def protect(
                     manifest_header=header,
                     on_image_start=progress.image_started,
                     on_step=progress.step,
+                    on_saving=progress.saving,
                     on_image_done=progress.image_done,
                 )
         except KeyboardInterrupt:
@@ -397,6 +392,16 @@ def held_output(out: Path) -> Iterator[None]:
             yield
     except OutputBusyError as error:
         raise CLIError(str(error)) from None
+
+
+def _eps_problem(eps: float) -> str:
+    """One message for every refused ``--eps``, naming the range accepted; a value below 1 is
+    most likely on the [0, 1] scale (``0.03`` meaning 8), which it says."""
+    message = f"--eps must be between 1 and 255, in 1/255 units; got {eps:g}"
+    if not 0 < eps < 1:
+        return message + "."
+    hint = f" (did you mean {round(eps * 255)}?)" if eps * 255 >= 1 else ""
+    return f"{message}, which looks like the [0, 1] scale{hint}."
 
 
 def _batch_size(value: str, error) -> int | None:

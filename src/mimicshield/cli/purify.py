@@ -116,6 +116,7 @@ def purify(
         no_inputs_message,
         output_folder_problem,
         scan_inputs,
+        write_problem,
     )
     from .errors import CLIError
     from .options import check_clip_skip_option, check_device_options, check_family_option
@@ -220,7 +221,7 @@ def purify(
                         try:
                             save_png(result[0], destination, alpha=loaded_image.alpha)
                         except OSError as error:  # e.g. a file where the folder goes
-                            why = _why(error, destination)
+                            why = write_problem(error, destination)
                             failures.append(f"{file.path}: could not write {destination} ({why}).")
                         else:
                             written.append(destination)
@@ -254,17 +255,6 @@ def _description(purification, loaded, model: str | None) -> dict:
     if purification.needs == "unet" and hasattr(loaded, "clip_skip"):  # it reads a prompt
         parameters["clip_skip"] = loaded.clip_skip
     return {"name": purification.name, "summary": purification.summary, "parameters": parameters}
-
-
-def _why(error: OSError, destination: Path) -> str:
-    """Why ``destination`` could not be written, as a user reads it: a file where one of its
-    folders should be (``[Errno 17] File exists`` says nothing useful), else the OS's words."""
-    blocked = next(
-        (f for f in reversed(destination.parents) if f.exists() and not f.is_dir()), None
-    )
-    if blocked is not None:
-        return f"{blocked} is a file, where a folder would go"
-    return error.strerror or str(error)
 
 
 # --- glue for ``mimicshield evaluate --purify`` ---------------------------------------------------
