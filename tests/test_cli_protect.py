@@ -261,6 +261,14 @@ def test_compile_on_the_cpu_warns_that_it_is_slower(tmp_path, folder, preloaded,
     assert "slower on the CPU" in " ".join(result.output.split())
 
 
+def test_cuda_graphs_off_cuda_warns_that_they_do_nothing(tmp_path, folder, preloaded):
+    result = invoke(str(folder / "art.png"), "-o", str(tmp_path / "out"), "--cuda-graphs")
+    assert result.exit_code == 0, result.output
+    assert "--cuda-graphs does nothing on cpu" in " ".join(result.output.split())
+    plain = invoke(str(folder / "art.png"), "-o", str(tmp_path / "plain"))
+    assert "cuda-graphs" not in plain.output
+
+
 def test_a_small_image_is_protected_at_its_own_size(tmp_path, preloaded):
     """At the default work size a thumbnail must still carry a perturbation (it is not upscaled,
     which would average the perturbation away on the way back)."""

@@ -295,6 +295,11 @@ def protect(
                 "[yellow]warning:[/yellow] --compile made steps slower on the CPU where it was "
                 "measured (BENCHMARKS.md); it pays on GPUs."
             )
+        if cuda_graphs and loaded.device.type != "cuda":
+            err.print(
+                f"[yellow]warning:[/yellow] --cuda-graphs does nothing on {loaded.device.type}: "
+                "CUDA graphs replay steps on NVIDIA GPUs only; steps run as usual."
+            )
         if work_size is None:
             sizes = [m.native_size for m in loaded_models]
             options = replace(options, work_size=default_work_size(options.work_size, sizes))
