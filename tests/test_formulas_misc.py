@@ -525,3 +525,13 @@ def test_amplify_maps_minus_eps_zero_plus_eps_to_black_grey_white_linearly():
     torch.testing.assert_close(
         amplify(clean + d, clean, eps), 0.5 + d / (2 * eps), atol=1e-5, rtol=0
     )
+
+
+def test_size_problem_only_at_resolution_0():
+    """A tiny image is resized to the model's size by default (None) or to N: only
+    resolution 0, which keeps each image's own size, refuses it."""
+    from mimicshield.mimicry import size_problem
+
+    assert size_problem(4, 4, None) is None and size_problem(4, 4, 64) is None
+    assert "4x7 is smaller than 8 pixels a side" in size_problem(4, 7, 0)
+    assert size_problem(8, 8, 0) is None

@@ -322,13 +322,17 @@ def test_textual_inversion_and_lora_leave_the_model_unchanged(tiny_model_with_de
     assert all(torch.equal(after[k], unet_before[k]) for k in after)
 
 
-def test_lora_repeats_with_its_seed_whatever_the_global_rng(tiny_model_with_decoder, images):
+def test_lora_repeats_with_its_seed_whatever_the_global_rng(
+    tiny_model_with_decoder, images, monkeypatch
+):
     # peft draws the adapter's start from torch's global RNG: the run's seed must decide it,
     # and the caller's global state must come back as it was
     schedule = M.TrainingSchedule(steps=1, learning_rate=1e-2, seed=5)
+    # the GPUs' generators are not forked: the run must not reseed them
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda s: pytest.fail("GPU reseeded"))
     runs = []
     for global_seed in (1, 2):
-        torch.manual_seed(global_seed)
+        torch.default_generator.manual_seed(global_seed)
         expected = torch.random.get_rng_state()
         _, weights = M.lora_mimicry(
             tiny_model_with_decoder, images, schedule, rank=2, num_samples=1, num_inference_steps=1

@@ -905,9 +905,11 @@ def _add_seeded_adapter(unet, config, name: str, seed: int) -> None:
 
     peft initialises the adapter from torch's global generator, which nothing seeds: the same
     seed would train from different starting weights. A forked RNG keeps the caller's state.
+    Only the CPU generator is seeded (``torch.manual_seed`` would reseed the GPUs' too, which
+    the fork does not restore): peft draws the weights on the CPU, then moves them.
     """
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         unet.add_adapter(config, adapter_name=name)
 
 
@@ -1104,7 +1106,7 @@ def size_problem(width: int, height: int, resolution: int | None, multiple: int 
     VAE's downsampling): a side below that crops to nothing. Asked per file before the model
     loads, so such an image is left out with its name, not found after the load.
     """
-    if resolution or (width >= multiple and height >= multiple):
+    if resolution != 0 or (width >= multiple and height >= multiple):  # None: the model's size
         return None
     return (
         f"{width}x{height} is smaller than {multiple} pixels a side, the least --resolution 0 "
