@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from image_cases import noise
@@ -175,6 +176,21 @@ def test_overwrite_removes_the_earlier_runs_variants_and_nothing_else(
     assert [p.name for p in (out / "sdedit-onestep@0.2").iterdir()] == ["keep.txt"]
     record = json.loads((out / "mimic.json").read_text())
     assert all("@0.3" in path for path in record["outputs"])
+
+
+def test_overwrite_from_inside_the_output_folder_still_removes_the_earlier_outputs(
+    tiny_model_dir, photos, tmp_path, monkeypatch
+):
+    """mimic.json lists outputs from the earlier working folder: read from inside -o, they
+    resolve to the wrong place inside it, and must still be found."""
+    monkeypatch.chdir(tmp_path)
+    first = _mimic_at(tiny_model_dir, photos, Path("o1"), "0.1,0.2")
+    assert first.exit_code == 0, first.output
+    monkeypatch.chdir(tmp_path / "o1")
+    again = _mimic_at(tiny_model_dir, photos, Path("."), "0.1", "--overwrite")
+    assert again.exit_code == 0, again.output
+    assert not (tmp_path / "o1" / "sdedit-onestep@0.2").exists()
+    assert (tmp_path / "o1" / "sdedit-onestep@0.1" / "img1.png").is_file()
 
 
 def test_overwrite_refuses_to_remove_a_read_only_earlier_output(

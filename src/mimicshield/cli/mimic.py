@@ -539,11 +539,15 @@ def earlier_outputs(out: Path) -> list[Path]:
 
 def _under(out: Path, path: Path, keys: set[str]) -> Path | None:
     """``path`` (as the earlier run wrote it, from its working folder) relative to ``out``;
-    else from its last variant folder on, for an ``-o`` spelt another way."""
+    else from its last variant folder on, for an ``-o`` spelt another way or a run from
+    another working folder (a relative path then resolves to the wrong place, maybe still
+    inside ``out``)."""
     try:
-        return path.resolve().relative_to(out.resolve())
+        relative = path.resolve().relative_to(out.resolve())
     except ValueError:
-        pass
+        relative = None
+    if relative is not None and relative.parts and relative.parts[0] in keys:
+        return relative
     starts = [i for i, part in enumerate(path.parts[:-1]) if part in keys]
     return Path(*path.parts[starts[-1] :]) if starts else None
 
