@@ -75,13 +75,14 @@ SIXTEEN_BIT_GREY_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
 COLOUR_MODES = {"RGB", "RGBA", "RGBa", "RGBX", "YCbCr", "P", "PA", "CMYK"}
 ALPHA_MODES = {"LA", "La", "RGBA", "RGBa", "PA"}
 # PNG text chunks that are stale copies of metadata handled elsewhere (ImageMagick writes these).
-# The IPTC ones are read into ``LoadedImage.iptc`` and written back from it, never copied as text.
+# The IPTC one is read into ``LoadedImage.iptc`` and written back from it, never copied as text.
+# "Raw profile type 8bim" (a Photoshop resource list: copyright flag, URL, ... and maybe the IPTC)
+# is copied as it came; when it holds our IPTC no separate IPTC chunk is written (_png_info).
 SKIPPED_PNG_TEXT = {
     "XML:com.adobe.xmp",
     "Raw profile type exif",
     "Raw profile type APP1",
     IPTC_RAW_PROFILE,
-    IRB_RAW_PROFILE,
 }
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Chunks copied from Pillow's metadata writer into a 16-bit PNG made by OpenCV (see _encode_png16).
@@ -93,7 +94,9 @@ EXIF_SUB_IFDS = {0x8769: "Exif", 0x8825: "GPS", 0xA005: "Interoperability"}
 TIFF_WRITER_TAGS = {282, 283, 296}
 # TIFF tags holding IPTC-IIM (IPTC-NAA) and a Photoshop resource list (which may hold IPTC too).
 TIFF_IPTC_TAG, TIFF_PHOTOSHOP_TAG = 33723, 34377
+TIFF_IPTC_TAGS = (TIFF_IPTC_TAG, TIFF_PHOTOSHOP_TAG)
 IPTC_TAG_WARNING = r"Metadata Warning, tag 33723 had too many entries"
+PILLOW_TIFF_MODULE = r"PIL\.TiffImagePlugin$"  # the module that issues IPTC_TAG_WARNING
 # TIFF field types tifffile can write as extratags (13, IFD, is a sub-IFD pointer: it cannot).
 TIFF_VALUE_TYPES = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12}
 
@@ -155,17 +158,30 @@ class OutputPlan:
 # --- reading ---------------------------------------------------------------------------------
 
 
+def ignore_false_iptc_warning() -> None:
+    """Silence Pillow's IPTC_TAG_WARNING, process-wide, installed once when this module loads.
+
+    Pillow drops a TIFF's IPTC tag stored as LONGs with this warning; the tag is read with
+    tifffile instead (_tiff_iptc), so the warning says nothing true. A module-level filter, not
+    ``warnings.catch_warnings()`` around each read: that swaps the global filter list and is not
+    thread-safe (the web app reads images in job threads while models load). It is narrow: this
+    message, UserWarning, issued by Pillow's TIFF plugin only.
+    """
+    warnings.filterwarnings(
+        "ignore", message=IPTC_TAG_WARNING, category=UserWarning, module=PILLOW_TIFF_MODULE
+    )
+
+
+ignore_false_iptc_warning()
+
+
 @contextlib.contextmanager
 def _reading(path: Path) -> Iterator[None]:
     """Turn every way a file can be unreadable into one :class:`ImageFileError` naming it."""
     try:
         if path.stat().st_size == 0:
             raise ImageFileError(f"{path}: empty file (0 bytes).")
-        with warnings.catch_warnings():
-            # Pillow drops a TIFF's IPTC tag stored as LONGs with this warning; it is read
-            # with tifffile instead (_tiff_iptc), so the warning says nothing true
-            warnings.filterwarnings("ignore", IPTC_TAG_WARNING, UserWarning)
-            yield
+        yield
     except ImageFileError:
         raise
     except FileNotFoundError as error:
@@ -442,7 +458,8 @@ def _exif_bytes(image: Image.Image) -> bytes | None:
 
 
 def _iptc(path: Path, image: Image.Image) -> tuple[bytes | None, str | None]:
-    """The IPTC-IIM of a JPEG, PNG or TIFF, and a note when a damaged block was dropped.
+    """The IPTC-IIM of a JPEG, PNG or TIFF, and a note when it was dropped (damaged, or a TIFF
+    whose tags tifffile cannot read).
 
     A damaged block costs only itself: the pixels and the other metadata are still protected.
     WebP and BMP have no place for IIM (a WebP's IPTC fields live in its XMP, which is kept).
@@ -457,26 +474,30 @@ def _iptc(path: Path, image: Image.Image) -> tuple[bytes | None, str | None]:
                 if isinstance(text.get(key), str):
                     return iptc_from_raw_profile(text[key]), None
         if image.format == "TIFF":
-            return _tiff_iptc(path), None
+            return _tiff_iptc(path)
     except (ValueError, struct.error) as error:
         return None, f"damaged IPTC metadata not copied ({error})"
     return None, None
 
 
-def _tiff_iptc(path: Path) -> bytes | None:
+def _tiff_iptc(path: Path) -> tuple[bytes | None, str | None]:
     """Tag 33723, else the IPTC resource of tag 34377, read with tifffile: writers store 33723
     as UNDEFINED or as LONG, and Pillow drops a LONG one ("too many entries"); tifffile gives
-    the bytes as stored either way."""
+    the bytes as stored either way. A file whose tags tifffile cannot read gets a note saying
+    so (its IPTC may be fine); damaged IPTC raises ValueError, as elsewhere."""
     import tifffile
 
-    with tifffile.TiffFile(path) as tif:
-        tags = tif.pages[0].tags
-        iptc, photoshop = tags.get(TIFF_IPTC_TAG), tags.get(TIFF_PHOTOSHOP_TAG)
-        if iptc is not None and isinstance(iptc.value, bytes):
-            return checked_iptc(iptc.value)
-        if photoshop is not None and isinstance(photoshop.value, bytes):
-            return iptc_from_irb(photoshop.value)
-    return None
+    try:  # tifffile.TiffFileError is a ValueError
+        with tifffile.TiffFile(path) as tif:
+            tags = tif.pages[0].tags
+            iptc, photoshop = (getattr(tags.get(t), "value", None) for t in TIFF_IPTC_TAGS)
+    except (ValueError, struct.error) as error:
+        return None, f"IPTC metadata not copied: tifffile could not read the file's tags ({error})"
+    if isinstance(iptc, bytes):
+        return checked_iptc(iptc), None
+    if isinstance(photoshop, bytes):
+        return iptc_from_irb(photoshop), None
+    return None, None
 
 
 def _kept_info(image: Image.Image) -> dict:
@@ -549,7 +570,8 @@ def save_image(
 
     IPTC-IIM goes where each format keeps it: a JPEG's APP13 "Photoshop 3.0" segment (Pillow has
     no option for it, so it is spliced into the encoded bytes; a block over one segment's 64 KB is
-    left out with a note), a PNG's "Raw profile type iptc" zTXt chunk, a TIFF's tag 33723.
+    left out with a note), a PNG's "Raw profile type iptc" zTXt chunk (none when the copied
+    "Raw profile type 8bim" chunk already carries the same IPTC), a TIFF's tag 33723.
     """
     exif = None if strip_metadata else loaded.exif
     xmp = merge_xmp(None if strip_metadata else loaded.xmp, provenance=provenance)
@@ -729,13 +751,26 @@ def _tiff_tag(tag: int, kind: int, value: object) -> tuple:
 def _png_info(text: dict[str, str], xmp: bytes | None, iptc: bytes | None = None) -> PngInfo:
     info = PngInfo()
     for key, value in text.items():
-        if isinstance(value, str):
+        if key == IRB_RAW_PROFILE and isinstance(value, str):  # hex: zTXt, as ImageMagick writes
+            info.add_text(key, value, zip=True)
+        elif isinstance(value, str):
             info.add_itxt(key, value)
     if xmp:
         info.add_itxt("XML:com.adobe.xmp", xmp.decode("utf-8"), zip=False)
-    if iptc:  # zTXt, Latin-1 text: the profile is hex digits, as ImageMagick and exiftool write it
+    if iptc and not _irb_profile_holds(text, iptc):
+        # zTXt, Latin-1 text: the profile is hex digits, as ImageMagick and exiftool write it
         info.add_text(IPTC_RAW_PROFILE, iptc_raw_profile(iptc), zip=True)
     return info
+
+
+def _irb_profile_holds(text: dict[str, str], iptc: bytes) -> bool:
+    """Whether the copied "Raw profile type 8bim" chunk already carries ``iptc`` (a second
+    IPTC chunk would make readers see every dataset twice)."""
+    profile = text.get(IRB_RAW_PROFILE)
+    try:
+        return isinstance(profile, str) and iptc_from_raw_profile(profile) == iptc
+    except (ValueError, struct.error):
+        return False
 
 
 class ReadOnlyFileError(PermissionError):
