@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 from fake_engines import NoiseEngine
@@ -18,8 +19,10 @@ from mimicshield.protector import DEFAULT_PROMPT, Protector
 from mimicshield.runner import (
     LOCK_NAME,
     MANIFEST_NAME,
+    LockFileError,
     OutputBusyError,
     OutputOptions,
+    output_lock,
     protect_files,
     scan_folder,
 )
@@ -109,10 +112,96 @@ def test_a_folder_made_only_for_the_lock_is_removed_again(tmp_path, folder, monk
         raise CLIError("no such model")
 
     monkeypatch.setattr("mimicshield.models.load_models", failed_load)
-    out = tmp_path / "new" / "out"
+    out = tmp_path / "new" / "a" / "b" / "out"
     result = invoke("protect", *FAST, str(folder), "-o", str(out))
     assert str(result.exception) == "no such model"
-    assert not out.exists()
+    assert sorted(tmp_path.iterdir()) == [folder]  # the missing parents made for it too
+
+
+def test_only_the_empty_folders_made_for_the_lock_are_removed(tmp_path):
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    with output_lock(kept / "a" / "b" / "out"):
+        (kept / "a" / "notes.txt").write_text("written while held")
+    assert sorted(kept.rglob("*")) == [kept / "a", kept / "a" / "notes.txt"]
+    with output_lock(kept / "c" / "out"):
+        (kept / "c" / "out" / "art.png").write_bytes(b"")
+    assert (kept / "c" / "out" / "art.png").exists()
+
+
+def test_a_lock_file_windows_cannot_remove_while_held_goes_once_released(tmp_path, monkeypatch):
+    """Windows cannot remove an open file: the folder made for the lock goes all the same."""
+    released: list[bool] = []
+    release, unlink = FileLock.release, Path.unlink
+
+    def noted_release(self, *args, **kwargs):
+        release(self, *args, **kwargs)
+        released.append(True)
+
+    def windows_unlink(path, *args, **kwargs):
+        if path.name == LOCK_NAME and not released:
+            raise PermissionError(13, "The process cannot access the file", str(path))
+        unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(FileLock, "release", noted_release)
+    monkeypatch.setattr(Path, "unlink", windows_unlink)
+    with output_lock(tmp_path / "new" / "out"):
+        pass
+    assert released and list(tmp_path.iterdir()) == []
+
+
+def lock_file_line(out) -> str:
+    return (
+        f"{out}: cannot create the lock file {out / LOCK_NAME} (permission denied); choose an "
+        "output folder you can write to."
+    )
+
+
+def refuse_lock_file(monkeypatch) -> None:
+    """As another user's lock file (mode 0644 in a shared folder), or a read-only folder."""
+
+    def acquire(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self.lock_file))
+
+    monkeypatch.setattr(FileLock, "acquire", acquire)
+
+
+def test_a_lock_file_that_cannot_be_made_is_one_line_saying_what_to_do(tmp_path, monkeypatch):
+    refuse_lock_file(monkeypatch)
+    out = tmp_path / "new" / "out"
+    with pytest.raises(LockFileError) as refused, output_lock(out):
+        raise AssertionError("not taken: nothing may be written")
+    assert str(refused.value) == lock_file_line(out)
+    assert not (tmp_path / "new").exists()  # the folders made for it removed again
+
+
+def test_a_file_where_the_output_folder_would_go_is_named(tmp_path):
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / "out"
+    with pytest.raises(LockFileError) as refused, output_lock(out):
+        pass
+    assert str(refused.value) == (
+        f"{out}: cannot create the lock file {out / LOCK_NAME} ({tmp_path / 'file'} is a file, "
+        "where a folder would go); choose an output folder you can write to."
+    )
+
+
+@pytest.mark.parametrize("command", [["protect", *FAST], ["purify", "-m", "jpeg75"]])
+def test_the_cli_says_a_lock_file_that_cannot_be_made_in_one_line(
+    tmp_path, folder, monkeypatch, command
+):
+    def no_model(*args, **kwargs):
+        raise AssertionError("a refused run must not load a model")
+
+    monkeypatch.setattr("mimicshield.models.load_models", no_model)
+    refuse_lock_file(monkeypatch)
+    out = tmp_path / "out"
+    out.mkdir()
+    result = invoke(*command, str(folder), "-o", str(out))
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, CLIError)  # "Error: ..." with no debugging hint
+    assert str(result.exception) == lock_file_line(out)
+    assert list(out.iterdir()) == []
 
 
 def _api_protector(model) -> Protector:

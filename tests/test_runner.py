@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -132,8 +133,10 @@ def test_bad_files_each_fail_with_one_line_and_the_rest_is_protected(tmp_path, e
     for failure in report.failures:
         assert failure.error.startswith(str(tmp_path / "in")) and "\n" not in failure.error
     assert (tmp_path / "out" / "good.png").is_file()
-    written = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert written == [LOCK_NAME, "good.png", MANIFEST_NAME]  # the lock file stays, unlocked
+    written = sorted(p.name for p in (tmp_path / "out").iterdir() if p.name != LOCK_NAME)
+    assert written == ["good.png", MANIFEST_NAME]
+    # the lock file stays, unlocked; filelock removes it on release on Windows
+    assert (tmp_path / "out" / LOCK_NAME).is_file() or sys.platform == "win32"
 
 
 @pytest.mark.parametrize("size", [(1, 1), (5, 40)])

@@ -526,6 +526,11 @@ class OutputBusyError(RecordError):
     """Another mimicshield run holds the output folder's lock (see :func:`output_lock`)."""
 
 
+class LockFileError(OutputBusyError):
+    """The output folder's lock file cannot be made (a folder not ours to write): refused as
+    a busy folder is, with one line saying what to do."""
+
+
 _held = threading.local()  # the output folders this thread holds: taking one again is a no-op
 
 
@@ -537,21 +542,26 @@ def output_lock(out_dir: Path | str) -> Iterator[None]:
     and the last would drop the other's files: the second is refused at once
     (:class:`OutputBusyError`), touching nothing. Re-entrant in a thread: the CLI takes it
     before the model loads, and :func:`protect_files` takes it again. The OS lock dies with
-    its process, so a file left by a killed run does not block. A folder made only for the
-    lock is removed again when nothing was written there (runs make it only to write).
+    its process, so a file left by a killed run does not block. The folders made only for
+    the lock (``out_dir`` and missing parents) are removed again when nothing was written
+    there (runs make them only to write). A lock file that cannot be made raises
+    :class:`LockFileError`.
     """
     folder = Path(out_dir).expanduser().resolve()
     held: set[Path] = _held.__dict__.setdefault("folders", set())
     if folder in held:
         yield
         return
-    made = not folder.exists()
-    folder.mkdir(parents=True, exist_ok=True)
+    made = _first_missing(folder)
     lock = FileLock(folder / LOCK_NAME, timeout=0)
     try:
+        folder.mkdir(parents=True, exist_ok=True)
         lock.acquire()
     except Timeout:
         raise OutputBusyError(_busy_message(out_dir)) from None
+    except OSError as error:  # not writable: another user's lock file, a read-only folder
+        _remove_unused(folder, made)
+        raise LockFileError(_lock_file_problem(out_dir, error)) from None
     if not lock.lock_file or not Path(lock.lock_file).exists():  # removed by the run before
         lock.release()
         raise OutputBusyError(_busy_message(out_dir))
@@ -560,9 +570,7 @@ def output_lock(out_dir: Path | str) -> Iterator[None]:
         yield
     finally:
         held.discard(folder)
-        if made:
-            _remove_unused(folder)
-        lock.release()
+        _release(lock, folder, made)
 
 
 def _busy_message(out_dir: Path | str) -> str:
@@ -572,14 +580,55 @@ def _busy_message(out_dir: Path | str) -> str:
     )
 
 
-def _remove_unused(folder: Path) -> None:
-    """Remove a folder made for the lock that holds nothing else; done while the lock is
-    still held, so no other run can have taken the file being removed."""
-    if [path.name for path in folder.iterdir()] != [LOCK_NAME]:
+def _lock_file_problem(out_dir: Path | str, error: OSError) -> str:
+    lock_file = Path(out_dir) / LOCK_NAME
+    reason = write_problem(error, lock_file)
+    if reason == error.strerror:
+        reason = reason.lower()  # "permission denied", in the middle of the line
+    return (
+        f"{out_dir}: cannot create the lock file {lock_file} ({reason}); choose an output "
+        "folder you can write to."
+    )
+
+
+def _first_missing(folder: Path) -> Path | None:
+    """The topmost of ``folder`` and its parents that does not exist yet: the first folder
+    ``mkdir(parents=True)`` makes. None when ``folder`` exists."""
+    missing = None
+    for path in (folder, *folder.parents):
+        if path.exists():
+            break
+        missing = path
+    return missing
+
+
+def _release(lock: FileLock, folder: Path, made: Path | None) -> None:
+    """Release the lock, removing the folders made only for it. Removed while still held
+    where the OS allows it (POSIX), so no other run can have taken the file being removed;
+    tried again once released, as Windows cannot remove an open file (nor another run's)."""
+    _remove_unused(folder, made)
+    lock.release()
+    _remove_unused(folder, made)
+
+
+def _remove_unused(folder: Path, made: Path | None) -> None:
+    """Best effort: remove ``folder`` and its parents up to ``made`` (the first one made for
+    the lock), each only if it holds nothing but the lock file. None: nothing was made."""
+    if made is None:
         return
     with suppress(OSError):
-        (folder / LOCK_NAME).unlink()
-        folder.rmdir()
+        if any(path.name != LOCK_NAME for path in folder.iterdir()):
+            return
+        (folder / LOCK_NAME).unlink(missing_ok=True)
+    for path in (folder, *folder.parents):
+        try:
+            path.rmdir()
+        except FileNotFoundError:  # not made yet (mkdir failed), or removed already
+            pass
+        except OSError:  # something written there
+            return
+        if path == made:
+            return
 
 
 class Manifest:
