@@ -193,7 +193,7 @@ def test_warnings_are_one_line_and_library_deprecations_are_left_out(
     from mimicshield.cli.main import main
 
     def warning_load(*args, **kwargs):
-        warnings.warn("model.safetensors: --model-config is ignored", stacklevel=2)
+        warnings.warn("model.safetensors: --model-config\n  is ignored", stacklevel=2)
         warnings.warn("`upcast_vae` is deprecated", FutureWarning, stacklevel=2)
         raise models.ModelLoadError("stop here")
 
@@ -211,7 +211,7 @@ def test_warnings_are_one_line_and_library_deprecations_are_left_out(
     assert warnings.showwarning is showwarning  # put back after the command
     if debug:  # left to Python (here pytest, which records them)
         assert "warning:" not in err
-        assert "--model-config is ignored" in str(recwarn.pop(UserWarning).message)
+        assert "--model-config\n  is ignored" in str(recwarn.pop(UserWarning).message)
     else:
         lines = err.splitlines()
         assert lines[0] == "warning: model.safetensors: --model-config is ignored"

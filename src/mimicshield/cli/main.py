@@ -100,7 +100,7 @@ def _input_errors() -> tuple[type[BaseException], ...]:
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """A warning as one line, as errors are: the file, line number and source line Python
     prints with it say nothing to someone running a command."""
-    print(f"warning: {message}", file=sys.stderr)
+    print("warning: " + " ".join(str(message).split()), file=sys.stderr)
 
 
 @contextmanager

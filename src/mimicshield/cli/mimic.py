@@ -316,7 +316,11 @@ class RichProgress:
             self.progress.console.log(f"{self.description}: {seconds:.1f} s")
 
     def start(self, description: str, total: int) -> None:
+        from rich.markup import escape
+
         self._finish()
+        # a folder's name in the label is text, not rich markup ("[bold]" would vanish)
+        description = escape(description)
         self.description, self.started = description, time.perf_counter()
         if self.task is None:
             self.task = self.progress.add_task(description, total=total)

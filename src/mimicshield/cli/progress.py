@@ -6,6 +6,7 @@ import time
 from typing import TYPE_CHECKING
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -77,7 +78,8 @@ class ProtectProgress:
         self.progress.stop()
 
     def image_started(self, item, batch: int) -> None:
-        label = item.path.name if batch == 1 else f"{item.path.name} (+{batch - 1})"
+        name = escape(item.path.name)  # a file name is text, not rich markup ("[bold].png")
+        label = name if batch == 1 else f"{name} (+{batch - 1})"
         self.batch = batch
         if self._started_at is None:
             self._started_at = time.perf_counter()
@@ -99,7 +101,7 @@ class ProtectProgress:
     def saving(self, item) -> None:
         """After the last step a large image spends seconds being quantized, written and
         measured: the current bar says so instead of sitting silent at 100 %."""
-        self.progress.update(self.current, description=f"saving {item.path.name} ...")
+        self.progress.update(self.current, description=f"saving {escape(item.path.name)} ...")
 
     def image_done(self, result: FileResult) -> None:
         self.images_done += 1

@@ -210,7 +210,8 @@ def purify(
                         continue
                     image = loaded_image.rgb[None]
                     for purification in todo:
-                        progress.update(bar, description=f"{file.relative} ({purification.name})")
+                        where = escape(f"{file.relative} ({purification.name})")  # not markup
+                        progress.update(bar, description=where)
                         try:
                             with torch.no_grad():
                                 result = purification(image, loaded)
