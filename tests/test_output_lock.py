@@ -41,6 +41,14 @@ def folder(tmp_path):
 
 
 @pytest.fixture
+def model_never_loads(monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("a refused run must not load a model")
+
+    monkeypatch.setattr("mimicshield.models.load_models", no_model)
+
+
+@pytest.fixture
 def preloaded(monkeypatch, tiny_model):
     monkeypatch.setattr(
         "mimicshield.models.load_models",
@@ -61,12 +69,8 @@ def busy_line(out) -> str:
 
 @pytest.mark.parametrize("command", [["protect", *FAST], ["purify", "-m", "jpeg75"]])
 def test_a_second_run_into_a_held_folder_is_refused_at_once_touching_nothing(
-    tmp_path, folder, monkeypatch, command
+    tmp_path, folder, monkeypatch, command, model_never_loads
 ):
-    def no_model(*args, **kwargs):
-        raise AssertionError("a refused run must not load a model")
-
-    monkeypatch.setattr("mimicshield.models.load_models", no_model)
     out = tmp_path / "out"
     out.mkdir()
     with FileLock(out / LOCK_NAME, timeout=0):  # the other run, writing
@@ -188,12 +192,8 @@ def test_a_file_where_the_output_folder_would_go_is_named(tmp_path):
 
 @pytest.mark.parametrize("command", [["protect", *FAST], ["purify", "-m", "jpeg75"]])
 def test_the_cli_says_a_lock_file_that_cannot_be_made_in_one_line(
-    tmp_path, folder, monkeypatch, command
+    tmp_path, folder, monkeypatch, command, model_never_loads
 ):
-    def no_model(*args, **kwargs):
-        raise AssertionError("a refused run must not load a model")
-
-    monkeypatch.setattr("mimicshield.models.load_models", no_model)
     refuse_lock_file(monkeypatch)
     out = tmp_path / "out"
     out.mkdir()
