@@ -69,7 +69,7 @@ def busy_line(out) -> str:
 
 @pytest.mark.parametrize("command", [["protect", *FAST], ["purify", "-m", "jpeg75"]])
 def test_a_second_run_into_a_held_folder_is_refused_at_once_touching_nothing(
-    tmp_path, folder, monkeypatch, command, model_never_loads
+    tmp_path, folder, command, model_never_loads
 ):
     out = tmp_path / "out"
     out.mkdir()
