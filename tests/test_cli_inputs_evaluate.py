@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 from image_cases import noise
@@ -156,8 +157,21 @@ def test_an_image_too_small_for_resolution_0_is_left_out_and_the_rest_evaluated(
     args += ["--device", "cpu", "--dtype", "fp32", "--lpips-weights", str(lpips)]
     args += ["--resolution", "0", "--thumbnail-size", "32", "-s", "sdedit-onestep"]
     args += ["--strengths", "0.1"]
-    result = evaluate(*args)
+    from mimicshield import models
+
+    load_models, said_at_load = models.load_models, []
+
+    def load_after_the_warning(*a, **k):
+        said_at_load.extend(str(w.message) for w in caught)
+        return load_models(*a, **k)
+
+    monkeypatch.setattr(models, "load_models", load_after_the_warning)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = evaluate(*args)
     assert result.exit_code == 1, result.output
+    early = "1 clean image(s) will be left out (first: "
+    assert any(m.startswith(early) and "tiny7x5.png: 7x5" in m for m in said_at_load)
     document = json.loads((out / "metrics.json").read_text())
     assert {source["images"] for source in document["sources"]} == {1}
     assert document["left_out"] == [str(clean / "tiny7x5.png")]

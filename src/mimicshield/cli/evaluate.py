@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Annotated
@@ -285,6 +286,10 @@ def _check_pairing(clean_dir: Path, protected_dirs: list[Path], out: Path, setti
     small = _too_small(clean.files.values(), settings.resolution)
     if len(small) == len(clean.files):
         raise CLIError(f"None of the clean images can be mimicked (first: {small[0]}).")
+    if small:  # said now, before minutes of loading; each is named again when left out
+        warnings.warn(
+            f"{len(small)} clean image(s) will be left out (first: {small[0]}).", stacklevel=2
+        )
     if "inpaint" in settings.scenarios:
         problems = list(mask_problems(settings.mask, clean.files).values())
         if problems:
