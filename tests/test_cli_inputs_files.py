@@ -107,6 +107,18 @@ def test_a_pattern_matching_nothing_is_not_called_a_missing_file(tmp_path):
     assert "[ab].png: the pattern matches no file." in str(result.exception)
 
 
+def test_a_yes_no_word_after_a_flag_is_said_to_be_no_file(tmp_path, monkeypatch):
+    """typer's help shows <bool> beside flags, so a user writes --low-memory true; "true"
+    then reads as an input, which the error explains."""
+    monkeypatch.chdir(tmp_path)
+    _, missing = collect_inputs(["true", "Off", "photo.png"])
+    assert [result.error for result in missing] == [
+        "true: no such file (flags take no value: write --low-memory, not --low-memory true).",
+        "Off: no such file (flags take no value: write --low-memory, not --low-memory true).",
+        "photo.png: no such file.",
+    ]
+
+
 def test_a_broken_link_inside_a_folder_is_a_failure(tmp_path):
     _image(tmp_path / "in" / "a.png")
     os.symlink("gone.png", tmp_path / "in" / "b.png")

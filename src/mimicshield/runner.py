@@ -287,8 +287,17 @@ def scan_inputs(arguments: Iterable[str], exclude: Path | None = None) -> InputS
 
 
 def _nothing_there(argument: str) -> str:
-    """What an argument naming nothing is: a pattern with no match is not a missing file."""
-    return "the pattern matches no file" if glob.has_magic(argument) else "no such file"
+    """What an argument naming nothing is: a pattern with no match is not a missing file, and
+    a yes/no word after a flag (``--low-memory true``: typer's help shows ``<bool>`` beside
+    flags) is a value the flag does not take."""
+    if glob.has_magic(argument):
+        return "the pattern matches no file"
+    if argument.lower() in _FLAG_WORDS:
+        return "no such file (flags take no value: write --low-memory, not --low-memory true)"
+    return "no such file"
+
+
+_FLAG_WORDS = {"true", "false", "yes", "no", "on", "off"}
 
 
 def write_problem(error: OSError, destination: Path) -> str:
