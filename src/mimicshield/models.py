@@ -536,7 +536,7 @@ def check_model_source(source: str) -> None:
     """Fail at once on a path that is not there or not a model (before minutes of loading,
     or, in the web app, before the first job); a hub id is only checked when it loads."""
     path = Path(source).expanduser()
-    if not path.exists() and _looks_like_path(source):
+    if not path.exists() and looks_like_path(source):
         raise ModelLoadError(f"{source}: no such model folder or checkpoint file.")
     if path.is_file() and path.suffix not in SINGLE_FILE_SUFFIXES:
         raise ModelLoadError(
@@ -962,7 +962,7 @@ _COMPONENTS = ("scheduler", "vae", "unet", "text_encoder", "tokenizer")
 _CONFIG_PATTERNS = ["*.json", "**/*.json", "*.txt", "**/*.txt", "**/*.model"]
 
 
-def _looks_like_path(source: str) -> bool:
+def looks_like_path(source: str) -> bool:
     """A hub id is ``name`` or ``org/name``; anything else that looks like a path is one."""
     return (
         source.startswith((".", "/", "~"))
@@ -1484,7 +1484,7 @@ def _single_file_config(path: Path, config: str, local_files_only: bool, family:
     folder = Path(config).expanduser()
     if folder.is_dir():
         return str(folder)
-    if _looks_like_path(config):
+    if looks_like_path(config):
         raise ModelLoadError(f"--model-config {config}: no such folder.")
     try:
         return _config_snapshot(config, local_files_only)

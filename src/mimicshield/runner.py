@@ -868,15 +868,11 @@ def _comparable(run: dict) -> dict:
     model = _one_model(run.get("model"))
     model = [model_id(m) for m in model] if isinstance(model, list) else model
     model = model_id(model) if isinstance(model, str) else model
-    parameters = dict(run.get("parameters") or {})
-    if _is_default_clip_skip(parameters.get("clip_skip", 1)):
-        parameters.pop("clip_skip", None)
+    parameters = _without_default_clip_skip(dict(run.get("parameters") or {}))
     if parameters.get("target") is None and parameters.get("target_sha256") is None:
         parameters.pop("target", None)
         parameters.pop("target_sha256", None)
-    options = dict(run.get("options") or {})
-    if not options.get("strip_metadata"):
-        options.pop("strip_metadata", None)
+    options = _without_later_defaults(dict(run.get("options") or {}))
     return {"model": model, "parameters": parameters, "options": options}
 
 
@@ -930,9 +926,8 @@ def settings_id(protector: Protector, options: OutputOptions, header: dict | Non
     """A short fingerprint of everything that shapes an output (not the device it ran on)."""
     header = header or {}
     parameters = header.get("parameters")
-    if isinstance(parameters, dict) and _is_default_clip_skip(parameters.get("clip_skip", 1)):
-        # left out at its default, so that runs made before it was recorded still resume
-        parameters = {k: v for k, v in parameters.items() if k != "clip_skip"}
+    if isinstance(parameters, dict):
+        parameters = _without_default_clip_skip(parameters)
     settings = {
         "model": header.get("model"),
         "parameters": parameters,
@@ -946,10 +941,22 @@ def settings_id(protector: Protector, options: OutputOptions, header: dict | Non
 def _options_fingerprint(options: OutputOptions) -> dict:
     """The options that shape an output. Options added later count only when not at their
     default, so that runs made before they existed still resume (same fingerprint)."""
-    fingerprint = asdict(options)
-    if not options.strip_metadata:
-        del fingerprint["strip_metadata"]
-    return fingerprint
+    return _without_later_defaults(asdict(options))
+
+
+def _without_default_clip_skip(parameters: dict) -> dict:
+    """``parameters`` without ``clip_skip`` at its default, so that runs made before it was
+    recorded still resume."""
+    if _is_default_clip_skip(parameters.get("clip_skip", 1)):
+        return {k: v for k, v in parameters.items() if k != "clip_skip"}
+    return parameters
+
+
+def _without_later_defaults(options: dict) -> dict:
+    """Output options without those added later (``strip_metadata``) at their default."""
+    if not options.get("strip_metadata"):
+        return {k: v for k, v in options.items() if k != "strip_metadata"}
+    return options
 
 
 def sha256_file(path: Path) -> str:

@@ -320,13 +320,15 @@ def clip_source_problem(source: str) -> str | None:
     """What is wrong with a ``--clip`` that cannot be a CLIPModel, found before the diffusion
     model loads (the metric models load after it, minutes later); a hub id is checked when it
     loads."""
+    from ..models import looks_like_path
+
     path = Path(source).expanduser()
     takes = "--clip takes a CLIPModel folder or a hub id, e.g. openai/clip-vit-large-patch14"
     if path.is_dir():
         return None if (path / "config.json").is_file() else f"no config.json ({takes})."
     if path.exists():
         return f"a file ({takes})."
-    if source.startswith((".", "/", "~")) or "\\" in source or source.count("/") > 1:
+    if looks_like_path(source):
         return f"no such folder ({takes})."
     return None
 
