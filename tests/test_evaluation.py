@@ -376,12 +376,57 @@ def test_unreadable_images_are_left_out_with_a_warning(tiny_model_dir, tmp_path)
     result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
     assert result.exit_code == 1, result.output  # everything else is written, as protect does
     assert "img0.png: empty file" in result.output and "img1.png" in result.output
-    assert "2 image(s) left out" in result.output
+    # the clean img1 goes too, as its copy cannot be compared: 3 files
+    assert "3 image(s) left out" in result.output
     document = json.loads((out / "metrics.json").read_text())
-    images = {r["image"] for r in document["records"] if r["source"] == "copy" and r["image"]}
-    assert images == {"img2"}
-    assert sorted(Path(p).name for p in document["left_out"]) == ["img0.png", "img1.png"]
-    assert [source["images"] for source in document["sources"]] == [2, 1]  # as evaluated
+    for source in ("clean", "copy"):
+        images = {r["image"] for r in document["records"] if r["source"] == source and r["image"]}
+        assert images == {"img2"}
+    files = [Path(entry.split(" (")[0]) for entry in document["left_out"]]  # less the reason
+    left_out = sorted(f"{path.parent.name}/{path.name}" for path in files)
+    assert left_out == ["clean/img0.png", "clean/img1.png", "copy/img1.png"]
+    assert [source["images"] for source in document["sources"]] == [1, 1]  # as evaluated
+
+
+@requires_assets
+def test_every_row_averages_the_same_images(tiny_model_dir, tmp_path):
+    """An image one protected folder lacks is left out of every source: the clean row's mean
+    over an image the method row lacks would make up a difference between the rows."""
+    generator = torch.Generator().manual_seed(2)
+    for i in range(3):
+        image = torch.rand(3, 32, 32, generator=generator)
+        noisy = (image + (torch.rand(image.shape, generator=generator) - 0.5) * 16 / 255).clamp(
+            0, 1
+        )
+        _save(image, tmp_path / "clean" / f"img{i}.png")
+        _save(noisy, tmp_path / "full" / f"img{i}.png")
+        if i != 1:
+            _save(noisy, tmp_path / "partial" / f"img{i}.png")
+    out = tmp_path / "eval"
+    args = ["evaluate", str(tmp_path / "clean"), str(tmp_path / "full")]
+    args += [str(tmp_path / "partial"), "-o", str(out)]
+    args += ["--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "fp32"]
+    args += ["--lpips-weights", str(LPIPS_FILE), "--resolution", "32", "-s", "sdedit-onestep"]
+    args += ["--strengths", "0.1", "--thumbnail-size", "32"]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 1, result.output
+    assert "left out of every source" in result.output and "img1" in result.output
+    document = json.loads((out / "metrics.json").read_text())
+    for source in ("clean", "full", "partial"):
+        images = {r["image"] for r in document["records"] if r["source"] == source and r["image"]}
+        assert images == {"img0", "img2"}, source
+    summary = {(s["source"], s["scenario"], s["metric"]): s for s in document["summary"]}
+    for source in ("clean", "full", "partial"):
+        row = summary[(source, "sdedit-onestep", "lpips_vs_clean")]
+        values = [
+            r["value"]
+            for r in document["records"]
+            if (r["source"], r["scenario"], r["metric"])
+            == (source, "sdedit-onestep", "lpips_vs_clean")
+        ]
+        assert row["n"] == 2 and row["mean"] == pytest.approx(sum(values) / 2)
+    assert [source["images"] for source in document["sources"]] == [2, 2, 2]
+    assert not (out / "mimicry" / "clean" / "sdedit-onestep@0.1" / "img1.png").exists()
 
 
 def test_set_metrics_of_a_paired_scenario_compare_the_images_the_source_has():

@@ -739,7 +739,8 @@ def evaluate(
             )
             progress.advance()
         _require_images(m)
-    # what was evaluated: without the files left out as unreadable
+    rows = _only_shared_images(clean, methods, result, rows, fitted)
+    # what was evaluated: without the files left out as unreadable or not shared
     for entry, source in zip(result.sources, (clean, *methods), strict=True):
         entry["images"] = len(source.files)
 
@@ -772,6 +773,47 @@ def evaluate(
                     row.numbers.update(_numbers(result, source, key, variant))
     result.rows = list(rows.values())
     return result
+
+
+def _only_shared_images(
+    clean: Source,
+    methods: Sequence[Source],
+    result: EvaluationResult,
+    rows: dict[tuple[str, str], ImageRow],
+    fitted: dict[str, dict[str, Tensor]],
+) -> dict[tuple[str, str], ImageRow]:
+    """Keep only the images every source has (after unreadable files were left out), and
+    return the report rows that remain.
+
+    Each row of the summary is a mean over images: if the clean row averaged an image a
+    method lacks, a difference between the rows would partly be that image's, and could even
+    flip sign. So an image missing from or unreadable in any protected folder is left out of
+    every source, with a warning, and all rows average the same images.
+    """
+    shared = [key for key in clean.files if all(key in m.files for m in methods)]
+    if not shared:
+        raise ValueError(
+            "no clean image has a readable copy in every protected folder, so no image can "
+            "be compared across them; evaluate the folders in separate runs."
+        )
+    dropped = [key for key in clean.files if key not in shared]
+    if not dropped:
+        return rows
+    result.warnings.append(
+        f"{len(dropped)} clean image(s) lack a readable copy in some protected folder and are "
+        f"left out of every source, so that all rows average the same images: {_some(dropped)}"
+    )
+    keep = set(shared)
+    for source in (clean, *methods):
+        for key in [key for key in source.files if key not in keep]:
+            path = source.files.pop(key)
+            if not source.derived:  # a purified copy is evaluate's own file, not the user's
+                result.left_out.append(f"{path} (not in every protected folder)")
+    for images in fitted.values():
+        for key in [key for key in images if key not in keep]:
+            del images[key]
+    result.records = [r for r in result.records if r.image is None or r.image in keep]
+    return {where: row for where, row in rows.items() if where[1] in keep}
 
 
 def _describe_inputs(result: EvaluationResult, suite: MetricSuite, clean, methods) -> None:
