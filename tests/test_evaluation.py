@@ -119,6 +119,18 @@ def test_summary_keeps_infinite_psnr_apart_and_json_stays_valid(tmp_path):
     document = json.loads(json_path.read_text(), parse_constant=no_constants)
     assert document["records"][1]["value"] == "inf"
     assert document["scenarios"][0]["key"] == "sdedit-ddim@0.1"
+    assert mixed.std is None  # one finite value: no spread to give
+    assert all(entry["std"] is None for entry in document["summary"])
+
+
+def test_summary_std_is_the_sample_standard_deviation_of_the_finite_values():
+    values = [0.25, 0.5, 1.0, math.inf]
+    records = [Record("a", "sdedit-ddim", 0.1, f"i{k}", "lpips", v) for k, v in enumerate(values)]
+    (summary,) = summarize(records)
+    finite = values[:3]
+    mean = sum(finite) / 3
+    expected = math.sqrt(sum((v - mean) ** 2 for v in finite) / (3 - 1))
+    assert summary.std == pytest.approx(expected) and summary.mean == pytest.approx(mean)
 
 
 def _save(tensor: torch.Tensor, path) -> None:

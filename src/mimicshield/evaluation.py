@@ -21,6 +21,7 @@ import io
 import json
 import math
 import os
+import statistics
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -977,6 +978,7 @@ class Summary:
     n: int
     n_inf: int
     n_neg_inf: int = 0  # of the n_inf, how many are -inf
+    std: float | None = None  # sample standard deviation (n - 1) of two or more finite values
 
     @property
     def all_inf(self) -> bool:
@@ -1009,8 +1011,11 @@ def summarize(records: Sequence[Record]) -> list[Summary]:
         else:
             mean = float("nan")
         negative = sum(1 for v in infinite if v < 0)
+        std = statistics.stdev(finite) if len(finite) > 1 else None
         out.append(
-            Summary(source, scenario, strength, metric, mean, len(values), len(infinite), negative)
+            Summary(
+                source, scenario, strength, metric, mean, len(values), len(infinite), negative, std
+            )
         )
     return out
 
@@ -1043,7 +1048,10 @@ def write_metrics(result: EvaluationResult, out_dir: Path) -> tuple[Path, Path]:
         "warnings": result.warnings,
         "left_out": result.left_out,
         "metrics": {name: asdict(info) for name, info in METRICS.items()},
-        "summary": [{**asdict(s), "mean": json_number(s.mean)} for s in summarize(result.records)],
+        "summary": [
+            {**asdict(s), "mean": json_number(s.mean), "std": json_number(s.std)}
+            for s in summarize(result.records)
+        ],
         "records": [{**asdict(r), "value": json_number(r.value)} for r in result.records],
     }
     json_path = out_dir / "metrics.json"
