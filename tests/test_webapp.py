@@ -226,6 +226,16 @@ def test_a_job_writes_what_the_cli_writes(service, tmp_path, tiny_model_dir, mon
     assert _sha256(out / "art.png") == _sha256(image.output)
     assert DMI_PROHIBITED_AIML in Image.open(image.output).text["XML:com.adobe.xmp"]
 
+    # a JPEG is saved as PNG: the manifest's input and relative name the files in the zip
+    photo = tmp_path / "photo.jpg"
+    Image.open(art).convert("RGB").save(photo, quality=95)
+    job = service.protect("tab-1", _uploads(service, photo), service.defaults)
+    with zipfile.ZipFile(job.zip_path) as archive:
+        [entry] = json.loads(archive.read("manifest.json"))["images"]
+        assert entry["input"] == "photo.jpg"  # a JPEG is saved as PNG: both name that file
+        assert entry["output"] == entry["relative"] == "photo-protected.png"
+        assert "photo-protected.png" in archive.namelist()
+
 
 def test_several_models_protect_as_an_ensemble(service, tmp_path, tiny_model_dir):
     settings = replace(service.defaults, model=f"{tiny_model_dir}\n{tiny_model_dir}")

@@ -58,11 +58,15 @@ def _session_folder_name(session: str) -> str:
 
 def _user_manifest(path: Path, job: "Job") -> str:
     """The job's manifest.json as the user gets it in the zip: each ``input`` is the name of
-    the file they uploaded, not the server's temporary copy (whose path names the session)."""
+    the file they uploaded, not the server's temporary copy (whose path names the session),
+    and ``relative`` the file's name in the zip (the runner's is the name it derived the
+    output from, ``photo-protected.jpg`` for a JPEG saved as ``photo-protected.png``)."""
     manifest = json.loads(path.read_text(encoding="utf-8"))
     uploaded = {str(image.input): image.uploaded_as or image.name for image in job.images}
     for entry in manifest.get("images", []):
         entry["input"] = uploaded.get(entry.get("input"), Path(str(entry.get("input"))).name)
+        if entry.get("output"):
+            entry["relative"] = entry["output"]
     return json.dumps(manifest, indent=2)
 
 
