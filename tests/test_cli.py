@@ -217,3 +217,28 @@ def test_warnings_are_one_line_and_library_deprecations_are_left_out(
         assert lines[0] == "warning: model.safetensors: --model-config is ignored"
         assert lines[1] == "Error: stop here"
         assert "upcast_vae" not in err and "Warning" not in err
+
+
+def test_sigterm_is_handled_as_ctrl_c_and_exits_143(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """``kill``/``timeout`` end a run with SIGTERM: protect says what was saved and how to go
+    on, as after Ctrl-C, and exits 143 (before, the process died silently)."""
+    import os
+    import signal
+
+    from mimicshield.cli import main as cli_main
+
+    def protect_files(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler raises inside this call
+        pytest.fail("SIGTERM did not interrupt the run")
+
+    monkeypatch.setattr("mimicshield.runner.protect_files", protect_files)
+    image = tmp_path / "a.png"
+    Image.new("RGB", (16, 16), (10, 20, 30)).save(image)
+    args = ["mimicshield", "protect", str(image), "-o", str(tmp_path / "out")]
+    monkeypatch.setattr(sys, "argv", [*args, "--model", str(tiny_model_dir), "--device", "cpu"])
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as exit_:
+        cli_main.main()
+    assert exit_.value.code == 143
+    assert "Interrupted." in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is the CLI's only

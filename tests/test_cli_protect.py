@@ -253,10 +253,11 @@ def test_a_log_gets_one_unwrapped_line_per_finished_image():
     log = io.StringIO()
     long_name = "/photos/" + "a-rather-long-folder-name/" * 4 + "portrait.png"
     with ProtectProgress(2, 1, console=Console(file=log, width=80)) as bars:
-        bars.image_done(FileResult(long_name, "out.png", "protected"))
         bars.image_done(FileResult("b.png", None, "failed", f"{long_name}: not an image"))
+        bars.image_done(FileResult(long_name, "out.png", "protected"))
     lines = log.getvalue().splitlines()
-    assert f"1/2 images protected {long_name}" in lines
+    # the count is of images done, the failed one included; it does not read "2 protected"
+    assert f"2/2 done: protected {long_name}" in lines
     assert f"failed {long_name}: not an image" in lines
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -115,11 +117,46 @@ def _one_line_warnings() -> Iterator[None]:
         yield
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a job scheduler, ``timeout``), handled as Ctrl-C is: the commands
+    then say what was saved and how to continue, instead of the process dying silently."""
+
+
+SIGTERM_EXIT_CODE = 128 + signal.SIGTERM  # 143, the shell's code for a run ended by SIGTERM
+
+
+_terminated = threading.Event()  # set by the handler: the 130 that follows exits 143
+
+
+def _raise_terminated(signum, frame) -> None:
+    _terminated.set()
+    raise Terminated()
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """While the app runs, SIGTERM raises :class:`Terminated`; a command's 130 (interrupted)
+    then exits 143, as a run ended by SIGTERM does. Signals go to the main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _terminated.clear()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    except SystemExit as exit_:
+        if exit_.code == 130 and _terminated.is_set():
+            raise SystemExit(SIGTERM_EXIT_CODE) from None
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main() -> None:
     """Run the app; known errors print ``Error: ...`` on stderr and exit 1, warnings one
-    ``warning: ...`` line each."""
+    ``warning: ...`` line each; SIGTERM is handled as Ctrl-C (exit status 143)."""
     try:
-        with _one_line_warnings():
+        with _one_line_warnings(), _sigterm_as_interrupt():
             app()
     except Exception as error:  # SystemExit (--help, exit codes) is not an Exception
         if os.environ.get("MIMICSHIELD_DEBUG") or not isinstance(error, _known_errors()):

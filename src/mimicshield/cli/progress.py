@@ -114,8 +114,10 @@ class ProtectProgress:
         elif result.status == "protected" and result.note:
             console.print(f"[yellow]note[/yellow] {result.input}: {result.note}", soft_wrap=True)
         if not console.is_terminal and result.status != "failed":
-            # no bars in a log or under nohup: a line per image says how far the run is
-            console.print(f"{self._images_count()} {result.status} {result.input}", soft_wrap=True)
+            # no bars in a log or under nohup: a line per image says how far the run is (the
+            # count is of the images done, failed ones included: not "N images protected")
+            done = f"{self.images_done}/{self.total_images} done"
+            console.print(f"{done}: {result.status} {escape(result.input)}", soft_wrap=True)
 
 
 def print_results(report: RunReport, seconds: float, console: Console | None = None) -> None:
