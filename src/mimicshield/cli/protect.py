@@ -78,7 +78,7 @@ def protect(
     inputs: Annotated[list[str], typer.Argument(help="image files, folders or glob patterns")],
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder")],
     method: MethodOpt = DEFAULT_METHOD,
-    eps: Annotated[float, typer.Option(help="L-infinity budget, in 1/255 units")] = 16,
+    eps: Annotated[float, typer.Option(help="L-infinity budget, in 1/255 units (1 to 255)")] = 16,
     steps: Annotated[int, typer.Option(help="number of optimisation steps")] = 100,
     step_size: Annotated[float, typer.Option(help="step size alpha, in 1/255 units")] = 1,
     prompt: Annotated[str | None, typer.Option(help="prompt c (default 'a photo')")] = None,

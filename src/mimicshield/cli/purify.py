@@ -99,6 +99,8 @@ def purify(
     """Purify images (JPEG, resizing, cropping, blur, noise, filtering, VAE, SDEdit).
 
     Every purification keeps the image size and is deterministic (noise uses a fixed seed).
+    Outputs are 8-bit RGB PNGs whatever the input's mode (16-bit, grey, alpha): what an
+    attacker feeds a diffusion model.
     """
     import torch
     from rich.console import Console
