@@ -139,9 +139,15 @@ def sdedit_timesteps(
     """
     if not 0 < strength <= 1:
         raise ValueError(f"SDEdit `strength` must be in (0, 1]; got {strength}.")
-    count = max(1, min(num_steps, round(strength * num_steps)))
+    count = sdedit_step_count(strength, num_steps)
     schedule = ddim_timesteps(num_steps, num_train_timesteps, steps_offset, spacing)
     return schedule[:count][::-1]
+
+
+def sdedit_step_count(strength: float, num_steps: int = DDIM_STEPS) -> int:
+    """How many DDIM steps SDEdit runs at ``strength``: strengths that round to the same count
+    run the same schedule and give identical outputs."""
+    return max(1, min(num_steps, round(strength * num_steps)))
 
 
 def one_step_timestep(strength: float, num_train_timesteps: int = 1000) -> int:
@@ -1080,6 +1086,15 @@ class MimicrySettings:
     lora_rank: int = 4
     scenarios: list[str] = field(default_factory=lambda: ["sdedit-onestep", "sdedit-ddim"])
 
+    def __post_init__(self) -> None:
+        """Names checked and aliases expanded as ``--scenarios`` does, so that ``sdedit`` or a
+        typo is one line now, not a KeyError deep inside evaluate or mimic; a plain string is
+        one name or a comma-separated list, not its letters."""
+        names = [self.scenarios] if isinstance(self.scenarios, str) else list(self.scenarios)
+        self.scenarios = parse_scenarios(names)
+        if "sdedit-ddim" in self.scenarios:
+            _warn_collapsed_strengths(self.sdedit_strengths, self.sdedit_steps)
+
     def variants(self) -> list[Variant]:
         strengths = {
             "sdedit-onestep": self.sdedit_strengths,
@@ -1092,6 +1107,41 @@ class MimicrySettings:
         values = {k: getattr(self, k) for k in self.__dataclass_fields__}
         values["mask"] = str(self.mask) if self.mask else None
         return values
+
+
+def _warn_collapsed_strengths(strengths: Sequence[float], num_steps: int) -> None:
+    """Warn when SDEdit-DDIM strengths round to the same number of steps: their outputs and
+    numbers would be identical under different labels. A warning, not a refusal: the run is
+    still correct, only redundant; the fix is more steps."""
+    try:
+        distinct = sorted({float(s) for s in strengths})
+        counts: dict[int, list[float]] = {}
+        for strength in distinct:
+            counts.setdefault(sdedit_step_count(strength, num_steps), []).append(strength)
+    except (TypeError, ValueError):
+        return  # not numbers: sdedit_timesteps says so when it runs
+    same = [group for group in counts.values() if len(group) > 1]
+    if not same:
+        return
+    enough = next(
+        (
+            n
+            for n in range(num_steps + 1, 100_001)
+            if len({sdedit_step_count(s, n) for s in distinct}) == len(distinct)
+        ),
+        None,
+    )
+    groups = "; ".join(
+        f"{', '.join(f'{s:g}' for s in group)} all run "
+        f"{sdedit_step_count(group[0], num_steps)} of {num_steps}"
+        for group in same
+    )
+    hint = f" (at least {enough})" if enough else ""
+    warnings.warn(
+        f"SDEdit strengths that run the same DDIM steps give identical outputs: {groups}; "
+        f"use more --sdedit-steps{hint} to tell them apart.",
+        stacklevel=4,  # the caller of MimicrySettings(), past __post_init__ and __init__
+    )
 
 
 def model_resolution(model: LatentDiffusion) -> int:
@@ -1239,6 +1289,17 @@ class Mimicry:
             return self._run(variant, image, name, callback)
 
     def _run(self, variant: Variant, image: Tensor, name: str | None, callback) -> Tensor:
+        if variant.scenario not in SCENARIOS:
+            known = ", ".join(SCENARIOS)
+            raise ValueError(f"Unknown scenario {variant.scenario!r}; choose from: {known}.")
+        if not SCENARIOS[variant.scenario].paired:
+            raise ValueError(f"{variant.scenario} learns from a set of images; use run_set.")
+        if not isinstance(image, Tensor) or image.ndim != 3 or image.shape[0] != 3:
+            shape = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
+            raise ValueError(
+                f"run takes one (3, H, W) image in [0, 1]; got {shape}. Call it once per "
+                "image of a batch."
+            )
         s, batch = self.settings, image[None]
         common = {"seed": s.seed, "callback": callback}
         if variant.scenario in ("sdedit-onestep", "sdedit-ddim"):
@@ -1273,8 +1334,8 @@ class Mimicry:
                 num_inference_steps=s.sample_steps,
                 **common,
             )
-        else:
-            raise ValueError(f"{variant.scenario} learns from a set of images; use run_set.")
+        else:  # unreachable: every paired scenario is handled above
+            raise AssertionError(variant.scenario)
         return out[0]
 
     def run_set(

@@ -17,6 +17,7 @@ import hashlib
 import itertools
 import json
 import math
+import numbers
 import os
 import tempfile
 import threading
@@ -968,7 +969,7 @@ def sha256_file(path: Path) -> str:
 
 
 def protect_files(
-    files: Iterable[InputFile | str | Path],
+    files: Iterable[InputFile | str | Path] | InputFile | str | Path,
     out_dir: Path,
     protector: Protector,
     *,
@@ -987,14 +988,19 @@ def protect_files(
     (``--batch-size auto``). A batch that runs out of device memory is split and retried.
 
     ``files`` are :func:`collect_inputs` results (which mirror folders into ``out_dir``) or
-    paths, each written under its own name. Completed outputs recorded in an earlier manifest
-    (same settings, same bytes) are skipped unless ``overwrite``. ``OUT/manifest.json`` is
-    rewritten after every image, so an interrupted run resumes where it stopped; its header is
+    paths, each written under its own name; one path or InputFile alone is one input.
+    Completed outputs recorded in an earlier manifest (same settings, same bytes) are skipped
+    unless ``overwrite``. ``OUT/manifest.json`` is rewritten after every image, so an
+    interrupted run resumes where it stopped; its header is
     ``manifest_header`` (the CLI's: model, device, parameters), by default the models' names
     and the protector's settings. Temporary files a killed run left beside this run's outputs are
     removed before the first is written. ``on_saving`` is called as each protected image starts
     being quantized, saved and measured (seconds for a large image, after its last step).
     """
+    # both checked before the lock, which creates out_dir: a wrong call writes nothing
+    if isinstance(files, (str, Path, InputFile)):  # one input, not its characters
+        files = [files]
+    _check_batch_size(batch_size)
     with output_lock(out_dir):  # a second run into out_dir would drop this one's entries
         options = options or default_output_options(protector)
         out_dir = Path(out_dir)
@@ -1044,6 +1050,7 @@ def protect_files(
         hooks = _Hooks(on_image_start, on_step, on_saving)
         for shape, jobs in groups.items():
             size = batch_size(*shape) if callable(batch_size) else batch_size
+            _check_batch_size(size)  # a picking function's answer too
             for start in range(0, len(jobs), size):
                 batch = jobs[start : start + size]
                 _protect_batch(batch, protector, options, settings, record, hooks)
@@ -1055,6 +1062,19 @@ def protect_files(
                 f'{MANIFEST_NAME} describes each under "runs", and names the one of each image.'
             )
         return report
+
+
+def _check_batch_size(batch_size) -> None:
+    """``batch_size`` is an int >= 1 or a function that picks one (the CLI's ``auto``): say so
+    in one line, not as ``range()``'s "arg 3 must not be zero" after the manifest is written."""
+    if callable(batch_size):
+        return
+    whole = isinstance(batch_size, numbers.Integral) and not isinstance(batch_size, bool)
+    if not whole or batch_size < 1:
+        raise ValueError(
+            "batch_size must be a whole number of at least 1, or a function of the work shape "
+            f"(height, width) that picks one; got {batch_size!r}."
+        )
 
 
 def _is_complete(
