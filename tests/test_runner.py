@@ -6,6 +6,7 @@ import copy
 import json
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -501,3 +502,33 @@ def test_a_run_whose_every_file_failed_is_not_described_as_one_the_folder_holds(
     manifest = load_manifest(out)
     assert [run["parameters"]["method"] for run in manifest["runs"]] == ["sds-"]
     assert [m.name for m in pair_folders(folder, [out])[1]] == ["sds-"]
+
+
+def test_a_link_to_a_file_also_given_is_one_input_under_the_real_name_with_a_note(tmp_path):
+    """``link.png -> rgb.png`` in one folder: before, the link's name (first in order) was
+    kept and ``rgb.png`` got no output, silently."""
+    from mimicshield.runner import scan_inputs
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "rgb.png")
+    (folder / "link.png").symlink_to(folder / "rgb.png")
+    scan = scan_inputs([str(folder)])
+    assert [item.relative for item in scan.files] == [Path("rgb.png")]
+    [note] = scan.notes
+    assert "link.png is the same file as" in note and note.endswith("rgb.png.")
+    again = scan_inputs([str(folder / "rgb.png"), str(folder / "rgb.png")])
+    assert len(again.files) == 1 and not again.notes  # named twice: nothing to explain
+
+
+def test_an_image_the_protection_leaves_unchanged_says_so(tmp_path):
+    """A 1x1 image came back "protected" with L-infinity 0 and no note."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.new("RGB", (4, 4), (100, 120, 140)).save(folder / "flat.png")
+    Image.fromarray(noise(16, 16)).save(folder / "noisy.png")
+    _, results = run(folder, tmp_path / "nothing", NoiseEngine(eps=0.0, steps=1, seed=0))
+    assert results["flat.png"].linf_255 == 0
+    assert "no pixel changed" in results["flat.png"].note
+    _, results = run(folder, tmp_path / "some", NoiseEngine(eps=4 / 255, steps=1, seed=0))
+    assert all("no pixel changed" not in (r.note or "") for r in results.values())

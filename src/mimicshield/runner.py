@@ -257,6 +257,19 @@ def scan_inputs(arguments: Iterable[str], exclude: Path | None = None) -> InputS
     def fail(argument: str, problem: str) -> None:
         scan.missing.append(FileResult(argument, None, "failed", f"{argument}: {problem}."))
 
+    def add(item: InputFile) -> None:
+        """One input per file on disk: a link to a file also given is protected once, under
+        the real file's name where one of the two is a link, and a note says so."""
+        key = item.path.resolve()
+        kept = found.setdefault(key, item)
+        if kept.path == item.path:
+            return
+        if kept.path.is_symlink() and not item.path.is_symlink():
+            found[key], item, kept = item, kept, item
+        scan.notes.append(
+            f"{item.path} is the same file as {kept.path}: protected once, as {kept.path}."
+        )
+
     for argument in arguments:
         path = Path(argument).expanduser()
         if path.is_dir():
@@ -264,21 +277,21 @@ def scan_inputs(arguments: Iterable[str], exclude: Path | None = None) -> InputS
             folder = scan_folder(path, exclude=[] if inside is None else [inside])
             images = [file for file in folder.images if wanted(file, path)]
             for file in images:
-                found.setdefault(file.resolve(), InputFile(file, file.relative_to(path)))
+                add(InputFile(file, file.relative_to(path)))
             for link in folder.broken_links:
                 fail(str(link), _broken_link(link))
             scan.notes.extend(_folder_notes(argument, folder))
             if not images and not folder.broken_links:
                 fail(argument, "no images in this folder" + _why_empty(folder))
         elif path.is_file():
-            found.setdefault(path.resolve(), _as_input_file(path))
+            add(_as_input_file(path))
         elif path.is_symlink():  # a link whose target is gone (or a link to itself)
             fail(argument, _broken_link(path))
         elif matches := sorted(glob.glob(str(path), recursive=True)):
             root = Path(*itertools.takewhile(_is_literal, path.parts))  # the part before * or ?
             for match in map(Path, matches):
                 if match.is_file() and wanted(match, root):
-                    found.setdefault(match.resolve(), InputFile(match, match.relative_to(root)))
+                    add(InputFile(match, match.relative_to(root)))
                 elif match.is_symlink() and not match.exists():
                     fail(str(match), _broken_link(match))
         else:
@@ -1240,6 +1253,10 @@ def _save(
     if job.plan.format == "JPEG":  # measure what the lossy file really holds
         final = _decode_saved(job.destination, image.grey)
     clean = image.rgb
+    # float32 noise (2.000007) rounded off; 16-bit files step by 255/65535, so not to whole
+    achieved = round(float(linf_255(final[None], clean[None])[0]), 4)
+    if achieved == 0:  # "protected" alone would tell the user something untrue
+        notes.append("no pixel changed (too small an image, or the perturbation rounded away)")
     return FileResult(
         input=str(job.item.path),
         output=job.output,
@@ -1250,8 +1267,7 @@ def _save(
         bits=8 if job.plan.levels == 255 else 16,
         psnr=float(psnr(final[None], clean[None])[0]),
         ssim=_defined(float(ssim(final[None], clean[None])[0])),
-        # float32 noise (2.000007) rounded off; 16-bit files step by 255/65535, so not to whole
-        linf_255=round(float(linf_255(final[None], clean[None])[0]), 4),
+        linf_255=achieved,
         seconds=round(seconds, 3),
         note="; ".join(notes) or None,
         settings=settings,
