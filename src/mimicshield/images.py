@@ -876,9 +876,35 @@ def to_pil(image: Tensor) -> Image.Image:
 
 
 def from_pil(image: Image.Image) -> Tensor:
-    """A PIL image (any mode) -> (3, H, W) RGB in [0, 1]."""
+    """A PIL image -> (3, H, W) RGB in [0, 1].
+
+    High-depth grey is scaled here, as :func:`load_image` scales 16-bit files: Pillow's
+    ``convert("RGB")`` would clip it to 8 bits instead.
+    """
+    if image.mode in SIXTEEN_BIT_GREY_MODES or image.mode in ("I", "F"):
+        grey = _high_depth_grey(image)
+        return torch.from_numpy(grey)[None].expand(3, -1, -1).contiguous()
     array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def _high_depth_grey(image: Image.Image) -> np.ndarray:
+    """(H, W) float32 in [0, 1] from a 16-bit (``I;16*``), 32-bit integer or float grey image.
+
+    16-bit and ``I`` are on the 65535-level scale (Pillow opens 16-bit PNGs as either); ``F``
+    must already be in [0, 1]. Other ranges are ambiguous, so they are refused.
+    """
+    values = np.asarray(image).astype(np.float64)
+    if image.mode == "F":
+        if not np.isfinite(values).all() or values.min() < 0 or values.max() > 1:
+            raise ValueError("A PIL image of mode 'F' must hold finite values in [0, 1].")
+        return values.astype(np.float32)
+    if values.min() < 0 or values.max() > 65535:
+        raise ValueError(
+            f"A PIL image of mode {image.mode!r} must hold 16-bit values (0 to 65535); "
+            "scale it to [0, 1] and pass a tensor."
+        )
+    return (values / 65535).astype(np.float32)
 
 
 def save_png(image: Tensor, path: Path, alpha: np.ndarray | None = None) -> Path:

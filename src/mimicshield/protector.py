@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import numbers
+import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,12 @@ from .metrics import linf_255
 from .reproducibility import deterministic_algorithms
 from .robust import EOT, parse_robust
 from .targets import target_pattern
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from .ensemble import Ensemble
+    from .models import LatentDiffusion
 
 DEFAULT_PROMPT = "a photo"
 # torch's generators take seeds below 2**64; tiles and EOT add small offsets to the seed
@@ -77,8 +84,9 @@ class ProtectionConfig:
                 f"`quantize_levels` must be None or a whole number >= 1 (255 for 8-bit files); "
                 f"got {self.quantize_levels!r}."
             )
-        if not 0 <= self.seed <= MAX_SEED:
-            raise ValueError(f"`seed` must be between 0 and {MAX_SEED}; got {self.seed}.")
+        check_seed(self.seed, "seed")
+        if not isinstance(self.prompt, str):
+            raise TypeError(f"`prompt` must be a str; got {type(self.prompt).__name__}.")
         if self.posterior not in ("sample", "mean"):
             raise ValueError(f"`posterior` must be 'sample' or 'mean'; got {self.posterior!r}.")
 
@@ -129,7 +137,8 @@ class Protector:
 
     Shape:
         images: (N, 3, H, W) in [0, 1], or PIL images; the output has the same type and size
-        (tensors on the CPU, rounded as ``quantize_levels`` says; PIL images as 8-bit RGB).
+        (tensors on the CPU in the input's floating dtype, rounded as ``quantize_levels`` says;
+        PIL images as 8-bit RGB).
 
     Examples::
         >>> protector = Protector(model, method="sds-", eps=16/255, steps=100)
@@ -138,22 +147,48 @@ class Protector:
 
     def __init__(
         self,
-        model,
+        model: LatentDiffusion | Ensemble,
         method: str = DEFAULT_METHOD,
         *,
-        target=None,
+        target: Tensor | Image.Image | None = None,
         cuda_graphs: bool = False,
         deterministic: bool = True,
-        **config,
+        **config: Any,
     ) -> None:
+        self._latent_cache: dict[tuple[int, int, int], Tensor] = {}
         self.model = model
         self.cuda_graphs = cuda_graphs
         self.deterministic = deterministic
         self.config = ProtectionConfig(method=method, **config)
-        self.target = _as_tensor01(target) if target is not None else None
-        self._latent_cache: dict[tuple[int, int, int], Tensor] = {}
+        self.target = target
+        if target is not None and not self.method.needs_target:
+            warnings.warn(
+                f"Method {self.config.method!r} does not use a target; `target` is ignored.",
+                UserWarning,
+                stacklevel=2,
+            )
         # steps of the last protect() replayed from a CUDA graph (0: none, or graphs off)
         self.graph_replays = 0
+
+    @property
+    def model(self) -> LatentDiffusion | Ensemble:
+        return self._model
+
+    @model.setter
+    def model(self, model: LatentDiffusion | Ensemble) -> None:
+        # cached target latents are E(y) of this model: a new model needs new ones
+        _check_model(model)
+        self._model = model
+        self._latent_cache.clear()
+
+    @property
+    def target(self) -> Tensor | None:
+        return self._target
+
+    @target.setter
+    def target(self, target: Tensor | Image.Image | None) -> None:
+        self._target = _as_tensor01(target) if target is not None else None
+        self._latent_cache.clear()
 
     @property
     def method(self):
@@ -170,13 +205,24 @@ class Protector:
             f"cuda_graphs={self.cuda_graphs}, deterministic={self.deterministic})"
         )
 
-    def __call__(self, images, *, seeds: Sequence[int] | None = None, callback=None):
+    def __call__(
+        self,
+        images: Tensor | Image.Image | Sequence[Tensor | Image.Image],
+        *,
+        seeds: Sequence[int] | None = None,
+        callback: Callable[[int, int], None] | None = None,
+    ) -> Tensor | Image.Image | list[Tensor | Image.Image]:
         """Protect ``images``; returns the same type that came in: an (N, 3, H, W) tensor, a
         PIL image, or a list of either (each protected at its own size, one at a time)."""
         if isinstance(images, Tensor):
             return self.protect(images, seeds=seeds, callback=callback).images
         from PIL import Image
 
+        if isinstance(images, str | os.PathLike):
+            raise TypeError(
+                "`images` must be a tensor or PIL image(s); to protect files use "
+                "mimicshield.runner.protect_files, or load them with mimicshield.images.load_image."
+            )
         single = isinstance(images, Image.Image)
         items = [images] if single else list(images)
         if seeds is not None and len(seeds) != len(items):
@@ -194,6 +240,11 @@ class Protector:
                 protected = self.protect(from_pil(item)[None], seeds=seed, callback=callback)
                 results.append(to_pil(protected.images[0]))
             else:
+                if not isinstance(item, Tensor):
+                    raise TypeError(
+                        f"`images` item {i} must be a tensor or PIL image; got "
+                        f"{type(item).__name__} (files: mimicshield.runner.protect_files)."
+                    )
                 if item.ndim == 4 and len(item) != 1:
                     raise ValueError(
                         "A list holds single images, (3, H, W) or (1, 3, H, W); pass a batch "
@@ -220,9 +271,19 @@ class Protector:
             callback: ``callback(step, total_steps)`` after every step, for progress bars.
         """
         _check_images(images)
-        if seeds is not None and len(seeds) != len(images):
-            raise ValueError(f"`seeds` has {len(seeds)} seeds for a batch of {len(images)}.")
-        with deterministic_algorithms(self.deterministic, device=self.model.device):
+        if seeds is not None:
+            if len(seeds) != len(images):
+                raise ValueError(f"`seeds` has {len(seeds)} seeds for a batch of {len(images)}.")
+            for seed in seeds:
+                check_seed(seed, "seeds")
+        # an optimiser: it needs gradients even when called from no_grad / inference_mode code
+        with (
+            torch.inference_mode(False),
+            torch.enable_grad(),
+            deterministic_algorithms(self.deterministic, device=self.model.device),
+        ):
+            if images.is_inference():  # inference tensors cannot take part in autograd
+                images = images.clone()
             return self._protect(images, seeds, callback)
 
     def _protect(self, images: Tensor, seeds, callback) -> ProtectionOutput:
@@ -289,7 +350,9 @@ class Protector:
         clean = images.detach().to(device="cpu", dtype=torch.float32)
         if cfg.quantize_levels:
             protected = quantize_within_budget(protected, clean, cfg.eps, cfg.quantize_levels)
-        return ProtectionOutput(images=protected, linf_255=linf_255(protected, clean))
+        distance = linf_255(protected, clean)
+        # the caller's floating dtype back (the maths runs in float32)
+        return ProtectionOutput(images=protected.to(images.dtype), linf_255=distance)
 
     # --- helpers ----------------------------------------------------------------------------
 
@@ -396,6 +459,31 @@ def _whole(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def check_seed(value, name: str) -> None:
+    """One rule for ``seed`` and ``seeds``: a whole number that torch's generators take."""
+    if not _whole(value) or not 0 <= value <= MAX_SEED:
+        raise ValueError(f"`{name}` must be whole numbers between 0 and {MAX_SEED}; got {value!r}.")
+
+
+def _check_model(model) -> None:
+    """Refuse a path (load it first) and an inpainting UNet (it takes 9 input channels)."""
+    if isinstance(model, str | os.PathLike):
+        raise TypeError(
+            "`model` must be a loaded model; load it with mimicshield.load_models(path)."
+        )
+    for member, _ in members(model):
+        unet = getattr(member, "unet", None)
+        vae = getattr(member, "vae", None)
+        if unet is None or vae is None:
+            continue
+        if unet.config.in_channels != vae.config.latent_channels:
+            raise ValueError(
+                f"Protection needs the plain (text-to-image) model; this UNet takes "
+                f"{unet.config.in_channels} input channels (an inpainting model?): load the "
+                "base model with load_models(path) without inpainting=True."
+            )
+
+
 MIN_SIDE = 8  # pixels: the VAE downsamples by 8
 
 
@@ -412,6 +500,8 @@ def _check_images(images: Tensor) -> None:
         )
     if not images.is_floating_point():
         raise ValueError(f"`images` must be floats in [0, 1]; got {images.dtype} (divide by 255).")
+    if not torch.isfinite(images).all():
+        raise ValueError("`images` must be finite, in [0, 1]; got NaN or infinite pixels.")
     if images.min() < 0 or images.max() > 1:
         raise ValueError("`images` must be in [0, 1] (use PIL images or divide uint8 by 255).")
 
@@ -419,14 +509,19 @@ def _check_images(images: Tensor) -> None:
 def _as_tensor01(image) -> Tensor:
     """A target image as (3, H, W) floats in [0, 1]: a tensor (uint8 is divided by 255, a
     batch of one unwrapped) or a PIL image."""
+    if isinstance(image, str | os.PathLike):
+        raise TypeError(
+            "`target` must be a tensor or PIL image; load a file with "
+            "mimicshield.images.load_image(path).rgb."
+        )
     if not isinstance(image, Tensor):
         return from_pil(image)
     if image.ndim == 4 and image.shape[0] == 1:
         image = image[0]
     if image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"`target` must have shape (3, H, W); got {tuple(image.shape)}.")
-    image = image.detach().cpu()  # a copy of the caller's: no graph, no device to follow
+    image = image.detach().cpu().clone()  # a copy of the caller's: no graph, no device to follow
     image = image.float() / 255 if not image.is_floating_point() else image.float()
-    if image.min() < 0 or image.max() > 1:
-        raise ValueError("`target` must be in [0, 1] (a uint8 tensor is divided by 255).")
+    if not torch.isfinite(image).all() or image.min() < 0 or image.max() > 1:
+        raise ValueError("`target` must be in [0, 1] and finite (uint8 is divided by 255).")
     return image
