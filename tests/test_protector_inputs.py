@@ -88,3 +88,31 @@ def test_lazy_names_in_dir():
     import mimicshield
 
     assert "Protector" in dir(mimicshield)
+
+
+def test_an_inpainting_model_is_refused_with_one_line(tmp_path):
+    """A 9-channel inpainting UNet used to fail deep in the UNet (a 9-vs-4 channel conv)."""
+    from mimicshield.models import load_models
+    from mimicshield.testing import save_tiny_inpainting_model
+
+    folder = save_tiny_inpainting_model(tmp_path / "inpaint")
+    model = load_models(str(folder), inpainting=True, device="cpu", dtype="fp32")
+    with pytest.raises(ValueError, match="plain \\(text-to-image\\) model") as error:
+        Protector(model, steps=1)
+    assert "\n" not in str(error.value)
+
+
+def test_a_reassigned_model_is_used(tiny_model_dir, tmp_path, x):
+    """The cached target latent is E(y) of one model: another model needs its own."""
+    from mimicshield.models import load_models
+    from mimicshield.testing import save_tiny_stable_diffusion
+
+    other = load_models(
+        str(save_tiny_stable_diffusion(tmp_path / "other", seed=1)), device="cpu", dtype="fp32"
+    )
+    first = load_models(str(tiny_model_dir), device="cpu", dtype="fp32")
+    kw = dict(method="photoguard", target=torch.zeros(3, 32, 32), steps=2, random_start=False)
+    p = Protector(first, **kw)
+    p(x)
+    p.model = other
+    assert torch.equal(p(x), Protector(other, **kw)(x))
