@@ -121,19 +121,20 @@ def number_from_json(value):
 def linf_255(a: Tensor, b: Tensor) -> Tensor:
     """Largest absolute pixel difference in 1/255 units, the usual budget unit (e.g. 8/255 -> 8).
 
-    The difference is taken in float64 and snapped to the nearest whole 1/255 step when within
-    1e-3 of it, so float32 rounding does not report a +-8/255 perturbation as 8.0000067.
+    Each result is snapped to the nearest whole 1/255 step when within 1e-3 of it, so float32
+    rounding does not report a +-8/255 perturbation as 8.0000067 (a 16-bit file's steps,
+    255/65535 = 0.0039 units, are kept).
     """
     _check_pair(a, b)
     if not (a.is_floating_point() and b.is_floating_point()):
         raise ValueError(f"linf_255 takes float images in [0, 1]; got {a.dtype} (divide by 255).")
     flat_a, flat_b = a.detach().flatten(1), b.detach().flatten(1)
-    largest = torch.zeros(a.shape[0], dtype=torch.float64)
+    largest = torch.zeros(a.shape[0], dtype=torch.float32, device=a.device)
     for start in range(0, flat_a.shape[1], METRIC_CHUNK):  # in chunks, as psnr
         part = slice(start, start + METRIC_CHUNK)
-        pa, pb = flat_a[:, part].cpu().double(), flat_b[:, part].cpu().double()
-        largest = torch.maximum(largest, (pa - pb).abs().amax(dim=1))
-    units = largest * 255
+        difference = (flat_a[:, part].float() - flat_b[:, part].float()).abs().amax(dim=1)
+        largest = torch.maximum(largest, difference)
+    units = largest.cpu().double() * 255  # N numbers; float64 is not on every device (MPS)
     snapped = torch.where((units - units.round()).abs() < 1e-3, units.round(), units)
     return snapped.to(a.device, a.dtype)
 
